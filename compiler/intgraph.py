@@ -1,0 +1,76 @@
+"""The integer-only graph: what ``passes/integerize`` emits and every target lowers.
+
+It is an ordinary ``onnx.ModelProto`` so it can be saved, viewed in Netron and
+walked with the helpers in :mod:`compiler.graph`.  Between the single
+``Quantize`` at each graph input and the single ``Dequantize`` at each graph
+output every tensor is an integer (int8/uint8/int16/int32; int4 weights are
+stored one value per int8 element, ``w_bits`` says how many bits are used).
+The numpy reference interpreter (:mod:`compiler.interpreter`) defines what the
+ops mean; each target must match it bit for bit.
+
+Ops in domain ``edgeq`` (version 1)
+-----------------------------------
+
+Notation: ``requant(acc, M, s) = (acc * M + (1 << (s - 1))) >> s`` computed in
+int64 with an arithmetic shift (round half up; ``s >= 1``), see
+:mod:`compiler.requant`. ``M`` and ``s`` are int64 lists: one entry (per
+tensor) or one per output channel (axis 1 for NCHW, last axis for Gemm/MatMul).
+``clip(v)`` clamps to ``[y_min, y_max]``, which also implements fused
+ReLU/ReLU6/Clip and the output dtype's range.
+
+``Quantize(x) -> y``            float input edge. attrs ``scale`` (float),
+                                ``zero_point`` (int), ``dtype`` (str).
+                                ``y = saturate(round_half_even(x / scale) + zero_point)``
+                                (ONNX QuantizeLinear).
+``Dequantize(x) -> y``          float output edge: ``y = (x - zero_point) * scale``.
+``QConv(x, w, bias) -> y``      ``x`` int8/uint8 NCHW, ``w`` int8 OIHW (symmetric,
+                                zero point 0), ``bias`` int32 [O] *with the input
+                                zero point folded in*:
+                                ``bias = round(b / (sx * sw)) - x_zero_point * sum(w[o])``.
+                                Padding reads ``x_zero_point``.
+                                attrs: ``strides pads dilations group kernel_shape``
+                                (ONNX Conv meaning), ``x_zero_point``,
+                                ``multiplier shift`` (per channel or per tensor),
+                                ``y_zero_point y_min y_max``, ``y_dtype``, ``w_bits``.
+                                ``acc = sum(x * w) + bias`` (int32), where padded
+                                positions of x hold x_zero_point;
+                                ``y = clip(requant(acc, M, s) + y_zero_point)``.
+``QGemm(x, w, bias) -> y``      x [N, K], w [K, M] int8 (already transposed so
+                                the reduction axis is 0), bias [M] folded as above;
+                                same attrs (no conv attrs).
+``QMatMul(a, b) -> y``          two activations: ``acc = sum((a - a_zp) * (b - b_zp))``;
+                                attrs ``a_zero_point b_zero_point multiplier shift
+                                y_zero_point y_min y_max y_dtype``.
+``QAdd(a, b) -> y``             ``acc = (a - a_zp) * a_multiplier + (b - b_zp) * b_multiplier``
+                                (int64); ``y = clip(requant(acc, 1, shift) + y_zero_point)``.
+                                attrs ``a_zero_point b_zero_point a_multiplier
+                                b_multiplier shift y_zero_point y_min y_max y_dtype``.
+                                QMul analogous: ``acc = (a - a_zp) * (b - b_zp)``,
+                                ``y = clip(requant(acc, multiplier, shift) + y_zero_point)``.
+``Requantize(x) -> y``          ``y = clip(requant(x - x_zero_point, M, s) + y_zero_point)``;
+                                used by Concat inputs whose scale differs and at
+                                float/int boundaries inside the graph.
+``QAveragePool(x) -> y``        ``acc = sum over window (x - x_zero_point)``; the
+                                divisor is folded into ``M, s``;
+                                attrs: ONNX AveragePool attrs plus ``x_zero_point
+                                multiplier shift y_zero_point y_min y_max y_dtype``.
+                                QGlobalAveragePool: the window is all of H x W.
+
+Standard ONNX ops allowed on integer tensors (pure data movement or exact):
+``MaxPool``, ``Reshape``, ``Flatten``, ``Transpose``, ``Squeeze``,
+``Unsqueeze``, ``Concat`` (all inputs share scale and zero point), ``Pad``
+(``constant_value`` = the zero point), ``Slice``, ``Gather`` (indices),
+``Identity``.
+
+Every integer tensor's quantization (scale, zero point) stays recorded in the
+plan so targets can dequantize outputs and reports can explain values.
+"""
+
+INT_DOMAIN = "edgeq"
+INT_DOMAIN_VERSION = 1
+
+# Standard ONNX ops that are exact on integer tensors.
+DATA_MOVEMENT_OPS = frozenset(
+    {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat",
+     "Pad", "Slice", "Gather", "Identity"}
+)

@@ -1,0 +1,124 @@
+"""The one interface every target implements: a cost model, a lowering, a runner.
+
+* ``cost_model(device)`` -> :class:`CostModel`: what a layer costs at given
+  bit-widths. It is the only thing the bit allocator knows about hardware.
+* ``lower(ctx)``: turn the compiled model (QDQ ONNX, integer graph, plan) into
+  the target's artifact inside the output folder.
+* ``run(out_dir, inputs)``: execute that artifact on inputs (dict of input
+  name -> array with the sample axis first) and return float outputs,
+  dequantized like the QDQ model's. Used by ``edgeq run`` and for verification.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a cost model may know about one quantizable layer (from the float graph)."""
+
+    node: str
+    op_type: str  # Conv, ConvTranspose, Gemm, MatMul, Add, ...
+    kind: str  # "conv", "depthwise", "gemm", "matmul", "eltwise", "pool", "other"
+    macs: int  # multiply-accumulates per sample
+    weight_params: int  # weight elements (0 for weightless layers)
+    input_elems: int  # activation elements read per sample
+    output_elems: int  # activation elements written per sample
+    output_channels: int = 1
+
+
+@dataclass
+class LayerCost:
+    """Cost of one layer at one (w_bits, a_bits) choice. Unknown metrics stay None."""
+
+    weight_bytes: int
+    activation_bytes: int  # bytes of the layer's output activation
+    macs: int
+    bitops: int  # macs * w_bits * a_bits
+    latency_s: float | None = None
+    energy_j: float | None = None
+    resources: dict[str, float] = field(default_factory=dict)  # e.g. lut, dsp, bram
+
+
+class CostModel(ABC):
+    """Per-layer costs and whole-device resources of one target device."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def layer_cost(self, layer: LayerShape, w_bits: int | None, a_bits: int) -> LayerCost: ...
+
+    def resources(self) -> dict[str, float]:
+        """Device limits (flash_bytes, sram_bytes, lut, dsp, ...); empty if unbounded."""
+        return {}
+
+
+def packed_bytes(elements: int, bits: int | None) -> int:
+    """Bytes to store ``elements`` values of ``bits`` each, sub-byte values packed."""
+    if not bits:
+        return 0
+    return (elements * bits + 7) // 8
+
+
+@dataclass
+class CompileContext:
+    """What a target's lowering gets from the pipeline."""
+
+    out_dir: Path
+    qdq_model_path: Path
+    plan: Any  # compiler.plan.QuantPlan
+    int_model: Any = None  # compiler.intgraph ModelProto, when the target needs it
+    calib_inputs: dict[str, np.ndarray] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # device, target_triple, ...
+
+
+class Target(ABC):
+    """A kind of hardware edgeq compiles for."""
+
+    name: str = "abstract"
+    needs_integer_graph: bool = True
+
+    @abstractmethod
+    def cost_model(self, device: str | None = None) -> CostModel: ...
+
+    @abstractmethod
+    def lower(self, ctx: CompileContext) -> list[Path]:
+        """Write the artifact into ``ctx.out_dir``; return the paths written."""
+
+    @abstractmethod
+    def run(self, out_dir: Path, inputs: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
+        """Run the artifact in ``out_dir`` on ``inputs``; float outputs by output name."""
+
+
+_REGISTRY: dict[str, str] = {
+    "onnx": "targets.onnx",
+    "cpu": "targets.cpu",
+    "gpu": "targets.gpu",
+    "mcu": "targets.mcu",
+    "fpga": "targets.fpga",
+}
+
+
+def target_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_target(name: str) -> Target:
+    """The target called ``name`` (each target package exposes ``TARGET``)."""
+    import importlib
+
+    from compiler.errors import EdgeqError
+
+    if name not in _REGISTRY:
+        raise EdgeqError(f"unknown target '{name}' (choose from {', '.join(_REGISTRY)})")
+    module = importlib.import_module(_REGISTRY[name])
+    target = getattr(module, "TARGET", None)
+    if target is None:
+        raise EdgeqError(f"target '{name}' is not available in this build")
+    return target
