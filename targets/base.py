@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,30 @@ class Target(ABC):
     @abstractmethod
     def run(self, out_dir: Path, inputs: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
         """Run the artifact in ``out_dir`` on ``inputs``; float outputs by output name."""
+
+    def benchmark(self, out_dir: Path, inputs: dict[str, np.ndarray], repeat: int = 50,
+                  **options: Any) -> dict[str, Any]:
+        """Median latency of one sample. Targets override this to exclude loading time."""
+        sample = {name: value[:1] for name, value in inputs.items()}
+        self.run(out_dir, sample, **options)  # warm-up
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            self.run(out_dir, sample, **options)
+            times.append(time.perf_counter() - start)
+        return latency_summary(times, includes_loading=True)
+
+
+def latency_summary(seconds: list[float], **extra: Any) -> dict[str, Any]:
+    """The JSON ``edgeq run --json`` prints: median (and spread) of per-sample latencies."""
+    ordered = sorted(seconds)
+    return {
+        "median_ms": 1e3 * float(np.median(ordered)),
+        "p10_ms": 1e3 * float(ordered[len(ordered) // 10]),
+        "p90_ms": 1e3 * float(ordered[(9 * len(ordered)) // 10]),
+        "runs": len(ordered),
+        **extra,
+    }
 
 
 _REGISTRY: dict[str, str] = {

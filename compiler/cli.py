@@ -1,0 +1,183 @@
+"""The ``edgeq`` command line.
+
+  edgeq compile [MODEL] [--calib DIR] [--target T] [--bits w8a8] [-o OUT] ...
+  edgeq allocate MODEL --calib DIR --target T (--budget B | --pareto) [-o OUT]
+  edgeq run OUT --inputs x.npz [-o y.npz] [--repeat N --json]
+
+A mistake the user can fix (bad file, bad option, bad data, infeasible budget)
+prints one line, ``edgeq: error: ...``, and exits with code 2. Anything else
+is a bug in edgeq and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from compiler.errors import EdgeqError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and still exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise EdgeqError(f"{message} (see '{self.prog} --help')")
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib", metavar="PATH",
+                        help="calibration data: a folder with one <input>.npy per model input, "
+                             ".npz file(s) keyed by input name, or a folder of images (with --preprocess)")
+    parser.add_argument("--preprocess", metavar="SPEC",
+                        help="image preprocessing, e.g. size=224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225,layout=NCHW")
+    parser.add_argument("--random-calib", type=int, default=0, metavar="N",
+                        help="calibrate on N random samples (no real data; ranges will be poor)")
+    parser.add_argument("--max-calib-samples", type=int, default=512, metavar="N")
+    parser.add_argument("--calibrate-method", default="auto",
+                        choices=["auto", "minmax", "percentile", "entropy", "mse"],
+                        help="activation range estimation (auto: MSE-optimal clipping, outputs min-max)")
+
+
+def _add_target_options(parser: argparse.ArgumentParser) -> None:
+    from targets.base import target_names
+
+    parser.add_argument("--target", default="onnx", choices=target_names())
+    parser.add_argument("--device", help="device preset of the target (e.g. cortex-m4)")
+    parser.add_argument("--bits", default="w8a8", help="default weight/activation bits, e.g. w8a8, w4a8, w8a16")
+    parser.add_argument("--activation-type", default="uint8", choices=["uint8", "int8"],
+                        help="8-bit activation type (uint8 is ~3x faster in onnxruntime on x86)")
+    parser.add_argument("--budget", help="bit allocation budget, e.g. size=0.5, flash=512KB,sram=128KB, latency=1.5ms")
+    parser.add_argument("--recipe", help="transform recipe name or TOML file (default: by model family)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edgeq", description="ONNX quantizing compiler for edge hardware")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each stage")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    compile_cmd = commands.add_parser("compile", help="quantize a model and compile it for a target")
+    compile_cmd.add_argument("model", nargs="?", help="float .onnx model (default: the bundled Fashion-MNIST CNN)")
+    _add_data_options(compile_cmd)
+    _add_target_options(compile_cmd)
+    compile_cmd.add_argument("--eval", dest="eval_data", metavar="PATH",
+                             help="held-out data for the fidelity report (same formats as --calib)")
+    compile_cmd.add_argument("--target-triple", help="cross-compile, e.g. aarch64-linux-gnu")
+    compile_cmd.add_argument("-o", "--output", default="out", help="output folder (default: out)")
+    compile_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    allocate_cmd = commands.add_parser("allocate", help="choose per-layer bit-widths under a budget (ILP)")
+    allocate_cmd.add_argument("model", help="float .onnx model")
+    _add_data_options(allocate_cmd)
+    _add_target_options(allocate_cmd)
+    allocate_cmd.add_argument("--pareto", action="store_true", help="sweep the budget: the whole frontier")
+    allocate_cmd.add_argument("-o", "--output", default="out")
+    allocate_cmd.add_argument("-q", "--quiet", action="store_true")
+
+    run_cmd = commands.add_parser("run", help="run a compiled artifact (any target) on inputs")
+    run_cmd.add_argument("artifact", help="output folder of 'edgeq compile'")
+    run_cmd.add_argument("--inputs", required=True, help=".npz keyed by input name (first axis = samples)")
+    run_cmd.add_argument("-o", "--output", help="write the outputs to this .npz")
+    run_cmd.add_argument("--repeat", type=int, default=0, help="time N runs of one sample")
+    run_cmd.add_argument("--json", action="store_true", help="print the latency as JSON")
+    run_cmd.add_argument("--threads", type=int, help="CPU threads")
+    run_cmd.add_argument("--on", default=None, help="where to run (mcu: qemu or host)")
+    return parser
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from compiler.pipeline import CompileOptions, compile_model
+
+    options = CompileOptions(
+        model=args.model, calib=args.calib, preprocess=args.preprocess, random_calib=args.random_calib,
+        max_calib_samples=args.max_calib_samples, eval_data=args.eval_data, target=args.target,
+        device=args.device, target_triple=args.target_triple, bits=args.bits,
+        activation_type=args.activation_type, calibrate_method=args.calibrate_method,
+        budget=args.budget, recipe=args.recipe, out_dir=args.output, progress=not args.quiet,
+    )
+    result = compile_model(options)
+    fidelity = result.plan.fidelity
+    summary = [f"wrote {', '.join(path.name for path in result.files)} to {result.out_dir}/"]
+    if "quantized_accuracy" in fidelity:
+        summary.append(f"accuracy {fidelity['float_accuracy']:.4f} (float) -> "
+                       f"{fidelity['quantized_accuracy']:.4f} (quantized)")
+    for name, metrics in fidelity.get("outputs", {}).items():
+        shown = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()
+                          if key in ("top1_agreement", "cosine", "sqnr_db"))
+        summary.append(f"output {name}: {shown}")
+    print("\n".join(summary))
+    return 0
+
+
+def _allocate(args: argparse.Namespace) -> int:
+    from compiler import mixed
+
+    return mixed.allocate_command(args)
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    if not Path(path).is_file():
+        raise EdgeqError(f"inputs file not found: {path}")
+    try:
+        with np.load(path) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError) as error:
+        raise EdgeqError(f"cannot read {path} as .npz: {error}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from compiler.atomic import atomic_write_bytes
+    from compiler.plan import QuantPlan
+    from targets.base import get_target
+
+    plan_path = Path(args.artifact) / "plan.json"
+    if not plan_path.exists():
+        raise EdgeqError(f"{args.artifact} is not an edgeq output folder (no plan.json)")
+    target = get_target(QuantPlan.load(str(plan_path)).target)
+    inputs = _load_npz(args.inputs)
+    options = {key: value for key, value in (("threads", args.threads), ("on", args.on)) if value}
+    outputs = target.run(Path(args.artifact), inputs, **options)
+    if args.output:
+        import io
+
+        buffer = io.BytesIO()
+        np.savez(buffer, **outputs)
+        atomic_write_bytes(args.output, buffer.getvalue())
+    if args.repeat:
+        latency = target.benchmark(Path(args.artifact), inputs, repeat=args.repeat, **options)
+        latency["target"] = target.name
+        print(json.dumps(latency) if args.json else
+              f"{target.name}: median {latency['median_ms']:.3f} ms per sample over {latency['runs']} runs")
+    elif not args.output:
+        for name, value in outputs.items():
+            print(f"{name}: shape {list(value.shape)}, first sample {np.array2string(value[0].ravel()[:10], precision=4)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="edgeq: %(message)s")
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USER_ERROR
+        handler = {"compile": _compile, "allocate": _allocate, "run": _run}[args.command]
+        return handler(args)
+    except EdgeqError as error:
+        print(f"edgeq: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("edgeq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

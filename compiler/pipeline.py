@@ -1,0 +1,217 @@
+"""The driver: the one place that orders the passes.
+
+``compile_model(options)`` runs, in this order (see :func:`compile_model`):
+
+  load + canonicalize -> calibration data -> recipe's float transforms
+  -> select layers -> allocate bits (when a budget is given)
+  -> calibrate activation ranges -> recipe's weight rounding -> insert QDQ
+  -> fidelity -> write model.qdq.onnx, plan.json, report.md
+  -> target lowering (integer graph, code) when the target is not "onnx"
+
+Everything a run writes goes to a temporary folder first and is moved into
+``out_dir`` only when the whole run succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from compiler.atomic import atomic_dir
+from compiler.errors import EdgeqError
+from compiler.loader import load_model
+from compiler.plan import QuantPlan
+from passes.canonicalize import canonicalize
+from passes.insert_qdq import quantize_model, tensors_to_calibrate
+from passes.select_layers import select_layers
+from targets.base import CompileContext, get_target
+
+log = logging.getLogger(__name__)
+
+BITS_PATTERN = re.compile(r"^w(\d+)a(\d+)$")
+WEIGHT_BITS = (2, 4, 8)
+ACTIVATION_BITS = (8, 16)
+
+
+@dataclass
+class CompileOptions:
+    """Everything ``edgeq compile`` can be told; the defaults are the CLI's."""
+
+    model: str | None = None  # None: the bundled Fashion-MNIST CNN with its data
+    calib: str | None = None
+    preprocess: str | None = None
+    random_calib: int = 0  # samples of random calibration data (explicit opt-in)
+    max_calib_samples: int = 512
+    eval_data: str | None = None
+    target: str = "onnx"
+    device: str | None = None
+    target_triple: str | None = None
+    bits: str = "w8a8"
+    activation_type: str = "uint8"
+    calibrate_method: str = "auto"
+    budget: str | None = None
+    recipe: str | None = None
+    out_dir: str = "out"
+    batch_size: int = 32
+    progress: bool = True
+
+
+@dataclass
+class CompileResult:
+    out_dir: Path
+    plan: QuantPlan
+    float_model: onnx.ModelProto
+    qdq_model: onnx.ModelProto
+    files: list[Path] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """``"w4a8"`` -> (4, 8), checked against the widths edgeq can export."""
+    match = BITS_PATTERN.match(text.strip().lower())
+    if not match:
+        raise EdgeqError(f"bad --bits '{text}': expected w<weight bits>a<activation bits>, e.g. w8a8 or w4a8")
+    w_bits, a_bits = int(match.group(1)), int(match.group(2))
+    if w_bits not in WEIGHT_BITS or a_bits not in ACTIVATION_BITS:
+        raise EdgeqError(f"bad --bits '{text}': weight bits must be one of {WEIGHT_BITS}, "
+                         f"activation bits one of {ACTIVATION_BITS}")
+    return w_bits, a_bits
+
+
+def compile_model(options: CompileOptions) -> CompileResult:
+    """Run the whole flow for ``options``; see the module docstring for the order."""
+    timings: dict[str, float] = {}
+
+    def stage(name: str, func: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = func()
+        timings[name] = time.perf_counter() - start
+        log.info("%-12s %.2fs", name, timings[name])
+        return result
+
+    w_bits, a_bits = parse_bits(options.bits)
+    target = get_target(options.target)
+    integer_only = target.needs_integer_graph
+    model_path, source_model = stage("load", lambda: _load(options))
+    float_model = stage("canonicalize", lambda: canonicalize(source_model))
+    calib, evaluation = stage("data", lambda: _data(options, float_model))
+
+    model = float_model  # the recipe's transforms rewrite it, keeping its function
+    plan = stage("select", lambda: select_layers(
+        model, w_bits=w_bits, a_bits=a_bits, integer_only=integer_only,
+        activation_signed=options.activation_type == "int8"))
+    plan.model, plan.target = str(model_path), options.target
+    plan.recipe.setdefault("calibrate_method", options.calibrate_method)
+    if options.budget:
+        raise EdgeqError("--budget needs the bit allocator, which this build does not have yet")
+
+    ranges = stage("calibrate", lambda: _calibrate(options, model, plan, calib, integer_only))
+    qdq = stage("insert_qdq", lambda: quantize_model(model, plan, ranges, integer_only=integer_only))
+    stage("fidelity", lambda: _measure_fidelity(plan, float_model, qdq, calib, evaluation, options))
+    plan.update_totals()
+
+    out_dir = Path(options.out_dir)
+    files: list[Path] = []
+    with atomic_dir(out_dir) as tmp:
+        onnx.save(qdq, str(tmp / "model.qdq.onnx"))
+        if options.target != "onnx":
+            ctx = CompileContext(out_dir=tmp, qdq_model_path=tmp / "model.qdq.onnx", plan=plan,
+                                 calib_inputs=calib,
+                                 options={"device": options.device, "target_triple": options.target_triple})
+            stage("lower", lambda: target.lower(ctx))
+        plan.totals["seconds"] = {name: round(value, 3) for name, value in timings.items()}
+        plan.save(str(tmp / "plan.json"))
+        from compiler.report import write_report
+
+        write_report(tmp / "report.md", plan)
+        files = sorted(out_dir / path.name for path in tmp.iterdir())
+    return CompileResult(out_dir=out_dir, plan=plan, float_model=float_model, qdq_model=qdq,
+                         files=files, timings=timings)
+
+
+def _load(options: CompileOptions) -> tuple[Path, onnx.ModelProto]:
+    if options.model is None:
+        from models import bundled
+
+        path = bundled.model_path()
+    else:
+        path = Path(options.model)
+    return path, load_model(path)
+
+
+def _data(options: CompileOptions, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Calibration inputs, and the evaluation set (inputs, optional labels) for fidelity."""
+    from compiler.data import load_calibration
+
+    labels = None
+    if options.model is None and options.calib is None:
+        from models import bundled
+
+        calib = bundled.calibration_data()
+        eval_inputs, labels = bundled.test_data()
+    else:
+        if options.calib is None and not options.random_calib:
+            raise EdgeqError("no calibration data: pass --calib DIR (one <input>.npy per model input, "
+                             ".npz files, or images with --preprocess), or --random-calib N to "
+                             "calibrate on random data")
+        if options.calib is None:
+            log.warning("calibrating on %d samples of RANDOM data: ranges will not match real inputs",
+                        options.random_calib)
+        calib = load_calibration(options.calib, model, preprocess=options.preprocess,
+                                 random_samples=options.random_calib,
+                                 max_samples=options.max_calib_samples)
+        eval_inputs = calib
+        if options.eval_data:
+            eval_inputs = load_calibration(options.eval_data, model, preprocess=options.preprocess)
+    calib = {name: value[: options.max_calib_samples] for name, value in calib.items()}
+    return calib, {"inputs": eval_inputs, "labels": labels,
+                   "source": "held-out test set" if labels is not None else
+                   ("--eval data" if options.eval_data else "calibration data")}
+
+
+def _calibrate(options: CompileOptions, model: onnx.ModelProto, plan: QuantPlan,
+               calib: dict[str, np.ndarray], integer_only: bool) -> dict[str, tuple[float, float]]:
+    from compiler.calibrate import collect_ranges
+    from compiler.graph import graph_output_names
+
+    names = tensors_to_calibrate(model, plan, integer_only=integer_only)
+    method = options.calibrate_method
+    overrides: dict[str, str] = {}
+    if method == "auto":
+        # MSE-optimal clipping inside the network; graph outputs keep their full
+        # range so the largest logit is never clipped.
+        method = "mse"
+        overrides = {name: "minmax" for name in graph_output_names(model) if name in names}
+    return collect_ranges(model, calib, names, method=method, bits=plan.a_bits,
+                          signed=plan.activation_signed, batch_size=options.batch_size,
+                          progress=options.progress, method_overrides=overrides)
+
+
+def _measure_fidelity(plan: QuantPlan, float_model: onnx.ModelProto, qdq: onnx.ModelProto,
+                      calib: dict[str, np.ndarray], evaluation: dict[str, Any],
+                      options: CompileOptions) -> None:
+    """Model outputs on the evaluation set; each quantized tensor's SQNR on the calibration set."""
+    from compiler.fidelity import model_fidelity, run_model, tensor_sqnr
+
+    inputs = evaluation["inputs"]
+    plan.fidelity = {"data": evaluation["source"],
+                     "samples": int(next(iter(inputs.values())).shape[0]),
+                     "outputs": model_fidelity(float_model, qdq, inputs, batch_size=options.batch_size)}
+    labels = evaluation["labels"]
+    if labels is not None:
+        first_output = float_model.graph.output[0].name
+        float_logits = run_model(float_model, inputs, batch_size=options.batch_size)[first_output]
+        quant_logits = run_model(qdq, inputs, batch_size=options.batch_size)[first_output]
+        plan.fidelity["float_accuracy"] = float(np.mean(float_logits.argmax(1) == labels))
+        plan.fidelity["quantized_accuracy"] = float(np.mean(quant_logits.argmax(1) == labels))
+    activations = [name for name, tq in plan.tensors.items() if tq.role == "activation"]
+    plan.fidelity["tensor_sqnr_db"] = tensor_sqnr(float_model, qdq, calib, activations,
+                                                  batch_size=options.batch_size)

@@ -1,0 +1,336 @@
+"""Insert QuantizeLinear/DequantizeLinear pairs: the QDQ interchange model.
+
+Requires: a canonicalized float model, a plan from ``passes/select_layers``
+and float ranges for the tensors :func:`tensors_to_calibrate` names.
+Guarantees: the returned model computes the quantized function the plan
+describes and loads in onnxruntime, which fuses the pairs into its integer
+kernels (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, ...):
+  * weights are stored as integers (int8, or int4 with opset 21) feeding a
+    per-channel DequantizeLinear; biases as int32 with scale ``sx * sw``;
+  * each quantized activation gets one Q -> DQ pair; tensors that must share a
+    quantizer (Concat inputs and output, data-movement ops, max pooling) get
+    the same scale and zero point;
+  * a Relu or Clip(0, hi) right after a quantized layer is folded into that
+    layer's output quantizer (the quantized range already clamps there);
+  * a quantized layer's output is quantized when a quantized op reads it (or
+    always, for integer-only targets); otherwise it stays float, which lets
+    onnxruntime use its integer-in/float-out kernels.
+Float function: not preserved (this is where quantization error enters).
+The plan's ``tensors`` are filled in; the caller's model is not modified.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from compiler.graph import (
+    NameAllocator,
+    attribute,
+    consumers,
+    graph_output_names,
+    initializer_array,
+    opset_version,
+    producers,
+    set_initializer,
+    topological_sort,
+)
+from compiler.plan import LayerPlan, QuantPlan, TensorQuant, int_range
+from compiler.quantizers import quantize_weight, weight_output_axis, weight_tensor_quant
+from passes.canonicalize import infer_shapes
+from passes.select_layers import FUSIBLE_ACTIVATIONS, PASS_THROUGH_OPS
+
+log = logging.getLogger(__name__)
+
+# ONNX element types by (bits, signed).
+_ONNX_INT_TYPES = {
+    (8, True): TensorProto.INT8, (8, False): TensorProto.UINT8,
+    (16, True): TensorProto.INT16, (16, False): TensorProto.UINT16,
+    (4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
+    (32, True): TensorProto.INT32,
+}
+# Opset that introduced the element types QuantizeLinear/DequantizeLinear need.
+_OPSET_FOR_BITS = {8: 13, 32: 13, 16: 21, 4: 21}
+
+
+@dataclass
+class ActivationGroup:
+    """Tensors that share one activation quantizer, and its width."""
+
+    tensors: list[str]
+    bits: int
+
+
+def _fused_activation(model: onnx.ModelProto, layer: LayerPlan) -> onnx.NodeProto | None:
+    """The Relu/Clip(0, hi) directly after ``layer`` that its quantizer can absorb."""
+    readers = consumers(model).get(layer.outputs[0], [])
+    if len(readers) != 1 or layer.outputs[0] in graph_output_names(model):
+        return None
+    node = readers[0]
+    if node.op_type not in FUSIBLE_ACTIVATIONS:
+        return None
+    if node.op_type == "Clip":
+        low = initializer_array(model, node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        if low is None or float(low) != 0.0:
+            return None
+        if len(node.input) > 2 and node.input[2] and initializer_array(model, node.input[2]) is None:
+            return None
+    return node
+
+
+def _layer_output(model: onnx.ModelProto, layer: LayerPlan) -> str:
+    """The tensor holding the layer's (post-activation) result."""
+    fused = _fused_activation(model, layer)
+    return fused.output[0] if fused is not None else layer.outputs[0]
+
+
+def activation_groups(model: onnx.ModelProto, plan: QuantPlan, *, integer_only: bool = False) -> list[ActivationGroup]:
+    """Which activation tensors get a quantizer, grouped by shared quantizer."""
+    parent: dict[str, str] = {}
+
+    def find(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    def union(a: str, b: str) -> None:
+        parent[find(a)] = find(b)
+
+    bits: dict[str, int] = {}
+    quantized_readers: set[str] = set()  # tensors read by a quantized layer
+    for layer in plan.layers.values():
+        for name in layer.inputs:
+            find(name)
+            bits[name] = max(bits.get(name, 0), layer.a_bits)
+            quantized_readers.add(name)
+        if layer.op_type == "Concat":
+            for name in layer.inputs:
+                union(name, _layer_output(model, layer))
+
+    # Data movement passes a quantized tensor's quantizer on to its output,
+    # backwards from quantized readers and forwards from quantized producers.
+    produced_quantized = {_layer_output(model, layer) for layer in plan.layers.values()}
+    changed = True
+    while changed:
+        changed = False
+        for node in model.graph.node:
+            if node.op_type not in PASS_THROUGH_OPS or not node.input:
+                continue
+            source, result = node.input[0], node.output[0]
+            forward = integer_only and (source in produced_quantized or source in quantized_readers)
+            if (result in quantized_readers or forward) and initializer_array(model, source) is None:
+                if find(source) != find(result):
+                    union(source, result)
+                    changed = True
+                for name in (source, result):
+                    if name not in quantized_readers:
+                        quantized_readers.add(name)
+                        changed = True
+
+    # A layer's output is quantized when something quantized reads it.
+    for layer in plan.layers.values():
+        output = _layer_output(model, layer)
+        if integer_only:
+            find(output)
+
+    groups: dict[str, list[str]] = {}
+    for name in parent:
+        groups.setdefault(find(name), []).append(name)
+    result = []
+    for members in groups.values():
+        width = max([bits.get(name, 0) for name in members] + [0]) or plan.a_bits
+        result.append(ActivationGroup(sorted(members), width))
+    result.sort(key=lambda group: group.tensors[0])
+    return result
+
+
+def tensors_to_calibrate(model: onnx.ModelProto, plan: QuantPlan, *, integer_only: bool = False) -> list[str]:
+    """Activation tensors whose float ranges :func:`fit_activation_quantizers` needs."""
+    return sorted(name for group in activation_groups(model, plan, integer_only=integer_only)
+                  for name in group.tensors)
+
+
+def fit_activation_quantizers(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    ranges: dict[str, tuple[float, float]],
+    *,
+    integer_only: bool = False,
+) -> None:
+    """Fill ``plan.tensors`` with per-tensor activation quantizers from ``ranges``."""
+    for group in activation_groups(model, plan, integer_only=integer_only):
+        known = [ranges[name] for name in group.tensors if name in ranges]
+        if not known:
+            raise KeyError(f"no calibration range for {group.tensors[0]}")
+        low = min(0.0, min(r[0] for r in known))
+        high = max(0.0, max(r[1] for r in known))
+        for name in group.tensors:
+            plan.tensors[name] = activation_quant(name, low, high, group.bits, plan.activation_signed)
+
+
+def activation_quant(name: str, low: float, high: float, bits: int, signed: bool) -> TensorQuant:
+    """Asymmetric per-tensor quantizer covering ``[low, high]`` (which must contain 0)."""
+    qmin, qmax = int_range(bits, signed)
+    span = float(high) - float(low)
+    scale = np.float32(span / (qmax - qmin)) if span > 0 else np.float32(1.0)
+    zero_point = int(np.clip(np.round(qmin - low / scale), qmin, qmax))
+    return TensorQuant(name=name, role="activation", bits=bits, signed=signed,
+                       scale=[float(scale)], zero_point=[zero_point],
+                       range_min=float(low), range_max=float(high))
+
+
+def quantize_model(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    ranges: dict[str, tuple[float, float]] | None = None,
+    *,
+    integer_only: bool = False,
+) -> onnx.ModelProto:
+    """The QDQ model for ``plan`` (see the module docstring)."""
+    if ranges is not None:
+        fit_activation_quantizers(model, plan, ranges, integer_only=integer_only)
+    qdq = _with_opset(model, plan)
+    new_name = NameAllocator(qdq)
+    for layer in plan.layers.values():
+        _fuse_activation(qdq, layer)
+    for layer in plan.layers.values():
+        if layer.w_bits:
+            _quantize_weight_and_bias(qdq, plan, layer, new_name)
+    for tq in list(plan.tensors.values()):
+        if tq.role == "activation":
+            _insert_activation_pair(qdq, tq, new_name)
+    _drop_unused_initializers(qdq)
+    topological_sort(qdq)
+    del qdq.graph.value_info[:]
+    return infer_shapes(qdq)
+
+
+def _fuse_activation(model: onnx.ModelProto, layer: LayerPlan) -> None:
+    fused = _fused_activation(model, layer)
+    if fused is None:
+        return
+    producer = producers(model)[layer.outputs[0]]
+    producer.output[0] = fused.output[0]
+    model.graph.node.remove(fused)
+    layer.info["fused_activation"] = fused.op_type
+
+
+def _quantize_weight_and_bias(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPlan, new_name) -> None:
+    node = next(n for n in model.graph.node if n.name == layer.node)
+    weight = initializer_array(model, layer.weight)
+    axis = weight_output_axis(layer.op_type, weight.ndim, attribute(node, "transB", 0))
+    tq = plan.tensors.get(layer.weight)
+    if tq is None or tq.bits != layer.w_bits:
+        tq = weight_tensor_quant(layer.weight, weight, axis, layer.w_bits)
+        plan.tensors[layer.weight] = tq
+    q_weight = quantize_weight(weight, tq.scale_array(), tq.axis, tq.bits)
+    node.input[1] = _dequantized_initializer(model, layer.weight, q_weight, tq, new_name)
+
+    if not layer.bias:
+        return
+    input_quant = plan.tensors.get(layer.inputs[0])
+    bias = initializer_array(model, layer.bias)
+    if input_quant is None or bias is None:
+        return  # input stays float: the bias stays float too
+    bias_scale = (np.float32(input_quant.scale[0]) * tq.scale_array()).astype(np.float32)
+    bias_scale = np.broadcast_to(bias_scale, bias.shape).astype(np.float32)
+    lo, hi = int_range(32, True)
+    q_bias = np.clip(np.round(bias.astype(np.float64) / bias_scale), lo, hi).astype(np.int32)
+    bias_quant = TensorQuant(name=layer.bias, role="bias", bits=32, signed=True,
+                             scale=[float(s) for s in bias_scale], zero_point=[0] * bias.size,
+                             axis=0, range_min=float(bias.min()), range_max=float(bias.max()))
+    plan.tensors[layer.bias] = bias_quant
+    node.input[2] = _dequantized_initializer(model, layer.bias, q_bias, bias_quant, new_name)
+
+
+def _dequantized_initializer(model, name: str, q_value: np.ndarray, tq: TensorQuant, new_name) -> str:
+    """Store ``q_value`` as an integer initializer behind a DequantizeLinear; return its output."""
+    elem_type = _ONNX_INT_TYPES[(tq.bits, tq.signed)]
+    q_name = new_name(f"{name}_quantized")
+    scale_name, zp_name, out_name = new_name(f"{name}_scale"), new_name(f"{name}_zero_point"), new_name(f"{name}_dequantized")
+    if tq.bits == 4:
+        model.graph.initializer.append(
+            helper.make_tensor(q_name, elem_type, q_value.shape, q_value.astype(np.int8).flatten().tolist()))
+    else:
+        set_initializer(model, q_name, q_value)
+    per_channel = tq.axis is not None and len(tq.scale) > 1
+    scale = tq.scale_array() if per_channel else np.float32(tq.scale[0])
+    set_initializer(model, scale_name, scale)
+    zero = np.zeros(len(tq.scale) if per_channel else (), dtype=np.int64)
+    model.graph.initializer.append(
+        helper.make_tensor(zp_name, elem_type, zero.shape, zero.flatten().tolist()))
+    attrs = {"axis": tq.axis} if per_channel else {}
+    model.graph.node.append(helper.make_node(
+        "DequantizeLinear", [q_name, scale_name, zp_name], [out_name], name=new_name(f"{name}_DequantizeLinear"), **attrs))
+    return out_name
+
+
+def _insert_activation_pair(model: onnx.ModelProto, tq: TensorQuant, new_name) -> None:
+    """Route every reader of tensor ``tq.name`` through Q -> DQ."""
+    graph = model.graph
+    name = tq.name
+    elem_type = _ONNX_INT_TYPES[(tq.bits, tq.signed)]
+    scale_name, zp_name = new_name(f"{name}_scale"), new_name(f"{name}_zero_point")
+    set_initializer(model, scale_name, np.float32(tq.scale[0]))
+    graph.initializer.append(helper.make_tensor(zp_name, elem_type, (), [tq.zero_point[0]]))
+    quantized, dequantized = new_name(f"{name}_quantized"), new_name(f"{name}_dequantized")
+    source = name
+    if name in graph_output_names(model):
+        # Keep the graph output's name: the producer writes a new name instead.
+        source = new_name(f"{name}_float")
+        for node in graph.node:
+            for index, output in enumerate(node.output):
+                if output == name:
+                    node.output[index] = source
+        dequantized = name
+    else:
+        for node in graph.node:
+            for index, input_name in enumerate(node.input):
+                if input_name == name:
+                    node.input[index] = dequantized
+    graph.node.append(helper.make_node("QuantizeLinear", [source, scale_name, zp_name], [quantized],
+                                       name=new_name(f"{name}_QuantizeLinear")))
+    graph.node.append(helper.make_node("DequantizeLinear", [quantized, scale_name, zp_name], [dequantized],
+                                       name=new_name(f"{name}_DequantizeLinear")))
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Float weights replaced by their quantized copies are no longer read."""
+    used = {name for node in model.graph.node for name in node.input}
+    used.update(graph_output_names(model))
+    kept = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def _with_opset(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    """A copy of ``model`` at an opset whose Q/DQ ops accept every element type the plan uses."""
+    widths = [layer.w_bits for layer in plan.layers.values() if layer.w_bits] + \
+        [layer.a_bits for layer in plan.layers.values()]
+    needed = max([_OPSET_FOR_BITS.get(bits, 21) for bits in widths] + [13])
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    if opset_version(copy) < needed:
+        copy = onnx.version_converter.convert_version(copy, needed)
+    copy.ir_version = min(copy.ir_version, 10)
+    return copy
+
+
+def dequantized_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    """Float value of a DequantizeLinear'd initializer (for reports and tests)."""
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0] == name:
+            q = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == node.input[0]))
+            scale = initializer_array(model, node.input[1])
+            axis = attribute(node, "axis", 1)
+            if scale.ndim == 1 and q.ndim > 1:
+                shape = [1] * q.ndim
+                shape[axis] = -1
+                scale = scale.reshape(shape)
+            return q.astype(np.float32) * scale
+    return None
