@@ -290,3 +290,25 @@ def conv_patches(layer: LinearLayer, model: onnx.ModelProto):
         dilations=tuple(attribute(layer.node, "dilations", [1, 1])),
         group=layer.group,
     )
+
+
+def planned_layers(model: onnx.ModelProto, plan) -> list[tuple[LinearLayer, int]]:
+    """(layer, weight bits) for every linear layer the plan quantizes.
+
+    With layers in ``plan.layers`` (after allocation) their ``w_bits`` are used
+    and layers the plan does not list stay float; with an empty plan every
+    linear layer gets ``plan.w_bits``.
+    """
+    layers = list(find_linear_layers(model).values())
+    if not plan.layers:
+        return [(layer, plan.w_bits) for layer in layers]
+    chosen = []
+    for layer in layers:
+        entry = plan.layers.get(layer.name)
+        if entry is None or not entry.w_bits:
+            continue
+        if entry.weight not in (None, layer.weight):
+            log.debug("%s: plan weight %s is not the layer's weight %s", layer.name, entry.weight, layer.weight)
+            continue
+        chosen.append((layer, entry.w_bits))
+    return chosen

@@ -117,3 +117,23 @@ def weight_output_axis(op_type: str, weight_ndim: int, trans_b: int = 0) -> int:
     if op_type == "MatMul":
         return weight_ndim - 1
     raise ValueError(f"no weight axis rule for op {op_type}")
+
+
+def planned_weight_scale(
+    tensors: dict[str, TensorQuant], name: str, weight: np.ndarray, axis: int | None, bits: int
+) -> np.ndarray:
+    """The scale QDQ insertion will use for weight ``name``: the plan's entry verbatim, else the grid.
+
+    ``tensors`` is ``QuantPlan.tensors``. An entry with other bits or axis is a
+    stale decision and an error (the caller must drop it before re-rounding).
+    """
+    entry = tensors.get(name)
+    if entry is None:
+        return weight_scale(weight, axis, bits)
+    entry_axis = None if entry.axis is None else entry.axis % np.ndim(weight)
+    wanted_axis = None if axis is None else axis % np.ndim(weight)
+    if entry.bits != bits or entry_axis != wanted_axis:
+        raise ValueError(
+            f"plan entry for weight {name} has bits={entry.bits} axis={entry.axis}, layer wants bits={bits} axis={axis}"
+        )
+    return entry.scale_array()

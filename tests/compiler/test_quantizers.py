@@ -74,3 +74,14 @@ def test_tensor_quant_entry_and_axes():
     assert weight_output_axis("Conv", 4) == 0
     assert weight_output_axis("Gemm", 2, trans_b=1) == 0
     assert weight_output_axis("MatMul", 2) == 1
+
+
+def test_planned_scale_prefers_the_plan_entry():
+    from compiler.quantizers import planned_weight_scale
+
+    w = np.random.default_rng(3).normal(size=(4, 5)).astype(np.float32)
+    assert np.array_equal(planned_weight_scale({}, "w", w, 0, 4), weight_scale(w, 0, 4))
+    entry = weight_tensor_quant("w", w, 0, 4, scale=weight_scale(w, 0, 4) * 0.5)
+    assert np.array_equal(planned_weight_scale({"w": entry}, "w", w, 0, 4), entry.scale_array())
+    with pytest.raises(ValueError):
+        planned_weight_scale({"w": entry}, "w", w, 0, 8)

@@ -1,0 +1,217 @@
+"""GPTQ: layer-wise reconstruction rounding with the layer Hessian (Frantar et al. 2023).
+
+Requires: a float graph, a QuantPlan (``plan.layers`` after allocation, or an
+empty plan: then every Conv/Gemm/MatMul gets ``plan.w_bits``), calibration data.
+Guarantees: every planned layer's weight lies exactly on its quantization grid
+(symmetric per output channel, zero point 0, ``compiler.quantizers``), and
+``plan.tensors[weight]`` holds that grid's TensorQuant (scale, axis, bits), so
+QDQ insertion reproduces the integers exactly.  Columns are rounded one at a
+time and the rounding error is pushed onto the not-yet-rounded columns
+through the inverse Hessian ``H = E[x x^T]`` of the layer's input (im2col
+patches for convolutions, one Hessian per channel for depthwise ones), which
+minimises ``||(W - Q) X||``.  The per-channel scale is searched (clipping the
+range) under the Hessian-diagonal-weighted error when ``scale_search`` is on.
+Float function: NOT preserved -- this is the rounding step.
+Bounded time: a progress bar per layer; once ``max_seconds`` is spent the
+remaining layers get nearest rounding on the same grid (logged).
+Idempotency: the model is marked; a second run is skipped with a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from compiler.calibrate import collect_second_moment
+from compiler.graph import set_initializer
+from compiler.linear_layers import (
+    LinearLayer,
+    conv_patches,
+    copy_model,
+    is_applied,
+    mark_applied,
+    planned_layers,
+)
+from compiler.plan import QuantPlan, int_range
+from compiler.quantizers import qmax_for, weight_scale, weight_tensor_quant
+
+log = logging.getLogger(__name__)
+
+PASS_NAME = "gptq"
+
+
+def _quantize(values: np.ndarray, scale: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    return np.clip(np.round(values / scale), lo, hi) * scale
+
+
+def search_scale(weight: np.ndarray, hessian_diag: np.ndarray, bits: int, grid: int = 20, lowest: float = 0.5) -> np.ndarray:
+    """Per-row scale ``r * max|w| / qmax`` with ``r`` in ``[lowest, 1]`` minimising the H-diagonal error.
+
+    ``weight`` [G, R, K], ``hessian_diag`` [G, K]; returns [G, R] float32.
+    """
+    lo, hi = int_range(bits, signed=True)
+    base = weight_scale(weight.reshape(-1, weight.shape[-1]), 0, bits).reshape(weight.shape[:2]).astype(np.float64)
+    best = base.copy()
+    best_error = np.full(base.shape, np.inf)
+    for ratio in np.linspace(1.0, lowest, grid):
+        scale = base * ratio
+        error = np.sum((weight - _quantize(weight, scale[..., None], lo, hi)) ** 2 * hessian_diag[:, None, :], axis=-1)
+        better = error < best_error
+        best[better], best_error[better] = scale[better], error[better]
+    return best.astype(np.float32)
+
+
+def _inverse_hessian_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor of ``(H + damp*mean(diag H) I)^-1``, batched over the first axis."""
+    size = hessian.shape[-1]
+    eye = np.eye(size)
+    mean_diag = np.mean(np.diagonal(hessian, axis1=-2, axis2=-1), axis=-1)[:, None, None]
+    for attempt in range(6):
+        damped = hessian + (damp * 10**attempt) * mean_diag * eye
+        try:
+            lower = np.linalg.cholesky(np.linalg.inv(damped))
+            return np.swapaxes(lower, -1, -2)
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError("Hessian stays singular after damping")
+
+
+def gptq_round(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    scale: np.ndarray,
+    bits: int,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> np.ndarray:
+    """Round ``weight`` [G, R, K] onto ``scale`` [G, R] with GPTQ error feedback; returns float64 on grid.
+
+    ``hessian`` [G, K, K] is ``E[x x^T]`` of each group's input.
+    """
+    lo, hi = int_range(bits, signed=True)
+    weight = weight.astype(np.float64).copy()
+    hessian = hessian.astype(np.float64).copy()
+    groups, _, size = weight.shape
+    diag = np.diagonal(hessian, axis1=-2, axis2=-1).copy()
+    dead = diag <= 0
+    if dead.any():  # inputs that never fire: their weights do not matter; pin H so it inverts
+        g, k = np.nonzero(dead)
+        hessian[g, k, k] = 1.0
+        diag[dead] = 1.0
+    order = np.argsort(-diag, axis=-1, kind="stable") if act_order else np.tile(np.arange(size), (groups, 1))
+    weight = np.take_along_axis(weight, order[:, None, :], axis=-1)
+    hessian = np.take_along_axis(np.take_along_axis(hessian, order[:, :, None], axis=1), order[:, None, :], axis=2)
+    upper = _inverse_hessian_factor(hessian, damp)
+    scale = scale.astype(np.float64)
+    rounded = np.zeros_like(weight)
+    for start in range(0, size, block_size):
+        stop = min(start + block_size, size)
+        block = weight[:, :, start:stop].copy()
+        errors = np.zeros_like(block)
+        factor = upper[:, start:stop, start:stop]
+        for i in range(stop - start):
+            column = block[:, :, i]
+            q = _quantize(column, scale, lo, hi)
+            rounded[:, :, start + i] = q
+            error = (column - q) / factor[:, i, i][:, None]
+            block[:, :, i:] -= error[:, :, None] * factor[:, None, i, i:]
+            errors[:, :, i] = error
+        weight[:, :, stop:] -= np.matmul(errors, upper[:, start:stop, stop:])
+    inverse = np.argsort(order, axis=-1)
+    return np.take_along_axis(rounded, inverse[:, None, :], axis=-1)
+
+
+def _grouped(layer: LinearLayer, model: onnx.ModelProto) -> np.ndarray:
+    """The weight as [G, R, K]: one group per depthwise channel, else a single group."""
+    matrix = layer.matrix(model)
+    if layer.is_depthwise:
+        return matrix[:, None, :]
+    return matrix[None]
+
+
+def _reconstruction_error(weight: np.ndarray, rounded: np.ndarray, hessian: np.ndarray) -> float:
+    """``tr(dW H dW^T) / tr(W H W^T)``: the relative output error the rounding leaves."""
+    delta = rounded - weight
+    num = np.einsum("grk,gkl,grl->", delta, hessian, delta)
+    den = np.einsum("grk,gkl,grl->", weight, hessian, weight)
+    return float(num / den) if den > 0 else 0.0
+
+
+def gptq(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    data: dict[str, np.ndarray],
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    scale_search: bool = True,
+    max_bits: int = 8,
+    max_seconds: float = 600.0,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[onnx.ModelProto, QuantPlan]:
+    """GPTQ-round every planned layer with ``w_bits <= max_bits``; returns (copy of model, plan).
+
+    The plan is updated in place (and returned): weight TensorQuants and, per
+    layer, ``info["rounding"]`` and ``info["gptq_error"]`` (relative
+    reconstruction error on the calibration Hessian).
+    """
+    result = copy_model(model)
+    if is_applied(result, PASS_NAME):
+        log.info("gptq: skipped: the model's weights are already GPTQ-rounded")
+        return result, plan
+    targets = [(layer, bits) for layer, bits in planned_layers(result, plan) if bits <= max_bits]
+    if not targets:
+        log.info("gptq: no layer with weights of at most %d bits", max_bits)
+        return result, plan
+    patches = {layer.input: conv_patches(layer, result) for layer, _ in targets if layer.op_type == "Conv"}
+    clashes = [layer.name for layer, _ in targets if layer.op_type == "Conv" and conv_patches(layer, result) != patches[layer.input]]
+    if clashes:  # two convs reading one tensor differently: take the first's Hessian, round the rest nearest
+        log.info("gptq: %s read a tensor another conv reads with other patches: nearest rounding", clashes)
+    moments = collect_second_moment(
+        result, data, list(dict.fromkeys(layer.input for layer, _ in targets)),
+        conv_patches=patches, batch_size=batch_size, progress=progress,
+    )
+    started = time.monotonic()
+    show = progress and sys.stderr.isatty()
+    for layer, bits in tqdm(targets, desc="gptq", unit="layer", disable=not show, file=sys.stderr):
+        weight = _grouped(layer, result).astype(np.float64)
+        hessian = moments[layer.input]
+        hessian = hessian if hessian.ndim == 3 else hessian[None]
+        in_budget = time.monotonic() - started < max_seconds
+        usable = layer.name not in clashes and hessian.shape[-1] == weight.shape[-1]
+        diag = np.diagonal(hessian, axis1=-2, axis2=-1)
+        if scale_search:
+            scale = search_scale(weight, diag, bits)
+        else:
+            scale = weight_scale(weight.reshape(-1, weight.shape[-1]), 0, bits).reshape(weight.shape[:2])
+        if in_budget and usable:
+            rounded = gptq_round(weight, hessian, scale, bits, block_size=block_size, damp=damp, act_order=act_order)
+            method = "gptq"
+        else:
+            lo, hi = int_range(bits, signed=True)
+            rounded = _quantize(weight, scale[..., None].astype(np.float64), lo, hi)
+            method = "nearest (gptq time budget spent)" if usable else "nearest (no Hessian)"
+            log.info("gptq: %s: %s", layer.name, method)
+        error = _reconstruction_error(weight, rounded, hessian)
+        channel_scale = scale.reshape(-1)
+        # q * scale in float32 is the grid value QuantizeLinear maps back to q exactly.
+        integers = np.clip(np.round(rounded.reshape(-1, weight.shape[-1]) / channel_scale[:, None].astype(np.float64)), -qmax_for(bits) - 1, qmax_for(bits))
+        on_grid = (integers.astype(np.float32) * channel_scale[:, None]).astype(np.float32)
+        new_weight = layer.from_matrix(result, on_grid)
+        set_initializer(result, layer.weight, new_weight)
+        plan.tensors[layer.weight] = weight_tensor_quant(layer.weight, new_weight, layer.out_axis, bits, channel_scale)
+        entry = plan.layers.get(layer.name)
+        if entry is not None:
+            entry.info.update(rounding=method, gptq_error=error)
+        log.debug("gptq: %s: %d-bit, relative error %.3g (%s)", layer.name, bits, error, method)
+    mark_applied(result, PASS_NAME, layers=len(targets))
+    return result, plan
