@@ -1,0 +1,700 @@
+"""Bit allocation: pick (w_bits, a_bits) per layer under the user's budget.
+
+Requires: an :class:`AllocationProblem` -- per layer its candidate choices, the
+sensitivity of each (passes/sensitivity.py) and its cost under the target's
+cost model (targets/<name>/cost.py); tie groups, pins, and for the SRAM metric
+the execution order with the activation buffers and their live ranges.
+:func:`problem_from_model` builds one from a float model and its QuantPlan.
+Guarantees: :func:`allocate` returns the choice per layer that minimises the
+total sensitivity subject to every budget given, solved exactly as an integer
+linear program (PuLP; CBC, or HiGHS when installed); infeasible budgets raise
+EdgeqError naming the smallest achievable value. The graph is not touched
+(this is an analysis; :func:`apply_allocation` writes the choice into a plan).
+
+The ILP: a binary ``x[l, c]`` per layer ``l`` and choice ``c``, exactly one per
+layer. Linear metrics (weight bytes, bit-operations, latency, energy, flash,
+LUT/DSP/BRAM, ...) are sums of per-choice costs. Peak SRAM is a max over the
+execution order of the live activation bytes: one constraint per step, where a
+buffer's bytes are the packed size at the a_bits of the layers that read it
+(a tensor read by several layers is stored at the widest; readers of one
+quantizer are tied anyway). Tie groups share a_bits through one binary per
+(group, a_bits).
+
+:func:`greedy` is the baseline edgeq is compared with (HAWQ-style: start at
+the highest bits, demote the layer that loses least sensitivity per unit of
+budget saved until every budget is met; or the reverse). :func:`pareto`
+sweeps one metric's budget and returns the frontier.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import pulp
+
+from compiler.budget import format_metric
+from compiler.errors import EdgeqError
+from targets.base import LayerCost, packed_bytes
+
+log = logging.getLogger(__name__)
+
+Choice = tuple[int | None, int]  # (w_bits or None for weightless layers, a_bits)
+
+SUM_METRICS = ("weight_bytes", "bitops", "latency_s", "energy_j")
+PEAK_METRICS = ("sram_bytes",)
+FLOAT_BITS = 32
+
+
+@dataclass
+class LayerOptions:
+    """One quantizable layer: what it may be set to, what each choice costs and loses."""
+
+    name: str
+    choices: list[Choice]
+    sensitivity: dict[Choice, float]
+    costs: dict[Choice, LayerCost]
+    weight_params: int = 0  # for the int8 reference size
+
+    def a_bits_options(self) -> set[int]:
+        return {a for _, a in self.choices}
+
+
+@dataclass
+class ActivationBuffer:
+    """An activation tensor the executed model keeps in memory from ``first_step`` to ``last_step``.
+
+    Its width is the widest a_bits among ``readers`` (layers whose input
+    quantizer it is), or ``fixed_bits`` when no allocated layer decides it.
+    """
+
+    name: str
+    elems: int
+    first_step: int
+    last_step: int
+    readers: list[str] = field(default_factory=list)
+    fixed_bits: int = FLOAT_BITS
+
+
+@dataclass
+class AllocationProblem:
+    layers: list[LayerOptions]
+    tie_groups: list[list[str]] = field(default_factory=list)  # layers sharing a_bits
+    pins: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)  # None = free
+    steps: list[str] = field(default_factory=list)  # execution order (node names)
+    buffers: list[ActivationBuffer] = field(default_factory=list)
+    fixed: dict[str, float] = field(default_factory=dict)  # bit-independent costs (code flash)
+    name: str = ""
+
+    def layer(self, name: str) -> LayerOptions:
+        return self._by_name()[name]
+
+    def _by_name(self) -> dict[str, LayerOptions]:
+        return {layer.name: layer for layer in self.layers}
+
+    def int8_weight_bytes(self) -> int:
+        return sum(packed_bytes(layer.weight_params, 8) for layer in self.layers)
+
+
+@dataclass
+class Allocation:
+    choices: dict[str, Choice]
+    totals: dict[str, float]
+    objective: float
+    solve_time_s: float
+    status: str  # "optimal", "greedy", ...
+    method: str
+    budget: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "method": self.method, "status": self.status, "objective": self.objective,
+            "solve_time_s": self.solve_time_s, "budget": self.budget, "totals": self.totals,
+            "choices": {name: list(choice) for name, choice in self.choices.items()},
+        }
+
+
+# -- metrics -----------------------------------------------------------------------
+
+
+def layer_metric(cost: LayerCost, metric: str) -> float | None:
+    """The value of ``metric`` for one layer choice; None if the cost model lacks it."""
+    if metric in SUM_METRICS:
+        return getattr(cost, metric)
+    if metric == "flash_bytes":
+        return cost.resources.get("flash_bytes", cost.weight_bytes)
+    return cost.resources.get(metric)
+
+
+def buffer_bytes(buffer: ActivationBuffer, choices: dict[str, Choice]) -> int:
+    bits = [choices[reader][1] for reader in buffer.readers if reader in choices]
+    return packed_bytes(buffer.elems, max(bits) if bits else buffer.fixed_bits)
+
+
+def live_bytes_per_step(problem: AllocationProblem, choices: dict[str, Choice]) -> list[int]:
+    """Bytes of the activation buffers live at each step of the execution order."""
+    live = [0] * max(len(problem.steps), 1)
+    for buffer in problem.buffers:
+        size = buffer_bytes(buffer, choices)
+        for step in range(buffer.first_step, buffer.last_step + 1):
+            live[step] += size
+    return live
+
+
+def evaluate(problem: AllocationProblem, choices: dict[str, Choice]) -> dict[str, float]:
+    """Every metric the problem can measure, for one complete choice."""
+    totals: dict[str, float] = {}
+    metrics = set(SUM_METRICS) | {"flash_bytes"}
+    for layer in problem.layers:
+        metrics.update(layer.costs[layer.choices[0]].resources)
+    for metric in sorted(metrics):
+        values = [layer_metric(layer.costs[choices[layer.name]], metric) for layer in problem.layers]
+        if problem.layers and all(value is not None for value in values):
+            totals[metric] = float(sum(values)) + problem.fixed.get(metric, 0.0)
+    int8 = problem.int8_weight_bytes()
+    if int8 and "weight_bytes" in totals:
+        totals["size_fraction"] = totals["weight_bytes"] / int8
+    if problem.buffers:
+        totals["sram_bytes"] = float(max(live_bytes_per_step(problem, choices))) + problem.fixed.get("sram_bytes", 0.0)
+    totals["sensitivity"] = float(sum(problem.layer(name).sensitivity.get(choice, 0.0) for name, choice in choices.items()))
+    return totals
+
+
+def resolve_budget(problem: AllocationProblem, budget: dict[str, float]) -> dict[str, float]:
+    """Budget in the problem's metrics: ``size_fraction`` becomes ``weight_bytes``."""
+    resolved = dict(budget)
+    if "size_fraction" in resolved:
+        limit = resolved.pop("size_fraction") * problem.int8_weight_bytes()
+        resolved["weight_bytes"] = min(limit, resolved.get("weight_bytes", math.inf))
+    for metric in resolved:
+        if metric in PEAK_METRICS:
+            if not problem.buffers:
+                raise EdgeqError(f"budget '{metric}' needs the execution order and activation buffers (an MCU-style target)")
+            continue
+        for layer in problem.layers:
+            if any(layer_metric(layer.costs[c], metric) is None for c in layer.choices):
+                raise EdgeqError(f"the target's cost model has no '{metric}' estimate, so it cannot be budgeted")
+    return resolved
+
+
+# -- the integer program ---------------------------------------------------------------
+
+
+class _Program:
+    """The PuLP model of one problem: choice binaries, ties, pins, metric expressions."""
+
+    def __init__(self, problem: AllocationProblem, sense: int = pulp.LpMinimize) -> None:
+        self.problem = problem
+        self.lp = pulp.LpProblem("edgeq_bits", sense)
+        self.x: dict[tuple[str, Choice], pulp.LpVariable] = {}
+        self.allowed: dict[str, list[Choice]] = {}
+        for index, layer in enumerate(problem.layers):
+            allowed = _allowed_choices(problem, layer)
+            self.allowed[layer.name] = allowed
+            variables = []
+            for c_index, choice in enumerate(allowed):
+                var = pulp.LpVariable(f"x_{index}_{c_index}", cat=pulp.LpBinary)
+                self.x[(layer.name, choice)] = var
+                variables.append(var)
+            self.lp += pulp.lpSum(variables) == 1, f"one_{index}"
+        self._add_ties()
+        self._buffer_expr: dict[int, pulp.LpAffineExpression] = {}
+
+    def _add_ties(self) -> None:
+        problem = self.problem
+        for g_index, group in enumerate(problem.tie_groups):
+            common = set.intersection(*(set(a for _, a in self.allowed[name]) for name in group))
+            if not common:
+                raise EdgeqError(f"layers {', '.join(group[:3])} must share activation bits but have no common choice")
+            shared = {a: pulp.LpVariable(f"tie_{g_index}_{a}", cat=pulp.LpBinary) for a in sorted(common)}
+            self.lp += pulp.lpSum(shared.values()) == 1, f"tie_{g_index}"
+            for l_index, name in enumerate(group):
+                for a in sorted({a for _, a in self.allowed[name]}):
+                    picked = pulp.lpSum(self.x[(name, c)] for c in self.allowed[name] if c[1] == a)
+                    self.lp += picked == shared.get(a, 0), f"tie_{g_index}_{l_index}_{a}"
+
+    def metric_expr(self, metric: str) -> pulp.LpAffineExpression:
+        terms = []
+        for layer in self.problem.layers:
+            for choice in self.allowed[layer.name]:
+                value = layer_metric(layer.costs[choice], metric)
+                if value:
+                    terms.append((self.x[(layer.name, choice)], float(value)))
+        return pulp.LpAffineExpression(terms) + self.problem.fixed.get(metric, 0.0)
+
+    def objective_expr(self) -> pulp.LpAffineExpression:
+        return pulp.LpAffineExpression(
+            [(self.x[(layer.name, c)], float(layer.sensitivity.get(c, 0.0)))
+             for layer in self.problem.layers for c in self.allowed[layer.name]]
+        )
+
+    def buffer_expr(self, index: int) -> pulp.LpAffineExpression | float:
+        """Bytes of buffer ``index``: linear in the reader's choice, or an upper-bounding variable."""
+        if index in self._buffer_expr:
+            return self._buffer_expr[index]
+        buffer = self.problem.buffers[index]
+        readers = [name for name in buffer.readers if name in self.allowed]
+        if not readers:
+            expr = float(packed_bytes(buffer.elems, buffer.fixed_bits))
+        elif len(readers) == 1 or self._tied(readers):
+            name = readers[0]
+            expr = pulp.lpSum(packed_bytes(buffer.elems, c[1]) * self.x[(name, c)] for c in self.allowed[name])
+        else:  # width = widest reader: a variable bounded below by each reader's bytes
+            var = pulp.LpVariable(f"buf_{index}", lowBound=0)
+            for r_index, name in enumerate(readers):
+                self.lp += var >= pulp.lpSum(
+                    packed_bytes(buffer.elems, c[1]) * self.x[(name, c)] for c in self.allowed[name]
+                ), f"buf_{index}_{r_index}"
+            expr = var
+        self._buffer_expr[index] = expr
+        return expr
+
+    def _tied(self, names: list[str]) -> bool:
+        return any(set(names) <= set(group) for group in self.problem.tie_groups)
+
+    def live_exprs(self) -> list[pulp.LpAffineExpression]:
+        """Live activation bytes at each step (only steps where the live set changes matter)."""
+        problem = self.problem
+        starts: dict[int, list[int]] = {}
+        for index, buffer in enumerate(problem.buffers):
+            starts.setdefault(buffer.first_step, []).append(index)
+        exprs, seen = [], set()
+        # The live set only grows at a buffer's first step; checking those steps suffices.
+        for step in sorted(starts):
+            live = tuple(i for i, b in enumerate(problem.buffers) if b.first_step <= step <= b.last_step)
+            if live in seen:
+                continue
+            seen.add(live)
+            exprs.append(pulp.lpSum(self.buffer_expr(i) for i in live) + problem.fixed.get("sram_bytes", 0.0))
+        return exprs
+
+    def constrain(self, metric: str, limit: float) -> None:
+        """``metric <= limit``, rows scaled so the right-hand side is 1 (keeps CBC's tolerances meaningful)."""
+        scale = 1.0 / limit if limit > 0 else 1.0
+        if metric in PEAK_METRICS:
+            for s_index, expr in enumerate(self.live_exprs()):
+                self.lp += scale * expr <= scale * limit, f"{metric}_{s_index}"
+        else:
+            self.lp += scale * self.metric_expr(metric) <= scale * limit, f"budget_{metric}"
+
+    def solve(self, solver: str, time_limit: float | None = None) -> str:
+        self.lp.solve(_solver(solver, time_limit))
+        return pulp.LpStatus[self.lp.status]
+
+    def chosen(self) -> dict[str, Choice]:
+        result = {}
+        for layer in self.problem.layers:
+            best = max(self.allowed[layer.name], key=lambda c: self.x[(layer.name, c)].value() or 0.0)
+            result[layer.name] = best
+        return result
+
+
+def _allowed_choices(problem: AllocationProblem, layer: LayerOptions) -> list[Choice]:
+    pin = problem.pins.get(layer.name)
+    if pin is None:
+        return list(layer.choices)
+    w_pin, a_pin = pin
+    allowed = [c for c in layer.choices if (w_pin is None or c[0] in (w_pin, None)) and (a_pin is None or c[1] == a_pin)]
+    if not allowed:
+        raise EdgeqError(f"layer '{layer.name}' is pinned to w{w_pin}/a{a_pin}, which is not among its choices {layer.choices}")
+    return allowed
+
+
+def solver_names() -> list[str]:
+    available = pulp.listSolvers(onlyAvailable=True)
+    names = []
+    if "PULP_CBC_CMD" in available:
+        names.append("cbc")
+    if "HiGHS" in available:
+        names.append("highs")
+    return names
+
+
+def _solver(name: str, time_limit: float | None):
+    if name == "cbc":
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=0.0)
+    if name == "highs":
+        if "HiGHS" not in pulp.listSolvers(onlyAvailable=True):
+            raise EdgeqError("solver 'highs' is not installed (pip install highspy), use 'cbc'")
+        return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=0.0)
+    raise EdgeqError(f"unknown ILP solver '{name}' (choose from cbc, highs)")
+
+
+def minimum(problem: AllocationProblem, metric: str, *, solver: str = "cbc") -> float:
+    """The smallest value of ``metric`` any allowed choice reaches (pins and ties respected)."""
+    program = _Program(problem)
+    if metric in PEAK_METRICS:
+        peak = pulp.LpVariable("peak", lowBound=0)
+        for s_index, expr in enumerate(program.live_exprs()):
+            program.lp += peak >= expr, f"peak_{s_index}"
+        program.lp += peak
+    else:
+        program.lp += program.metric_expr(metric)
+    status = program.solve(solver)
+    if status != "Optimal":
+        raise RuntimeError(f"minimising {metric} ended {status}")
+    return evaluate(problem, program.chosen())[metric]
+
+
+def allocate(
+    problem: AllocationProblem,
+    budget: dict[str, float],
+    *,
+    solver: str = "cbc",
+    time_limit: float | None = None,
+) -> Allocation:
+    """The least-sensitive choice per layer within ``budget`` (an exact ILP solution)."""
+    limits = resolve_budget(problem, budget)
+    program = _Program(problem)
+    program.lp += program.objective_expr()
+    for metric, limit in limits.items():
+        program.constrain(metric, limit)
+    start = time.perf_counter()
+    status = program.solve(solver, time_limit)
+    elapsed = time.perf_counter() - start
+    if status == "Infeasible":
+        raise _infeasible_error(problem, limits, solver)
+    if status != "Optimal":
+        raise RuntimeError(f"ILP solver {solver} ended with status {status}")
+    choices = program.chosen()
+    totals = evaluate(problem, choices)
+    _check_within(totals, limits)
+    return Allocation(choices, totals, totals["sensitivity"], elapsed, "optimal", f"ilp-{solver}", dict(budget))
+
+
+def _check_within(totals: dict[str, float], limits: dict[str, float]) -> None:
+    """The solver's answer, re-measured exactly, must satisfy the budget (tolerances aside)."""
+    for metric, limit in limits.items():
+        if totals[metric] > limit * (1 + 1e-6) + 1e-9:
+            raise RuntimeError(f"ILP answer exceeds {metric}: {totals[metric]} > {limit}")
+
+
+def _infeasible_error(problem: AllocationProblem, limits: dict[str, float], solver: str) -> EdgeqError:
+    for metric, limit in limits.items():
+        smallest = minimum(problem, metric, solver=solver)
+        if smallest > limit * (1 + 1e-9):
+            return EdgeqError(
+                f"budget {metric} <= {format_metric(metric, limit)} is infeasible: the smallest achievable "
+                f"{metric} is {format_metric(metric, smallest)}"
+            )
+    wanted = ", ".join(f"{m} <= {format_metric(m, v)}" for m, v in limits.items())
+    return EdgeqError(f"budgets {wanted} cannot all be met at once (each alone can)")
+
+
+# -- the frontier ----------------------------------------------------------------------------
+
+
+def pareto(
+    problem: AllocationProblem,
+    metric: str,
+    points: int | Sequence[float] = 12,
+    *,
+    solver: str = "cbc",
+    extra_budget: dict[str, float] | None = None,
+) -> list[Allocation]:
+    """Optimal allocations along ``metric``'s budget, dominated and repeated points removed.
+
+    ``points`` is a number of budgets spread evenly from the smallest achievable
+    value to the value of the unconstrained optimum, or the budgets themselves.
+    """
+    if isinstance(points, int):
+        low = minimum(problem, metric, solver=solver)
+        high = allocate(problem, dict(extra_budget or {}), solver=solver).totals[metric]
+        count = max(points, 2)
+        budgets = [low + (high - low) * i / (count - 1) for i in range(count)]
+    else:
+        budgets = sorted(points)
+    found: list[Allocation] = []
+    for value in budgets:
+        try:
+            found.append(allocate(problem, {**(extra_budget or {}), metric: value}, solver=solver))
+        except EdgeqError:
+            continue  # below the smallest achievable value
+    return frontier(found, metric)
+
+
+def frontier(allocations: Iterable[Allocation], metric: str) -> list[Allocation]:
+    """Allocations not dominated in (metric, objective), sorted by metric."""
+    ordered = sorted(allocations, key=lambda a: (a.totals[metric], a.objective))
+    kept: list[Allocation] = []
+    for allocation in ordered:
+        if not kept or allocation.objective < kept[-1].objective - 1e-12:
+            kept.append(allocation)
+    return kept
+
+
+# -- greedy baseline -------------------------------------------------------------------------
+
+
+def greedy(problem: AllocationProblem, budget: dict[str, float], *, direction: str = "demote") -> Allocation:
+    """The greedy baseline.
+
+    ``demote`` (HAWQ-style): start every layer at its least sensitive choice and
+    repeatedly take the move that costs least sensitivity per unit of budget
+    overshoot removed, until every budget is met. ``promote``: start at the
+    cheapest choices and repeatedly take the move that buys most sensitivity per
+    unit of budget spent while staying within budget.
+    """
+    if direction not in ("demote", "promote"):
+        raise ValueError(f"direction must be 'demote' or 'promote', not {direction!r}")
+    limits = resolve_budget(problem, budget)
+    start = time.perf_counter()
+    search = _GreedySearch(problem, limits)
+    if direction == "demote":
+        search.demote()
+    else:
+        search.promote()
+    elapsed = time.perf_counter() - start
+    totals = evaluate(problem, search.state)
+    return Allocation(dict(search.state), totals, totals["sensitivity"], elapsed, "greedy", f"greedy-{direction}", dict(budget))
+
+
+class _GreedySearch:
+    """State and incremental bookkeeping of the greedy baseline (linear metrics by deltas)."""
+
+    def __init__(self, problem: AllocationProblem, limits: dict[str, float]) -> None:
+        self.problem = problem
+        self.limits = limits
+        self.layers = {layer.name: layer for layer in problem.layers}
+        self.allowed = {layer.name: _allowed_choices(problem, layer) for layer in problem.layers}
+        self.group_of: dict[str, list[str]] = {}
+        for group in problem.tie_groups:
+            for name in group:
+                self.group_of[name] = group
+        self.linear = [m for m in limits if m not in PEAK_METRICS]
+        self.contrib = {
+            layer.name: {c: [layer_metric(layer.costs[c], m) or 0.0 for m in self.linear] for c in layer.choices}
+            for layer in problem.layers
+        }
+        self.state: dict[str, Choice] = {}
+
+    def _moves(self) -> Iterable[dict[str, Choice]]:
+        """Single-layer changes; tied layers follow a change of a_bits, keeping their w_bits."""
+        for name, current in self.state.items():
+            for choice in self.allowed[name]:
+                if choice == current:
+                    continue
+                move = {name: choice}
+                if choice[1] != current[1]:
+                    for other in self.group_of.get(name, []):
+                        follow = (self.state[other][0], choice[1])
+                        if other != name and follow not in self.allowed[other]:
+                            break
+                        if other != name:
+                            move[other] = follow
+                    else:
+                        yield move
+                    continue
+                yield move
+
+    def _usage(self, state: dict[str, Choice]) -> list[float]:
+        usage = [self.problem.fixed.get(m, 0.0) for m in self.linear]
+        for name, choice in state.items():
+            for index, value in enumerate(self.contrib[name][choice]):
+                usage[index] += value
+        return usage
+
+    def _trial(self, usage: list[float], move: dict[str, Choice]) -> tuple[dict[str, float], float]:
+        """Usage of every budgeted metric after ``move``, and the change of sensitivity."""
+        new = list(usage)
+        delta = 0.0
+        for name, choice in move.items():
+            old = self.state[name]
+            layer = self.layers[name]
+            delta += layer.sensitivity.get(choice, 0.0) - layer.sensitivity.get(old, 0.0)
+            for index, (after, before) in enumerate(zip(self.contrib[name][choice], self.contrib[name][old], strict=True)):
+                new[index] += after - before
+        result = dict(zip(self.linear, new, strict=True))
+        for metric in self.limits:
+            if metric in PEAK_METRICS:
+                trial = {**self.state, **move}
+                result[metric] = max(live_bytes_per_step(self.problem, trial)) + self.problem.fixed.get(metric, 0.0)
+        return result, delta
+
+    def _overshoot(self, usage: dict[str, float]) -> float:
+        return sum(max(0.0, usage[m] / limit - 1.0) for m, limit in self.limits.items())
+
+    def _spent(self, usage: dict[str, float]) -> float:
+        return sum(usage[m] / limit for m, limit in self.limits.items())
+
+    def _current(self) -> dict[str, float]:
+        return self._trial(self._usage(self.state), {})[0]
+
+    def _start(self, pick) -> None:
+        for layer in self.problem.layers:
+            self.state[layer.name] = pick(self.allowed[layer.name], layer)
+        for group in self.problem.tie_groups:  # tied layers agree on one common a_bits
+            common = set.intersection(*({a for _, a in self.allowed[name]} for name in group))
+            a_bits = max(common) if pick is _least_sensitive else min(common)
+            for name in group:
+                options = [c for c in self.allowed[name] if c[1] == a_bits]
+                self.state[name] = pick(options, self.layers[name])
+
+    def demote(self) -> None:
+        self._start(_least_sensitive)
+        usage = self._current()
+        while self._overshoot(usage) > 0:
+            linear = [usage[m] for m in self.linear]
+            best, best_score = None, math.inf
+            for move in self._moves():
+                trial_usage, loss = self._trial(linear, move)
+                relief = self._overshoot(usage) - self._overshoot(trial_usage)
+                if relief <= 1e-15:
+                    continue
+                score = loss / relief
+                if score < best_score:
+                    best, best_score = (move, trial_usage), score
+            if best is None:
+                raise EdgeqError("greedy allocation cannot meet the budget (no move reduces the overshoot)")
+            self.state.update(best[0])
+            usage = best[1]
+
+    def promote(self) -> None:
+        self._start(_cheapest)
+        usage = self._current()
+        if self._overshoot(usage) > 0:
+            raise EdgeqError("greedy allocation cannot meet the budget even at the lowest bits")
+        while True:
+            linear = [usage[m] for m in self.linear]
+            best, best_score = None, 0.0
+            for move in self._moves():
+                trial_usage, delta = self._trial(linear, move)
+                if delta >= 0 or self._overshoot(trial_usage) > 0:
+                    continue
+                spent = self._spent(trial_usage) - self._spent(usage)
+                score = -delta / max(spent, 1e-12)
+                if score > best_score:
+                    best, best_score = (move, trial_usage), score
+            if best is None:
+                return
+            self.state.update(best[0])
+            usage = best[1]
+
+
+def _least_sensitive(options: list[Choice], layer: LayerOptions) -> Choice:
+    return min(options, key=lambda c: (layer.sensitivity.get(c, 0.0), -(c[0] or 0), -c[1]))
+
+
+def _cheapest(options: list[Choice], layer: LayerOptions) -> Choice:
+    return min(options, key=lambda c: ((c[0] or 0) * max(layer.weight_params, 1) + c[1], c))
+
+
+def uniform(problem: AllocationProblem, w_bits: int, a_bits: int) -> Allocation:
+    """Every layer at (w_bits, a_bits) (weightless layers at a_bits): the uniform baselines."""
+    choices = {}
+    for layer in problem.layers:
+        wanted = (w_bits if layer.weight_params else None, a_bits)
+        if wanted not in layer.choices:
+            raise EdgeqError(f"layer '{layer.name}' has no choice w{w_bits}/a{a_bits}")
+        choices[layer.name] = wanted
+    totals = evaluate(problem, choices)
+    return Allocation(choices, totals, totals["sensitivity"], 0.0, "uniform", f"uniform-w{w_bits}a{a_bits}")
+
+
+# -- problems built from shapes --------------------------------------------------------------
+
+
+def layer_options(
+    shape,
+    cost_model,
+    w_bits: Sequence[int],
+    a_bits: Sequence[int],
+    sensitivity: dict[Choice, float] | None = None,
+) -> LayerOptions:
+    """The choices of one layer (``shape``: targets.base.LayerShape) costed by ``cost_model``."""
+    weights: list[int | None] = list(w_bits) if shape.weight_params else [None]
+    choices = [(w, a) for w in weights for a in a_bits]
+    return LayerOptions(
+        name=shape.node,
+        choices=choices,
+        sensitivity=dict(sensitivity or {}),
+        costs={c: cost_model.layer_cost(shape, c[0], c[1]) for c in choices},
+        weight_params=shape.weight_params,
+    )
+
+
+def synthetic_problem(
+    n_layers: int,
+    cost_model,
+    *,
+    w_bits: Sequence[int] = (2, 4, 8),
+    a_bits: Sequence[int] = (4, 8, 16),
+    seed: int = 0,
+    residual_every: int = 3,
+) -> AllocationProblem:
+    """A CNN-like chain with residual Adds, for benchmarks and tests of the solver.
+
+    Sensitivities follow the noise model of uniform quantization (error power
+    ~ 2^(-2 bits)), with random per-layer weights, so cheaper choices always
+    lose fidelity. Every ``residual_every``-th layer adds the output of the one
+    ``residual_every`` back (its two readers are tied, and the skip buffer
+    stays live across the block, as in a real network).
+    """
+    import numpy as np
+
+    from targets.base import LayerShape
+
+    rng = np.random.default_rng(seed)
+    layers, steps, buffers = [], [], []
+    producer_step: dict[str, int] = {}
+    tie_groups: list[list[str]] = []
+    previous = "input"
+    producer_step["input"] = 0
+    elems = {"input": 3 * 32 * 32}
+    readers: dict[str, list[tuple[str, int]]] = {}
+    for index in range(n_layers):
+        name = f"layer{index}"
+        channels = int(rng.choice([16, 32, 64, 128]))
+        spatial = int(rng.choice([8, 16, 32]))
+        in_channels = int(rng.choice([16, 32, 64, 128]))
+        kernel = int(rng.choice([1, 3]))
+        out_elems = channels * spatial * spatial
+        shape = LayerShape(name, "Conv", "conv", out_elems * in_channels * kernel * kernel,
+                           channels * in_channels * kernel * kernel, elems[previous], out_elems, channels)
+        alpha, beta = rng.lognormal(0, 1.5), rng.lognormal(-1, 1.5)
+        sens = {(w, a): alpha * 4.0 ** (-(w or 8) + 2) + beta * 4.0 ** (-a + 2) for w in w_bits for a in a_bits}
+        layers.append(layer_options(shape, cost_model, w_bits, a_bits, sens))
+        step = len(steps)
+        steps.append(name)
+        readers.setdefault(previous, []).append((name, step))
+        skip = f"layer{index - residual_every}_out"
+        if residual_every and index >= residual_every and index % residual_every == 0 and skip in elems:
+            readers.setdefault(skip, []).append((name, step))
+            tie_groups.append([name, f"layer{index - residual_every + 1}"])
+        output = f"{name}_out"
+        elems[output] = out_elems
+        producer_step[output] = step
+        previous = output
+    for tensor, reads in readers.items():
+        buffers.append(ActivationBuffer(tensor, elems[tensor], producer_step[tensor],
+                                        max(step for _, step in reads), [name for name, _ in reads]))
+    buffers.append(ActivationBuffer(previous, elems[previous], producer_step[previous], len(steps) - 1, [], 8))
+    merged = _merge_groups(tie_groups)
+    return AllocationProblem(layers, merged, {}, steps, buffers, name=f"synthetic-{n_layers}")
+
+
+def _merge_groups(groups: list[list[str]]) -> list[list[str]]:
+    """Union overlapping tie groups (a layer tied to two others ties all three)."""
+    parent: dict[str, str] = {}
+
+    def find(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    order: list[str] = []
+    for group in groups:
+        for name in group:
+            if name not in parent:
+                order.append(name)
+            find(name)
+        for name in group[1:]:
+            parent[find(name)] = find(group[0])
+    merged: dict[str, list[str]] = {}
+    for name in order:
+        merged.setdefault(find(name), []).append(name)
+    return [members for members in merged.values() if len(members) > 1]
