@@ -1,0 +1,87 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compiler.errors import EdgeqError
+from compiler.graph import opset_version
+from passes.canonicalize import canonicalize
+from tests.tiny_models import random_inputs, tiny_cnn
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_float_function_is_preserved_and_bn_folded():
+    model = tiny_cnn()
+    x = random_inputs((3, 16, 16), 8)
+    result = canonicalize(model)
+    np.testing.assert_allclose(run(result, x), run(model, x), rtol=1e-4, atol=1e-5)
+    assert "BatchNormalization" not in [node.op_type for node in result.graph.node]
+    # the caller's model is untouched
+    assert "BatchNormalization" in [node.op_type for node in model.graph.node]
+
+
+def test_node_names_are_kept_and_unique():
+    result = canonicalize(tiny_cnn())
+    names = [node.name for node in result.graph.node]
+    assert len(set(names)) == len(names)
+    assert {"conv1", "conv2", "fc", "residual_add"} <= set(names)
+
+
+def _model(nodes, inits, opset=13, out_shape=(2, 4)):
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return model
+
+
+def test_identity_dropout_and_constant_subgraphs_go_away():
+    scale = numpy_helper.from_array(np.full((4,), 2.0, np.float32), "two")
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.full((4,), 3.0, np.float32))),
+        helper.make_node("Mul", ["c", "two"], ["c6"], name="fold_me"),
+        helper.make_node("Identity", ["x"], ["xi"]),
+        helper.make_node("Dropout", ["xi"], ["xd"]),
+        helper.make_node("Add", ["xd", "c6"], ["y"], name="add"),
+    ]
+    model = _model(nodes, [scale])
+    result = canonicalize(model)
+    assert [node.op_type for node in result.graph.node] == ["Add"]
+    x = random_inputs((4,), 2)
+    np.testing.assert_allclose(run(result, x), x + 6.0)
+
+
+def test_old_opset_is_upgraded():
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu")]
+    model = _model(nodes, [], opset=9)
+    result = canonicalize(model)
+    assert opset_version(result) >= 13
+    x = random_inputs((4,), 2)
+    np.testing.assert_allclose(run(result, x), np.maximum(x, 0))
+
+
+def test_unconvertible_opset_is_a_user_error():
+    model = _model([helper.make_node("Relu", ["x"], ["y"])], [], opset=13)
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("custom.domain", 1))
+    with pytest.raises(EdgeqError, match="opset"):
+        canonicalize(model)
+
+
+@pytest.mark.slow
+def test_real_model_function_preserved():
+    pytest.importorskip("torch")
+    from models import zoo
+    from models.photos import evaluation_images
+
+    model = onnx.load(str(zoo.build("mobilenetv2")))
+    x = evaluation_images()[:4]
+    result = canonicalize(model)
+    np.testing.assert_allclose(run(result, x), run(model, x), rtol=1e-3, atol=1e-3)
+    assert "BatchNormalization" not in [node.op_type for node in result.graph.node]

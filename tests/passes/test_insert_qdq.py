@@ -1,0 +1,132 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compiler.calibrate import collect_ranges
+from compiler.fidelity import compare_outputs
+from passes.canonicalize import canonicalize
+from passes.insert_qdq import quantize_model, tensors_to_calibrate
+from passes.select_layers import select_layers
+from tests.tiny_models import random_inputs, tiny_cnn
+
+
+def session(model: onnx.ModelProto, optimized_path: str | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def quantized_tiny_cnn(w_bits=8, a_bits=8, integer_only=False, signed=False):
+    model = canonicalize(tiny_cnn())
+    calib = {"input": random_inputs((3, 16, 16), 64)}
+    plan = select_layers(model, w_bits=w_bits, a_bits=a_bits, integer_only=integer_only,
+                         activation_signed=signed)
+    names = tensors_to_calibrate(model, plan, integer_only=integer_only)
+    ranges = collect_ranges(model, calib, names, progress=False)
+    return model, plan, quantize_model(model, plan, ranges, integer_only=integer_only)
+
+
+def outputs(model, x):
+    return session(model).run(None, {"input": x})[0]
+
+
+def test_qdq_model_is_faithful_and_keeps_io_names():
+    model, plan, qdq = quantized_tiny_cnn()
+    onnx.checker.check_model(qdq)
+    assert [v.name for v in qdq.graph.input] == ["input"]
+    assert [v.name for v in qdq.graph.output] == ["logits"]
+    x = random_inputs((3, 16, 16), 32, seed=7)
+    metrics = compare_outputs(outputs(model, x), outputs(qdq, x))
+    assert metrics["sqnr_db"] > 25
+    assert metrics["top1_agreement"] >= 0.9
+
+
+def test_weights_are_int8_per_channel_and_bias_int32():
+    _, plan, qdq = quantized_tiny_cnn()
+    inits = {init.name: init for init in qdq.graph.initializer}
+    conv = next(node for node in qdq.graph.node if node.name == "conv2")
+    weight_dq = next(node for node in qdq.graph.node if node.output[0] == conv.input[1])
+    bias_dq = next(node for node in qdq.graph.node if node.output[0] == conv.input[2])
+    assert inits[weight_dq.input[0]].data_type == TensorProto.INT8
+    assert numpy_helper.to_array(inits[weight_dq.input[1]]).shape == (8,)  # one scale per channel
+    assert inits[bias_dq.input[0]].data_type == TensorProto.INT32
+    tq = plan.tensors[plan.layers["conv2"].weight]
+    assert tq.axis == 0 and len(tq.scale) == 8 and tq.zero_point == [0] * 8
+
+
+def test_relu_and_relu6_are_folded_into_the_output_quantizer():
+    _, plan, qdq = quantized_tiny_cnn()
+    ops = [node.op_type for node in qdq.graph.node]
+    assert "Relu" not in ops and "Clip" not in ops
+    assert plan.layers["conv1"].info["fused_activation"] == "Relu"
+    assert plan.tensors["r2"].range_min == 0.0 and plan.tensors["r2"].range_max <= 6.0
+    assert plan.tensors["r1"].zero_point == [0]  # uint8: real 0 is the clamp
+
+
+def test_pass_through_ops_share_their_input_quantizer():
+    _, plan, _ = quantized_tiny_cnn()
+    assert plan.tensors["p1"].scale == plan.tensors["r1"].scale  # MaxPool
+    assert plan.tensors["flat"].scale == plan.tensors["gap"].scale  # Flatten
+
+
+def test_onnxruntime_uses_integer_kernels(tmp_path):
+    _, _, qdq = quantized_tiny_cnn()
+    optimized = tmp_path / "optimized.onnx"
+    session(qdq, str(optimized))
+    ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
+    assert ops.count("QLinearConv") == 3
+    assert "QLinearAdd" in ops and "QGemm" in ops
+    assert "Conv" not in ops and "Gemm" not in ops
+
+
+def test_output_stays_float_unless_integer_only():
+    _, plan, qdq = quantized_tiny_cnn()
+    assert "logits" not in plan.tensors
+    _, plan_int, qdq_int = quantized_tiny_cnn(integer_only=True)
+    assert "logits" in plan_int.tensors
+    last = qdq_int.graph.node[-1]
+    assert last.op_type == "DequantizeLinear" and last.output[0] == "logits"
+
+
+def test_int8_activations():
+    _, plan, qdq = quantized_tiny_cnn(signed=True)
+    assert plan.tensors["input"].dtype == "int8"
+    x = random_inputs((3, 16, 16), 4)
+    assert outputs(qdq, x).shape == (4, 10)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 8), (8, 16)])
+def test_sub_byte_weights_and_16_bit_activations_load_in_onnxruntime(w_bits, a_bits):
+    model, plan, qdq = quantized_tiny_cnn(w_bits=w_bits, a_bits=a_bits)
+    expected_type = {4: TensorProto.INT4, 8: TensorProto.INT8}[w_bits]
+    weight_types = {init.data_type for init in qdq.graph.initializer if init.name.endswith("_quantized")}
+    assert expected_type in weight_types
+    x = random_inputs((3, 16, 16), 16, seed=3)
+    metrics = compare_outputs(outputs(model, x), outputs(qdq, x))
+    assert metrics["sqnr_db"] > (10 if w_bits == 4 else 25)
+    assert plan.weight_bytes() == sum((layer.weight_params * w_bits + 7) // 8
+                                      for layer in plan.layers.values() if layer.w_bits)
+
+
+def test_concat_inputs_share_one_quantizer():
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="conv_a"),
+        helper.make_node("Conv", ["x", "w2"], ["b"], name="conv_b"),
+        helper.make_node("Concat", ["a", "b"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "w3"], ["y"], name="conv_out"),
+    ]
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+             for n, s in (("w1", (4, 2, 1, 1)), ("w2", (4, 2, 1, 1)), ("w3", (3, 8, 1, 1)))]
+    graph = helper.make_graph(nodes, "concat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], inits)
+    model = canonicalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    plan = select_layers(model)
+    calib = {"x": rng.normal(size=(16, 2, 4, 4)).astype(np.float32)}
+    ranges = collect_ranges(model, calib, tensors_to_calibrate(model, plan), progress=False)
+    quantize_model(model, plan, ranges)
+    assert plan.tensors["a"].scale == plan.tensors["b"].scale == plan.tensors["cat"].scale
