@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 
-from compiler.graph import graph_output_names
+from compiler.graph import graph_input_names, graph_output_names
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -109,13 +109,16 @@ def tensor_sqnr(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, data: 
 
     mapping = dequantized_tensor_names(qdq_model)
     names = [name for name in tensors if name in mapping]
-    float_session = make_session(expose_tensors(float_model, names))
+    graph_inputs = set(graph_input_names(float_model))
+    computed = [name for name in names if name not in graph_inputs]
+    float_session = make_session(expose_tensors(float_model, computed))
     quant_names = [mapping[name] for name in names]
     quant_session = make_session(expose_tensors(qdq_model, quant_names))
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
     for batch in iterate_batches(data, batch_size):
-        reference = float_session.run(names, batch)
+        values = dict(zip(computed, float_session.run(computed, batch), strict=True))
+        reference = [batch[name] if name in graph_inputs else values[name] for name in names]
         quantized = quant_session.run(quant_names, batch)
         for name, ref, q in zip(names, reference, quantized, strict=True):
             ref = ref.astype(np.float64)

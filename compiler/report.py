@@ -63,11 +63,11 @@ def render_report(plan: QuantPlan) -> str:
 
     sqnr = fidelity.get("tensor_sqnr_db", {}) if fidelity else {}
     lines += ["## Layers", "",
-              "SQNR is of the layer's quantized output (or input, for the first layer) against float, "
-              "accumulated over the calibration data.", ""]
+              "SQNR is of the layer's quantized output against float, accumulated over the "
+              "calibration data (- where the output stays float).", ""]
     rows = []
     for layer in plan.layers.values():
-        tensor_sqnr = next((sqnr[name] for name in layer.outputs + layer.inputs if name in sqnr), None)
+        tensor_sqnr = sqnr.get(layer.info.get("output", layer.outputs[0]))
         rows.append([f"`{layer.node}`", layer.op_type, _fmt(layer.w_bits), str(layer.a_bits),
                      _range(plan, layer.weight), _range(plan, layer.inputs[0] if layer.inputs else None),
                      f"{layer.weight_bytes:,}", _fmt(tensor_sqnr, 3),

@@ -218,6 +218,7 @@ def _fuse_activation(model: onnx.ModelProto, layer: LayerPlan) -> None:
     producer.output[0] = fused.output[0]
     model.graph.node.remove(fused)
     layer.info["fused_activation"] = fused.op_type
+    layer.info["output"] = fused.output[0]
 
 
 def _quantize_weight_and_bias(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPlan, new_name) -> None:
