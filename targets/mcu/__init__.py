@@ -1,0 +1,243 @@
+"""The ``mcu`` target: a standalone C project for Cortex-M microcontrollers.
+
+Lowering (``lower``): the integer graph gets a static memory plan
+(:mod:`targets.mcu.memory`), one TVM PrimFunc per computing node (from
+:mod:`targets.tvm_ops`, built with TVM's C codegen), and a generated runner
+(:mod:`targets.mcu.codegen`) -- written to ``out/mcu/`` and built with
+arm-none-eabi-gcc into ``firmware.elf`` plus a native ``host_runner``.
+``out/mcu/memory.json`` reports flash (arm-none-eabi-size), the arena and a
+stack estimate; ``out/mcu/io.json`` the I/O quantization the runner needs.
+
+Running (``run``): inputs are quantized like the graph's ``Quantize``, fed to
+the firmware in qemu-system-arm (``on="qemu"``, default) or to the host build
+(``on="host"``), and the integer outputs are dequantized like its
+``Dequantize``.  ``run_raw`` gives the integer outputs for bit-exact checks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from compiler.atomic import atomic_dir, atomic_write_text
+from compiler.errors import EdgeqError
+from compiler.graph import attribute, graph_input_names, graph_output_names, initializer_array
+from compiler.intgraph import INT_DOMAIN
+from targets.base import CompileContext, CostModel, Target
+from targets.mcu import codegen, qemu
+from targets.mcu.memory import ALIAS_OPS, MemoryPlan, ordered_nodes, plan_memory, tensor_types
+
+PROJECT_DIR = "mcu"
+IO_FILE = "io.json"
+MEMORY_FILE = "memory.json"
+
+
+# --------------------------------------------------------------------------- I/O quantization
+
+
+def _boundary(int_model: onnx.ModelProto, op: str) -> onnx.NodeProto:
+    found = [n for n in int_model.graph.node if n.domain == INT_DOMAIN and n.op_type == op]
+    if len(found) != 1:
+        raise EdgeqError(f"the mcu target needs exactly one {op} in the integer graph (found {len(found)})")
+    return found[0]
+
+
+def _quant_attrs(node: onnx.NodeProto, dtype: str) -> dict:
+    dtype_attr = attribute(node, "dtype", dtype)
+    dtype_attr = dtype_attr.decode() if isinstance(dtype_attr, bytes) else dtype_attr
+    return {
+        "scale": float(attribute(node, "scale")),
+        "zero_point": int(attribute(node, "zero_point", 0)),
+        "dtype": str(dtype_attr or dtype),
+    }
+
+
+def quantize(x: np.ndarray, q: dict) -> np.ndarray:
+    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), in float32."""
+    info = np.iinfo(np.dtype(q["dtype"]))
+    scaled = np.rint(np.asarray(x, np.float32) / np.float32(q["scale"])) + np.float32(q["zero_point"])
+    return np.clip(scaled, info.min, info.max).astype(q["dtype"])
+
+
+def dequantize(q_values: np.ndarray, q: dict) -> np.ndarray:
+    return ((q_values.astype(np.int32) - q["zero_point"]) * np.float32(q["scale"])).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def activation_types(int_model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape (batch 1) and dtype of every tensor, from value_info or, where that has no
+    shapes, from one run of the reference interpreter on a zero input."""
+    types = tensor_types(int_model)
+    produced = [o for n in int_model.graph.node for o in n.output if o]
+    if all(name in types for name in produced):
+        return types
+    from compiler import interpreter
+
+    if not hasattr(interpreter, "run_integer_graph_intermediates"):
+        missing = [name for name in produced if name not in types]
+        raise EdgeqError(f"integer graph has no shapes for {missing[:3]} and the interpreter cannot infer them")
+    inputs = {}
+    for value in int_model.graph.input:
+        if value.name in graph_input_names(int_model):
+            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+                    for d in value.type.tensor_type.shape.dim]
+            inputs[value.name] = np.zeros(dims, np.float32)
+    values = interpreter.run_integer_graph_intermediates(int_model, inputs)
+    for name, value in values.items():
+        if isinstance(value, np.ndarray):
+            types[name] = (tuple(int(d) for d in value.shape), str(value.dtype))
+    return types
+
+
+def graph_kernels(int_model: onnx.ModelProto, nodes: list[onnx.NodeProto], types: dict) -> list[codegen.Kernel]:
+    """One :class:`codegen.Kernel` per computing node, in ``nodes`` order, from targets.tvm_ops."""
+    from targets import tvm_ops
+
+    kernels = []
+    for index, node in enumerate(nodes):
+        if node.op_type in ALIAS_OPS:
+            continue
+        func, args = tvm_ops.node_primfunc(int_model, node, types)
+        symbol = f"k{index}_{codegen.c_name(node.op_type.lower())}"
+        kernels.append(codegen.Kernel(symbol, func, list(args)))
+    return kernels
+
+
+# --------------------------------------------------------------------------- target
+
+
+class McuTarget(Target):
+    name = "mcu"
+    needs_integer_graph = True
+
+    def cost_model(self, device: str | None = None) -> CostModel:
+        from targets.mcu.cost import cost_model
+
+        return cost_model(device)
+
+    def lower(self, ctx: CompileContext) -> list[Path]:
+        if ctx.int_model is None:
+            raise EdgeqError("the mcu target needs the integer graph (integerize must run first)")
+        int_model = ctx.int_model
+        types = activation_types(int_model)
+        plan = plan_memory(int_model, types)
+        kernels = graph_kernels(int_model, ordered_nodes(int_model, plan), types)
+        return write_and_build(Path(ctx.out_dir) / PROJECT_DIR, int_model, plan, types, kernels,
+                               build=ctx.options.get("build_firmware", True))
+
+    def run(self, out_dir: Path, inputs: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
+        project = Path(out_dir) / PROJECT_DIR
+        io = _load_io(project)
+        raw = self.run_raw(out_dir, inputs, **options)
+        return {io["output"]["name"]: dequantize(raw, io["output"])}
+
+    def run_raw(self, out_dir: Path, inputs: dict[str, np.ndarray], on: str = "qemu",
+                timeout_s: float = 600.0, **_: Any) -> np.ndarray:
+        """Integer outputs (sample axis first) of the built project on ``inputs``."""
+        project = Path(out_dir) / PROJECT_DIR
+        io = _load_io(project)
+        name = io["input"]["name"]
+        if name not in inputs:
+            raise EdgeqError(f"inputs lack '{name}' (the model's input)")
+        x = np.asarray(inputs[name])
+        per_sample = tuple(io["input"]["shape"][1:])
+        if tuple(x.shape[1:]) != per_sample:
+            raise EdgeqError(f"input '{name}' has shape {list(x.shape)}; expected [N, {', '.join(map(str, per_sample))}]")
+        payload = quantize(x, io["input"]).tobytes()
+        if on == "qemu":
+            out_bytes = qemu.run_qemu(project, payload, timeout_s)
+        elif on == "host":
+            out_bytes = qemu.run_host(project, payload, timeout_s)
+        else:
+            raise EdgeqError(f"unknown place to run the mcu build: '{on}' (qemu or host)")
+        out = np.frombuffer(out_bytes, dtype=io["output"]["dtype"])
+        return out.reshape((x.shape[0], *io["output"]["shape"][1:]))
+
+
+def _load_io(project: Path) -> dict:
+    path = project / IO_FILE
+    if not path.exists():
+        raise EdgeqError(f"{project} has no {IO_FILE}: compile with '--target mcu' first")
+    return json.loads(path.read_text())
+
+
+def write_and_build(project_dir: Path, int_model: onnx.ModelProto, plan: MemoryPlan, types: dict,
+                    kernels: list[codegen.Kernel], build: bool = True) -> list[Path]:
+    """Write the C project (atomically), build it and write memory.json / io.json."""
+    weights = {}
+    for kernel in kernels:
+        for name in kernel.args:
+            value = initializer_array(int_model, name)
+            if value is not None:
+                weights[name] = value
+    in_node, out_node = _boundary(int_model, "Quantize"), _boundary(int_model, "Dequantize")
+    in_shape, in_dtype = types[plan.input_tensor]
+    out_shape, out_dtype = types[plan.output_tensor]
+    io = {
+        "input": {"name": graph_input_names(int_model)[0], "shape": list(in_shape),
+                  **_quant_attrs(in_node, in_dtype)},
+        "output": {"name": graph_output_names(int_model)[0], "shape": list(out_shape),
+                   "dtype": out_dtype,
+                   "scale": float(attribute(out_node, "scale")),
+                   "zero_point": int(attribute(out_node, "zero_point", 0))},
+    }
+    spec = codegen.ProjectSpec(plan, types, weights, io["input"], io["output"])
+    with atomic_dir(project_dir) as tmp:
+        written = codegen.write_project(tmp, spec, kernels)
+        (tmp / IO_FILE).write_text(json.dumps(io, indent=2) + "\n")
+        (tmp / "memory_plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    paths = [project_dir / p.relative_to(tmp) for p in written]
+    paths += [project_dir / IO_FILE, project_dir / "memory_plan.json"]
+    if build:
+        qemu.build(project_dir)
+        report = memory_report(project_dir, plan, weights, int_model, kernels)
+        atomic_write_text(project_dir / MEMORY_FILE, json.dumps(report, indent=2) + "\n")
+        paths.append(project_dir / MEMORY_FILE)
+    return paths
+
+
+def memory_report(project_dir: Path, plan: MemoryPlan, weights: dict[str, np.ndarray],
+                  int_model: onnx.ModelProto, kernels: list[codegen.Kernel]) -> dict:
+    """memory.json: flash and RAM of the ARM build, the arena plan, a stack estimate."""
+    firmware = qemu.arm_size([project_dir / "firmware.elf"])
+    model_objects = [project_dir / "build" / "arm" / name for name in qemu.MODEL_OBJECTS]
+    model = qemu.arm_size(model_objects)
+    stack = qemu.stack_usage(project_dir)
+    kernel_stack = max((stack.get(f"__tvm_ffi_{k.symbol}", 0) for k in kernels), default=0)
+    run_stack = stack.get("model_run", 0) + kernel_stack
+    w_bits = {}
+    for node in int_model.graph.node:
+        bits = attribute(node, "w_bits")
+        if bits is not None and len(node.input) > 1:
+            w_bits[node.input[1]] = int(bits)
+    stored = sum(int(v.nbytes) for v in weights.values())
+    packed = sum(
+        (int(v.size) * w_bits[name] + 7) // 8 if name in w_bits else int(v.nbytes) for name, v in weights.items()
+    )
+    return {
+        "flash_bytes": firmware["text"] + firmware["data"],
+        "flash_bytes_model_only": model["text"] + model["data"],
+        "flash_counted_by": "arm-none-eabi-size text+data; flash_bytes is firmware.elf (model + qemu test harness), "
+                            "flash_bytes_model_only the model's objects (model.o weights.o kernels.o edgeq_runtime.o)",
+        "arena_bytes": plan.arena_bytes,
+        "peak_live_bytes": plan.peak_live_bytes,
+        "greedy_by_size_arena_bytes": plan.greedy_arena_bytes,
+        "sram_static_bytes_model": model["data"] + model["bss"],
+        "stack_bytes_model_run": run_stack,
+        "stack_estimate": "gcc -fstack-usage: model_run frame + the largest kernel frame (kernels call nothing)",
+        "weight_bytes": stored,
+        "weight_bytes_if_packed": packed,
+        "int4_packed": False,
+        "int4_note": "sub-8-bit weights are stored one value per int8 element (the integer graph's layout); "
+                     "weight_bytes_if_packed is what packing would need",
+        "kernels": len(kernels),
+    }
+
+
+TARGET = McuTarget()
