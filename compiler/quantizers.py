@@ -137,3 +137,18 @@ def planned_weight_scale(
             f"plan entry for weight {name} has bits={entry.bits} axis={entry.axis}, layer wants bits={bits} axis={axis}"
         )
     return entry.scale_array()
+
+
+def fake_quantize_activation(x: np.ndarray, bits: int, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """Per-tensor asymmetric fake quantization to ``bits`` over ``[low, high]`` (default: x's min/max).
+
+    For the passes that *estimate* quantization error (smoothing strength search);
+    the activation quantizers of the real model are fitted by calibration.
+    """
+    low = min(float(np.min(x)) if low is None else low, 0.0)
+    high = max(float(np.max(x)) if high is None else high, 0.0)
+    levels = (1 << bits) - 1
+    scale = (high - low) / levels if high > low else 1.0
+    zero_point = np.round(-low / scale)
+    q = np.clip(np.round(x / scale) + zero_point, 0, levels)
+    return ((q - zero_point) * scale).astype(x.dtype)

@@ -71,10 +71,12 @@ def conv_data(count: int = 32, seed: int = 1) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).normal(size=(count, 3, 8, 8)).astype(np.float32)}
 
 
-def mlp_block(seed: int = 0, hidden: int = 16, ffn: int = 32, outlier: float = 30.0) -> onnx.ModelProto:
+def mlp_block(seed: int = 0, hidden: int = 16, ffn: int = 32, outlier: float = 30.0, residual: str = "ln") -> onnx.ModelProto:
     """Transformer-like block: x -> LayerNorm -> {MatMul q, MatMul k+Add} ; LN -> MatMul+Add -> Gelu-ish -> MatMul+Add -> + x.
 
     ``outlier`` scales a few LayerNorm gamma channels (the activation outliers smoothing targets).
+    ``residual`` is the tensor added back at the end: "ln" (post-LN style, the LN output has
+    a non-linear consumer) or "x".
     """
     rng = np.random.default_rng(seed)
     gamma = np.ones(hidden, np.float32) + 0.1 * rng.normal(size=hidden).astype(np.float32)
@@ -101,7 +103,7 @@ def mlp_block(seed: int = 0, hidden: int = 16, ffn: int = 32, outlier: float = 3
         helper.make_node("Mul", ["up", "sig"], ["act"], name="silu"),
         helper.make_node("MatMul", ["act", "w_down"], ["down0"], name="down"),
         helper.make_node("Add", ["down0", "b_down"], ["down"], name="down_bias"),
-        helper.make_node("Add", ["down", "ln"], ["y"], name="residual"),
+        helper.make_node("Add", ["down", residual], ["y"], name="residual"),
     ]
     return _model(
         nodes,
