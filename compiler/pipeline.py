@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from compiler.atomic import atomic_dir
+from compiler.console import warn
 from compiler.errors import EdgeqError
 from compiler.loader import load_model
 from compiler.plan import QuantPlan
@@ -163,8 +164,8 @@ def _data(options: CompileOptions, model: onnx.ModelProto) -> tuple[dict[str, np
                              ".npz files, or images with --preprocess), or --random-calib N to "
                              "calibrate on random data")
         if options.calib is None:
-            log.warning("calibrating on %d samples of RANDOM data: ranges will not match real inputs",
-                        options.random_calib)
+            warn(f"calibrating on {options.random_calib} samples of RANDOM data: "
+                 "ranges will not match real inputs")
         calib = load_calibration(options.calib, model, preprocess=options.preprocess,
                                  random_samples=options.random_calib,
                                  max_samples=options.max_calib_samples)

@@ -1,0 +1,162 @@
+"""The CLI's promises: exit 0 with outputs on success, exit 2 with one line and nothing written on user errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from compiler.cli import main
+from tests.tiny_models import random_inputs, tiny_cnn
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    onnx.save(tiny_cnn(), str(tmp_path / "tiny.onnx"))
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "input.npy", random_inputs((3, 16, 16), 32))
+    return tmp_path
+
+
+def run_cli(capsys, *args):
+    code = main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_compile_writes_model_plan_and_report(workspace, capsys):
+    out = workspace / "out"
+    code, stdout, _ = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                              "--target", "onnx", "--bits", "w8a8", "-o", out, "-q")
+    assert code == 0
+    assert {p.name for p in out.iterdir()} >= {"model.qdq.onnx", "plan.json", "report.md"}
+    plan = json.loads((out / "plan.json").read_text())
+    conv = next(layer for layer in plan["layers"] if layer["node"] == "conv2")
+    assert conv["op_type"] == "Conv" and conv["w_bits"] == 8 and conv["a_bits"] == 8
+    assert plan["totals"]["weight_bytes"] > 0
+    report = (out / "report.md").read_text()
+    assert "| `conv2` | Conv | 8 | 8 |" in report and "SQNR" in report
+    assert "logits" in stdout
+
+
+def test_outputs_are_byte_identical_across_runs(workspace, capsys):
+    for name in ("a", "b"):
+        assert run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                       "-o", workspace / name, "-q")[0] == 0
+    assert (workspace / "a" / "model.qdq.onnx").read_bytes() == (workspace / "b" / "model.qdq.onnx").read_bytes()
+
+
+def test_input_model_is_not_modified(workspace, capsys):
+    before = (workspace / "tiny.onnx").read_bytes()
+    run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib", "-o", workspace / "o", "-q")
+    assert (workspace / "tiny.onnx").read_bytes() == before
+
+
+def _bad_opset_model(path):
+    model = tiny_cnn()
+    model.opset_import[0].version = 3
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing_model", "not found"),
+    ("not_onnx", "not an ONNX model"),
+    ("bad_opset", "opset 3"),
+    ("empty_calib", "calib"),
+    ("no_calib", "--calib"),
+    ("wrong_input_name", "input"),
+    ("bad_bits", "--bits"),
+    ("unknown_option", "unrecognized arguments"),
+    ("unknown_target", "invalid choice"),
+])
+def test_user_errors_exit_2_with_one_line_and_write_nothing(workspace, capsys, case, expected):
+    model, calib = workspace / "tiny.onnx", workspace / "calib"
+    extra = []
+    if case == "missing_model":
+        model = workspace / "nope.onnx"
+    elif case == "not_onnx":
+        model = workspace / "junk.onnx"
+        model.write_text("this is not a protobuf")
+    elif case == "bad_opset":
+        model = workspace / "old.onnx"
+        _bad_opset_model(model)
+    elif case == "empty_calib":
+        calib = workspace / "empty"
+        calib.mkdir()
+    elif case == "wrong_input_name":
+        calib = workspace / "wrong"
+        calib.mkdir()
+        np.save(calib / "image.npy", random_inputs((3, 16, 16), 4))
+    elif case == "bad_bits":
+        extra = ["--bits", "w3a5"]
+    elif case == "unknown_option":
+        extra = ["--frobnicate"]
+    elif case == "unknown_target":
+        extra = ["--target", "tpu"]
+    args = ["compile", model, "-o", workspace / "out", "-q", *extra]
+    if case != "no_calib":
+        args[2:2] = ["--calib", calib]
+    code, _, stderr = run_cli(capsys, *args)
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgeq: error:")
+    assert expected in lines[0]
+    assert not (workspace / "out").exists()
+    assert not [p for p in workspace.iterdir() if p.name.startswith(".out")]
+
+
+def test_failed_run_keeps_previous_outputs(workspace, capsys):
+    out = workspace / "out"
+    assert run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib", "-o", out, "-q")[0] == 0
+    before = (out / "plan.json").read_bytes()
+    assert run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                   "--bits", "w9a8", "-o", out, "-q")[0] == 2
+    assert (out / "plan.json").read_bytes() == before
+
+
+def test_run_command_and_latency_json(workspace, capsys):
+    out = workspace / "out"
+    assert run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib", "-o", out, "-q")[0] == 0
+    np.savez(workspace / "x.npz", input=random_inputs((3, 16, 16), 3))
+    code, _, _ = run_cli(capsys, "run", out, "--inputs", workspace / "x.npz", "-o", workspace / "y.npz")
+    assert code == 0
+    with np.load(workspace / "y.npz") as outputs:
+        assert outputs["logits"].shape == (3, 10)
+    code, stdout, _ = run_cli(capsys, "run", out, "--inputs", workspace / "x.npz", "--repeat", "5", "--json")
+    assert code == 0
+    latency = json.loads(stdout)
+    assert latency["runs"] == 5 and latency["median_ms"] > 0
+
+
+def test_console_script_prints_no_traceback(workspace):
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    result = subprocess.run([sys.executable, "-m", "compiler.cli", "compile", str(workspace / "missing.onnx")],
+                            capture_output=True, text=True, cwd=workspace, env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_random_calibration_needs_the_flag_and_warns(workspace, capsys):
+    code, _, stderr = run_cli(capsys, "compile", workspace / "tiny.onnx", "--random-calib", "8",
+                              "-o", workspace / "out", "-q")
+    assert code == 0
+    assert "RANDOM" in stderr
+
+
+def test_model_with_unsupported_op_keeps_it_float(workspace, capsys):
+    model = tiny_cnn()
+    model.graph.node.append(helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=1))
+    model.graph.output[0].name = "probs"
+    onnx.save(model, str(workspace / "soft.onnx"))
+    code, _, _ = run_cli(capsys, "compile", workspace / "soft.onnx", "--calib", workspace / "calib",
+                         "-o", workspace / "out", "-q")
+    assert code == 0
+    plan = json.loads((workspace / "out" / "plan.json").read_text())
+    assert [entry["node"] for entry in plan["float_nodes"]] == ["softmax"]
+    assert "softmax" in (workspace / "out" / "report.md").read_text()
