@@ -473,8 +473,9 @@ def _preprocess(name: str, stored: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def sample_inputs(name: str, n: int = 16) -> dict[str, np.ndarray]:
-    """``{"input": float32 [n, C, H, W]}``: the first ``n`` samples of models/data/mlperf_<name>.npz.
+def sample_inputs(name: str, n: int | None = None) -> dict[str, np.ndarray]:
+    """``{"input": float32 [n, C, H, W]}``: the first ``n`` (default: all) samples of
+    models/data/mlperf_<name>.npz.
 
     What the samples are (see ``_write_samples``, which made them):
 
@@ -496,6 +497,7 @@ def sample_inputs(name: str, n: int = 16) -> dict[str, np.ndarray]:
         raise EdgeqError(f"{path} is missing; run: python -m models.mlperf_tiny --write-samples")
     with np.load(path) as data:
         stored = data["samples"]
+    n = len(stored) if n is None else n
     if not 0 < n <= len(stored):
         raise EdgeqError(f"{name}: asked for {n} samples, {path.name} holds {len(stored)}")
     return {"input": _preprocess(name, stored[:n])}
