@@ -48,6 +48,9 @@ class CompileOptions:
 
     model: str | None = None  # None: the bundled Fashion-MNIST CNN with its data
     calib: str | None = None
+    # In-memory data for Python callers (used instead of ``calib`` / ``eval_data``).
+    calib_data: dict[str, np.ndarray] | None = None
+    eval_inputs: dict[str, np.ndarray] | None = None
     preprocess: str | None = None
     random_calib: int = 0  # samples of random calibration data (explicit opt-in)
     max_calib_samples: int = 512
@@ -112,7 +115,10 @@ def compile_model(options: CompileOptions) -> CompileResult:
     plan.model, plan.target = str(model_path), options.target
     plan.recipe.setdefault("calibrate_method", options.calibrate_method)
     if options.budget:
-        raise EdgeqError("--budget needs the bit allocator, which this build does not have yet")
+        from compiler.mixed import allocate_bits
+
+        stage("allocate", lambda: allocate_bits(model, plan, calib, target, options.device, options.budget,
+                                                integer_only=integer_only))
 
     ranges = stage("calibrate", lambda: _calibrate(options, model, plan, calib, integer_only))
     qdq = stage("insert_qdq", lambda: quantize_model(model, plan, ranges, integer_only=integer_only))
@@ -153,7 +159,10 @@ def _data(options: CompileOptions, model: onnx.ModelProto) -> tuple[dict[str, np
     from compiler.data import load_calibration
 
     labels = None
-    if options.model is None and options.calib is None:
+    if options.calib_data is not None:
+        calib = options.calib_data
+        eval_inputs = options.eval_inputs if options.eval_inputs is not None else calib
+    elif options.model is None and options.calib is None:
         from models import bundled
 
         calib = bundled.calibration_data()
@@ -173,9 +182,9 @@ def _data(options: CompileOptions, model: onnx.ModelProto) -> tuple[dict[str, np
         if options.eval_data:
             eval_inputs = load_calibration(options.eval_data, model, preprocess=options.preprocess)
     calib = {name: value[: options.max_calib_samples] for name, value in calib.items()}
+    held_out = labels is not None or options.eval_data or options.eval_inputs is not None
     return calib, {"inputs": eval_inputs, "labels": labels,
-                   "source": "held-out test set" if labels is not None else
-                   ("--eval data" if options.eval_data else "calibration data")}
+                   "source": "held-out data" if held_out else "calibration data"}
 
 
 def _calibrate(options: CompileOptions, model: onnx.ModelProto, plan: QuantPlan,

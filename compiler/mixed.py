@@ -1,0 +1,135 @@
+"""Mixed precision from the driver's side: sensitivity + cost model + ILP -> bits in the plan.
+
+``allocate_bits`` is what ``edgeq compile --budget`` and ``edgeq allocate``
+run: measure each layer's sensitivity at each candidate (w_bits, a_bits),
+cost every candidate with the target's cost model, solve the ILP
+(passes/allocate.py) and write the chosen bits into the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from compiler.budget import format_metric, parse_budget
+from compiler.errors import EdgeqError
+from compiler.plan import QuantPlan
+from passes.allocate import (
+    Allocation,
+    AllocationProblem,
+    allocate,
+    apply_allocation,
+    pareto,
+    problem_from_model,
+)
+from passes.sensitivity import candidate_choices, measured_sensitivity, proxy_sensitivity
+
+DEFAULT_W_BITS = (4, 8)
+DEFAULT_A_BITS = (8,)
+
+
+@dataclass
+class MixedPrecision:
+    problem: AllocationProblem
+    allocation: Allocation
+
+
+def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
+                  device: str | None, *, integer_only: bool, estimate: str = "measured",
+                  w_bits=DEFAULT_W_BITS, a_bits=DEFAULT_A_BITS, max_samples: int = 32) -> AllocationProblem:
+    """Sensitivities (measured or proxy) and costs of every candidate of every layer in ``plan``."""
+    choices = candidate_choices(plan, w_bits, a_bits)
+    measure = measured_sensitivity if estimate == "measured" else proxy_sensitivity
+    sensitivity = measure(model, plan, calib, choices, max_samples=max_samples)
+    return problem_from_model(model, plan, target.cost_model(device), sensitivity=sensitivity,
+                              w_bits=w_bits, a_bits=a_bits, integer_only=integer_only)
+
+
+def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
+                  device: str | None, budget_text: str, *, integer_only: bool,
+                  estimate: str = "measured") -> MixedPrecision:
+    """Solve the ILP for ``budget_text`` and write the chosen bits into ``plan``."""
+    budget = parse_budget(budget_text)
+    problem = build_problem(model, plan, calib, target, device, integer_only=integer_only, estimate=estimate)
+    allocation = allocate(problem, budget)
+    apply_allocation(plan, problem, allocation)
+    plan.totals.setdefault("report_sections", {})["Bit allocation"] = allocation_summary(problem, allocation)
+    return MixedPrecision(problem, allocation)
+
+
+def allocation_summary(problem: AllocationProblem, allocation: Allocation) -> str:
+    """Markdown explaining the ILP's answer: budget vs totals, and each layer's choice."""
+    lines = [f"Solved by {allocation.method} ({allocation.status}) in {allocation.solve_time_s * 1e3:.1f} ms; "
+             f"total sensitivity {allocation.objective:.4g}.", ""]
+    lines += ["| metric | total | budget |", "|---|---|---|"]
+    for metric, value in allocation.totals.items():
+        if metric == "sensitivity":
+            continue
+        limit = allocation.budget.get(metric)
+        if metric == "weight_bytes" and "size_fraction" in allocation.budget:
+            limit = allocation.budget["size_fraction"] * problem.int8_weight_bytes()
+        lines.append(f"| {metric} | {format_metric(metric, value)} | "
+                     f"{format_metric(metric, limit) if limit is not None else '-'} |")
+    lines += ["", "| layer | chosen | sensitivity at each choice |", "|---|---|---|"]
+    for layer in problem.layers:
+        chosen = allocation.choices[layer.name]
+        options = ", ".join(f"{_key(choice)}: {value:.3g}" for choice, value in sorted(
+            layer.sensitivity.items(), key=lambda item: (item[0][0] or 0, item[0][1])))
+        lines.append(f"| `{layer.name}` | {_key(chosen)} | {options} |")
+    return "\n".join(lines)
+
+
+def _key(choice) -> str:
+    return f"w{choice[0]}a{choice[1]}" if choice[0] else f"a{choice[1]}"
+
+
+def allocate_command(args: argparse.Namespace) -> int:
+    """``edgeq allocate``: the plan (or the Pareto frontier) without compiling."""
+    from compiler.atomic import atomic_dir
+    from compiler.data import load_calibration
+    from compiler.loader import load_model
+    from passes.canonicalize import canonicalize
+    from passes.select_layers import select_layers
+    from targets.base import get_target
+
+    if not args.budget and not args.pareto:
+        raise EdgeqError("edgeq allocate needs --budget (e.g. size=0.5) or --pareto")
+    target = get_target(args.target)
+    model = canonicalize(load_model(args.model))
+    if args.calib is None and not args.random_calib:
+        raise EdgeqError("no calibration data: pass --calib DIR or --random-calib N")
+    calib = load_calibration(args.calib, model, preprocess=args.preprocess,
+                             random_samples=args.random_calib, max_samples=args.max_calib_samples)
+    integer_only = target.needs_integer_graph
+    plan = select_layers(model, integer_only=integer_only)
+    plan.model, plan.target = args.model, args.target
+    problem = build_problem(model, plan, calib, target, args.device, integer_only=integer_only)
+    out = Path(args.output)
+    with atomic_dir(out) as tmp:
+        if args.pareto:
+            metric = _pareto_metric(parse_budget(args.budget) if args.budget else {}, target.name)
+            points = pareto(problem, metric)
+            rows = [{"budget": point.totals[metric], "sensitivity": point.objective,
+                     "choices": {name: list(choice) for name, choice in point.choices.items()}}
+                    for point in points]
+            (tmp / "pareto.json").write_text(json.dumps({"metric": metric, "points": rows}, indent=1) + "\n")
+            print(f"{len(points)} Pareto-optimal plans over {metric} written to {out}/pareto.json")
+        if args.budget:
+            allocation = allocate(problem, parse_budget(args.budget))
+            apply_allocation(plan, problem, allocation)
+            plan.update_totals()
+            plan.save(str(tmp / "plan.json"))
+            print(allocation_summary(problem, allocation))
+    return 0
+
+
+def _pareto_metric(budget: dict[str, float], target: str) -> str:
+    """The metric the frontier is drawn over: the budget's first metric, else a target default."""
+    for metric in budget:
+        return "weight_bytes" if metric == "size_fraction" else metric
+    return {"mcu": "flash_bytes", "cpu": "latency_s", "gpu": "latency_s", "fpga": "lut"}.get(target, "weight_bytes")
