@@ -115,3 +115,57 @@ def mlp_block(seed: int = 0, hidden: int = 16, ffn: int = 32, outlier: float = 3
 
 def mlp_data(count: int = 16, seq: int = 8, hidden: int = 16, seed: int = 1) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).normal(size=(count, seq, hidden)).astype(np.float32)}
+
+
+def attention_block(seed: int = 0, hidden: int = 16, heads: int = 2) -> onnx.ModelProto:
+    """Self-attention: q/k/v MatMul+Add, split heads, softmax(q k^T) v, merge heads, output MatMul+Add."""
+    rng = np.random.default_rng(seed)
+    head = hidden // heads
+    inits = {f"w{n}": (rng.normal(size=(hidden, hidden)) / 4).astype(np.float32) for n in "qkvo"}
+    inits.update({f"b{n}": rng.normal(size=hidden).astype(np.float32) for n in "qkvo"})
+    inits["split"] = np.array([0, 0, heads, head], np.int64)
+    inits["merge"] = np.array([0, 0, hidden], np.int64)
+    nodes = []
+    for n in "qkv":
+        nodes += [
+            helper.make_node("MatMul", ["x", f"w{n}"], [f"{n}0"], name=f"{n}_proj"),
+            helper.make_node("Add", [f"{n}0", f"b{n}"], [f"{n}1"], name=f"{n}_bias"),
+            helper.make_node("Reshape", [f"{n}1", "split"], [f"{n}2"], name=f"{n}_split"),
+            helper.make_node("Transpose", [f"{n}2"], [f"{n}h"], name=f"{n}_heads",
+                             perm=[0, 2, 3, 1] if n == "k" else [0, 2, 1, 3]),
+        ]
+    nodes += [
+        helper.make_node("MatMul", ["qh", "kh"], ["scores"], name="scores"),
+        helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "vh"], ["ctx"], name="attend"),
+        helper.make_node("Transpose", ["ctx"], ["ctx_t"], name="merge_t", perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ctx_t", "merge"], ["ctx_m"], name="merge"),
+        helper.make_node("MatMul", ["ctx_m", "wo"], ["o0"], name="o_proj"),
+        helper.make_node("Add", ["o0", "bo"], ["y"], name="o_bias"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", hidden])],
+        inits,
+    )
+
+
+def linear_pair(seed: int = 0, k: int = 12, hidden: int = 24, n: int = 8) -> onnx.ModelProto:
+    """x -> Gemm(transB) -> MatMul+Add -> y, with an outlier channel in the intermediate."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(size=(hidden, k)).astype(np.float32)
+    w1[3] *= 50
+    inits = {"w1": w1, "b1": rng.normal(size=hidden).astype(np.float32),
+             "w2": rng.normal(size=(hidden, n)).astype(np.float32), "b2": rng.normal(size=n).astype(np.float32)}
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("MatMul", ["h", "w2"], ["h2"], name="fc2"),
+        helper.make_node("Add", ["h2", "b2"], ["y"], name="fc2_bias"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+        inits,
+    )
