@@ -27,6 +27,7 @@ from compiler.atomic import atomic_dir, atomic_write_text
 from compiler.errors import EdgeqError
 from compiler.graph import attribute, graph_input_names, graph_output_names, initializer_array
 from compiler.intgraph import INT_DOMAIN
+from compiler.requant import dequantize_linear, dtype_range, quantize_linear
 from targets.base import CompileContext, CostModel, Target
 from targets.mcu import codegen, qemu
 from targets.mcu.memory import ALIAS_OPS, MemoryPlan, ordered_nodes, plan_memory, tensor_types
@@ -34,6 +35,8 @@ from targets.mcu.memory import ALIAS_OPS, MemoryPlan, ordered_nodes, plan_memory
 PROJECT_DIR = "mcu"
 IO_FILE = "io.json"
 MEMORY_FILE = "memory.json"
+INT_MODEL_FILE = "model.int.onnx"
+VERIFY_FILE = "verify.json"
 
 
 # --------------------------------------------------------------------------- I/O quantization
@@ -46,25 +49,25 @@ def _boundary(int_model: onnx.ModelProto, op: str) -> onnx.NodeProto:
     return found[0]
 
 
-def _quant_attrs(node: onnx.NodeProto, dtype: str) -> dict:
-    dtype_attr = attribute(node, "dtype", dtype)
-    dtype_attr = dtype_attr.decode() if isinstance(dtype_attr, bytes) else dtype_attr
+def _input_quant(node: onnx.NodeProto, dtype: str) -> dict:
+    """The Quantize node's parameters (compiler.interpreter's attribute names)."""
+    lo, hi = dtype_range(dtype)
     return {
         "scale": float(attribute(node, "scale")),
-        "zero_point": int(attribute(node, "zero_point", 0)),
-        "dtype": str(dtype_attr or dtype),
+        "zero_point": int(attribute(node, "y_zero_point", 0)),
+        "qmin": int(attribute(node, "y_min", lo)),
+        "qmax": int(attribute(node, "y_max", hi)),
+        "dtype": dtype,
     }
 
 
 def quantize(x: np.ndarray, q: dict) -> np.ndarray:
-    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), in float32."""
-    info = np.iinfo(np.dtype(q["dtype"]))
-    scaled = np.rint(np.asarray(x, np.float32) / np.float32(q["scale"])) + np.float32(q["zero_point"])
-    return np.clip(scaled, info.min, info.max).astype(q["dtype"])
+    """The graph's input Quantize (ONNX QuantizeLinear, as the reference interpreter does it)."""
+    return quantize_linear(x, q["scale"], q["zero_point"], q["qmin"], q["qmax"], q["dtype"])
 
 
-def dequantize(q_values: np.ndarray, q: dict) -> np.ndarray:
-    return ((q_values.astype(np.int32) - q["zero_point"]) * np.float32(q["scale"])).astype(np.float32)
+def dequantize(values: np.ndarray, q: dict) -> np.ndarray:
+    return dequantize_linear(values, q["scale"], q["zero_point"])
 
 
 # --------------------------------------------------------------------------- kernels
@@ -77,21 +80,17 @@ def activation_types(int_model: onnx.ModelProto) -> dict[str, tuple[tuple[int, .
     produced = [o for n in int_model.graph.node for o in n.output if o]
     if all(name in types for name in produced):
         return types
-    from compiler import interpreter
+    from compiler.interpreter import run_all
 
-    if not hasattr(interpreter, "run_integer_graph_intermediates"):
-        missing = [name for name in produced if name not in types]
-        raise EdgeqError(f"integer graph has no shapes for {missing[:3]} and the interpreter cannot infer them")
     inputs = {}
     for value in int_model.graph.input:
         if value.name in graph_input_names(int_model):
             dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
                     for d in value.type.tensor_type.shape.dim]
             inputs[value.name] = np.zeros(dims, np.float32)
-    values = interpreter.run_integer_graph_intermediates(int_model, inputs)
-    for name, value in values.items():
-        if isinstance(value, np.ndarray):
-            types[name] = (tuple(int(d) for d in value.shape), str(value.dtype))
+    for name, value in run_all(int_model, inputs).items():
+        if name in produced or name in inputs:
+            types.setdefault(name, (tuple(int(d) for d in np.shape(value)), str(np.asarray(value).dtype)))
     return types
 
 
@@ -122,14 +121,19 @@ class McuTarget(Target):
         return cost_model(device)
 
     def lower(self, ctx: CompileContext) -> list[Path]:
-        if ctx.int_model is None:
-            raise EdgeqError("the mcu target needs the integer graph (integerize must run first)")
         int_model = ctx.int_model
+        if int_model is None:
+            from passes.integerize import integerize
+
+            int_model = integerize(onnx.load(str(ctx.qdq_model_path)))
         types = activation_types(int_model)
         plan = plan_memory(int_model, types)
         kernels = graph_kernels(int_model, ordered_nodes(int_model, plan), types)
-        return write_and_build(Path(ctx.out_dir) / PROJECT_DIR, int_model, plan, types, kernels,
-                               build=ctx.options.get("build_firmware", True))
+        project = Path(ctx.out_dir) / PROJECT_DIR
+        paths = write_and_build(project, int_model, plan, types, kernels,
+                                build=ctx.options.get("build_firmware", True))
+        onnx.save(int_model, str(project / INT_MODEL_FILE))
+        return [*paths, project / INT_MODEL_FILE]
 
     def run(self, out_dir: Path, inputs: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
         project = Path(out_dir) / PROJECT_DIR
@@ -142,14 +146,8 @@ class McuTarget(Target):
         """Integer outputs (sample axis first) of the built project on ``inputs``."""
         project = Path(out_dir) / PROJECT_DIR
         io = _load_io(project)
-        name = io["input"]["name"]
-        if name not in inputs:
-            raise EdgeqError(f"inputs lack '{name}' (the model's input)")
-        x = np.asarray(inputs[name])
-        per_sample = tuple(io["input"]["shape"][1:])
-        if tuple(x.shape[1:]) != per_sample:
-            raise EdgeqError(f"input '{name}' has shape {list(x.shape)}; expected [N, {', '.join(map(str, per_sample))}]")
-        payload = quantize(x, io["input"]).tobytes()
+        payload = input_bytes(out_dir, inputs)
+        samples = len(payload) // max(int(np.prod(io["input"]["shape"][1:])) * np.dtype(io["input"]["dtype"]).itemsize, 1)
         if on == "qemu":
             out_bytes = qemu.run_qemu(project, payload, timeout_s)
         elif on == "host":
@@ -157,7 +155,46 @@ class McuTarget(Target):
         else:
             raise EdgeqError(f"unknown place to run the mcu build: '{on}' (qemu or host)")
         out = np.frombuffer(out_bytes, dtype=io["output"]["dtype"])
-        return out.reshape((x.shape[0], *io["output"]["shape"][1:]))
+        return out.reshape((samples, *io["output"]["shape"][1:]))
+
+    def verify(self, out_dir: Path, inputs: dict[str, np.ndarray], int_model: onnx.ModelProto | None = None,
+               on: str = "qemu", **options: Any) -> dict:
+        """Compare the build's integer outputs with the reference interpreter, bit for bit;
+        writes ``out_dir/verify.json``."""
+        from compiler.interpreter import run_integer_graph_raw
+
+        project = Path(out_dir) / PROJECT_DIR
+        if int_model is None:
+            int_model = onnx.load(str(project / INT_MODEL_FILE))
+        io = _load_io(project)
+        got = self.run_raw(out_dir, inputs, on=on, **options)
+        expected = run_integer_graph_raw(int_model, inputs)[io["output"]["name"]]
+        expected = np.asarray(expected).reshape(got.shape)
+        diff = np.abs(got.astype(np.int64) - expected.astype(np.int64))
+        report = {
+            "target": "mcu",
+            "on": on,
+            "bit_exact": bool(not diff.any()),
+            "samples": int(got.shape[0]),
+            "values": int(got.size),
+            "mismatched_values": int(np.count_nonzero(diff)),
+            "max_abs_diff": int(diff.max(initial=0)),
+        }
+        atomic_write_text(Path(out_dir) / VERIFY_FILE, json.dumps(report, indent=2) + "\n")
+        return report
+
+
+def input_bytes(out_dir: Path, inputs: dict[str, np.ndarray]) -> bytes:
+    """The quantized input samples as the firmware reads them (concatenated, row-major)."""
+    io = _load_io(Path(out_dir) / PROJECT_DIR)
+    name = io["input"]["name"]
+    if name not in inputs:
+        raise EdgeqError(f"inputs lack '{name}' (the model's input)")
+    x = np.asarray(inputs[name])
+    per_sample = tuple(io["input"]["shape"][1:])
+    if tuple(x.shape[1:]) != per_sample:
+        raise EdgeqError(f"input '{name}' has shape {list(x.shape)}; expected [N, {', '.join(map(str, per_sample))}]")
+    return quantize(x, io["input"]).tobytes()
 
 
 def _load_io(project: Path) -> dict:
@@ -181,7 +218,7 @@ def write_and_build(project_dir: Path, int_model: onnx.ModelProto, plan: MemoryP
     out_shape, out_dtype = types[plan.output_tensor]
     io = {
         "input": {"name": graph_input_names(int_model)[0], "shape": list(in_shape),
-                  **_quant_attrs(in_node, in_dtype)},
+                  **_input_quant(in_node, in_dtype)},
         "output": {"name": graph_output_names(int_model)[0], "shape": list(out_shape),
                    "dtype": out_dtype,
                    "scale": float(attribute(out_node, "scale")),
