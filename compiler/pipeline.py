@@ -3,8 +3,10 @@
 ``compile_model(options)`` runs, in this order (see :func:`compile_model`):
 
   load + canonicalize -> calibration data -> recipe's float transforms
+  (equalization, smoothing, rotation)
   -> select layers -> allocate bits (when a budget is given)
-  -> calibrate activation ranges -> recipe's weight rounding -> insert QDQ
+  -> calibrate activation ranges -> recipe's weight rounding (GPTQ, bias
+  correction) -> insert QDQ
   -> fidelity -> write model.qdq.onnx, plan.json, report.md
   -> target lowering (integer graph, code) when the target is not "onnx"
 
@@ -30,6 +32,7 @@ from compiler.console import warn
 from compiler.errors import EdgeqError
 from compiler.loader import load_model
 from compiler.plan import QuantPlan
+from compiler.recipe import apply_rounding, apply_transforms, record_recipe, resolve_recipe
 from passes.canonicalize import canonicalize
 from passes.insert_qdq import quantize_model, tensors_to_calibrate
 from passes.select_layers import select_layers
@@ -108,12 +111,15 @@ def compile_model(options: CompileOptions) -> CompileResult:
     float_model = stage("canonicalize", lambda: canonicalize(source_model))
     calib, evaluation = stage("data", lambda: _data(options, float_model))
 
-    model = float_model  # the recipe's transforms rewrite it, keeping its function
+    recipe = resolve_recipe(options.recipe, float_model)
+    # The recipe's transforms rewrite the graph but keep its float function.
+    model = stage("transforms", lambda: apply_transforms(recipe, float_model, calib, w_bits=w_bits, a_bits=a_bits))
     plan = stage("select", lambda: select_layers(
         model, w_bits=w_bits, a_bits=a_bits, integer_only=integer_only,
         activation_signed=options.activation_type == "int8"))
     plan.model, plan.target = str(model_path), options.target
-    plan.recipe.setdefault("calibrate_method", options.calibrate_method)
+    record_recipe(plan, recipe)
+    plan.recipe["calibrate_method"] = options.calibrate_method
     if options.budget:
         from compiler.mixed import allocate_bits
 
@@ -121,6 +127,7 @@ def compile_model(options: CompileOptions) -> CompileResult:
                                                 integer_only=integer_only))
 
     ranges = stage("calibrate", lambda: _calibrate(options, model, plan, calib, integer_only))
+    model, plan = stage("rounding", lambda: apply_rounding(recipe, model, plan, calib, progress=options.progress))
     qdq = stage("insert_qdq", lambda: quantize_model(model, plan, ranges, integer_only=integer_only))
     stage("fidelity", lambda: _measure_fidelity(plan, float_model, qdq, calib, evaluation, options))
     plan.update_totals()
