@@ -102,9 +102,9 @@ def graph_kernels(int_model: onnx.ModelProto, nodes: list[onnx.NodeProto], types
     for index, node in enumerate(nodes):
         if node.op_type in ALIAS_OPS:
             continue
-        func, args = tvm_ops.node_primfunc(int_model, node, types)
+        func, args, *extra = tvm_ops.node_primfunc(int_model, node, types)
         symbol = f"k{index}_{codegen.c_name(node.op_type.lower())}"
-        kernels.append(codegen.Kernel(symbol, func, list(args)))
+        kernels.append(codegen.Kernel(symbol, func, list(args), dict(extra[0]) if extra else {}))
     return kernels
 
 
@@ -126,14 +126,8 @@ class McuTarget(Target):
             from passes.integerize import integerize
 
             int_model = integerize(onnx.load(str(ctx.qdq_model_path)))
-        types = activation_types(int_model)
-        plan = plan_memory(int_model, types)
-        kernels = graph_kernels(int_model, ordered_nodes(int_model, plan), types)
-        project = Path(ctx.out_dir) / PROJECT_DIR
-        paths = write_and_build(project, int_model, plan, types, kernels,
-                                build=ctx.options.get("build_firmware", True))
-        onnx.save(int_model, str(project / INT_MODEL_FILE))
-        return [*paths, project / INT_MODEL_FILE]
+        return lower_int_model(int_model, Path(ctx.out_dir) / PROJECT_DIR,
+                               build=ctx.options.get("build_firmware", True))
 
     def run(self, out_dir: Path, inputs: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
         project = Path(out_dir) / PROJECT_DIR
@@ -182,6 +176,16 @@ class McuTarget(Target):
         }
         atomic_write_text(Path(out_dir) / VERIFY_FILE, json.dumps(report, indent=2) + "\n")
         return report
+
+
+def lower_int_model(int_model: onnx.ModelProto, project: Path, build: bool = True) -> list[Path]:
+    """Plan, generate and (optionally) build the C project of ``int_model`` in ``project``."""
+    types = activation_types(int_model)
+    plan = plan_memory(int_model, types)
+    kernels = graph_kernels(int_model, ordered_nodes(int_model, plan), types)
+    paths = write_and_build(project, int_model, plan, types, kernels, build=build)
+    onnx.save(int_model, str(project / INT_MODEL_FILE))
+    return [*paths, project / INT_MODEL_FILE]
 
 
 def input_bytes(out_dir: Path, inputs: dict[str, np.ndarray]) -> bytes:
