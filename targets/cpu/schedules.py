@@ -1,0 +1,281 @@
+"""Fast x86 kernels for the integer graph's heavy ops: the seam the CPU lowering calls.
+
+:func:`schedule_for` looks at one node of the integer graph (``QConv`` /
+``QGemm`` of :mod:`compiler.intgraph`) and, when a hand-written kernel of
+:mod:`targets.cpu.kernels` covers it on this CPU, returns a
+:class:`ScheduledKernel`: the PrimFunc plus the constant arguments it wants in
+place of the node's weight/bias inputs (weights re-packed for ``vpdpbusd``,
+per-channel requantization constants). ``None`` means "not covered": the
+lowering then uses its generic TE compute.
+
+Call convention of the returned PrimFunc::
+
+    func(x, *kernel.constants, y)
+
+with ``x`` the node's activation input in its graph layout/dtype and ``y`` the
+node's output (``kernel.out_shape``, ``kernel.out_dtype``). The kernels need
+AVX-512 VNNI (``vpdpbusd``); :func:`host_has_vnni` tells whether this machine
+has it, and the target must be built with an ``mcpu`` that has it.
+
+Covered: QConv 2-D with ``group == 1`` (any kernel, stride, dilation, padding)
+or depthwise (``group == C == O``), QGemm; uint8 or int8 activations; int8
+weights (any ``w_bits <= 8``); uint8/int8 outputs; per-tensor or per-channel
+requantization.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import tvm
+
+from targets.cpu import kernels
+from targets.cpu.kernels import ConvGeometry, Requant
+
+log = logging.getLogger(__name__)
+
+Y_DTYPES = ("uint8", "int8")
+
+
+@dataclass
+class ScheduledKernel:
+    """A hand-written kernel for one node and the constant arguments it takes."""
+
+    func: tvm.tirx.PrimFunc
+    constants: list[np.ndarray]
+    out_shape: tuple[int, ...]
+    out_dtype: str
+    variant: str  # "conv_dense" / "conv_depthwise" / "gemm": names the kernel family
+    tile: tuple[int, ...] = field(default=())
+
+
+@functools.cache
+def host_has_vnni() -> bool:
+    """Whether this machine's CPU has AVX-512 VNNI (vpdpbusd on zmm registers)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags and " avx512bw" in flags
+
+
+def node_attrs(node: onnx.NodeProto) -> dict:
+    """The node's attributes as plain Python values (strings decoded)."""
+    out = {}
+    for attr in node.attribute:
+        value = onnx.helper.get_attribute_value(attr)
+        out[attr.name] = value.decode() if isinstance(value, bytes) else value
+    return out
+
+
+def _dtype_name(value) -> str:
+    """y_dtype as a numpy name, given a name or an onnx TensorProto enum."""
+    if isinstance(value, str):
+        return np.dtype(value).name
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(value))).name
+
+
+def _per_channel(values, channels: int) -> np.ndarray:
+    array = np.asarray(values, dtype=np.int64).reshape(-1)
+    if array.size == 1:
+        array = np.full(channels, array[0], dtype=np.int64)
+    if array.size != channels:
+        raise ValueError(f"expected 1 or {channels} requantization entries, got {array.size}")
+    return array
+
+
+def requant_constants(
+    attrs: dict, bias: np.ndarray, channels: int, padded: int
+) -> tuple[list[np.ndarray], Requant]:
+    """bias (int32), multiplier, rounding term ``1 << (s - 1)`` and shift (int64), padded."""
+    mult = _per_channel(attrs["multiplier"], channels)
+    shift = _per_channel(attrs["shift"], channels)
+    if np.any(shift < 1) or np.any(shift > 62):
+        raise ValueError("shift must be in [1, 62]")
+    pad = padded - channels
+    arrays = [
+        np.pad(np.asarray(bias, dtype=np.int64), (0, pad)).astype(np.int32),
+        np.pad(mult, (0, pad)),
+        np.pad(np.left_shift(np.int64(1), shift - 1), (0, pad), constant_values=1),
+        np.pad(shift, (0, pad), constant_values=1),
+    ]
+    y_dtype = _dtype_name(attrs.get("y_dtype", "uint8"))
+    rq = Requant(int(attrs.get("y_zero_point", 0)), int(attrs["y_min"]), int(attrs["y_max"]), y_dtype)
+    return arrays, rq
+
+
+def _u8_bias(bias: np.ndarray, weight_sums: np.ndarray, x_dtype: str) -> np.ndarray:
+    """Bias for the kernels' uint8 view of the input: int8 x is read as x + 128."""
+    bias = np.asarray(bias, dtype=np.int64)
+    if x_dtype == "int8":
+        bias = bias - 128 * weight_sums
+    if np.any(np.abs(bias) >= 2**31):
+        raise ValueError("bias does not fit int32 after the int8 -> uint8 shift")
+    return bias
+
+
+def pack_conv_weights(w: np.ndarray, tile_rows: int, depthwise: bool) -> np.ndarray:
+    """OIHW int8 -> the layout :func:`targets.cpu.kernels.conv_kernel` reads (int32 words).
+
+    dense: ``[O/OB, KH*KW, C/4, OB]``, each int32 holding 4 consecutive input
+    channels (little-endian bytes), zero-padded. depthwise: ``[C, KH*KW]`` int32.
+    """
+    o, c, kh, kw = w.shape
+    if depthwise:
+        return w.reshape(o, kh * kw).astype(np.int32)
+    o_pad = math.ceil(o / tile_rows) * tile_rows
+    c_pad = math.ceil(c / 4) * 4
+    padded = np.zeros((o_pad, c_pad, kh, kw), dtype=np.int8)
+    padded[:o, :c] = w
+    blocked = padded.reshape(o_pad // tile_rows, tile_rows, c_pad // 4, 4, kh * kw)
+    blocked = np.ascontiguousarray(blocked.transpose(0, 4, 2, 1, 3))  # [OT, taps, C4, OB, 4]
+    return blocked.view(np.int32).reshape(o_pad // tile_rows, kh * kw, c_pad // 4, tile_rows)
+
+
+def pack_gemm_weights(w: np.ndarray, vectors_per_tile: int) -> np.ndarray:
+    """[K, M] int8 -> ``[M/16, K/4, 64]`` (16 outputs x 4 reduction bytes per row), zero-padded."""
+    k, m = w.shape
+    k_pad = math.ceil(k / 4) * 4
+    step = vectors_per_tile * kernels.LANES
+    m_pad = math.ceil(m / step) * step
+    padded = np.zeros((k_pad, m_pad), dtype=np.int8)
+    padded[:k, :m] = w
+    blocked = padded.reshape(k_pad // 4, 4, m_pad // kernels.LANES, kernels.LANES)
+    return np.ascontiguousarray(blocked.transpose(2, 0, 3, 1)).reshape(
+        m_pad // kernels.LANES, k_pad // 4, 4 * kernels.LANES
+    )
+
+
+def _conv_kernel(
+    node: onnx.NodeProto, x_shape, x_dtype: str, attrs: dict, w: np.ndarray, bias: np.ndarray
+) -> ScheduledKernel | None:
+    if len(x_shape) != 4 or w.ndim != 4:
+        log.debug("%s: only 2-D convolutions have a kernel (x %s)", node.name, x_shape)
+        return None
+    n, c, h, wd = (int(v) for v in x_shape)
+    o = w.shape[0]
+    group = int(attrs.get("group", 1))
+    depthwise = group > 1
+    if depthwise and not (group == c == o and w.shape[1] == 1):
+        log.debug("%s: grouped conv (group %d, C %d, O %d) is not depthwise", node.name, group, c, o)
+        return None
+    kernel = tuple(attrs.get("kernel_shape", w.shape[2:]))
+    geometry = ConvGeometry(
+        batch=n, in_channels=c, height=h, width=wd, out_channels=o,
+        kernel=(int(kernel[0]), int(kernel[1])),
+        strides=tuple(int(v) for v in attrs.get("strides", (1, 1))),
+        dilations=tuple(int(v) for v in attrs.get("dilations", (1, 1))),
+        pads=tuple(int(v) for v in attrs.get("pads", (0, 0, 0, 0))),
+    )
+    if geometry.out_height < 1 or geometry.out_width < 1:
+        return None
+    func, tile = kernels.conv_kernel(
+        geometry, x_dtype, int(attrs.get("x_zero_point", 0)),
+        requant_constants(attrs, bias, o, o)[1], depthwise,
+    )
+    ob = tile[0]
+    padded = o if depthwise else math.ceil(o / ob) * ob
+    weight_sums = w.reshape(o, -1).astype(np.int64).sum(axis=1)
+    arrays, _ = requant_constants(attrs, _u8_bias(bias, weight_sums, x_dtype), o, padded)
+    packed = pack_conv_weights(w, ob, depthwise)
+    return ScheduledKernel(
+        func=func,
+        constants=[packed, *arrays],
+        out_shape=(n, o, geometry.out_height, geometry.out_width),
+        out_dtype=_dtype_name(attrs.get("y_dtype", "uint8")),
+        variant="conv_depthwise" if depthwise else "conv_dense",
+        tile=tile,
+    )
+
+
+def _gemm_kernel(
+    node: onnx.NodeProto, x_shape, x_dtype: str, attrs: dict, w: np.ndarray, bias: np.ndarray
+) -> ScheduledKernel | None:
+    if len(x_shape) != 2 or w.ndim != 2 or int(x_shape[1]) != w.shape[0]:
+        log.debug("%s: QGemm kernel needs x [N, K] and w [K, M] (x %s)", node.name, x_shape)
+        return None
+    n, k = (int(v) for v in x_shape)
+    m = w.shape[1]
+    _, rq = requant_constants(attrs, bias, m, m)
+    func, vectors = kernels.gemm_kernel(n, k, m, x_dtype, rq)
+    padded = math.ceil(m / (vectors * kernels.LANES)) * vectors * kernels.LANES
+    weight_sums = w.astype(np.int64).sum(axis=0)
+    arrays, _ = requant_constants(attrs, _u8_bias(bias, weight_sums, x_dtype), m, padded)
+    return ScheduledKernel(
+        func=func,
+        constants=[pack_gemm_weights(w, vectors), *arrays],
+        out_shape=(n, m),
+        out_dtype=rq.y_dtype,
+        variant="gemm",
+        tile=(vectors,),
+    )
+
+
+def schedule_for(
+    node: onnx.NodeProto,
+    input_shapes: list[tuple[int, ...]],
+    attrs: dict | None,
+    initializers: dict[str, np.ndarray],
+    input_dtypes: list[str] | None = None,
+) -> ScheduledKernel | None:
+    """A hand-written kernel for ``node`` or ``None`` (then the generic compute applies).
+
+    ``input_shapes``/``input_dtypes``: of the node's inputs in order (the
+    activation first); ``attrs``: the node's attributes as Python values
+    (``None``: read them from the node); ``initializers``: constant tensors by
+    name -- the weight and bias must be among them.
+    """
+    if not host_has_vnni():
+        return None
+    if node.op_type not in ("QConv", "QGemm"):
+        return None
+    attrs = node_attrs(node) if attrs is None else attrs
+    x_dtype = np.dtype((input_dtypes or ["uint8"])[0]).name
+    if x_dtype not in ("uint8", "int8"):
+        log.debug("%s: activation dtype %s has no kernel", node.name, x_dtype)
+        return None
+    if _dtype_name(attrs.get("y_dtype", "uint8")) not in Y_DTYPES:
+        log.debug("%s: output dtype %s has no kernel", node.name, attrs.get("y_dtype"))
+        return None
+    if len(node.input) < 2 or node.input[1] not in initializers:
+        log.debug("%s: weight is not a constant", node.name)
+        return None
+    w = np.asarray(initializers[node.input[1]])
+    if w.dtype != np.int8:
+        log.debug("%s: weight dtype %s is not int8", node.name, w.dtype)
+        return None
+    out_channels = w.shape[0] if node.op_type == "QConv" else w.shape[1]
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in initializers:
+            log.debug("%s: bias is not a constant", node.name)
+            return None
+        bias = np.asarray(initializers[node.input[2]], dtype=np.int64).reshape(-1)
+    else:
+        bias = np.zeros(out_channels, dtype=np.int64)
+    build = _conv_kernel if node.op_type == "QConv" else _gemm_kernel
+    return build(node, tuple(input_shapes[0]), x_dtype, attrs, w, bias)
+
+
+def host_target() -> tvm.target.Target:
+    """LLVM target for this machine's CPU ("-mcpu=native" would silently mean generic x86-64)."""
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+
+
+def build_kernel(kernel: ScheduledKernel, target: tvm.target.Target | None = None):
+    """Compile one kernel on its own (tests and kernel benchmarks): a callable module."""
+    return tvm.tirx.build(kernel.func, target=target or host_target())
+
+
+def run_kernel(module, kernel: ScheduledKernel, x: np.ndarray) -> np.ndarray:
+    """Run a module from :func:`build_kernel` on ``x``; returns y."""
+    device = tvm.cpu()
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in (x, *kernel.constants)]
+    y = tvm.runtime.tensor(np.zeros(kernel.out_shape, dtype=kernel.out_dtype), device)
+    module(*args, y)
+    return y.numpy()

@@ -1,0 +1,134 @@
+"""Bit-exact tests of every hand-written CPU kernel variant against a numpy reference of the spec.
+
+The reference follows compiler/intgraph.py literally (padding reads the input zero point,
+int64 requantization with compiler.requant's rounding rule), independent of the kernels'
+packing tricks, so a miscompiled or mis-packed kernel fails here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from compiler.requant import requantize
+from targets.cpu import schedules
+
+pytestmark = pytest.mark.skipif(not schedules.host_has_vnni(), reason="needs AVX-512 VNNI")
+
+
+def reference_qconv(x: np.ndarray, w: np.ndarray, bias: np.ndarray, attrs: dict) -> np.ndarray:
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    group = attrs.get("group", 1)
+    sh, sw = attrs.get("strides", (1, 1))
+    dh, dw = attrs.get("dilations", (1, 1))
+    pt, pl, pb, pr = attrs.get("pads", (0, 0, 0, 0))
+    xp = np.full((n, c, h + pt + pb, wd + pl + pr), attrs["x_zero_point"], dtype=np.int64)
+    xp[:, :, pt : pt + h, pl : pl + wd] = x
+    ho = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    wo = (wd + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    acc = np.zeros((n, o, ho, wo), dtype=np.int64)
+    per_group = o // group
+    for oc in range(o):
+        g = oc // per_group
+        for i in range(kh):
+            for j in range(kw):
+                window = xp[:, g * cg : (g + 1) * cg,
+                            i * dh : i * dh + (ho - 1) * sh + 1 : sh,
+                            j * dw : j * dw + (wo - 1) * sw + 1 : sw]
+                acc[:, oc] += np.einsum("nchw,c->nhw", window, w[oc, :, i, j].astype(np.int64))
+    acc += bias.reshape(1, -1, 1, 1)
+    return _requant_out(acc, attrs, axis=1)
+
+
+def reference_qgemm(x: np.ndarray, w: np.ndarray, bias: np.ndarray, attrs: dict) -> np.ndarray:
+    acc = x.astype(np.int64) @ w.astype(np.int64) + bias
+    return _requant_out(acc, attrs, axis=1)
+
+
+def _requant_out(acc: np.ndarray, attrs: dict, axis: int) -> np.ndarray:
+    mult = np.asarray(attrs["multiplier"], dtype=np.int64)
+    shift = np.asarray(attrs["shift"], dtype=np.int64)
+    y = requantize(acc, mult, shift, axis=axis if mult.size > 1 else None) + attrs["y_zero_point"]
+    return np.clip(y, attrs["y_min"], attrs["y_max"]).astype(attrs["y_dtype"])
+
+
+def _case(rng, op, x_shape, w_shape, x_dtype, y_dtype, per_channel, **conv_attrs):
+    """Random node + tensors; multipliers chosen so outputs span the whole y range."""
+    out_channels = w_shape[0] if op == "QConv" else w_shape[1]
+    x = rng.integers(np.iinfo(x_dtype).min, np.iinfo(x_dtype).max + 1, x_shape).astype(x_dtype)
+    w = rng.integers(-128, 128, w_shape).astype(np.int8)
+    bias = rng.integers(-20000, 20000, out_channels).astype(np.int32)
+    reduction = int(np.prod(w_shape[1:])) if op == "QConv" else w_shape[0]
+    count = out_channels if per_channel else 1
+    # acc spans about +-128*128*sqrt(K) and M ~ 2**30.5: this shift maps it to about +-64 steps.
+    shift = 31 + int(np.log2(128 * 128 * np.sqrt(reduction) / 64)) + rng.integers(-1, 2, count)
+    mult = rng.integers(2**30, 2**31, count)
+    lo, hi = np.iinfo(y_dtype).min, np.iinfo(y_dtype).max
+    attrs = dict(
+        x_zero_point=int(rng.integers(np.iinfo(x_dtype).min, np.iinfo(x_dtype).max + 1)),
+        multiplier=mult.tolist(), shift=shift.tolist(),
+        y_zero_point=int(rng.integers(lo, hi + 1)), y_min=int(lo) + 3, y_max=int(hi), y_dtype=y_dtype,
+        **conv_attrs,
+    )
+    node = onnx.helper.make_node(op, ["x", "w", "b"], ["y"], name=f"{op.lower()}0", domain="edgeq")
+    return node, x, w, bias, attrs
+
+
+def _check(node, x, w, bias, attrs, expected_variant):
+    kernel = schedules.schedule_for(
+        node, [x.shape, w.shape, bias.shape], attrs, {"w": w, "b": bias}, [x.dtype.name, "int8", "int32"]
+    )
+    assert kernel is not None and kernel.variant == expected_variant
+    got = schedules.run_kernel(schedules.build_kernel(kernel), kernel, x)
+    ref = (reference_qconv if node.op_type == "QConv" else reference_qgemm)(x, w, bias.astype(np.int64), attrs)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    # The outputs must not be trivially saturated, or the test proves little.
+    assert len(np.unique(ref)) > min(16, ref.size // 2)
+    np.testing.assert_array_equal(got, ref)
+
+
+CONV_CASES = [
+    # (x shape, w shape, attrs, variant): MobileNetV2 / ResNet-18 shapes, shrunk spatially.
+    ((1, 24, 14, 14), (144, 24, 1, 1), {}, "conv_dense"),  # pointwise expand
+    ((1, 32, 7, 9), (20, 32, 1, 1), {}, "conv_dense"),  # O not a multiple of the tile, odd width
+    ((1, 3, 17, 17), (32, 3, 3, 3), dict(strides=(2, 2), pads=(1, 1, 1, 1)), "conv_dense"),  # stem, C=3
+    ((1, 16, 12, 12), (16, 16, 3, 3), dict(pads=(1, 1, 1, 1)), "conv_dense"),  # ResNet 3x3
+    ((1, 8, 15, 15), (24, 8, 7, 7), dict(strides=(2, 2), pads=(3, 3, 3, 3)), "conv_dense"),  # 7x7 stem
+    ((1, 16, 10, 10), (32, 16, 1, 1), dict(strides=(2, 2)), "conv_dense"),  # 1x1 downsample
+    ((1, 10, 9, 11), (6, 10, 3, 3), dict(dilations=(2, 2), pads=(2, 1, 2, 0)), "conv_dense"),  # dilation, asym pads
+    ((2, 8, 6, 6), (8, 8, 3, 3), dict(pads=(1, 1, 1, 1)), "conv_dense"),  # batch 2
+    ((1, 32, 20, 20), (32, 1, 3, 3), dict(group=32, pads=(1, 1, 1, 1)), "conv_depthwise"),
+    ((1, 24, 21, 21), (24, 1, 3, 3), dict(group=24, strides=(2, 2), pads=(1, 1, 1, 1)), "conv_depthwise"),
+    ((1, 16, 9, 9), (16, 1, 5, 5), dict(group=16, pads=(2, 2, 2, 2)), "conv_depthwise"),
+    ((1, 8, 7, 7), (8, 1, 3, 3), dict(group=8), "conv_depthwise"),  # no padding
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, attrs, variant", CONV_CASES)
+@pytest.mark.parametrize("x_dtype, y_dtype, per_channel", [("uint8", "uint8", True), ("int8", "int8", False)])
+def test_qconv_kernels_bit_exact(x_shape, w_shape, attrs, variant, x_dtype, y_dtype, per_channel):
+    rng = np.random.default_rng(abs(hash((x_shape, w_shape, x_dtype))) % 2**32)
+    node, x, w, bias, full = _case(rng, "QConv", x_shape, w_shape, x_dtype, y_dtype, per_channel, **attrs)
+    _check(node, x, w, bias, full, variant)
+
+
+@pytest.mark.parametrize("n, k, m", [(1, 1280, 1000), (1, 27, 10), (3, 64, 40)])
+@pytest.mark.parametrize("x_dtype", ["uint8", "int8"])
+def test_qgemm_kernel_bit_exact(n, k, m, x_dtype):
+    rng = np.random.default_rng(k * 1000 + m)
+    node, x, w, bias, attrs = _case(rng, "QGemm", (n, k), (k, m), x_dtype, "uint8", True)
+    _check(node, x, w, bias, attrs, "gemm")
+
+
+def test_uncovered_nodes_fall_back_to_generic():
+    rng = np.random.default_rng(0)
+    # grouped (not depthwise) conv
+    node, x, w, bias, attrs = _case(rng, "QConv", (1, 8, 6, 6), (8, 4, 3, 3), "uint8", "uint8", True, group=2)
+    assert schedules.schedule_for(node, [x.shape], attrs, {"w": w, "b": bias}, ["uint8"]) is None
+    # weight not a constant
+    assert schedules.schedule_for(node, [x.shape], attrs, {}, ["uint8"]) is None
+    # QAdd has no kernel here
+    add = onnx.helper.make_node("QAdd", ["a", "b"], ["y"], domain="edgeq")
+    assert schedules.schedule_for(add, [(1, 4), (1, 4)], {}, {}, ["uint8", "uint8"]) is None
