@@ -30,7 +30,7 @@ from compiler.intgraph import INT_DOMAIN
 from compiler.requant import dequantize_linear, dtype_range, quantize_linear
 from targets.base import CompileContext, CostModel, Target
 from targets.mcu import codegen, qemu
-from targets.mcu.memory import ALIAS_OPS, MemoryPlan, ordered_nodes, plan_memory, tensor_types
+from targets.mcu.memory import ALIAS_OPS, MemoryPlan, activation_types, ordered_nodes, plan_memory
 
 PROJECT_DIR = "mcu"
 IO_FILE = "io.json"
@@ -71,27 +71,6 @@ def dequantize(values: np.ndarray, q: dict) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-def activation_types(int_model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shape (batch 1) and dtype of every tensor, from value_info or, where that has no
-    shapes, from one run of the reference interpreter on a zero input."""
-    types = tensor_types(int_model)
-    produced = [o for n in int_model.graph.node for o in n.output if o]
-    if all(name in types for name in produced):
-        return types
-    from compiler.interpreter import run_all
-
-    inputs = {}
-    for value in int_model.graph.input:
-        if value.name in graph_input_names(int_model):
-            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
-                    for d in value.type.tensor_type.shape.dim]
-            inputs[value.name] = np.zeros(dims, np.float32)
-    for name, value in run_all(int_model, inputs).items():
-        if name in produced or name in inputs:
-            types.setdefault(name, (tuple(int(d) for d in np.shape(value)), str(np.asarray(value).dtype)))
-    return types
 
 
 def graph_kernels(int_model: onnx.ModelProto, nodes: list[onnx.NodeProto], types: dict) -> list[codegen.Kernel]:
@@ -182,7 +161,7 @@ def lower_int_model(int_model: onnx.ModelProto, project: Path, build: bool = Tru
     """Plan, generate and (optionally) build the C project of ``int_model`` in ``project``."""
     types = activation_types(int_model)
     plan = plan_memory(int_model, types)
-    kernels = graph_kernels(int_model, ordered_nodes(int_model, plan), types)
+    kernels = graph_kernels(int_model, ordered_nodes(int_model, plan, types), types)
     paths = write_and_build(project, int_model, plan, types, kernels, build=build)
     onnx.save(int_model, str(project / INT_MODEL_FILE))
     return [*paths, project / INT_MODEL_FILE]

@@ -131,7 +131,7 @@ class _Graph:
 
 def _mcu_graph(model: onnx.ModelProto, types: dict | None = None) -> _Graph:
     """The part of the integer graph that runs on the MCU: between Quantize and Dequantize."""
-    types = types if types is not None else tensor_types(model)
+    types = types if types is not None else activation_types(model)
     inits = {init.name for init in model.graph.initializer}
     inits.update(n.output[0] for n in model.graph.node if n.op_type == "Constant")
     inputs, outputs = graph_input_names(model), graph_output_names(model)
@@ -162,6 +162,27 @@ def _mcu_graph(model: onnx.ModelProto, types: dict | None = None) -> _Graph:
             if name and name not in inits and name not in sizes:
                 raise EdgeqError(f"node '{node.name}' reads '{name}', which nothing on the MCU produces")
     return _Graph(nodes, in_tensor, out_tensor, sizes)
+
+
+def activation_types(int_model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape (batch 1) and dtype of every tensor, from value_info or, where that has no
+    shapes, from one run of the reference interpreter on a zero input."""
+    types = tensor_types(int_model)
+    produced = [o for n in int_model.graph.node for o in n.output if o]
+    if all(name in types for name in produced):
+        return types
+    from compiler.interpreter import run_all
+
+    inputs = {}
+    for value in int_model.graph.input:
+        if value.name in graph_input_names(int_model):
+            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+                    for d in value.type.tensor_type.shape.dim]
+            inputs[value.name] = np.zeros(dims, np.float32)
+    for name, value in run_all(int_model, inputs).items():
+        if name in produced or name in inputs:
+            types.setdefault(name, (tuple(int(d) for d in np.shape(value)), str(np.asarray(value).dtype)))
+    return types
 
 
 # --------------------------------------------------------------------------- buffers
@@ -419,7 +440,7 @@ def pack_best_fit(buffers: list[Buffer]) -> int:
 
 def plan_memory(int_model: onnx.ModelProto, types: dict | None = None) -> MemoryPlan:
     """Execution order, arena offsets and arena size for ``int_model`` (batch 1)."""
-    types = types if types is not None else tensor_types(int_model)
+    types = types if types is not None else activation_types(int_model)
     graph = _mcu_graph(int_model, types)
     inits = {init.name for init in int_model.graph.initializer}
     inits.update(n.output[0] for n in int_model.graph.node if n.op_type == "Constant")
@@ -443,8 +464,8 @@ def plan_memory(int_model: onnx.ModelProto, types: dict | None = None) -> Memory
     )
 
 
-def ordered_nodes(int_model: onnx.ModelProto, plan: MemoryPlan) -> list[onnx.NodeProto]:
+def ordered_nodes(int_model: onnx.ModelProto, plan: MemoryPlan, types: dict | None = None) -> list[onnx.NodeProto]:
     """The MCU nodes of ``int_model`` in the plan's execution order."""
-    graph = _mcu_graph(int_model)
+    graph = _mcu_graph(int_model, types)
     by_key = {_node_key(node, i): node for i, node in enumerate(graph.nodes)}
     return [by_key[key] for key in plan.order]

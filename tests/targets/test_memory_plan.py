@@ -10,9 +10,10 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from targets.mcu.memory import plan_memory
 
@@ -145,3 +146,71 @@ def test_branch_order_lowers_peak() -> None:
     assert plan.peak_live_bytes == min(
         _brute_force_peak(nodes, sizes, "out", o) for o in _topological_orders(nodes)
     )
+
+
+def _integerized(float_model: onnx.ModelProto, inputs: dict):
+    """canonicalize -> layer selection -> calibration -> QDQ -> integer graph, as the pipeline does."""
+    from compiler.calibrate import collect_ranges
+    from passes.canonicalize import canonicalize
+    from passes.insert_qdq import quantize_model, tensors_to_calibrate
+    from passes.integerize import integerize
+    from passes.select_layers import select_layers
+
+    model = canonicalize(float_model)
+    plan = select_layers(model, integer_only=True, activation_signed=True)
+    names = tensors_to_calibrate(model, plan, integer_only=True)
+    ranges = collect_ranges(model, inputs, names, bits=8, signed=True, progress=False)
+    return model, plan, integerize(quantize_model(model, plan, ranges, integer_only=True))
+
+
+def _allocator_peak(model, plan) -> tuple[int, int]:
+    """Peak live bytes the bit allocator's SRAM constraint computes (all layers at a8)."""
+    from passes.allocate import buffer_bytes, execution_buffers
+
+    steps, buffers, _ = execution_buffers(model, plan, integer_only=True)
+    choices = {name: (8, 8) for name in plan.layers}
+    live = [0] * len(steps)
+    for buffer in buffers:
+        for step in range(buffer.first_step, buffer.last_step + 1):
+            live[step] += buffer_bytes(buffer, choices)
+    return max(live), len(steps)
+
+
+def _chain_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = lambda name, shape: numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["out"], name="conv3"),
+    ]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 12, 12])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [w("w1", (8, 3, 3, 3)), w("b1", (8,)), w("w2", (16, 8, 3, 3)), w("b2", (16,)), w("w3", (4, 16, 1, 1)),
+         w("b3", (4,))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_allocator_sram_liveness_agrees_on_a_chain() -> None:
+    """No alias, no in-place, one order: the allocator's peak and the plan's must be equal."""
+    model, plan, int_model = _integerized(_chain_model(), {"input": np.random.default_rng(1).normal(
+        0, 1, (8, 3, 12, 12)).astype(np.float32)})
+    allocator_peak, _ = _allocator_peak(model, plan)
+    assert plan_memory(int_model).peak_live_bytes == allocator_peak == 8 * 12 * 12 + 16 * 6 * 6
+
+
+def test_allocator_sram_liveness_bounds_the_plan() -> None:
+    """With a residual Add (in place here) and a Flatten (an alias here) the plan needs at most
+    what the allocator budgets."""
+    from tests.tiny_models import random_inputs, tiny_cnn
+
+    model, plan, int_model = _integerized(tiny_cnn(), {"input": random_inputs((3, 16, 16), 8)})
+    allocator_peak, _ = _allocator_peak(model, plan)
+    memory = plan_memory(int_model)
+    assert memory.peak_live_bytes <= allocator_peak
+    assert memory.arena_bytes == memory.peak_live_bytes
