@@ -186,15 +186,36 @@ def tflite_path(name: str, cache_dir: Path | None = None) -> Path:
     return path
 
 
-def build(name: str, cache_dir: Path | None = None) -> Path:
-    """The float ONNX model (NCHW input), converted from the Keras .h5 once and cached."""
+def build(name: str, cache_dir: Path | None = None, *, softmax: bool = True) -> Path:
+    """The float ONNX model (NCHW input), converted from the Keras .h5 once and cached.
+
+    ``softmax=False`` gives the classifiers without their final Softmax (output =
+    logits), for integer-only targets that have no Softmax kernel; the argmax is
+    the same, and probabilities are ``softmax(logits)`` on the host.
+    """
     _model(name)
-    path = cache_root(cache_dir) / "mlperf_tiny" / f"{name}.v{CONVERTER_VERSION}.onnx"
+    suffix = "" if softmax else ".logits"
+    path = cache_root(cache_dir) / "mlperf_tiny" / f"{name}{suffix}.v{CONVERTER_VERSION}.onnx"
     if not path.is_file():
         model = keras_h5_to_onnx(_archive_member(name, ".h5", cache_dir), graph_name=name)
+        if not softmax:
+            _drop_final_softmax(model)
         onnx.checker.check_model(model, full_check=True)
         atomic_write_bytes(path, model.SerializeToString())
     return path
+
+
+def _drop_final_softmax(model: onnx.ModelProto) -> None:
+    """Make the input of a Softmax that produces the graph output the output itself."""
+    output = model.graph.output[0].name
+    last = next((node for node in model.graph.node if output in node.output), None)
+    if last is None or last.op_type != "Softmax":
+        return
+    source = last.input[0]
+    model.graph.node.remove(last)
+    for node in model.graph.node:
+        node.output[:] = [output if name == source else name for name in node.output]
+        node.input[:] = [output if name == source else name for name in node.input]
 
 
 # ---------------------------------------------------------------------------------------

@@ -288,3 +288,14 @@ def test_int8_io_variant_computes_the_same_int8_outputs(name):
         # DEQUANTIZE is exact up to float rounding: map the float output back to int8.
         requantized = np.round(full.get_output(0) / out_q["scales"][0]) + out_q["zero_points"][0]
         np.testing.assert_array_equal(int8_out, requantized)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet8", "dscnn"])
+def test_logits_model_is_the_classifier_without_softmax(name):
+    inputs = mlperf_tiny.sample_inputs(name, 8)
+    probs = ort.InferenceSession(str(mlperf_tiny.build(name))).run(["output"], inputs)[0]
+    logits_model = onnx.load(str(mlperf_tiny.build(name, softmax=False)))
+    assert "Softmax" not in {node.op_type for node in logits_model.graph.node}
+    logits = run_onnx(logits_model, inputs["input"])
+    np.testing.assert_allclose(ref_softmax(logits), probs, rtol=1e-5, atol=1e-6)
