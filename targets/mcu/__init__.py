@@ -28,7 +28,7 @@ from compiler.errors import EdgeqError
 from compiler.graph import attribute, graph_input_names, graph_output_names, initializer_array
 from compiler.intgraph import INT_DOMAIN
 from compiler.requant import dequantize_linear, dtype_range, quantize_linear
-from targets.base import CompileContext, CostModel, Target
+from targets.base import CompileContext, CostModel, Target, latency_summary
 from targets.mcu import codegen, qemu
 from targets.mcu.memory import ALIAS_OPS, MemoryPlan, activation_types, ordered_nodes, plan_memory
 
@@ -129,6 +129,25 @@ class McuTarget(Target):
             raise EdgeqError(f"unknown place to run the mcu build: '{on}' (qemu or host)")
         out = np.frombuffer(out_bytes, dtype=io["output"]["dtype"])
         return out.reshape((samples, *io["output"]["shape"][1:]))
+
+    def benchmark(self, out_dir: Path, inputs: dict[str, np.ndarray], repeat: int = 5,
+                  **options: Any) -> dict[str, Any]:
+        """Executed guest instructions per inference (the cycle proxy; qemu has no timing model)
+        and qemu's wall time per sample, labelled as emulator time."""
+        import time
+
+        project = Path(out_dir) / PROJECT_DIR
+        one = input_bytes(out_dir, {k: np.asarray(v)[:1] for k, v in inputs.items()})
+        two = input_bytes(out_dir, {k: np.asarray(v)[:2] for k, v in inputs.items()})
+        instructions = qemu.count_instructions(project, two) - qemu.count_instructions(project, one)
+        times = []
+        for _ in range(max(repeat, 1)):
+            start = time.perf_counter()
+            qemu.run_qemu(project, one)
+            times.append(time.perf_counter() - start)
+        return latency_summary(times, instructions_per_inference=instructions,
+                               runtime="qemu-system-arm mps2-an386: wall time of the emulator "
+                                       "(includes its start-up), not of a Cortex-M4")
 
     def verify(self, out_dir: Path, inputs: dict[str, np.ndarray], int_model: onnx.ModelProto | None = None,
                on: str = "qemu", **options: Any) -> dict:
