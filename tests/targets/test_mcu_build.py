@@ -29,7 +29,7 @@ MULTIPLIER, SHIFT = 1 << 30, 36  # requant by 2**-6
 def _model(weights: np.ndarray, bias: np.ndarray):
     nodes = [
         helper.make_node("Quantize", ["x"], ["xq"], name="quant", domain="edgeq", scale=0.05,
-                         zero_point=3, dtype="int8"),
+                         y_zero_point=3, y_min=-128, y_max=127, y_dtype="int8"),
         helper.make_node("QGemm", ["xq", "w", "b"], ["yq"], name="fc", domain="edgeq"),
         helper.make_node("Dequantize", ["yq"], ["y"], name="dequant", domain="edgeq", scale=0.1,
                          zero_point=-2),
