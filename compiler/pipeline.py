@@ -31,6 +31,7 @@ from compiler.atomic import atomic_dir
 from compiler.console import warn
 from compiler.errors import EdgeqError
 from compiler.loader import load_model
+from compiler.ort_kernels import kernel_usage
 from compiler.plan import QuantPlan
 from compiler.recipe import apply_rounding, apply_transforms, record_recipe, resolve_recipe
 from passes.canonicalize import canonicalize
@@ -130,6 +131,7 @@ def compile_model(options: CompileOptions) -> CompileResult:
     model, plan = stage("rounding", lambda: apply_rounding(recipe, model, plan, calib, progress=options.progress))
     qdq = stage("insert_qdq", lambda: quantize_model(model, plan, ranges, integer_only=integer_only))
     stage("fidelity", lambda: _measure_fidelity(plan, float_model, qdq, calib, evaluation, options))
+    plan.totals["onnxruntime_kernels"] = stage("ort_kernels", lambda: kernel_usage(qdq))
     plan.update_totals()
 
     out_dir = Path(options.out_dir)

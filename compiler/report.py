@@ -82,6 +82,14 @@ def render_report(plan: QuantPlan) -> str:
                 for name, value in sqnr.items() if name in plan.tensors]
         lines += _table(["tensor", "type", "range", "scale", "zero point", "SQNR dB"], rows) + [""]
 
+    kernels = plan.totals.get("onnxruntime_kernels")
+    if kernels:
+        used = ", ".join(f"{count} {op}" for op, count in kernels["integer"].items()) or "none"
+        fallback = ", ".join(f"{count} {op}" for op, count in kernels["float"].items()) or "none"
+        lines += ["## onnxruntime kernels", "",
+                  f"In onnxruntime's optimized graph of model.qdq.onnx: integer kernels {used}; "
+                  f"float compute ops {fallback}.", ""]
+
     lines += ["## Ops left in float", ""]
     if plan.float_nodes:
         lines += _table(["node", "op", "why"],

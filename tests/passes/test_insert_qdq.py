@@ -6,17 +6,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compiler.calibrate import collect_ranges
 from compiler.fidelity import compare_outputs
+from compiler.ort_kernels import kernel_usage
 from passes.canonicalize import canonicalize
 from passes.insert_qdq import quantize_model, tensors_to_calibrate
 from passes.select_layers import select_layers
 from tests.tiny_models import random_inputs, tiny_cnn
 
 
-def session(model: onnx.ModelProto, optimized_path: str | None = None) -> ort.InferenceSession:
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if optimized_path:
-        options.optimized_model_filepath = optimized_path
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -73,14 +72,12 @@ def test_pass_through_ops_share_their_input_quantizer():
     assert plan.tensors["flat"].scale == plan.tensors["gap"].scale  # Flatten
 
 
-def test_onnxruntime_uses_integer_kernels(tmp_path):
+def test_onnxruntime_uses_integer_kernels():
     _, _, qdq = quantized_tiny_cnn()
-    optimized = tmp_path / "optimized.onnx"
-    session(qdq, str(optimized))
-    ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
-    assert ops.count("QLinearConv") == 3
-    assert "QLinearAdd" in ops and "QGemm" in ops
-    assert "Conv" not in ops and "Gemm" not in ops
+    usage = kernel_usage(qdq)
+    assert usage["integer"]["QLinearConv"] == 3
+    assert usage["integer"]["QLinearAdd"] == 1 and usage["integer"]["QGemm"] == 1
+    assert usage["float"] == {}
 
 
 def test_output_stays_float_unless_integer_only():
