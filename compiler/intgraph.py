@@ -11,17 +11,20 @@ ops mean; each target must match it bit for bit.
 Ops in domain ``edgeq`` (version 1)
 -----------------------------------
 
-Notation: ``requant(acc, M, s) = (acc * M + (1 << (s - 1))) >> s`` computed in
-int64 with an arithmetic shift (round half up; ``s >= 1``), see
-:mod:`compiler.requant`. ``M`` and ``s`` are int64 lists: one entry (per
+Notation: ``requant(acc, M, s) = round_half_even(acc * M / 2**s)`` computed
+exactly in int64 (``M`` in [2**30, 2**31), ``1 <= s <= 62``; ties to even like
+ONNX QuantizeLinear), see :mod:`compiler.requant` for the integer expression. ``M`` and ``s`` are int64 lists: one entry (per
 tensor) or one per output channel (axis 1 for NCHW, last axis for Gemm/MatMul).
 ``clip(v)`` clamps to ``[y_min, y_max]``, which also implements fused
 ReLU/ReLU6/Clip and the output dtype's range.
 
-``Quantize(x) -> y``            float input edge. attrs ``scale`` (float),
-                                ``zero_point`` (int), ``dtype`` (str).
-                                ``y = saturate(round_half_even(x / scale) + zero_point)``
-                                (ONNX QuantizeLinear).
+Every op with an integer output has ``y_zero_point y_min y_max y_dtype``
+(``y_dtype`` a numpy dtype name: int8, uint8, int16, uint16; int4/uint4
+activations are stored as int8/uint8 with ``y_min/y_max`` = the 4-bit range).
+
+``Quantize(x) -> y``            float input edge. attrs ``scale`` (float) + y_*.
+                                ``y = clip(round_half_even(x / scale) + y_zero_point)``
+                                in float32 (ONNX QuantizeLinear).
 ``Dequantize(x) -> y``          float output edge: ``y = (x - zero_point) * scale``.
 ``QConv(x, w, bias) -> y``      ``x`` int8/uint8 NCHW, ``w`` int8 OIHW (symmetric,
                                 zero point 0), ``bias`` int32 [O] *with the input
@@ -35,26 +38,35 @@ ReLU/ReLU6/Clip and the output dtype's range.
                                 ``acc = sum(x * w) + bias`` (int32), where padded
                                 positions of x hold x_zero_point;
                                 ``y = clip(requant(acc, M, s) + y_zero_point)``.
-``QGemm(x, w, bias) -> y``      x [N, K], w [K, M] int8 (already transposed so
-                                the reduction axis is 0), bias [M] folded as above;
-                                same attrs (no conv attrs).
+``QGemm(x, w, bias) -> y``      x [..., K] (rank >= 2), w [K, M] int8 (already
+                                transposed so the reduction axis is 0), bias [M]
+                                folded as above; same attrs (no conv attrs).
+                                Gemm's alpha/beta are folded into M, s and bias.
 ``QMatMul(a, b) -> y``          two activations: ``acc = sum((a - a_zp) * (b - b_zp))``;
                                 attrs ``a_zero_point b_zero_point multiplier shift
                                 y_zero_point y_min y_max y_dtype``.
 ``QAdd(a, b) -> y``             ``acc = (a - a_zp) * a_multiplier + (b - b_zp) * b_multiplier``
-                                (int64); ``y = clip(requant(acc, 1, shift) + y_zero_point)``.
+                                (int64, numpy broadcasting; a or b may be an
+                                integer initializer); the multipliers are
+                                ``round(s_a / s_y * 2**shift)``, the larger in [2**30, 2**31);
+                                ``y = clip(requant(acc, 1, shift) + y_zero_point)``.
                                 attrs ``a_zero_point b_zero_point a_multiplier
                                 b_multiplier shift y_zero_point y_min y_max y_dtype``.
                                 QMul analogous: ``acc = (a - a_zp) * (b - b_zp)``,
                                 ``y = clip(requant(acc, multiplier, shift) + y_zero_point)``.
-``Requantize(x) -> y``          ``y = clip(requant(x - x_zero_point, M, s) + y_zero_point)``;
-                                used by Concat inputs whose scale differs and at
-                                float/int boundaries inside the graph.
+``Requantize(x) -> y``          ``y = clip(requant(x - x_zero_point, M, s) + y_zero_point)``
+                                (per tensor); used by Concat inputs whose scale
+                                differs, by Q->DQ pairs that change scale, and, with
+                                the identity ``M = 2**30, s = 30``, as a standalone
+                                Relu/Clip (clamp only).
 ``QAveragePool(x) -> y``        ``acc = sum over window (x - x_zero_point)``; the
-                                divisor is folded into ``M, s``;
-                                attrs: ONNX AveragePool attrs plus ``x_zero_point
-                                multiplier shift y_zero_point y_min y_max y_dtype``.
-                                QGlobalAveragePool: the window is all of H x W.
+                                divisor (kernel size) is folded into ``M, s``; pads
+                                count as x_zero_point (count_include_pad=1; padded
+                                pooling with count_include_pad=0 is rejected);
+                                attrs: ``kernel_shape strides pads count_include_pad``
+                                plus ``x_zero_point multiplier shift`` + y_*.
+                                QGlobalAveragePool: the window is all of H x W
+                                (output [N, C, 1, 1]).
 
 Standard ONNX ops allowed on integer tensors (pure data movement or exact):
 ``MaxPool``, ``Reshape``, ``Flatten``, ``Transpose``, ``Squeeze``,
@@ -62,8 +74,13 @@ Standard ONNX ops allowed on integer tensors (pure data movement or exact):
 (``constant_value`` = the zero point), ``Slice``, ``Gather`` (indices),
 ``Identity``.
 
-Every integer tensor's quantization (scale, zero point) stays recorded in the
-plan so targets can dequantize outputs and reports can explain values.
+Every integer tensor's quantization (scale, zero point, dtype, qmin, qmax) is
+recorded as JSON in the model's metadata_props under ``edgeq.tensor_quant``
+(read it with :func:`passes.integerize.tensor_quant`) so targets can
+dequantize outputs and reports can explain values. Graph inputs and outputs
+keep the QDQ model's names and float32 type; data movement on a float input
+is moved after its Quantize. No float region is allowed after the last
+Dequantize (see passes/integerize).
 """
 
 INT_DOMAIN = "edgeq"

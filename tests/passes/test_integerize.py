@@ -1,0 +1,163 @@
+"""passes/integerize: QDQ in, integer-only graph out."""
+
+import numpy as np
+import onnx
+import pytest
+
+from compiler.errors import EdgeqError
+from compiler.graph import attribute
+from compiler.interpreter import run_all, run_integer_graph
+from compiler.intgraph import DATA_MOVEMENT_OPS, INT_DOMAIN
+from passes.integerize import integerize, tensor_quant
+from tests.qdq_fixtures import (
+    QDQBuilder,
+    conv_block_model,
+    matmul_model,
+    quantize_qdq,
+    random_inputs,
+)
+
+EDGE_OPS = {"Quantize", "Dequantize"}
+
+
+def assert_integer_only(int_model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> None:
+    """Every tensor between the input Quantize and the output Dequantize is an integer."""
+    graph_outputs = {value.name for value in int_model.graph.output}
+    graph_inputs = {value.name for value in int_model.graph.input}
+    env = run_all(int_model, sample)
+    for node in int_model.graph.node:
+        if node.domain == INT_DOMAIN:
+            assert node.op_type.startswith("Q") or node.op_type in EDGE_OPS | {"Requantize"}, node
+        else:
+            assert node.op_type in DATA_MOVEMENT_OPS, f"float op {node.op_type} left in the graph"
+        if node.op_type != "Quantize":
+            for name in node.input:
+                if name and name not in graph_inputs:
+                    assert env[name].dtype.kind in "iu", f"{name} feeding {node.op_type} is {env[name].dtype}"
+        if node.op_type != "Dequantize":
+            assert env[node.output[0]].dtype.kind in "iu" or node.output[0] in graph_outputs
+    quantized = [n for n in int_model.graph.node if n.op_type == "Quantize"]
+    assert all(n.input[0] in graph_inputs for n in quantized)
+    assert all(n.output[0] in graph_outputs for n in int_model.graph.node if n.op_type == "Dequantize")
+
+
+@pytest.fixture(scope="module")
+def conv_qdq():
+    model = conv_block_model()
+    return model, quantize_qdq(model, random_inputs(model, 16))
+
+
+def test_conv_block_becomes_integer_only(conv_qdq):
+    model, qdq = conv_qdq
+    int_model = integerize(qdq)
+    ops = [node.op_type for node in int_model.graph.node]
+    assert ops.count("QConv") == 3 and "QGemm" in ops and "QAdd" in ops
+    assert {"QAveragePool", "QGlobalAveragePool", "MaxPool", "Concat", "Flatten"} <= set(ops)
+    depthwise = [n for n in int_model.graph.node if n.op_type == "QConv" and attribute(n, "group") == 8]
+    assert len(depthwise) == 1
+    assert_integer_only(int_model, random_inputs(model, 1)[0])
+    quant = tensor_quant(int_model)
+    assert all(entry["dtype"] in ("uint8", "int8") for entry in quant.values())
+    assert [value.name for value in int_model.graph.output] == ["y"]
+
+
+def test_input_data_movement_moves_after_quantize_and_matmuls():
+    model = matmul_model()
+    qdq = quantize_qdq(model, random_inputs(model, 16))
+    int_model = integerize(qdq)
+    ops = [node.op_type for node in int_model.graph.node]
+    assert ops[:3] == ["Quantize", "Transpose", "Reshape"]
+    assert {"QGemm", "QAdd", "QMatMul", "Pad", "Squeeze", "Unsqueeze"} <= set(ops)
+    assert_integer_only(int_model, random_inputs(model, 1)[0])
+    pad = next(n for n in int_model.graph.node if n.op_type == "Pad")
+    pad_value = next(i for i in int_model.graph.initializer if i.name == pad.input[2])
+    zero_point = tensor_quant(int_model)[pad.input[0]]["zero_point"]
+    assert onnx.numpy_helper.to_array(pad_value) == zero_point  # pads hold real 0
+
+
+def test_does_not_modify_its_input(conv_qdq):
+    _, qdq = conv_qdq
+    before = qdq.SerializeToString()
+    integerize(qdq)
+    assert qdq.SerializeToString() == before
+
+
+def conv_with(activation: str, bits: int = 8) -> onnx.ModelProto:
+    """x -> QDQ -> Conv -> activation -> QDQ -> y with the activation kept in the QDQ graph."""
+    b = QDQBuilder(seed=3)
+    x = b.input("x", [1, 4, 8, 8], scale=0.05, zero_point=120)
+    w = b.weight((6, 4, 3, 3), bits=bits)
+    conv = b.node("Conv", [x, w, b.bias(6, 0.05 * 0.02)], pads=[1, 1, 1, 1])
+    if activation == "Relu":
+        conv = b.node("Relu", [conv])
+    elif activation == "Relu6":
+        conv = b.node("Clip", [conv, b.const(np.array(0.0, np.float32)), b.const(np.array(6.0, np.float32))])
+    return b.model(b.qdq(conv, 0.04, 100))
+
+
+@pytest.mark.parametrize("activation,low", [("none", 0), ("Relu", 100), ("Relu6", 100)])
+def test_relu_and_clip_become_integer_clamps(activation, low):
+    int_model = integerize(conv_with(activation))
+    conv = next(n for n in int_model.graph.node if n.op_type == "QConv")
+    assert attribute(conv, "y_min") == low
+    assert attribute(conv, "y_max") == (min(255, 100 + 150) if activation == "Relu6" else 255)
+    assert not [n for n in int_model.graph.node if n.op_type in ("Relu", "Clip")]
+
+
+def test_int8_weights_in_int4_range_are_marked_4_bit():
+    int_model = integerize(conv_with("Relu", bits=4))
+    conv = next(n for n in int_model.graph.node if n.op_type == "QConv")
+    assert attribute(conv, "w_bits") == 4
+
+
+def test_opset21_int4_initializers(conv_qdq):
+    model, _ = conv_qdq
+    qdq = quantize_qdq(model, random_inputs(model, 16), weight_type="QInt4")
+    assert any(init.data_type == onnx.TensorProto.INT4 for init in qdq.graph.initializer)
+    int_model = integerize(qdq)
+    weighted = [n for n in int_model.graph.node if n.op_type in ("QConv", "QGemm")]
+    assert weighted and all(attribute(n, "w_bits") == 4 for n in weighted)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in int_model.graph.initializer}
+    for node in weighted:
+        assert weights[node.input[1]].dtype == np.int8
+        assert weights[node.input[1]].min() >= -8 and weights[node.input[1]].max() <= 7
+
+
+def test_concat_with_shared_scales_stays_plain_and_standalone_relu_clamps():
+    b = QDQBuilder(seed=1)
+    x = b.input("x", [1, 2, 4, 4], scale=0.1, zero_point=128)
+    relu = b.node("Relu", [x])
+    cat = b.node("Concat", [x, relu], axis=1)
+    int_model = integerize(b.model(cat))
+    ops = [n.op_type for n in int_model.graph.node]
+    assert ops == ["Quantize", "Requantize", "Concat", "Identity", "Dequantize"]
+    clamp = int_model.graph.node[1]
+    assert attribute(clamp, "y_min") == 128
+    sample = random_inputs(b.model(cat), 1)[0]
+    y = run_integer_graph(int_model, sample)["y"]
+    assert np.all(y[:, 2:] >= 0) and np.allclose(y[:, 2:], np.maximum(y[:, :2], 0))
+
+
+def test_float_op_in_the_middle_is_an_error_naming_it():
+    b = QDQBuilder()
+    x = b.input("x", [1, 4])
+    sig = b.node("Sigmoid", [x])
+    with pytest.raises(EdgeqError, match="Sigmoid node 'sigmoid"):
+        integerize(b.model(b.qdq(sig, 0.01, 0)))
+
+
+def test_float_tail_after_the_last_dequantize_is_an_error():
+    b = QDQBuilder()
+    x = b.input("x", [1, 4])
+    soft = b.node("Softmax", [x], axis=-1)
+    with pytest.raises(EdgeqError, match="Softmax"):
+        integerize(b.model(soft))
+
+
+def test_asymmetric_weights_are_rejected():
+    b = QDQBuilder()
+    x = b.input("x", [1, 4])
+    w = b.node("DequantizeLinear", [b.const(np.ones((4, 3), np.int8)), b.const(np.array(0.1, np.float32)),
+                                    b.const(np.array(3, np.int8))])
+    with pytest.raises(EdgeqError, match="symmetric"):
+        integerize(b.model(b.qdq(b.node("MatMul", [x, w]), 0.1, 128)))
