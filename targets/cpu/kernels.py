@@ -24,7 +24,8 @@ shifted to uint8 (``x ^ 0x80``, zero point + 128) and the weight sum times 128
 is moved into the bias by :mod:`targets.cpu.schedules`.
 
 Every kernel ends with the fused epilogue of :mod:`compiler.intgraph`:
-``y = clip(((acc * M + (1 << (s - 1))) >> s) + y_zp)`` in int64, per channel.
+``y = clip(requant(acc, M, s) + y_zp)`` in int64 with
+:mod:`compiler.requant`'s rounding (half to even), per channel.
 Threads come from TVM's runtime pool (``TVM_NUM_THREADS``): the outer tile loop
 is ``parallel``.
 """
@@ -138,7 +139,9 @@ def _interleave4(x, n, c0, h, w0, signed: bool) -> tirx.PrimExpr:
 
 
 def requant_vector(acc: tirx.PrimExpr, bias, mult, rnd, shift, rq: Requant) -> tirx.PrimExpr:
-    """``clip(((acc + bias) * M + rnd) >> s) + y_zp)`` on 16 int32 lanes, cast to the y dtype.
+    """``clip(requant(acc + bias, M, s) + y_zp)`` on 16 int32 lanes, cast to the y dtype.
+
+    ``rnd`` is ``1 << (s - 1)``; requant rounds half to even (see :mod:`compiler.requant`).
 
     ``bias, mult, rnd, shift`` are scalars (one output channel: broadcast) or 16-lane
     vectors (one value per lane).
@@ -149,8 +152,13 @@ def requant_vector(acc: tirx.PrimExpr, bias, mult, rnd, shift, rq: Requant) -> t
             return tirx.Broadcast(tirx.Cast("int64", v), LANES)
         return tirx.Cast(f"int64x{LANES}", v)
 
-    wide = tirx.Cast(f"int64x{LANES}", acc) + b64(bias)
-    value = tirx.shift_right(wide * b64(mult) + b64(rnd), b64(shift))
+    product = (tirx.Cast(f"int64x{LANES}", acc) + b64(bias)) * b64(mult)
+    half = b64(rnd)
+    value = tirx.shift_right(product + half, b64(shift))
+    # Exact ties go to the even neighbour (compiler.requant's rule).
+    one = tirx.Broadcast(tirx.const(1, "int64"), LANES)
+    tie = tirx.Cast(f"int64x{LANES}", tirx.bitwise_and(product, half + half - one) == half)
+    value = value - tirx.bitwise_and(tie, tirx.bitwise_and(value, one))
     value = value + tirx.Broadcast(tirx.const(rq.y_zero_point, "int64"), LANES)
     value = tirx.max(value, tirx.Broadcast(tirx.const(rq.y_min, "int64"), LANES))
     value = tirx.min(value, tirx.Broadcast(tirx.const(rq.y_max, "int64"), LANES))

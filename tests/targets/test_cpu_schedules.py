@@ -17,7 +17,8 @@ from targets.cpu import schedules
 pytestmark = pytest.mark.skipif(not schedules.host_has_vnni(), reason="needs AVX-512 VNNI")
 
 
-def reference_qconv(x: np.ndarray, w: np.ndarray, bias: np.ndarray, attrs: dict) -> np.ndarray:
+def accumulate_qconv(x: np.ndarray, w: np.ndarray, bias: np.ndarray, attrs: dict) -> np.ndarray:
+    """int64 ``sum(x * w) + bias`` of QConv, padding reading x_zero_point."""
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     group = attrs.get("group", 1)
@@ -38,13 +39,11 @@ def reference_qconv(x: np.ndarray, w: np.ndarray, bias: np.ndarray, attrs: dict)
                             i * dh : i * dh + (ho - 1) * sh + 1 : sh,
                             j * dw : j * dw + (wo - 1) * sw + 1 : sw]
                 acc[:, oc] += np.einsum("nchw,c->nhw", window, w[oc, :, i, j].astype(np.int64))
-    acc += bias.reshape(1, -1, 1, 1)
-    return _requant_out(acc, attrs, axis=1)
+    return acc + bias.reshape(1, -1, 1, 1)
 
 
-def reference_qgemm(x: np.ndarray, w: np.ndarray, bias: np.ndarray, attrs: dict) -> np.ndarray:
-    acc = x.astype(np.int64) @ w.astype(np.int64) + bias
-    return _requant_out(acc, attrs, axis=1)
+def accumulate_qgemm(x: np.ndarray, w: np.ndarray, bias: np.ndarray, attrs: dict) -> np.ndarray:
+    return x.astype(np.int64) @ w.astype(np.int64) + bias
 
 
 def _requant_out(acc: np.ndarray, attrs: dict, axis: int) -> np.ndarray:
@@ -52,6 +51,18 @@ def _requant_out(acc: np.ndarray, attrs: dict, axis: int) -> np.ndarray:
     shift = np.asarray(attrs["shift"], dtype=np.int64)
     y = requantize(acc, mult, shift, axis=axis if mult.size > 1 else None) + attrs["y_zero_point"]
     return np.clip(y, attrs["y_min"], attrs["y_max"]).astype(attrs["y_dtype"])
+
+
+def _has_ties(acc: np.ndarray, attrs: dict, axis: int) -> bool:
+    mult = np.asarray(attrs["multiplier"], dtype=np.int64)
+    shift = np.asarray(attrs["shift"], dtype=np.int64)
+    shape = [1] * acc.ndim
+    shape[axis] = -1
+    if mult.size > 1:
+        mult, shift = mult.reshape(shape), shift.reshape(shape)
+    product = acc * mult
+    half = np.left_shift(np.int64(1), shift - 1)
+    return bool(np.any(np.bitwise_and(product, 2 * half - 1) == half))
 
 
 def _case(rng, op, x_shape, w_shape, x_dtype, y_dtype, per_channel, **conv_attrs):
@@ -65,6 +76,18 @@ def _case(rng, op, x_shape, w_shape, x_dtype, y_dtype, per_channel, **conv_attrs
     # acc spans about +-128*128*sqrt(K) and M ~ 2**30.5: this shift maps it to about +-64 steps.
     shift = 31 + int(np.log2(128 * 128 * np.sqrt(reduction) / 64)) + rng.integers(-1, 2, count)
     mult = rng.integers(2**30, 2**31, count)
+    if per_channel:
+        # Every third channel is acc = x[first tap] + bias halved exactly (M = 2**30, s = 31):
+        # half of its outputs are exact ties, which exercise the round-half-to-even rule that
+        # random multipliers almost never hit.
+        tie_channels = np.arange(0, out_channels, 3)
+        w_by_channel = w.reshape(out_channels, -1) if op == "QConv" else w.T.reshape(out_channels, -1)
+        w_by_channel[tie_channels] = 0
+        w_by_channel[tie_channels, 0] = 1
+        w[...] = w_by_channel.reshape(w.shape) if op == "QConv" else w_by_channel.T.reshape(w.shape)
+        bias[tie_channels] = -128 if x_dtype == "uint8" else 0
+        mult[tie_channels] = 2**30
+        shift[tie_channels] = 31
     lo, hi = np.iinfo(y_dtype).min, np.iinfo(y_dtype).max
     attrs = dict(
         x_zero_point=int(rng.integers(np.iinfo(x_dtype).min, np.iinfo(x_dtype).max + 1)),
@@ -82,7 +105,10 @@ def _check(node, x, w, bias, attrs, expected_variant):
     )
     assert kernel is not None and kernel.variant == expected_variant
     got = schedules.run_kernel(schedules.build_kernel(kernel), kernel, x)
-    ref = (reference_qconv if node.op_type == "QConv" else reference_qgemm)(x, w, bias.astype(np.int64), attrs)
+    acc = (accumulate_qconv if node.op_type == "QConv" else accumulate_qgemm)(x, w, bias.astype(np.int64), attrs)
+    ref = _requant_out(acc, attrs, axis=1)
+    if len(attrs["multiplier"]) > 1:
+        assert _has_ties(acc, attrs, axis=1), "the case never hits a rounding tie"
     assert got.dtype == ref.dtype and got.shape == ref.shape
     # The outputs must not be trivially saturated, or the test proves little.
     assert len(np.unique(ref)) > min(16, ref.size // 2)
