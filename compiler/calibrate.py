@@ -82,10 +82,15 @@ def _ort_first_line(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def make_session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
-    """CPU session with basic optimisations only (names of intermediates survive)."""
+def make_session(model: onnx.ModelProto, threads: int | None = None, *, optimize: bool = False) -> ort.InferenceSession:
+    """CPU session with basic optimisations only (names of intermediates survive).
+
+    ``optimize=True`` enables every onnxruntime optimisation, so a QDQ model runs
+    on the integer kernels a deployment would use (intermediates may vanish).
+    """
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads

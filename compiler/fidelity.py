@@ -70,7 +70,7 @@ def run_model(model: onnx.ModelProto, data: dict[str, np.ndarray], *, batch_size
     from compiler.calibrate import make_session
     from compiler.data import iterate_batches
 
-    session = make_session(model)
+    session = make_session(model, optimize=True)  # QDQ models run on onnxruntime's integer kernels
     names = outputs or graph_output_names(model)
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for batch in iterate_batches(data, batch_size):
