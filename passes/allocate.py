@@ -698,3 +698,127 @@ def _merge_groups(groups: list[list[str]]) -> list[list[str]]:
     for name in order:
         merged.setdefault(find(name), []).append(name)
     return [members for members in merged.values() if len(members) > 1]
+
+
+# -- problems built from a model and its plan -----------------------------------------------
+
+
+def problem_from_model(
+    model,
+    plan,
+    cost_model,
+    *,
+    sensitivity: dict[str, dict[Choice, float]] | None = None,
+    w_bits: Sequence[int] = (4, 8),
+    a_bits: Sequence[int] = (8,),
+    pins: dict[str, tuple[int | None, int | None]] | None = None,
+    integer_only: bool = False,
+) -> AllocationProblem:
+    """The allocation problem of ``plan.layers`` in ``model`` (a canonicalized float model).
+
+    Layer costs come from ``cost_model`` on :func:`compiler.layers.layer_shapes`;
+    tie groups are the quantized readers of each shared activation quantizer
+    (:func:`passes.insert_qdq.activation_groups`), so a tensor is never stored
+    at two widths; the execution order is the model's node order with a Relu /
+    Clip that the QDQ export folds into its layer taken as part of that layer.
+    """
+    from compiler.layers import layer_shapes
+
+    shapes = layer_shapes(model, list(plan.layers))
+    sensitivity = sensitivity or {}
+    layers = [
+        layer_options(shapes[name], cost_model, w_bits, a_bits, sensitivity.get(name))
+        for name in plan.layers
+    ]
+    fixed = {}
+    if hasattr(cost_model, "fixed_costs"):
+        fixed = dict(cost_model.fixed_costs([shapes[name] for name in plan.layers]))
+    steps, buffers, tie_groups = execution_buffers(model, plan, integer_only=integer_only)
+    return AllocationProblem(layers, tie_groups, dict(pins or {}), steps, buffers, fixed, name=plan.model)
+
+
+def execution_buffers(model, plan, *, integer_only: bool = False) -> tuple[list[str], list[ActivationBuffer], list[list[str]]]:
+    """Execution steps, activation buffers with live ranges and readers, and tie groups."""
+    import onnx
+
+    from compiler.graph import graph_input_names, graph_output_names, value_shapes
+    from compiler.layers import fix_input_shapes
+    from passes.insert_qdq import _fused_activation, activation_groups
+
+    fused_nodes = {}
+    for layer in plan.layers.values():
+        fused = _fused_activation(model, layer)
+        if fused is not None:
+            fused_nodes[fused.name] = layer.node
+    steps: list[str] = []
+    step_of_tensor: dict[str, int] = {name: 0 for name in graph_input_names(model)}
+    last_read: dict[str, int] = {}
+    node_step: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        if node.name in fused_nodes:  # computed inside its layer's step
+            step = node_step[fused_nodes[node.name]]
+        else:
+            step = len(steps)
+            steps.append(node.name)
+        node_step[node.name] = step
+        for name in node.input:
+            if name in step_of_tensor:
+                last_read[name] = max(last_read.get(name, 0), step)
+        for name in node.output:
+            if name:
+                step_of_tensor[name] = step
+    # A layer's raw output that its fused activation consumes within the same step is never stored.
+    fused_raw = {node.input[0] for node in model.graph.node if node.name in fused_nodes}
+    final = len(steps) - 1
+    for name in graph_output_names(model):
+        last_read[name] = final
+
+    groups = activation_groups(model, plan, integer_only=integer_only)
+    group_of = {name: index for index, group in enumerate(groups) for name in group.tensors}
+    group_readers: dict[int, list[str]] = {}
+    for layer in plan.layers.values():
+        for name in layer.inputs:
+            if name in group_of:
+                group_readers.setdefault(group_of[name], [])
+                if layer.node not in group_readers[group_of[name]]:
+                    group_readers[group_of[name]].append(layer.node)
+
+    shapes = value_shapes(onnx.shape_inference.infer_shapes(fix_input_shapes(model), data_prop=True))
+    buffers = []
+    for name, first in step_of_tensor.items():
+        if name in fused_raw:
+            continue
+        shape = shapes.get(name)
+        if not shape or not all(isinstance(dim, int) for dim in shape):
+            raise EdgeqError(f"cannot size activation '{name}' for the SRAM budget: its shape is unknown")
+        group = group_of.get(name)
+        readers = group_readers.get(group, []) if group is not None else []
+        fixed_bits = groups[group].bits if group is not None else FLOAT_BITS
+        buffers.append(ActivationBuffer(name, int(math.prod(shape)), first, last_read.get(name, first), readers, fixed_bits))
+    ties = _merge_groups([readers for readers in group_readers.values() if len(readers) > 1])
+    return steps, buffers, ties
+
+
+def apply_allocation(plan, problem: AllocationProblem, allocation: Allocation) -> None:
+    """Write the chosen bits, each layer's sensitivities and chosen cost, and the totals into ``plan``."""
+    from dataclasses import asdict
+
+    for layer in problem.layers:
+        w_bits, a_bits = allocation.choices[layer.name]
+        entry = plan.layers[layer.name]
+        entry.w_bits, entry.a_bits = w_bits, a_bits
+        entry.info["sensitivity"] = {_choice_key(c): s for c, s in layer.sensitivity.items()}
+        entry.info["cost"] = asdict(layer.costs[(w_bits, a_bits)])
+        tied = [group for group in problem.tie_groups if layer.name in group]
+        if tied:
+            entry.info["tie_group"] = tied[0]
+        if layer.name in problem.pins:
+            entry.info["pinned"] = list(problem.pins[layer.name])
+    plan.budget = dict(allocation.budget)
+    plan.totals["allocation"] = {key: value for key, value in allocation.as_dict().items() if key != "choices"}
+
+
+def _choice_key(choice: Choice) -> str:
+    return f"w{choice[0]}a{choice[1]}" if choice[0] else f"a{choice[1]}"

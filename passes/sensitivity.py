@@ -1,0 +1,325 @@
+"""Per-layer, per-bit-width sensitivity: how much quantizing one layer moves the model.
+
+Requires: a canonicalized float model, a plan from ``passes/select_layers``
+(its ``layers`` are the candidates), calibration inputs.
+Guarantees: for every layer and candidate ``(w_bits, a_bits)`` a non-negative
+number, larger = the model output moves more; the graph is not changed.
+
+Two estimates:
+
+* :func:`measured_sensitivity` -- quantize that layer alone (every other op
+  float) with ``passes.insert_qdq.quantize_model`` and compare the model's
+  outputs with float on the calibration data: the mean KL divergence of the
+  softmax outputs for classifier outputs ([N, C]), otherwise the output MSE
+  divided by the float output's mean square (so outputs of different scale add
+  up). Runs the (layer, bits) jobs in parallel processes.
+* :func:`proxy_sensitivity` -- no quantized model is run: for a linear layer
+  ``y = W x`` with input second moment ``H = E[x x^T]`` (the layer Hessian of
+  GPTQ / HAWQ-V2), weight rounding adds ``sum_o dW_o^T H dW_o`` to the output
+  error and activation rounding (uniform noise of variance step^2/12) adds
+  ``step^2/12 * ||W||_F^2``; the sum is divided by the output power
+  ``sum_o W_o^T H W_o`` (a noise-to-signal ratio, comparable across layers).
+  Conv inputs use the per-pixel channel covariance (neighbouring pixels of a
+  kernel window taken as uncorrelated). Weightless layers (Add, pooling,
+  Concat) get the input quantization noise-to-signal ratio.
+
+:func:`spearman` compares the two rankings (reported in BENCHMARKS.mixed.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import onnx
+
+from compiler.graph import attribute, initializer_array
+from compiler.plan import QuantPlan
+from compiler.quantizers import fake_quantize_weight, weight_output_axis
+
+log = logging.getLogger(__name__)
+
+Choice = tuple[int | None, int]
+Sensitivity = dict[str, dict[Choice, float]]
+
+
+def candidate_choices(plan: QuantPlan, w_bits: Sequence[int], a_bits: Sequence[int]) -> dict[str, list[Choice]]:
+    """Every (w_bits, a_bits) pair per layer; weightless layers only vary a_bits."""
+    return {
+        name: [(w, a) for w in (w_bits if layer.w_bits else [None]) for a in a_bits]
+        for name, layer in plan.layers.items()
+    }
+
+
+def with_opset_for(model: onnx.ModelProto, bits: Sequence[int]) -> onnx.ModelProto:
+    """``model`` at opset 21 when sub-byte or 16-bit types are needed (converted once, not per job)."""
+    needs_21 = any(b not in (8, 32) for b in bits if b)
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if needs_21 and current < 21:
+        return onnx.version_converter.convert_version(model, 21)
+    return model
+
+
+def activation_ranges(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    calib: dict[str, np.ndarray],
+    a_bits: Sequence[int],
+    *,
+    method: str = "mse",
+    integer_only: bool = False,
+    batch_size: int = 32,
+) -> dict[int, dict[str, tuple[float, float]]]:
+    """Activation ranges fitted for each candidate width (one calibration pass, one observer per tensor)."""
+    from compiler.calibrate import collect_observers, observer_range
+    from passes.insert_qdq import tensors_to_calibrate
+
+    names = tensors_to_calibrate(model, plan, integer_only=integer_only)
+    observers = collect_observers(model, calib, names, method=method, batch_size=batch_size, progress=False)
+    return {
+        bits: {name: observer_range(obs, bits, plan.activation_signed, False) for name, obs in observers.items()}
+        for bits in a_bits
+    }
+
+
+def single_layer_plan(plan: QuantPlan, name: str, choice: Choice) -> QuantPlan:
+    """A plan that quantizes only layer ``name``, at ``choice``."""
+    layer = replace(plan.layers[name], w_bits=choice[0], a_bits=choice[1], info={})
+    return QuantPlan(model=plan.model, target=plan.target, w_bits=plan.w_bits, a_bits=plan.a_bits,
+                     activation_signed=plan.activation_signed, layers={name: layer})
+
+
+def output_distance(reference: dict[str, np.ndarray], quantized: dict[str, np.ndarray]) -> float:
+    """Sum over outputs: mean softmax KL for [N, C] classifier outputs, else relative MSE."""
+    from compiler.fidelity import softmax
+
+    total = 0.0
+    for name, ref in reference.items():
+        ref64 = np.asarray(ref, dtype=np.float64)
+        q64 = np.asarray(quantized[name], dtype=np.float64)
+        if ref64.ndim == 2 and ref64.shape[1] >= 2:
+            p, q = softmax(ref64), softmax(q64)
+            total += float(np.mean(np.sum(p * (np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12))), axis=1)))
+        else:
+            power = float(np.mean(ref64**2)) or 1.0
+            total += float(np.mean((ref64 - q64) ** 2)) / power
+    return max(total, 0.0)
+
+
+def _runnable_batch(model: onnx.ModelProto, batch_size: int) -> int:
+    """``batch_size``, or the model's fixed batch dimension when its first input has one."""
+    from compiler.graph import graph_input_names
+
+    first = graph_input_names(model)[0]
+    value = next(v for v in model.graph.input if v.name == first)
+    dims = value.type.tensor_type.shape.dim
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else batch_size
+
+
+# -- measured: one quantized layer at a time, in worker processes -------------------------------
+
+_WORKER: dict = {}
+
+
+def _worker_init(model_bytes: bytes, plan_dict: dict, calib: dict, reference: dict,
+                 ranges: dict, batch_size: int) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _WORKER.update(model=onnx.load_from_string(model_bytes), plan=QuantPlan.from_dict(plan_dict),
+                   calib=calib, reference=reference, ranges=ranges, batch_size=batch_size)
+
+
+def _worker_measure(job: tuple[str, Choice]) -> tuple[str, Choice, float]:
+    from compiler.fidelity import run_model
+    from passes.insert_qdq import quantize_model
+
+    name, choice = job
+    state = _WORKER
+    single = single_layer_plan(state["plan"], name, choice)
+    qdq = quantize_model(state["model"], single, state["ranges"][choice[1]])
+    outputs = run_model(qdq, state["calib"], batch_size=state["batch_size"])
+    return name, choice, output_distance(state["reference"], outputs)
+
+
+def measured_sensitivity(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    calib: dict[str, np.ndarray],
+    choices: dict[str, list[Choice]],
+    *,
+    ranges: dict[int, dict[str, tuple[float, float]]] | None = None,
+    max_samples: int = 64,
+    workers: int = 2,
+    batch_size: int = 32,
+) -> Sensitivity:
+    """Output distance with only that layer quantized, per layer and choice (see module docstring)."""
+    from compiler.fidelity import run_model
+
+    all_bits = {b for options in choices.values() for c in options for b in c if b}
+    model = with_opset_for(model, sorted(all_bits))
+    calib = {name: value[:max_samples] for name, value in calib.items()}
+    if ranges is None:
+        ranges = activation_ranges(model, plan, calib, sorted({c[1] for o in choices.values() for c in o}))
+    batch_size = _runnable_batch(model, batch_size)
+    reference = run_model(model, calib, batch_size=batch_size)
+    jobs = [(name, choice) for name, options in choices.items() for choice in options]
+    init_args = (model.SerializeToString(), plan.to_dict(), calib, reference, ranges, batch_size)
+    result: Sensitivity = {name: {} for name in choices}
+    if workers <= 1:
+        _worker_init(*init_args)
+        outcomes = map(_worker_measure, jobs)
+        for name, choice, value in outcomes:
+            result[name][choice] = value
+        return result
+    import multiprocessing
+
+    # fork: spawn would re-import the caller's __main__ (scripts without a main guard loop).
+    # The parent holds no onnxruntime session at this point (run_model's is released).
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=init_args) as pool:
+        for name, choice, value in pool.map(_worker_measure, jobs, chunksize=max(1, len(jobs) // (8 * workers))):
+            result[name][choice] = value
+    return result
+
+
+# -- proxy: second moment x weight error ---------------------------------------------------------
+
+
+def _feature_axis(model: onnx.ModelProto, layer) -> int:
+    return 1 if layer.op_type in ("Conv", "ConvTranspose", "AveragePool", "GlobalAveragePool", "MaxPool") else -1
+
+
+def _weight_rows(model: onnx.ModelProto, layer, weight: np.ndarray) -> list[tuple[np.ndarray, slice]]:
+    """The weight as rows over input features, grouped by the input-channel slice they read.
+
+    Each entry is (rows [R, F], slice of the F input features in the layer's
+    input feature axis) so that ``rows[r] . x[slice]`` is one output term.
+    """
+    node = next(n for n in model.graph.node if n.name == layer.node)
+    op = layer.op_type
+    if op == "Conv":
+        group = attribute(node, "group", 1)
+        out_per_group, in_per_group = weight.shape[0] // group, weight.shape[1]
+        parts = []
+        for g in range(group):
+            block = weight[g * out_per_group:(g + 1) * out_per_group]  # [Og, Cg, kh, kw]
+            rows = np.moveaxis(block, 1, -1).reshape(-1, in_per_group)
+            parts.append((rows, slice(g * in_per_group, (g + 1) * in_per_group)))
+        return parts
+    if op == "ConvTranspose":  # [C_in, C_out, kh, kw], group 1
+        return [(np.moveaxis(weight, 0, -1).reshape(-1, weight.shape[0]), slice(None))]
+    if op == "Gemm":
+        rows = weight if attribute(node, "transB", 0) else weight.T
+        return [(rows, slice(None))]
+    if op == "MatMul":
+        return [(np.moveaxis(weight, -1, -2).reshape(-1, weight.shape[-2]), slice(None))]
+    raise ValueError(f"no weight layout rule for {op}")
+
+
+def _quadratic(parts: list[tuple[np.ndarray, slice]], moment: np.ndarray) -> float:
+    """sum over rows r of rows[r]^T H[slice, slice] rows[r]."""
+    total = 0.0
+    for rows, part in parts:
+        block = moment[part, part]
+        total += float(np.sum((rows.astype(np.float64) @ block) * rows))
+    return total
+
+
+def _noise_power(low: float, high: float, bits: int) -> float:
+    """Variance of uniform rounding noise of a ``bits``-wide quantizer over [low, high]."""
+    step = (high - low) / ((1 << bits) - 1)
+    return step * step / 12.0
+
+
+def proxy_sensitivity(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    calib: dict[str, np.ndarray],
+    choices: dict[str, list[Choice]],
+    *,
+    ranges: dict[int, dict[str, tuple[float, float]]] | None = None,
+    max_samples: int = 64,
+    batch_size: int = 32,
+) -> Sensitivity:
+    """Noise-to-signal ratio of each layer's output from its own quantization (module docstring)."""
+    from compiler.calibrate import collect_second_moment
+
+    calib = {name: value[:max_samples] for name, value in calib.items()}
+    if ranges is None:
+        ranges = activation_ranges(model, plan, calib, sorted({c[1] for o in choices.values() for c in o}))
+    inputs = sorted({name for layer in plan.layers.values() for name in layer.inputs})
+    axes = {}
+    for layer in plan.layers.values():
+        for name in layer.inputs:
+            axes[name] = _feature_axis(model, layer)
+    moments = collect_second_moment(model, calib, inputs, axis=axes, batch_size=batch_size, progress=False)
+    result: Sensitivity = {}
+    for name, options in choices.items():
+        layer = plan.layers[name]
+        result[name] = {}
+        if layer.w_bits and layer.weight:
+            weight = initializer_array(model, layer.weight).astype(np.float32)
+            node = next(n for n in model.graph.node if n.name == layer.node)
+            axis = weight_output_axis(layer.op_type, weight.ndim, attribute(node, "transB", 0))
+            moment = moments[layer.inputs[0]]
+            parts = _weight_rows(model, layer, weight)
+            signal = max(_quadratic(parts, moment), 1e-30)
+            weight_norm = sum(float(np.sum(rows.astype(np.float64) ** 2)) for rows, _ in parts)
+            for choice in options:
+                w_bits, a_bits = choice
+                error = weight - fake_quantize_weight(weight, axis, w_bits)
+                weight_term = _quadratic(_weight_rows(model, layer, error), moment)
+                low, high = ranges[a_bits].get(layer.inputs[0], (0.0, 0.0))
+                activation_term = _noise_power(low, high, a_bits) * weight_norm
+                result[name][choice] = (weight_term + activation_term) / signal
+        else:
+            for choice in options:
+                ratio = 0.0
+                for tensor in layer.inputs:
+                    moment = moments[tensor]
+                    power = max(float(np.trace(moment)) / moment.shape[0], 1e-30)
+                    low, high = ranges[choice[1]].get(tensor, (0.0, 0.0))
+                    ratio += _noise_power(low, high, choice[1]) / power
+                result[name][choice] = ratio
+    return result
+
+
+# -- agreement between the two --------------------------------------------------------------------
+
+
+def _ranks(values: list[float]) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    sorted_values = np.asarray(values)[order]
+    index = 0
+    while index < len(values):  # average ranks over ties
+        end = index
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[index]:
+            end += 1
+        ranks[order[index:end + 1]] = (index + end) / 2.0
+        index = end + 1
+    return ranks
+
+
+def spearman(first: Sensitivity, second: Sensitivity, choice: Choice | None = None) -> float:
+    """Spearman rank correlation of two sensitivity tables over shared (layer, choice) entries.
+
+    With ``choice``, only that choice of each layer (how well layers are ranked
+    at one bit-width); without, every shared entry.
+    """
+    pairs = [
+        (first[name][c], second[name][c])
+        for name in first if name in second
+        for c in first[name] if c in second[name] and (choice is None or c == choice)
+    ]
+    if len(pairs) < 3:
+        return math.nan
+    a = _ranks([p[0] for p in pairs])
+    b = _ranks([p[1] for p in pairs])
+    if a.std() == 0 or b.std() == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
