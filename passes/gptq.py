@@ -144,6 +144,72 @@ def _reconstruction_error(weight: np.ndarray, rounded: np.ndarray, hessian: np.n
     return float(num / den) if den > 0 else 0.0
 
 
+def _round_layer(result: onnx.ModelProto, plan: QuantPlan, layer: LinearLayer, bits: int,
+                 hessian: np.ndarray | None, options: dict) -> None:
+    """Round one layer (GPTQ when ``hessian`` is given, else nearest) and record its grid."""
+    weight = _grouped(layer, result).astype(np.float64)
+    if hessian is not None:
+        hessian = hessian if hessian.ndim == 3 else hessian[None]
+        if hessian.shape[-1] != weight.shape[-1]:
+            hessian = None
+    if options["scale_search"]:
+        diag = (np.diagonal(hessian, axis1=-2, axis2=-1) if hessian is not None
+                else np.ones(weight.shape[::2]))
+        scale = search_scale(weight, diag, bits)
+    else:
+        scale = weight_scale(weight.reshape(-1, weight.shape[-1]), 0, bits).reshape(weight.shape[:2])
+    if hessian is not None:
+        rounded = gptq_round(weight, hessian, scale, bits, block_size=options["block_size"],
+                             damp=options["damp"], act_order=options["act_order"])
+        method = "gptq"
+    else:
+        lo, hi = int_range(bits, signed=True)
+        rounded = _quantize(weight, scale[..., None].astype(np.float64), lo, hi)
+        method = options.get("fallback", "nearest")
+        log.info("gptq: %s: %s", layer.name, method)
+    channel_scale = scale.reshape(-1)
+    # q * scale in float32 is the grid value QuantizeLinear maps back to q exactly.
+    integers = np.clip(np.round(rounded.reshape(-1, weight.shape[-1]) / channel_scale[:, None].astype(np.float64)),
+                       -qmax_for(bits) - 1, qmax_for(bits))
+    on_grid = (integers.astype(np.float32) * channel_scale[:, None]).astype(np.float32)
+    new_weight = layer.from_matrix(result, on_grid)
+    set_initializer(result, layer.weight, new_weight)
+    plan.tensors[layer.weight] = weight_tensor_quant(layer.weight, new_weight, layer.out_axis, bits, channel_scale)
+    entry = plan.layers.get(layer.name)
+    error = _reconstruction_error(weight, rounded, hessian) if hessian is not None else None
+    if entry is not None:
+        entry.info.update(rounding=method, gptq_error=error)
+    log.debug("gptq: %s: %d-bit, relative error %s (%s)", layer.name, bits, error, method)
+
+
+def _hessians(model: onnx.ModelProto, chunk: list[tuple[LinearLayer, int]], data, batch_size: int,
+              progress: bool) -> dict[str, np.ndarray | None]:
+    """Layer name -> ``E[x x^T]`` of its input on ``model`` (None: a tensor read two ways)."""
+    patches: dict[str, object] = {}
+    clashes = set()
+    for layer, _ in chunk:
+        if layer.op_type != "Conv":
+            continue
+        wanted = conv_patches(layer, model)
+        if patches.setdefault(layer.input, wanted) != wanted:
+            clashes.add(layer.name)
+    if clashes:  # two layers reading one tensor differently: the later ones round nearest
+        log.info("gptq: %s read a tensor another conv reads with other patches: nearest rounding", sorted(clashes))
+    conv_inputs = set(patches)
+    plain = {layer.input for layer, _ in chunk if layer.op_type != "Conv"}
+    moments = collect_second_moment(
+        model, data, list(dict.fromkeys(layer.input for layer, _ in chunk)),
+        conv_patches=patches, batch_size=batch_size, progress=progress,
+    )
+    if plain & conv_inputs:
+        log.info("gptq: a tensor read by both a Conv and a Gemm/MatMul: the latter rounds nearest")
+    result = {}
+    for layer, _ in chunk:
+        bad = layer.name in clashes or (layer.op_type != "Conv" and layer.input in conv_inputs)
+        result[layer.name] = None if bad else moments[layer.input]
+    return result
+
+
 def gptq(
     model: onnx.ModelProto,
     plan: QuantPlan,
@@ -153,6 +219,8 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = True,
     scale_search: bool = True,
+    sequential: bool = True,
+    layers_per_pass: int = 8,
     max_bits: int = 8,
     max_seconds: float = 600.0,
     batch_size: int = 32,
@@ -160,9 +228,12 @@ def gptq(
 ) -> tuple[onnx.ModelProto, QuantPlan]:
     """GPTQ-round every planned layer with ``w_bits <= max_bits``; returns (copy of model, plan).
 
-    The plan is updated in place (and returned): weight TensorQuants and, per
-    layer, ``info["rounding"]`` and ``info["gptq_error"]`` (relative
-    reconstruction error on the calibration Hessian).
+    ``sequential``: Hessians are measured on the model whose earlier layers are
+    already rounded (``layers_per_pass`` layers per calibration run), so each
+    layer compensates the error arriving from upstream; otherwise all Hessians
+    come from one run of the float model.  The plan is updated in place (and
+    returned): weight TensorQuants and, per layer, ``info["rounding"]`` and
+    ``info["gptq_error"]`` (relative reconstruction error on the Hessian).
     """
     result = copy_model(model)
     if is_applied(result, PASS_NAME):
@@ -172,46 +243,20 @@ def gptq(
     if not targets:
         log.info("gptq: no layer with weights of at most %d bits", max_bits)
         return result, plan
-    patches = {layer.input: conv_patches(layer, result) for layer, _ in targets if layer.op_type == "Conv"}
-    clashes = [layer.name for layer, _ in targets if layer.op_type == "Conv" and conv_patches(layer, result) != patches[layer.input]]
-    if clashes:  # two convs reading one tensor differently: take the first's Hessian, round the rest nearest
-        log.info("gptq: %s read a tensor another conv reads with other patches: nearest rounding", clashes)
-    moments = collect_second_moment(
-        result, data, list(dict.fromkeys(layer.input for layer, _ in targets)),
-        conv_patches=patches, batch_size=batch_size, progress=progress,
-    )
+    options = {"block_size": block_size, "damp": damp, "act_order": act_order, "scale_search": scale_search}
+    chunk_size = layers_per_pass if sequential else len(targets)
     started = time.monotonic()
     show = progress and sys.stderr.isatty()
-    for layer, bits in tqdm(targets, desc="gptq", unit="layer", disable=not show, file=sys.stderr):
-        weight = _grouped(layer, result).astype(np.float64)
-        hessian = moments[layer.input]
-        hessian = hessian if hessian.ndim == 3 else hessian[None]
-        in_budget = time.monotonic() - started < max_seconds
-        usable = layer.name not in clashes and hessian.shape[-1] == weight.shape[-1]
-        diag = np.diagonal(hessian, axis1=-2, axis2=-1)
-        if scale_search:
-            scale = search_scale(weight, diag, bits)
-        else:
-            scale = weight_scale(weight.reshape(-1, weight.shape[-1]), 0, bits).reshape(weight.shape[:2])
-        if in_budget and usable:
-            rounded = gptq_round(weight, hessian, scale, bits, block_size=block_size, damp=damp, act_order=act_order)
-            method = "gptq"
-        else:
-            lo, hi = int_range(bits, signed=True)
-            rounded = _quantize(weight, scale[..., None].astype(np.float64), lo, hi)
-            method = "nearest (gptq time budget spent)" if usable else "nearest (no Hessian)"
-            log.info("gptq: %s: %s", layer.name, method)
-        error = _reconstruction_error(weight, rounded, hessian)
-        channel_scale = scale.reshape(-1)
-        # q * scale in float32 is the grid value QuantizeLinear maps back to q exactly.
-        integers = np.clip(np.round(rounded.reshape(-1, weight.shape[-1]) / channel_scale[:, None].astype(np.float64)), -qmax_for(bits) - 1, qmax_for(bits))
-        on_grid = (integers.astype(np.float32) * channel_scale[:, None]).astype(np.float32)
-        new_weight = layer.from_matrix(result, on_grid)
-        set_initializer(result, layer.weight, new_weight)
-        plan.tensors[layer.weight] = weight_tensor_quant(layer.weight, new_weight, layer.out_axis, bits, channel_scale)
-        entry = plan.layers.get(layer.name)
-        if entry is not None:
-            entry.info.update(rounding=method, gptq_error=error)
-        log.debug("gptq: %s: %d-bit, relative error %.3g (%s)", layer.name, bits, error, method)
-    mark_applied(result, PASS_NAME, layers=len(targets))
+    with tqdm(total=len(targets), desc="gptq", unit="layer", disable=not show, file=sys.stderr) as bar:
+        for first in range(0, len(targets), chunk_size):
+            chunk = targets[first:first + chunk_size]
+            in_budget = time.monotonic() - started < max_seconds
+            hessians = _hessians(result, chunk, data, batch_size, False) if in_budget else {}
+            for layer, bits in chunk:
+                in_budget = time.monotonic() - started < max_seconds
+                hessian = hessians.get(layer.name) if in_budget else None
+                options["fallback"] = "nearest (no Hessian)" if in_budget else "nearest (gptq time budget spent)"
+                _round_layer(result, plan, layer, bits, hessian, options)
+                bar.update(1)
+    mark_applied(result, PASS_NAME, layers=len(targets), sequential=sequential)
     return result, plan

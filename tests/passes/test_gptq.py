@@ -72,3 +72,11 @@ def test_only_planned_layers_and_rerun_skipped(caplog):
     with caplog.at_level(logging.INFO, logger="passes.gptq"):
         again, _ = gptq(result, plan, conv_data(), progress=False)
     assert "already GPTQ-rounded" in caplog.text
+
+
+def test_one_shot_and_sequential_both_round_every_layer():
+    model, data = conv_net(), conv_data()
+    for sequential in (False, True):
+        plan = QuantPlan(w_bits=4)
+        _, plan = gptq(model, plan, data, sequential=sequential, layers_per_pass=2, progress=False)
+        assert len(plan.tensors) == len(find_linear_layers(model))

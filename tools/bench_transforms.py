@@ -1,0 +1,227 @@
+"""Ablation of edgeq's transforms and rounding passes, with onnxruntime.quantization beside them.
+
+For each model and bit-width every configuration is a recipe (a list of
+passes) given to the real pipeline (``compiler.pipeline.compile_model``) on the
+same calibration data; fidelity to the float model is measured on held-out
+inputs with the metrics of ``tools/compare_ort.py`` (top-1/top-5 agreement and
+KL for the ImageNet models on real photos, mean embedding cosine for MiniLM on
+real sentences, accuracy for the bundled Fashion-MNIST CNN).  onnxruntime's
+``quantize_static`` (QDQ, per-channel weights, uint8 activations, MinMax) runs
+on the same data: int8 weights for W8A8, int4 weights for W4A8, and its
+SmoothQuant option for MiniLM when neural-compressor can be imported.
+
+    python tools/bench_transforms.py                                  # everything
+    python tools/bench_transforms.py --models mobilenetv2 --bits w4a8 --configs none full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from compare_ort import Case, cases, score  # noqa: E402
+
+from compiler.fidelity import run_model  # noqa: E402
+from compiler.pipeline import CompileOptions, compile_model  # noqa: E402
+from compiler.recipe import load_recipe, model_family  # noqa: E402
+
+# Configurations per model family: name -> the recipe steps ("pass" or ("pass", {options})).
+GPTQ = ("gptq", {"max_bits": 8})
+CONFIGS = {
+    "cnn": {
+        "none": [],
+        "equalize": ["equalize"],
+        "equalize (ReLU6->ReLU)": [("equalize", {"relu6": "relu"})],
+        "bias_correction": ["bias_correction"],
+        "gptq": [GPTQ],
+        "gptq + bias_correction": [GPTQ, "bias_correction"],
+        "rotate": ["rotate"],
+        "full (cnn recipe)": "cnn",
+    },
+    "transformer": {
+        "none": [],
+        "smooth": ["smooth"],
+        "rotate": [("rotate", {"online": True})],
+        "rotate (folded only)": ["rotate"],
+        "rotate + smooth": [("rotate", {"online": True}), "smooth"],
+        "gptq": [GPTQ],
+        "smooth + gptq": ["smooth", GPTQ],
+        "full (transformer recipe)": "transformer",
+    },
+}
+
+
+def recipe_text(name: str, steps) -> str:
+    """A recipe TOML for ``steps`` (or the bundled recipe's text when ``steps`` is its name)."""
+    if isinstance(steps, str):
+        return (ROOT / "compiler" / "recipes" / f"{steps}.toml").read_text()
+    lines = [f'name = "{name}"', 'family = "ablation"']
+    if not steps:
+        lines.append("steps = []")
+    for step in steps:
+        pass_name, options = (step, {}) if isinstance(step, str) else step
+        rendered = ", ".join(f"{key} = {json.dumps(value)}" for key, value in options.items())
+        lines += ["[[steps]]", f'pass = "{pass_name}"', f"options = {{ {rendered} }}"]
+    return "\n".join(lines) + "\n"
+
+
+def ort_quantize_variant(model_path: Path, calib: dict[str, np.ndarray], out_path: Path, *,
+                         weight_bits: int, smooth_quant: bool = False, op_types=None) -> None:
+    """onnxruntime quantize_static: QDQ, per-channel int8/int4 weights, uint8 activations, MinMax."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            count = next(iter(calib.values())).shape[0]
+            self.samples = iter([{k: v[i:i + 1] for k, v in calib.items()} for i in range(count)])
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    prepared = out_path.with_suffix(".pre.onnx")
+    quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
+    extra = {"SmoothQuant": True, "SmoothQuantAlpha": 0.5} if smooth_quant else {}
+    quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt4 if weight_bits == 4 else QuantType.QInt8,
+                    op_types_to_quantize=list(op_types) if op_types else None, extra_options=extra)
+
+
+def _ort_rows(case: Case, model_path: Path, calib, eval_inputs, labels, reference, output, bits: str,
+              work: Path) -> list[dict]:
+    weight_bits = 4 if bits.startswith("w4") else 8
+    variants = [("onnxruntime (MinMax, all ops)", {})]
+    if case.kind == "embedding":
+        variants.append(("onnxruntime (MinMax, MatMul only)", {"op_types": ("MatMul",)}))
+        variants.append(("onnxruntime SmoothQuant a=0.5 (MatMul only)", {"smooth_quant": True, "op_types": ("MatMul",)}))
+    rows = []
+    for label, options in variants:
+        path = work / f"{case.name}_{bits}_ort_{len(rows)}.onnx"
+        try:
+            ort_quantize_variant(model_path, calib, path, weight_bits=weight_bits, **options)
+            quantized = run_model(onnx.load(str(path)), eval_inputs)[output]
+        except Exception as error:  # noqa: BLE001 - a configuration onnxruntime cannot do is reported
+            rows.append({"config": label, "error": str(error).strip().splitlines()[-1][:160]})
+            continue
+        rows.append({"config": label, **score(case, reference, quantized, labels)})
+    return rows
+
+
+def bench_model(case: Case, bits_list: list[str], only: list[str] | None, work: Path, with_ort: bool) -> dict:
+    print(f"== {case.name}", file=sys.stderr, flush=True)
+    model_path = case.model_path()
+    calib = case.calib()
+    eval_inputs, labels = case.evaluation()
+    float_model = onnx.load(str(model_path))
+    output = float_model.graph.output[0].name
+    reference = run_model(float_model, eval_inputs)[output]
+    family = model_family(float_model)
+    configs = CONFIGS["transformer" if family == "transformer" else "cnn"]
+    result = {"model": case.name, "family": family, "calib_samples": int(next(iter(calib.values())).shape[0]),
+              "eval_samples": int(next(iter(eval_inputs.values())).shape[0]), "bits": {}}
+    if labels is not None:
+        result["float"] = {"accuracy": float(np.mean(reference.argmax(1) == labels))}
+    for bits in bits_list:
+        rows = []
+        for name, steps in configs.items():
+            if only and name not in only and name.split(" ")[0] not in only:
+                continue
+            recipe_path = work / f"{case.name}_{bits}_{len(rows)}.toml"
+            recipe_path.write_text(recipe_text(name, steps))
+            load_recipe(str(recipe_path))  # validate before spending minutes
+            start = time.perf_counter()
+            try:
+                compiled = compile_model(CompileOptions(
+                    model=str(model_path), calib_data=calib, eval_inputs=eval_inputs, bits=bits,
+                    recipe=str(recipe_path), out_dir=str(work / f"{case.name}_{bits}_{len(rows)}"),
+                    progress=False))
+            except Exception as error:  # noqa: BLE001 - one failing configuration must not stop the table
+                rows.append({"config": name, "error": f"{type(error).__name__}: {error}"[:200]})
+                print(f"   {bits} {name}: FAILED {error}", file=sys.stderr, flush=True)
+                continue
+            quantized = run_model(compiled.qdq_model, eval_inputs)[output]
+            row = {"config": name, **score(case, reference, quantized, labels),
+                   "seconds": round(time.perf_counter() - start, 1),
+                   "transform_s": round(compiled.timings.get("transforms", 0.0), 1),
+                   "rounding_s": round(compiled.timings.get("rounding", 0.0), 1)}
+            rows.append(row)
+            print(f"   {bits} {json.dumps(row)}", file=sys.stderr, flush=True)
+        if with_ort and (not only or "onnxruntime" in only):
+            rows += _ort_rows(case, model_path, calib, eval_inputs, labels, reference, output, bits, work)
+            for row in rows[-3:]:
+                print(f"   {bits} {json.dumps(row)}", file=sys.stderr, flush=True)
+        result["bits"][bits] = rows
+    return result
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def write_markdown(results: list[dict], path: Path, command: str) -> None:
+    lines = ["## Transform ablation (equalization, smoothing, rotation, GPTQ, bias correction)", "",
+             f"Command: `{command}`. onnxruntime {ort.__version__}. Every edgeq row is the full pipeline "
+             "(`compile_model`) with a recipe holding just the passes named; \"none\" is nearest rounding "
+             "with no transform. Per-channel symmetric weights, uint8 per-tensor activations. "
+             "onnxruntime rows: `quantize_static`, QDQ, per-channel weights, MinMax calibration.", ""]
+    for result in results:
+        lines += [f"### {result['model']} ({result['family']})", "",
+                  f"Calibration samples: {result['calib_samples']}; evaluation samples: {result['eval_samples']}."]
+        if "float" in result:
+            lines.append(f"Float accuracy: {result['float']['accuracy']:.4f}.")
+        lines.append("")
+        for bits, rows in result["bits"].items():
+            metrics = next(([k for k in row if k not in ("config", "seconds", "transform_s", "rounding_s")]
+                            for row in rows if "error" not in row), [])
+            lines += [f"**{bits.upper()}**", "", "| config | " + " | ".join(metrics) + " | compile s (transforms / rounding) |",
+                      "|---|" + "---|" * (len(metrics) + 1)]
+            for row in rows:
+                if "error" in row:
+                    lines.append(f"| {row['config']} | failed: {row['error']} |" + " |" * len(metrics))
+                    continue
+                timing = (f"{row['seconds']} ({row['transform_s']} / {row['rounding_s']})" if "seconds" in row else "-")
+                lines.append(f"| {row['config']} | " + " | ".join(_fmt(row[k]) for k in metrics) + f" | {timing} |")
+            lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["fashion_cnn", "mobilenetv2", "efficientnet_lite0", "minilm"])
+    parser.add_argument("--bits", nargs="+", default=["w8a8", "w4a8"])
+    parser.add_argument("--configs", nargs="+", default=None, help="config names (first word is enough); "
+                        "'onnxruntime' for the onnxruntime rows")
+    parser.add_argument("--no-ort", action="store_true", help="skip the onnxruntime rows")
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.transforms.md"))
+    args = parser.parse_args()
+    command = "python tools/bench_transforms.py " + " ".join(sys.argv[1:])
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [bench_model(case, args.bits, args.configs, Path(tmp), not args.no_ort)
+                   for case in cases(args.models, args.calib_samples)]
+    output = Path(args.output)
+    write_markdown(results, output, command.strip())
+    output.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
