@@ -47,6 +47,7 @@ Choice = tuple[int | None, int]  # (w_bits or None for weightless layers, a_bits
 SUM_METRICS = ("weight_bytes", "bitops", "latency_s", "energy_j")
 PEAK_METRICS = ("sram_bytes",)
 FLOAT_BITS = 32
+ALIAS_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 
 
 @dataclass
@@ -752,6 +753,8 @@ def execution_buffers(model, plan, *, integer_only: bool = False) -> tuple[list[
             fused_nodes[fused.name] = layer.node
     steps: list[str] = []
     step_of_tensor: dict[str, int] = {name: 0 for name in graph_input_names(model)}
+    # Pure reshapes alias their input (no bytes of their own), as the MCU arena planner does.
+    alias: dict[str, str] = {}
     last_read: dict[str, int] = {}
     node_step: dict[str, int] = {}
     for node in model.graph.node:
@@ -764,8 +767,12 @@ def execution_buffers(model, plan, *, integer_only: bool = False) -> tuple[list[
             steps.append(node.name)
         node_step[node.name] = step
         for name in node.input:
+            name = alias.get(name, name)
             if name in step_of_tensor:
                 last_read[name] = max(last_read.get(name, 0), step)
+        if node.op_type in ALIAS_OPS and node.input[0] in step_of_tensor:
+            alias[node.output[0]] = alias.get(node.input[0], node.input[0])
+            continue
         for name in node.output:
             if name:
                 step_of_tensor[name] = step
@@ -773,7 +780,7 @@ def execution_buffers(model, plan, *, integer_only: bool = False) -> tuple[list[
     fused_raw = {node.input[0] for node in model.graph.node if node.name in fused_nodes}
     final = len(steps) - 1
     for name in graph_output_names(model):
-        last_read[name] = final
+        last_read[alias.get(name, name)] = final
 
     groups = activation_groups(model, plan, integer_only=integer_only)
     group_of = {name: index for index, group in enumerate(groups) for name in group.tensors}

@@ -72,25 +72,33 @@ def activation_ranges(
     a_bits: Sequence[int],
     *,
     method: str = "mse",
-    integer_only: bool = False,
     batch_size: int = 32,
 ) -> dict[int, dict[str, tuple[float, float]]]:
-    """Activation ranges fitted for each candidate width (one calibration pass, one observer per tensor)."""
+    """Activation ranges fitted for each candidate width and OUTPUT_BITS (one calibration pass).
+
+    Every tensor an integer-only export quantizes is covered (layer outputs too).
+    """
     from compiler.calibrate import collect_observers, observer_range
     from passes.insert_qdq import tensors_to_calibrate
 
-    names = tensors_to_calibrate(model, plan, integer_only=integer_only)
+    names = tensors_to_calibrate(model, plan, integer_only=True)
     observers = collect_observers(model, calib, names, method=method, batch_size=batch_size, progress=False)
     return {
         bits: {name: observer_range(obs, bits, plan.activation_signed, False) for name, obs in observers.items()}
-        for bits in a_bits
+        for bits in sorted({*a_bits, OUTPUT_BITS})
     }
 
 
+# The single-layer models are exported with every layer output quantized (integer_only), so a
+# Relu/Clip that insert_qdq folds into the layer is applied by the output quantizer's range;
+# the output quantizer is this wide, so its own rounding adds next to nothing.
+OUTPUT_BITS = 16
+
+
 def single_layer_plan(plan: QuantPlan, name: str, choice: Choice) -> QuantPlan:
-    """A plan that quantizes only layer ``name``, at ``choice``."""
+    """A plan that quantizes only layer ``name``, at ``choice`` (its output at OUTPUT_BITS)."""
     layer = replace(plan.layers[name], w_bits=choice[0], a_bits=choice[1], info={})
-    return QuantPlan(model=plan.model, target=plan.target, w_bits=plan.w_bits, a_bits=plan.a_bits,
+    return QuantPlan(model=plan.model, target=plan.target, w_bits=plan.w_bits, a_bits=OUTPUT_BITS,
                      activation_signed=plan.activation_signed, layers={name: layer})
 
 
@@ -140,7 +148,9 @@ def _worker_measure(job: tuple[str, Choice]) -> tuple[str, Choice, float]:
     name, choice = job
     state = _WORKER
     single = single_layer_plan(state["plan"], name, choice)
-    qdq = quantize_model(state["model"], single, state["ranges"][choice[1]])
+    ranges = {**state["ranges"][OUTPUT_BITS], **{
+        name: state["ranges"][choice[1]][name] for name in single.layers[name].inputs if name in state["ranges"][choice[1]]}}
+    qdq = quantize_model(state["model"], single, ranges, integer_only=True)
     outputs = run_model(qdq, state["calib"], batch_size=state["batch_size"])
     return name, choice, output_distance(state["reference"], outputs)
 

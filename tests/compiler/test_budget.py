@@ -1,0 +1,36 @@
+"""--budget strings -> metric limits; malformed strings are user errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from compiler.budget import format_metric, parse_budget
+from compiler.errors import EdgeqError
+
+
+def test_parses_every_metric_with_units():
+    assert parse_budget("flash=512KB,sram=128KB") == {"flash_bytes": 512 * 1024, "sram_bytes": 128 * 1024}
+    assert parse_budget("latency=1.5ms")["latency_s"] == pytest.approx(1.5e-3)
+    assert parse_budget("latency=200us")["latency_s"] == pytest.approx(2e-4)
+    assert parse_budget("size=0.5") == {"size_fraction": 0.5}
+    assert parse_budget("size=300KB") == {"weight_bytes": 300 * 1024}
+    assert parse_budget("bitops=2.5G")["bitops"] == pytest.approx(2.5e9)
+    assert parse_budget("energy=30uJ")["energy_j"] == pytest.approx(30e-6)
+    assert parse_budget(" lut = 50k , dsp=200 ") == {"lut": 50e3, "dsp": 200.0}
+    assert parse_budget("flash=1MiB")["flash_bytes"] == 1024**2
+    assert parse_budget("") == {} and parse_budget(None) == {}
+
+
+@pytest.mark.parametrize("text", [
+    "flash", "flash=", "flash=lots", "flash=12parsecs", "speed=3", "size=0", "size=-1", "size=7",
+    "latency=-2ms", "flash=1KB,flash=2KB", "flash=1KB,,sram=2KB", "latency=1e400",
+])
+def test_bad_budgets_are_user_errors(text):
+    with pytest.raises(EdgeqError):
+        parse_budget(text)
+
+
+def test_format_round_trips_the_units_a_user_writes():
+    assert format_metric("flash_bytes", 512 * 1024) == "512.00KB"
+    assert format_metric("latency_s", 1.5e-3) == "1.5ms"
+    assert parse_budget("flash=" + format_metric("flash_bytes", 512 * 1024))["flash_bytes"] == 512 * 1024

@@ -1,0 +1,89 @@
+"""Sensitivity: measured (one layer quantized, outputs compared) and the second-moment proxy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from passes import sensitivity as sn
+from passes.canonicalize import canonicalize
+from passes.select_layers import select_layers
+
+
+def _conv_setup():
+    from tests.qdq_fixtures import conv_block_model
+
+    model = canonicalize(conv_block_model())
+    plan = select_layers(model)
+    rng = np.random.default_rng(0)
+    calib = {"x": rng.uniform(-1, 1, (24, 3, 16, 16)).astype(np.float32)}
+    return model, plan, calib
+
+
+def _matmul_model(seed: int = 0) -> onnx.ModelProto:
+    """x [N, 4, 8] @ W [8, 6]: a 3-D output, so the measured distance is the relative MSE."""
+    rng = np.random.default_rng(seed)
+    weight = numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6])], initializer=[weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_measured_sensitivity_is_deterministic_across_workers_and_grows_as_bits_shrink():
+    model, plan, calib = _conv_setup()
+    choices = sn.candidate_choices(plan, (4, 8), (8, 16))
+    ranges = sn.activation_ranges(model, plan, calib, (8, 16))
+    serial = sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges, workers=1)
+    parallel = sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges, workers=2)
+    assert serial == parallel
+    assert set(serial) == set(plan.layers)
+    assert all(value >= 0 for table in serial.values() for value in table.values())
+    weighted = [name for name, layer in plan.layers.items() if layer.w_bits]
+    # 4-bit weights move the output more than 8-bit ones, summed over the layers
+    assert sum(serial[n][(4, 8)] for n in weighted) > 2 * sum(serial[n][(8, 8)] for n in weighted)
+    weightless = [name for name, layer in plan.layers.items() if not layer.w_bits]
+    assert sum(serial[n][(None, 16)] for n in weightless) < sum(serial[n][(None, 8)] for n in weightless)
+
+
+def test_proxy_equals_the_measured_relative_error_of_a_linear_layer():
+    """For y = x W alone, the proxy is E||dy||^2 / E||y||^2 exactly, up to activation noise."""
+    model = _matmul_model()
+    plan = select_layers(model)
+    rng = np.random.default_rng(1)
+    calib = {"x": (rng.standard_normal((64, 4, 8)) @ rng.standard_normal((8, 8))).astype(np.float32)}
+    choices = {"mm": [(4, 16), (8, 16)]}
+    ranges = sn.activation_ranges(model, plan, calib, (16,), method="minmax")
+    measured = sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges, workers=1)
+    proxy = sn.proxy_sensitivity(model, plan, calib, choices, ranges=ranges)
+    for choice in choices["mm"][:1]:  # at 8 bits both are tiny and float rounding matters
+        assert proxy["mm"][choice] == pytest.approx(measured["mm"][choice], rel=0.05)
+    assert proxy["mm"][(4, 16)] > proxy["mm"][(8, 16)]
+
+
+def test_proxy_orders_bit_widths_on_a_cnn():
+    model, plan, calib = _conv_setup()
+    choices = sn.candidate_choices(plan, (4, 8), (8, 16))
+    proxy = sn.proxy_sensitivity(model, plan, calib, choices)
+    for name, layer in plan.layers.items():
+        table = proxy[name]
+        if layer.w_bits:
+            assert table[(4, 8)] > table[(8, 8)] > table[(8, 16)]
+        else:
+            assert table[(None, 8)] > table[(None, 16)]
+
+
+def test_spearman():
+    first = {"a": {(8, 8): 1.0, (4, 8): 5.0}, "b": {(8, 8): 2.0, (4, 8): 9.0}}
+    same_order = {"a": {(8, 8): 10.0, (4, 8): 50.0}, "b": {(8, 8): 20.0, (4, 8): 90.0}}
+    reversed_order = {name: {c: -v for c, v in table.items()} for name, table in first.items()}
+    assert sn.spearman(first, same_order) == pytest.approx(1.0)
+    assert sn.spearman(first, reversed_order) == pytest.approx(-1.0)
+    assert math.isnan(sn.spearman(first, same_order, (8, 8)))  # two points only
