@@ -79,39 +79,60 @@ class Requant:
     y_dtype: str  # "uint8" or "int8"
 
 
+MAX_PHASES = 9  # strides up to 3 in each direction
+
+
 @dataclass(frozen=True)
 class PhasePlanes:
-    """Where each tap of a strided/dilated conv reads in the phase-split input."""
+    """Where each tap of a strided/dilated conv reads in the phase-split input.
 
-    phases: int  # stride_h * stride_w planes (unused ones are never packed)
-    used: tuple[tuple[int, int], ...]  # (row phase, column phase) of planes some tap reads
+    Plane ``(a, b)`` holds ``xpad[hq * sh + a, wq * sw + b]`` (``xpad``: the input
+    padded with the zero point); tap ``(kh, kw)`` reads plane
+    ``((kh*dh) % sh, (kw*dw) % sw)`` at offset ``((kh*dh) // sh, (kw*dw) // sw)``.
+    """
+
+    phases: int  # stride_h * stride_w plane slots (only ``used`` ones are packed)
+    used: tuple[tuple[int, int], ...]  # (row phase, column phase) some tap reads
     plane_h: int
     plane_w: int
-    plane_len: int  # elements per plane, incl. slack read by the last tile's garbage lanes
-    grid: int  # out_height * plane_w: outputs computed per channel (incl. garbage columns)
+    plane_len: int  # elements per plane, incl. slack read by garbage lanes
+    valid: dict  # (a, b) -> (h_lo, h_hi, w_lo, w_hi): plane rows/cols holding real input
 
 
-def phase_planes(g: ConvGeometry, tile_pixels: int) -> PhasePlanes:
+def phase_planes(g: ConvGeometry, reach: int) -> PhasePlanes:
+    """Plane geometry; ``reach``: one past the last grid position a kernel tile reads from."""
     (sh, sw), (dh, dw) = g.strides, g.dilations
+    pt, pl = g.pads[0], g.pads[1]
     kh_off = [kh * dh for kh in range(g.kernel[0])]
     kw_off = [kw * dw for kw in range(g.kernel[1])]
     plane_h = g.out_height + max(o // sh for o in kh_off)
     plane_w = g.out_width + max(o // sw for o in kw_off)
-    grid = g.out_height * plane_w
-    tiles = math.ceil(grid / tile_pixels)
     max_offset = max(o // sh for o in kh_off) * plane_w + max(o // sw for o in kw_off)
-    plane_len = max(plane_h * plane_w, tiles * tile_pixels + max_offset)
-    plane_len = math.ceil(plane_len / 64) * 64
+    plane_len = math.ceil(max(plane_h * plane_w, reach + max_offset) / 64) * 64
     used = tuple(sorted({(a % sh, b % sw) for a in kh_off for b in kw_off}))
-    return PhasePlanes(sh * sw, used, plane_h, plane_w, plane_len, grid)
+    valid = {}
+    for a, b in used:
+        h_lo, h_hi = _valid_range(a, sh, pt, g.height, plane_h)
+        w_lo, w_hi = _valid_range(b, sw, pl, g.width, plane_w)
+        valid[(a, b)] = (h_lo, h_hi, w_lo, w_hi)
+    return PhasePlanes(sh * sw, used, plane_h, plane_w, plane_len, valid)
 
 
-def _in_set(value: tirx.PrimExpr, allowed: list[int]) -> tirx.PrimExpr:
-    """``value`` equals one of ``allowed`` (a small static set)."""
-    cond = value == allowed[0]
-    for other in allowed[1:]:
-        cond = tirx.Or(cond, value == other)
-    return cond
+def _valid_range(phase: int, stride: int, pad: int, size: int, plane: int) -> tuple[int, int]:
+    """Plane indices [lo, hi) whose input index ``q * stride + phase - pad`` lies in [0, size)."""
+    lo = max(0, -((phase - pad) // stride))  # ceil((pad - phase) / stride)
+    hi = min(plane, (size - 1 + pad - phase) // stride + 1)
+    return lo, max(lo, hi)
+
+
+def _full_vectors(w_lo: int, w_hi: int, col0: int, stride: int, width: int) -> int:
+    """16-wide vectors of plane columns from ``w_lo`` whose contiguous input span
+    (16 * stride elements from column ``w_lo * stride + col0``) stays inside the row."""
+    count = 0
+    while (w_lo + (count + 1) * LANES <= w_hi
+           and (w_lo + count * LANES) * stride + col0 + LANES * stride <= width):
+        count += 1
+    return count
 
 
 def _lanes(value: tirx.PrimExpr) -> int:
@@ -131,38 +152,50 @@ def _as_u8(value: tirx.PrimExpr, signed: bool) -> tirx.PrimExpr:
     return tirx.bitwise_xor(flipped, mask)
 
 
-def _interleave4(x, n, c0, h, w0, signed: bool) -> tirx.PrimExpr:
-    """16 pixels of channels c0..c0+3 of NCHW ``x`` -> 64 bytes ``[pixel][channel]`` (uint8)."""
-    ramp = tirx.Ramp(w0, 1, LANES)
-    rows = [_as_u8(tirx.BufferLoad(x, [n, c0 + j, h, ramp]), signed) for j in range(4)]
+def _gather_row(x, n, c, h, w0, stride: int, signed: bool) -> tirx.PrimExpr:
+    """``x[n, c, h, w0 + stride * i]`` for 16 i, as uint8x16: one contiguous load + shuffle."""
+    row = _as_u8(tirx.BufferLoad(x, [n, c, h, tirx.Ramp(w0, 1, LANES * stride)]), signed)
+    if stride == 1:
+        return row
+    return tirx.Shuffle([row], [lane * stride for lane in range(LANES)])
+
+
+def _interleave4(x, n, c0, channels: int, h, w0, stride: int, signed: bool) -> tirx.PrimExpr:
+    """16 pixels of channels c0..c0+3 of NCHW ``x`` -> 64 bytes ``[pixel][channel]`` (uint8).
+
+    Channels past the last one repeat it: their weights are zero, any value works.
+    """
+    rows = [_gather_row(x, n, tirx.min(c0 + j, channels - 1), h, w0, stride, signed) for j in range(4)]
     return tirx.Shuffle(rows, [j * LANES + lane for lane in range(LANES) for j in range(4)])
 
 
-def requant_vector(acc: tirx.PrimExpr, bias, mult, rnd, shift, rq: Requant) -> tirx.PrimExpr:
-    """``clip(requant(acc + bias, M, s) + y_zp)`` on 16 int32 lanes, cast to the y dtype.
+def requant_expr(acc: tirx.PrimExpr, bias, mult, rnd, shift, rq: Requant) -> tirx.PrimExpr:
+    """``clip(requant(acc + bias, M, s) + y_zp)`` in int64, cast to the y dtype.
 
-    ``rnd`` is ``1 << (s - 1)``; requant rounds half to even (see :mod:`compiler.requant`).
-
-    ``bias, mult, rnd, shift`` are scalars (one output channel: broadcast) or 16-lane
-    vectors (one value per lane).
+    ``acc``: int32, scalar or 16 lanes. ``rnd`` is ``1 << (s - 1)``; requant rounds
+    half to even (see :mod:`compiler.requant`). ``bias, mult, rnd, shift`` are scalars
+    (one output channel: broadcast) or vectors of acc's width (one value per lane).
     """
+    lanes = _lanes(acc)
+    i64 = "int64" if lanes == 1 else f"int64x{lanes}"
 
-    def b64(v):
-        if _lanes(v) == 1:
-            return tirx.Broadcast(tirx.Cast("int64", v), LANES)
-        return tirx.Cast(f"int64x{LANES}", v)
+    def wide(v):
+        if lanes > 1 and _lanes(v) == 1:
+            return tirx.Broadcast(tirx.Cast("int64", v), lanes)
+        return tirx.Cast(i64, v)
 
-    product = (tirx.Cast(f"int64x{LANES}", acc) + b64(bias)) * b64(mult)
-    half = b64(rnd)
-    value = tirx.shift_right(product + half, b64(shift))
+    def const(value):
+        c = tirx.const(value, "int64")
+        return c if lanes == 1 else tirx.Broadcast(c, lanes)
+
+    product = (tirx.Cast(i64, acc) + wide(bias)) * wide(mult)
+    half = wide(rnd)
+    value = tirx.shift_right(product + half, wide(shift))
     # Exact ties go to the even neighbour (compiler.requant's rule).
-    one = tirx.Broadcast(tirx.const(1, "int64"), LANES)
-    tie = tirx.Cast(f"int64x{LANES}", tirx.bitwise_and(product, half + half - one) == half)
-    value = value - tirx.bitwise_and(tie, tirx.bitwise_and(value, one))
-    value = value + tirx.Broadcast(tirx.const(rq.y_zero_point, "int64"), LANES)
-    value = tirx.max(value, tirx.Broadcast(tirx.const(rq.y_min, "int64"), LANES))
-    value = tirx.min(value, tirx.Broadcast(tirx.const(rq.y_max, "int64"), LANES))
-    return tirx.Cast(f"{rq.y_dtype}x{LANES}", value)
+    tie = tirx.Cast(i64, tirx.bitwise_and(product, half + half - const(1)) == half)
+    value = value - tirx.bitwise_and(tie, tirx.bitwise_and(value, const(1)))
+    value = tirx.min(tirx.max(value + const(rq.y_zero_point), const(rq.y_min)), const(rq.y_max))
+    return tirx.Cast(rq.y_dtype if lanes == 1 else f"{rq.y_dtype}x{lanes}", value)
 
 
 def choose_tile(rows: int, vectors: int, max_acc: int = MAX_ACCUMULATORS) -> tuple[int, int]:
@@ -186,6 +219,24 @@ def choose_tile(rows: int, vectors: int, max_acc: int = MAX_ACCUMULATORS) -> tup
     return best[1]
 
 
+def _conv_setup(g: ConvGeometry, x_dtype: str, x_zero_point: int):
+    """Shared constants of both conv kernels: uint8 zero point, fill/pack macros."""
+    signed = x_dtype == "int8"
+    zp_u8 = tirx.const(x_zero_point + (128 if signed else 0), "uint8")
+
+    @T.macro
+    def fill(buf, start, count):
+        """``count`` (static) bytes from ``start`` := the input zero point."""
+        for i in range(count // 64):
+            for lane in T.vectorized(64):
+                buf[start + i * 64 + lane] = zp_u8
+        if count % 64 > 0:
+            for lane in T.vectorized(count % 64):
+                buf[start + count // 64 * 64 + lane] = zp_u8
+
+    return signed, zp_u8, fill
+
+
 def conv_kernel(
     g: ConvGeometry,
     x_dtype: str,
@@ -193,100 +244,100 @@ def conv_kernel(
     rq: Requant,
     depthwise: bool,
     tile: tuple[int, int] | None = None,
-) -> tuple[tvm.tirx.PrimFunc, tuple[int, int]]:
+) -> tuple[tvm.tirx.PrimFunc, tuple[int, int]] | None:
     """NCHW integer conv (dense via VNNI, or depthwise) with the fused requant epilogue.
 
     Parameters of the PrimFunc: ``x [N,C,H,W] x_dtype``, ``w`` (packed by
-    :func:`targets.cpu.schedules.pack_conv_weights`), ``bias/mult/rnd/shift [OC]``
-    (int32, int64, int64, int64), ``y [N,OC,Ho,Wo] y_dtype``. Returns the function
-    and the (rows, vectors) register tile, which fixes the weight packing.
+    :func:`targets.cpu.schedules.pack_conv_weights`), ``bias/mult/rnd/shift [O_pad]``
+    (int32, int64, int64, int64), ``y [N,O,Ho,Wo] y_dtype``. Returns the function
+    and the (rows, vectors) register tile, which fixes the weight packing, or None
+    for strides above 3.
     """
-    signed = x_dtype == "int8"
-    zp = x_zero_point + (128 if signed else 0)  # the zero point after the shift to uint8
+    if max(g.strides) > 3:
+        return None
+    if depthwise:
+        return depthwise_kernel(g, x_dtype, x_zero_point, rq), (1, 1)
+    return dense_kernel(g, x_dtype, x_zero_point, rq, tile)
+
+
+def dense_kernel(
+    g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requant, tile: tuple[int, int] | None
+) -> tuple[tvm.tirx.PrimFunc, tuple[int, int]]:
+    """group == 1 conv: 4-channel interleaved phase planes, VNNI register tiles."""
+    signed, zp_u8, fill = _conv_setup(g, x_dtype, x_zero_point)
     N, C, H, W, OC = g.batch, g.in_channels, g.height, g.width, g.out_channels
     KH, KW = g.kernel
     (sh, sw), (dh, dw) = g.strides, g.dilations
     pt, pl = g.pads[0], g.pads[1]
     Ho, Wo = g.out_height, g.out_width
-    if depthwise:
-        OB, PV = tile or (1, min(8, math.ceil(Ho * (Wo + KW) / LANES)))
-    else:
-        # Approximate plane width for the tile choice; exact geometry follows.
-        OB, PV = tile or choose_tile(OC, math.ceil(Ho * (Wo + (KW - 1) * dw // sw) / LANES))
+    PW = Wo + (KW - 1) * dw // sw
+    GRID = Ho * PW  # outputs computed per channel, garbage columns included
+    OB, PV = tile or choose_tile(OC, math.ceil(GRID / LANES))
     TP = PV * LANES  # pixels per tile
-    pp = phase_planes(g, TP)
-    NPH, L, PW, GRID = pp.phases, pp.plane_len, pp.plane_w, pp.grid
-    NQT = math.ceil(GRID / TP)  # pixel tiles per channel
-    CG = C if depthwise else math.ceil(C / 4)  # packed channel groups
-    CL = 1 if depthwise else 4  # channels per packed position
+    NQT = math.ceil(GRID / TP)
+    pp = phase_planes(g, NQT * TP)
+    NPH, L = pp.phases, pp.plane_len
+    C4 = math.ceil(C / 4)
     NOT = math.ceil(OC / OB)
-    O_pad = NOT * OB
-    C4 = CG
-    C4_full = C // 4
-    rows_used = sorted({a for a, _ in pp.used})
-    cols_used = sorted({b for _, b in pp.used})
-
-    # Plane rows/columns [lo, hi) that hold real input (the rest keeps the zero point).
-    def h_lo(a):
-        return tirx.max(0, tirx.floordiv(pt - a + sh - 1, sh))
-
-    def h_hi(a):
-        return tirx.max(h_lo(a), tirx.min(pp.plane_h, tirx.floordiv(H - 1 + pt - a, sh) + 1))
-
-    def w_lo(b):
-        return tirx.max(0, tirx.floordiv(pl - b + sw - 1, sw))
-
-    def w_hi(b):
-        return tirx.max(w_lo(b), tirx.min(PW, tirx.floordiv(W - 1 + pl - b, sw) + 1))
     taps = KH * KW
-    zp_u8 = tirx.const(zp, "uint8")
-    y_flat = Wo == PW  # no garbage columns: vector stores straight into y
-    x_signed = signed
+    flat = Wo == PW  # no garbage columns: vector stores straight into y
+    used = pp.used + ((0, 0),) * (MAX_PHASES - len(pp.used))
+    nused = len(pp.used)
 
-    def plane_base(c, a, b):
-        return ((c * NPH + a * sw + b) * L) * CL
+    def plane_base(c4, a, b):
+        return (c4 * NPH + a * sw + b) * L * 4
+
+    @T.macro
+    def pack_phase(xq, x, n, c4, i):
+        """Plane ``used[i]`` of channel group c4: zero point outside the input, 4 channels per pixel."""
+        if i < nused:
+            a = T.meta_var(used[i][0])
+            b = T.meta_var(used[i][1])
+            h0 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[0])
+            h1 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[1])
+            w0 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[2])
+            w1 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[3])
+            nv = T.meta_var(_full_vectors(w0, w1, b - pl, sw, W))
+            base = T.meta_var(plane_base(c4, a, b))
+            fill(xq, base, h0 * PW * 4)
+            for hq in range(h0, h1):
+                fill(xq, base + hq * PW * 4, w0 * 4)
+                for wv in range(nv):
+                    xq[T.ramp(base + (hq * PW + w0 + wv * LANES) * 4, 1, 64)] = _interleave4(
+                        x, n, c4 * 4, C, hq * sh + a - pt, (w0 + wv * LANES) * sw + b - pl, sw, signed)
+                for wq, j in T.grid(w1 - w0 - nv * LANES, 4):
+                    xq[base + (hq * PW + w0 + nv * LANES + wq) * 4 + j] = _as_u8(
+                        x[n, T.min(c4 * 4 + j, C - 1), hq * sh + a - pt, (w0 + nv * LANES + wq) * sw + b - pl], signed)
+                fill(xq, base + (hq * PW + w1) * 4, (PW - w1) * 4)
+            fill(xq, base + h1 * PW * 4, (L - h1 * PW) * 4)
 
     @T.prim_func
     def dense(
         x: T.Buffer((N, C, H, W), x_dtype),
         w: T.Buffer((NOT, taps, C4, OB), "int32"),
-        bias: T.Buffer((O_pad,), "int32"),
-        mult: T.Buffer((O_pad,), "int64"),
-        rnd: T.Buffer((O_pad,), "int64"),
-        shift: T.Buffer((O_pad,), "int64"),
+        bias: T.Buffer((NOT * OB,), "int32"),
+        mult: T.Buffer((NOT * OB,), "int64"),
+        rnd: T.Buffer((NOT * OB,), "int64"),
+        shift: T.Buffer((NOT * OB,), "int64"),
         y: T.Buffer((N, OC, Ho, Wo), rq.y_dtype),
     ):
         T.func_attr({"tirx.noalias": True})
         xq = T.alloc_buffer((C4 * NPH * L * 4,), "uint8")
+        ygrid = T.alloc_buffer((1 if flat else OC * NQT * TP,), rq.y_dtype)
         yf = T.decl_buffer((N * OC * Ho * Wo,), rq.y_dtype, data=y.data)
         for n in range(N):
             for c4 in T.parallel(C4):
-                for a, b in T.grid(sh, sw):
-                    if _in_set(a, rows_used) and _in_set(b, cols_used):
-                        for i in range(L * 4 // 64):
-                            for lane in T.vectorized(64):
-                                xq[plane_base(c4, a, b) + i * 64 + lane] = zp_u8
-                        if c4 < C4_full:
-                            for hq in range(h_lo(a), h_hi(a)):
-                                if sw == 1:
-                                    for wv in range((w_hi(b) - w_lo(b)) // LANES):
-                                        xq[T.ramp(plane_base(c4, a, b) + (hq * PW + w_lo(b) + wv * LANES) * 4, 1, 64)] = _interleave4(
-                                            x, n, c4 * 4, hq * sh + a - pt, w_lo(b) + wv * LANES + b - pl, x_signed
-                                        )
-                                    for wq, j in T.grid((w_hi(b) - w_lo(b)) % LANES, 4):
-                                        xq[plane_base(c4, a, b) + (hq * PW + w_hi(b) - (w_hi(b) - w_lo(b)) % LANES + wq) * 4 + j] = _as_u8(
-                                            x[n, c4 * 4 + j, hq * sh + a - pt, w_hi(b) - (w_hi(b) - w_lo(b)) % LANES + wq + b - pl], x_signed)
-                                else:
-                                    for wq, j in T.grid(w_hi(b) - w_lo(b), 4):
-                                        xq[plane_base(c4, a, b) + (hq * PW + w_lo(b) + wq) * 4 + j] = _as_u8(
-                                            x[n, c4 * 4 + j, hq * sh + a - pt, (w_lo(b) + wq) * sw + b - pl], x_signed)
-                        else:
-                            for hq, wq, j in T.grid(h_hi(a) - h_lo(a), w_hi(b) - w_lo(b), C - C4_full * 4):
-                                xq[plane_base(c4, a, b) + ((h_lo(a) + hq) * PW + w_lo(b) + wq) * 4 + j] = _as_u8(
-                                    x[n, c4 * 4 + j, (h_lo(a) + hq) * sh + a - pt, (w_lo(b) + wq) * sw + b - pl], x_signed)
+                pack_phase(xq, x, n, c4, 0)
+                pack_phase(xq, x, n, c4, 1)
+                pack_phase(xq, x, n, c4, 2)
+                pack_phase(xq, x, n, c4, 3)
+                pack_phase(xq, x, n, c4, 4)
+                pack_phase(xq, x, n, c4, 5)
+                pack_phase(xq, x, n, c4, 6)
+                pack_phase(xq, x, n, c4, 7)
+                pack_phase(xq, x, n, c4, 8)
             for t in T.parallel(NOT * NQT):
                 acc = T.alloc_buffer((OB * TP,), "int32", scope="local")
-                res = T.alloc_buffer((LANES,), rq.y_dtype, scope="local")
                 for i in T.unroll(OB * PV):
                     acc[T.ramp(i * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
                 for kh, kw, c4 in T.grid(KH, KW, C4):
@@ -296,32 +347,88 @@ def conv_kernel(
                             VNNI,
                             acc[T.ramp((i * PV + v) * LANES, 1, LANES)],
                             xq[T.ramp(
-                                ((c4 * NPH + (kh * dh) % sh * sw + (kw * dw) % sw) * L
-                                 + (t % NQT) * TP + v * LANES
-                                 + (kh * dh) // sh * PW + (kw * dw) // sw) * 4, 1, 64)],
+                                plane_base(c4, (kh * dh) % sh, (kw * dw) % sw)
+                                + ((t % NQT) * TP + v * LANES + (kh * dh) // sh * PW + (kw * dw) // sw) * 4, 1, 64)],
                             T.reinterpret("int8x64", T.broadcast(w[t // NQT, kh * KW + kw, c4, i], LANES)),
                         )
                 for i, v in T.grid(OB, PV):
                     if (t // NQT) * OB + i < OC:
-                        res[T.ramp(0, 1, LANES)] = requant_vector(
-                            acc[T.ramp((i * PV + v) * LANES, 1, LANES)],
-                            bias[(t // NQT) * OB + i], mult[(t // NQT) * OB + i],
-                            rnd[(t // NQT) * OB + i], shift[(t // NQT) * OB + i], rq)
-                        if y_flat:
+                        if flat:
                             if (t % NQT) * TP + v * LANES + LANES <= GRID:
-                                yf[T.ramp(((n * OC + (t // NQT) * OB + i) * Ho * Wo) + (t % NQT) * TP + v * LANES, 1, LANES)] = res[T.ramp(0, 1, LANES)]
+                                yf[T.ramp(((n * OC + (t // NQT) * OB + i) * GRID) + (t % NQT) * TP + v * LANES, 1, LANES)] = requant_expr(
+                                    acc[T.ramp((i * PV + v) * LANES, 1, LANES)],
+                                    bias[(t // NQT) * OB + i], mult[(t // NQT) * OB + i],
+                                    rnd[(t // NQT) * OB + i], shift[(t // NQT) * OB + i], rq)
                             else:
                                 for lane in range(LANES):
                                     if (t % NQT) * TP + v * LANES + lane < GRID:
-                                        yf[((n * OC + (t // NQT) * OB + i) * Ho * Wo) + (t % NQT) * TP + v * LANES + lane] = res[lane]
+                                        yf[((n * OC + (t // NQT) * OB + i) * GRID) + (t % NQT) * TP + v * LANES + lane] = requant_expr(
+                                            acc[(i * PV + v) * LANES + lane],
+                                            bias[(t // NQT) * OB + i], mult[(t // NQT) * OB + i],
+                                            rnd[(t // NQT) * OB + i], shift[(t // NQT) * OB + i], rq)
                         else:
-                            for lane in range(LANES):
-                                if ((t % NQT) * TP + v * LANES + lane) % PW < Wo and (t % NQT) * TP + v * LANES + lane < GRID:
-                                    y[n, (t // NQT) * OB + i, ((t % NQT) * TP + v * LANES + lane) // PW,
-                                      ((t % NQT) * TP + v * LANES + lane) % PW] = res[lane]
+                            ygrid[T.ramp(((t // NQT) * OB + i) * NQT * TP + (t % NQT) * TP + v * LANES, 1, LANES)] = requant_expr(
+                                acc[T.ramp((i * PV + v) * LANES, 1, LANES)],
+                                bias[(t // NQT) * OB + i], mult[(t // NQT) * OB + i],
+                                rnd[(t // NQT) * OB + i], shift[(t // NQT) * OB + i], rq)
+            if not flat:
+                for o in T.parallel(OC):
+                    for oh in range(Ho):
+                        for ow in T.vectorized(Wo):
+                            y[n, o, oh, ow] = ygrid[o * NQT * TP + oh * PW + ow]
+
+    return dense, (OB, PV)
+
+
+def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requant) -> tvm.tirx.PrimFunc:
+    """group == C == O conv: per-channel phase planes, int32 MACs over 16-pixel row vectors.
+
+    One parallel loop over channels packs, accumulates, requantizes and stores, so a
+    channel's plane is still in cache when it is read.
+    """
+    signed, zp_u8, fill = _conv_setup(g, x_dtype, x_zero_point)
+    N, C, H, W = g.batch, g.in_channels, g.height, g.width
+    KH, KW = g.kernel
+    (sh, sw), (dh, dw) = g.strides, g.dilations
+    pt, pl = g.pads[0], g.pads[1]
+    Ho, Wo = g.out_height, g.out_width
+    PW = Wo + (KW - 1) * dw // sw
+    NVR = math.ceil(Wo / LANES)  # vectors per output row
+    pp = phase_planes(g, (Ho - 1) * PW + NVR * LANES)
+    NPH, L = pp.phases, pp.plane_len
+    taps = KH * KW
+    used = pp.used + ((0, 0),) * (MAX_PHASES - len(pp.used))
+    nused = len(pp.used)
+
+    def plane_base(c, a, b):
+        return (c * NPH + a * sw + b) * L
+
+    @T.macro
+    def pack_phase(xq, x, n, c, i):
+        """Plane ``used[i]`` of channel c, the zero point outside the input."""
+        if i < nused:
+            a = T.meta_var(used[i][0])
+            b = T.meta_var(used[i][1])
+            h0 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[0])
+            h1 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[1])
+            w0 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[2])
+            w1 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[3])
+            nv = T.meta_var(_full_vectors(w0, w1, b - pl, sw, W))
+            base = T.meta_var(plane_base(c, a, b))
+            fill(xq, base, h0 * PW)
+            for hq in range(h0, h1):
+                fill(xq, base + hq * PW, w0)
+                for wv in range(nv):
+                    xq[T.ramp(base + hq * PW + w0 + wv * LANES, 1, LANES)] = _gather_row(
+                        x, n, c, hq * sh + a - pt, (w0 + wv * LANES) * sw + b - pl, sw, signed)
+                for wq in range(w1 - w0 - nv * LANES):
+                    xq[base + hq * PW + w0 + nv * LANES + wq] = _as_u8(
+                        x[n, c, hq * sh + a - pt, (w0 + nv * LANES + wq) * sw + b - pl], signed)
+                fill(xq, base + hq * PW + w1, PW - w1)
+            fill(xq, base + h1 * PW, L - h1 * PW)
 
     @T.prim_func
-    def dw_conv(
+    def depthwise(
         x: T.Buffer((N, C, H, W), x_dtype),
         w: T.Buffer((C, taps), "int32"),
         bias: T.Buffer((C,), "int32"),
@@ -332,48 +439,40 @@ def conv_kernel(
     ):
         T.func_attr({"tirx.noalias": True})
         xq = T.alloc_buffer((C * NPH * L,), "uint8")
-        yf = T.decl_buffer((N * C * Ho * Wo,), rq.y_dtype, data=y.data)
         for n in range(N):
             for c in T.parallel(C):
-                for a, b in T.grid(sh, sw):
-                    if _in_set(a, rows_used) and _in_set(b, cols_used):
-                        for i in range(L // 64):
-                            for lane in T.vectorized(64):
-                                xq[plane_base(c, a, b) + i * 64 + lane] = zp_u8
-                        for hq in range(h_lo(a), h_hi(a)):
-                            for wq in range(w_hi(b) - w_lo(b)):
-                                xq[plane_base(c, a, b) + hq * PW + w_lo(b) + wq] = _as_u8(
-                                    x[n, c, hq * sh + a - pt, (w_lo(b) + wq) * sw + b - pl], x_signed)
-                for qt in range(NQT):
-                    acc = T.alloc_buffer((TP,), "int32", scope="local")
-                    res = T.alloc_buffer((LANES,), rq.y_dtype, scope="local")
-                    for v in T.unroll(PV):
+                pack_phase(xq, x, n, c, 0)
+                pack_phase(xq, x, n, c, 1)
+                pack_phase(xq, x, n, c, 2)
+                pack_phase(xq, x, n, c, 3)
+                pack_phase(xq, x, n, c, 4)
+                pack_phase(xq, x, n, c, 5)
+                pack_phase(xq, x, n, c, 6)
+                pack_phase(xq, x, n, c, 7)
+                pack_phase(xq, x, n, c, 8)
+                for oh in range(Ho):
+                    acc = T.alloc_buffer((NVR * LANES,), "int32", scope="local")
+                    for v in T.unroll(NVR):
                         acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
                     for kh, kw in T.grid(KH, KW):
-                        for v in T.unroll(PV):
+                        for v in T.unroll(NVR):
                             acc[T.ramp(v * LANES, 1, LANES)] = acc[T.ramp(v * LANES, 1, LANES)] + T.Cast(
                                 "int32x16",
                                 xq[T.ramp(
-                                    (c * NPH + (kh * dh) % sh * sw + (kw * dw) % sw) * L
-                                    + qt * TP + v * LANES
-                                    + (kh * dh) // sh * PW + (kw * dw) // sw, 1, LANES)],
+                                    plane_base(c, (kh * dh) % sh, (kw * dw) % sw)
+                                    + (oh + (kh * dh) // sh) * PW + (kw * dw) // sw + v * LANES, 1, LANES)],
                             ) * T.broadcast(w[c, kh * KW + kw], LANES)
-                    for v in range(PV):
-                        res[T.ramp(0, 1, LANES)] = requant_vector(
-                            acc[T.ramp(v * LANES, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq)
-                        if y_flat:
-                            if qt * TP + v * LANES + LANES <= GRID:
-                                yf[T.ramp((n * C + c) * Ho * Wo + qt * TP + v * LANES, 1, LANES)] = res[T.ramp(0, 1, LANES)]
-                            else:
-                                for lane in range(LANES):
-                                    if qt * TP + v * LANES + lane < GRID:
-                                        yf[(n * C + c) * Ho * Wo + qt * TP + v * LANES + lane] = res[lane]
+                    for v in T.unroll(NVR):
+                        if v * LANES + LANES <= Wo:
+                            y[n, c, oh, T.ramp(v * LANES, 1, LANES)] = requant_expr(
+                                acc[T.ramp(v * LANES, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq)
                         else:
                             for lane in range(LANES):
-                                if (qt * TP + v * LANES + lane) % PW < Wo and qt * TP + v * LANES + lane < GRID:
-                                    y[n, c, (qt * TP + v * LANES + lane) // PW, (qt * TP + v * LANES + lane) % PW] = res[lane]
+                                if v * LANES + lane < Wo:
+                                    y[n, c, oh, v * LANES + lane] = requant_expr(
+                                        acc[v * LANES + lane], bias[c], mult[c], rnd[c], shift[c], rq)
 
-    return (dw_conv if depthwise else dense), (OB, PV)
+    return depthwise
 
 
 def gemm_kernel(
@@ -424,7 +523,7 @@ def gemm_kernel(
                             w[t * MV + v, k4, T.ramp(0, 1, 64)],
                         )
                 for v in range(MV):
-                    res[T.ramp(0, 1, LANES)] = requant_vector(
+                    res[T.ramp(0, 1, LANES)] = requant_expr(
                         acc[T.ramp(v * LANES, 1, LANES)],
                         bias[T.ramp((t * MV + v) * LANES, 1, LANES)],
                         mult[T.ramp((t * MV + v) * LANES, 1, LANES)],

@@ -175,10 +175,14 @@ def _conv_kernel(
     )
     if geometry.out_height < 1 or geometry.out_width < 1:
         return None
-    func, tile = kernels.conv_kernel(
+    built = kernels.conv_kernel(
         geometry, x_dtype, int(attrs.get("x_zero_point", 0)),
         requant_constants(attrs, bias, o, o)[1], depthwise,
     )
+    if built is None:
+        log.debug("%s: strides %s have no kernel", node.name, geometry.strides)
+        return None
+    func, tile = built
     ob = tile[0]
     padded = o if depthwise else math.ceil(o / ob) * ob
     weight_sums = w.reshape(o, -1).astype(np.int64).sum(axis=1)
