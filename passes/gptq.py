@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from compiler.calibrate import collect_second_moment
+from compiler.calibrate import ConvPatches, collect_second_moment
 from compiler.graph import set_initializer
 from compiler.linear_layers import (
     LinearLayer,
@@ -195,11 +195,17 @@ def _hessians(model: onnx.ModelProto, chunk: list[tuple[LinearLayer, int]], data
             clashes.add(layer.name)
     if clashes:  # two layers reading one tensor differently: the later ones round nearest
         log.info("gptq: %s read a tensor another conv reads with other patches: nearest rounding", sorted(clashes))
+    pointwise = ConvPatches(kernel=(1, 1))
+    # A 1x1 / stride 1 / unpadded conv's patches are its pixels: the per-pixel channel moment
+    # is exact and much cheaper than im2col sample by sample.
+    pixel_inputs = {name for name, wanted in patches.items() if wanted == pointwise}
     conv_inputs = set(patches)
     plain = {layer.input for layer, _ in chunk if layer.op_type != "Conv"}
     moments = collect_second_moment(
         model, data, list(dict.fromkeys(layer.input for layer, _ in chunk)),
-        conv_patches=patches, batch_size=batch_size, progress=progress,
+        axis={layer.input: 1 if layer.input in pixel_inputs else -1 for layer, _ in chunk},
+        conv_patches={name: wanted for name, wanted in patches.items() if name not in pixel_inputs},
+        batch_size=batch_size, progress=progress,
     )
     if plain & conv_inputs:
         log.info("gptq: a tensor read by both a Conv and a Gemm/MatMul: the latter rounds nearest")

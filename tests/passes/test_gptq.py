@@ -80,3 +80,15 @@ def test_one_shot_and_sequential_both_round_every_layer():
         plan = QuantPlan(w_bits=4)
         _, plan = gptq(model, plan, data, sequential=sequential, layers_per_pass=2, progress=False)
         assert len(plan.tensors) == len(find_linear_layers(model))
+
+
+def test_pointwise_conv_hessian_from_pixels_equals_im2col():
+    from compiler.calibrate import ConvPatches, collect_second_moment
+    from passes.gptq import _hessians
+
+    model, data = conv_net(), conv_data()
+    project = next(layer for layer in find_linear_layers(model).values() if layer.name == "project")
+    fast = _hessians(model, [(project, 4)], data, 32, False)["project"]
+    exact = collect_second_moment(model, data, [project.input], conv_patches={project.input: ConvPatches((1, 1))},
+                                  progress=False)[project.input]
+    np.testing.assert_allclose(fast.reshape(exact.shape), exact, rtol=1e-6, atol=1e-9)
