@@ -64,13 +64,13 @@ def conv_block_model(seed: int = 0) -> onnx.ModelProto:
 
 
 def matmul_model(seed: int = 0) -> onnx.ModelProto:
-    """Transpose -> Reshape -> MatMul (constant weight) + Add bias -> Relu -> Unsqueeze/Squeeze,
-    Pad, and a MatMul of two activations."""
+    """Transpose -> Reshape -> MatMul (constant weight) + Add bias -> Relu -> Pad ->
+    Unsqueeze/Squeeze, and a MatMul of two activations (batch-independent shapes)."""
     rng = np.random.default_rng(seed)
     inits = [
         _weight(rng, "wm", (8, 6)), _weight(rng, "bm", (6,), 0.1),
-        numpy_helper.from_array(np.array([1, 4, 8], np.int64), "shape"),
-        numpy_helper.from_array(np.array([0], np.int64), "axes"),
+        numpy_helper.from_array(np.array([-1, 4, 8], np.int64), "shape"),
+        numpy_helper.from_array(np.array([1], np.int64), "axes"),
         numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 1], np.int64), "pads"),
     ]
     nodes = [
@@ -80,8 +80,8 @@ def matmul_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Add", ["mm", "bm"], ["mb"]),
         helper.make_node("Relu", ["mb"], ["h"]),
         helper.make_node("Pad", ["h", "pads"], ["hp"]),
-        helper.make_node("Squeeze", ["hp", "axes"], ["s"]),
-        helper.make_node("Unsqueeze", ["s", "axes"], ["u"]),
+        helper.make_node("Unsqueeze", ["hp", "axes"], ["s"]),
+        helper.make_node("Squeeze", ["s", "axes"], ["u"]),
         helper.make_node("Transpose", ["u"], ["ut"], perm=[0, 2, 1]),
         helper.make_node("MatMul", ["u", "ut"], ["y"]),
     ]
@@ -163,9 +163,9 @@ class QDQBuilder:
         quantized = self.node("QuantizeLinear", [tensor, scale_name, zero_name])
         return self.node("DequantizeLinear", [quantized, scale_name, zero_name])
 
-    def input(self, name: str, shape, scale: float = 0.05, zero_point: int = 128) -> str:
+    def input(self, name: str, shape, scale: float = 0.05, zero_point: int = 128, dtype=np.uint8) -> str:
         self.inputs.append(_value(name, shape))
-        return self.qdq(name, scale, zero_point)
+        return self.qdq(name, scale, zero_point, dtype)
 
     def weight(self, shape, bits: int = 8, axis: int = 0) -> str:
         """Symmetric per-channel weight along ``axis``, values in the ``bits`` range."""

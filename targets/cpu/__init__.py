@@ -1,0 +1,117 @@
+"""The CPU target: integer-only code for the host CPU (and cross-compiled for Arm) via TVM.
+
+* cost model: :mod:`targets.cpu.cost` (imported lazily).
+* lowering: :mod:`targets.cpu.lower` -- the integer graph as one Relax module,
+  exported as ``out_dir/cpu/lib.so`` + ``manifest.json`` (and
+  ``out_dir/cpu/<triple>/lib.so`` with the ``target_triple`` option); the
+  integer graph as ``out_dir/model.int.onnx``; ``out_dir/verify.json``: the
+  library against the reference interpreter, bit for bit, on the calibration
+  inputs (at most ``verify_samples`` of them, default 16).
+* runner: :mod:`targets.cpu.runner` -- :meth:`CpuTarget.run` (float outputs),
+  :meth:`CpuTarget.run_raw` (integer outputs), :meth:`CpuTarget.benchmark`
+  (median latency per sample as JSON).
+
+Options read from ``CompileContext.options``: ``target_triple`` (e.g.
+``aarch64-linux-gnu``), ``mcpu`` (for the cross target), ``cpu_schedules``
+(default True: use :mod:`targets.cpu.schedules`' hand-written kernels where they
+apply), ``verify_samples``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from compiler.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+from targets.base import CompileContext, CostModel, Target
+
+INT_MODEL_FILE = "model.int.onnx"
+VERIFY_FILE = "verify.json"
+CPU_DIR = "cpu"
+DEFAULT_VERIFY_SAMPLES = 16
+
+
+def compare_raw(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Bit-for-bit comparison of integer outputs: counts, max abs diff, ``bit_exact``."""
+    outputs = {}
+    for name, want in expected.items():
+        have = got[name]
+        if have.shape != want.shape:
+            outputs[name] = {"shape": list(have.shape), "expected_shape": list(want.shape),
+                             "bit_exact": False}
+            continue
+        diff = np.abs(have.astype(np.int64) - want.astype(np.int64))
+        outputs[name] = {"values": int(diff.size), "mismatched_values": int(np.count_nonzero(diff)),
+                         "max_abs_diff": int(diff.max(initial=0)),
+                         "bit_exact": bool(not diff.any() and have.dtype == want.dtype)}
+    return {"bit_exact": all(entry["bit_exact"] for entry in outputs.values()), "outputs": outputs}
+
+
+class CpuTarget(Target):
+    name = "cpu"
+    needs_integer_graph = True
+
+    def cost_model(self, device: str | None = None) -> CostModel:
+        from targets.cpu.cost import cost_model
+
+        return cost_model(device)
+
+    def lower(self, ctx: CompileContext) -> list[Path]:
+        from targets.cpu.lower import lower_to_dir
+
+        out_dir = Path(ctx.out_dir)
+        int_model = ctx.int_model
+        if int_model is None:
+            from passes.integerize import integerize
+
+            int_model = integerize(onnx.load(str(ctx.qdq_model_path)))
+        options = ctx.options or {}
+        with atomic_dir(out_dir / CPU_DIR) as tmp:
+            lower_to_dir(int_model, tmp, target_triple=options.get("target_triple"),
+                         use_schedules=options.get("cpu_schedules", True), mcpu=options.get("mcpu"))
+        atomic_write_bytes(out_dir / INT_MODEL_FILE, int_model.SerializeToString())
+        paths = [out_dir / CPU_DIR, out_dir / INT_MODEL_FILE]
+        if ctx.calib_inputs:
+            count = int(options.get("verify_samples", DEFAULT_VERIFY_SAMPLES))
+            sample = {name: np.asarray(value)[:count] for name, value in ctx.calib_inputs.items()}
+            self.verify(out_dir, sample, int_model)
+            paths.append(out_dir / VERIFY_FILE)
+        return paths
+
+    def verify(self, out_dir: Path, inputs: dict[str, np.ndarray],
+               int_model: onnx.ModelProto | None = None) -> dict[str, Any]:
+        """The library's integer outputs against the interpreter's; writes ``verify.json``."""
+        from compiler.interpreter import run_integer_graph_raw
+
+        out_dir = Path(out_dir)
+        if int_model is None:
+            int_model = onnx.load(str(out_dir / INT_MODEL_FILE))
+        got = self.run_raw(out_dir, inputs)
+        expected = run_integer_graph_raw(int_model, inputs)
+        report = {"target": self.name, "samples": int(len(next(iter(inputs.values())))),
+                  **compare_raw(got, expected)}
+        atomic_write_text(out_dir / VERIFY_FILE, json.dumps(report, indent=1) + "\n")
+        return report
+
+    def run(self, out_dir: Path, inputs: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
+        from targets.cpu import runner
+
+        return runner.run(Path(out_dir), inputs)
+
+    def run_raw(self, out_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from targets.cpu import runner
+
+        return runner.run_raw(Path(out_dir), inputs)
+
+    def benchmark(self, out_dir: Path, inputs: dict[str, np.ndarray], repeat: int = 50,
+                  **options: Any) -> dict[str, Any]:
+        from targets.cpu import runner
+
+        return runner.benchmark(Path(out_dir), inputs, repeat=repeat, warmup=int(options.get("warmup", 5)))
+
+
+TARGET = CpuTarget()

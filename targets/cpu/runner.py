@@ -1,0 +1,122 @@
+"""Load and run the CPU library of ``out_dir/cpu/`` (TVM runtime + Relax VM).
+
+Inputs are float arrays keyed by graph input name with the sample axis first;
+each sample is quantized with :func:`compiler.requant.quantize_linear` (the
+interpreter's own function), run through the library at batch 1, and the
+integer outputs are dequantized with :func:`compiler.requant.dequantize_linear`.
+
+* :func:`run` -- float outputs, like the QDQ model's.
+* :func:`run_raw` -- integer outputs (what ``verify.json`` compares).
+* :func:`benchmark` -- median latency per sample (quantize + library +
+  dequantize of one sample, after warm-up; loading excluded), as
+  :func:`targets.base.latency_summary` JSON. Threads: TVM's pool, set with
+  ``TVM_NUM_THREADS`` before the first run in the process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.errors import EdgeqError
+from compiler.requant import dequantize_linear, quantize_linear
+from targets.base import latency_summary
+from targets.cpu.lower import MANIFEST
+
+
+class CpuModule:
+    """A loaded library with its manifest."""
+
+    def __init__(self, cpu_dir: Path) -> None:
+        import tvm
+        from tvm import relax
+
+        manifest_path = cpu_dir / MANIFEST
+        if not manifest_path.exists():
+            raise EdgeqError(f"{cpu_dir} has no {MANIFEST}: compile with --target cpu first")
+        self.manifest = json.loads(manifest_path.read_text())
+        library = tvm.runtime.load_module(str(cpu_dir / self.manifest["library"]))
+        self.device = tvm.cpu()
+        self.vm = relax.VirtualMachine(library, self.device)
+        self.main = self.vm["main"]
+        self._tensor = tvm.runtime.tensor
+
+    def samples(self, inputs: dict[str, np.ndarray]) -> int:
+        counts = set()
+        for entry in self.manifest["inputs"]:
+            if entry["name"] not in inputs:
+                raise EdgeqError(f"inputs lack '{entry['name']}' (the model's input)")
+            value = np.asarray(inputs[entry["name"]])
+            if list(value.shape[1:]) != entry["shape"][1:]:
+                raise EdgeqError(f"input '{entry['name']}' has shape {list(value.shape)}; expected "
+                                 f"[N, {', '.join(map(str, entry['shape'][1:]))}]")
+            counts.add(value.shape[0])
+        if len(counts) != 1:
+            raise EdgeqError(f"inputs disagree on the number of samples: {sorted(counts)}")
+        return counts.pop()
+
+    def quantize(self, inputs: dict[str, np.ndarray], index: int) -> list:
+        tensors = []
+        for entry in self.manifest["inputs"]:
+            q = entry["quant"]
+            value = np.asarray(inputs[entry["name"]])[index:index + 1]
+            quantized = quantize_linear(value, q["scale"], q["zero_point"], q["qmin"], q["qmax"], q["dtype"])
+            tensors.append(self._tensor(np.ascontiguousarray(quantized), self.device))
+        return tensors
+
+    def run_sample_raw(self, inputs: dict[str, np.ndarray], index: int) -> list[np.ndarray]:
+        outputs = self.main(*self.quantize(inputs, index))
+        return [outputs[i].numpy() for i in range(len(self.manifest["outputs"]))]
+
+    def run_raw(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        count = self.samples(inputs)
+        per_sample = [self.run_sample_raw(inputs, index) for index in range(count)]
+        return {entry["name"]: np.concatenate([sample[i] for sample in per_sample])
+                for i, entry in enumerate(self.manifest["outputs"])}
+
+    def run_sample(self, inputs: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+        """Float outputs of sample ``index`` (quantize, library, dequantize)."""
+        names = [entry["name"] for entry in self.manifest["outputs"]]
+        return self.dequantize(dict(zip(names, self.run_sample_raw(inputs, index), strict=True)))
+
+    def dequantize(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = {}
+        for entry in self.manifest["outputs"]:
+            q = entry.get("quant")
+            value = raw[entry["name"]]
+            result[entry["name"]] = dequantize_linear(value, q["scale"], q["zero_point"]) if q else value
+        return result
+
+
+def load(out_dir: Path) -> CpuModule:
+    return CpuModule(Path(out_dir) / "cpu")
+
+
+def run(out_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    module = load(out_dir)
+    return module.dequantize(module.run_raw(inputs))
+
+
+def run_raw(out_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return load(out_dir).run_raw(inputs)
+
+
+def benchmark(out_dir: Path, inputs: dict[str, np.ndarray], repeat: int = 50, warmup: int = 5
+              ) -> dict[str, Any]:
+    """Median per-sample latency of the first sample (loading excluded)."""
+    module = load(out_dir)
+    module.samples(inputs)
+    sample = {name: np.asarray(value)[:1] for name, value in inputs.items()}
+    for _ in range(warmup):
+        module.run_sample(sample, 0)
+    times = []
+    for _ in range(max(repeat, 1)):
+        start = time.perf_counter()
+        module.run_sample(sample, 0)
+        times.append(time.perf_counter() - start)
+    return latency_summary(times, includes_loading=False, batch=1,
+                           tvm_target=module.manifest.get("tvm_target"))

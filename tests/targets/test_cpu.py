@@ -1,0 +1,166 @@
+"""targets/cpu: the TVM-compiled integer graph against the reference interpreter, bit for bit."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+
+from compiler.interpreter import run_all, run_integer_graph, run_integer_graph_raw
+from passes.integerize import integerize
+from targets.base import CompileContext
+from targets.cpu import TARGET, compare_raw
+from targets.cpu.lower import lower_to_dir
+from targets.cpu.runner import load
+from targets.tvm_ops import node_primfunc, tensor_types
+from tests.qdq_fixtures import (
+    QDQBuilder,
+    conv_block_model,
+    matmul_model,
+    mobilenet_v2_like_model,
+    quantize_qdq,
+    random_inputs,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def batch(samples):
+    return {name: np.concatenate([s[name] for s in samples]) for name in samples[0]}
+
+
+def assert_library_matches_interpreter(int_model, inputs, cpu_dir, use_schedules=False):
+    manifest = lower_to_dir(int_model, cpu_dir, use_schedules=use_schedules)
+    got = load(cpu_dir.parent).run_raw(inputs)
+    expected = run_integer_graph_raw(int_model, inputs)
+    report = compare_raw(got, expected)
+    assert report["bit_exact"], report
+    for name, value in expected.items():
+        assert np.array_equal(got[name], value) and got[name].dtype == value.dtype
+    return manifest
+
+
+def ops_model() -> onnx.ModelProto:
+    """int8 activations; QMul, Slice, Gather, Identity, a standalone clamp, per-tensor weights."""
+    b = QDQBuilder(seed=4)
+    x = b.input("x", [1, 6, 5], scale=0.04, zero_point=-3, dtype=np.int8)
+    y = b.qdq(b.node("Relu", [x]), 0.04, -3, np.int8)
+    prod = b.qdq(b.node("Mul", [x, y]), 0.02, 7, np.int8)
+    sliced = b.node("Slice", [prod, b.const(np.array([1, 4], np.int64)), b.const(np.array([6, 0], np.int64)),
+                              b.const(np.array([1, 2], np.int64)), b.const(np.array([2, -2], np.int64))])
+    gathered = b.node("Gather", [sliced, b.const(np.array([2, 0, -1], np.int64))], axis=1)
+    same = b.node("Identity", [gathered])
+    w = b.node("DequantizeLinear", [b.const(np.random.default_rng(0).integers(-128, 128, (2, 4)).astype(np.int8)),
+                                    b.const(np.array(0.01, np.float32)), b.const(np.array(0, np.int8))])
+    mm = b.qdq(b.node("MatMul", [same, w]), 0.05, 0, np.int8)
+    return b.model(mm)
+
+
+@pytest.mark.parametrize("builder", [conv_block_model, matmul_model, ops_model],
+                         ids=["conv_block", "matmul", "ops"])
+def test_every_op_is_bit_exact_on_random_inputs(builder, tmp_path):
+    model = builder()
+    qdq = model if builder is ops_model else quantize_qdq(model, random_inputs(model, 16))
+    int_model = integerize(qdq)
+    inputs = batch(random_inputs(model, 3, seed=21))
+    inputs = {k: v * 2.5 for k, v in inputs.items()}  # saturate some values too
+    manifest = assert_library_matches_interpreter(int_model, inputs, tmp_path / "cpu")
+    kinds = {kind.removeprefix("generic_") for kind in manifest["kernels"]}
+    emitted = {n.op_type for n in int_model.graph.node} - {"Quantize", "Dequantize"}
+    assert kinds == emitted
+
+
+def test_requantization_extremes_are_bit_exact(tmp_path):
+    """Huge and tiny rescales, int16 activations, clamps at both ends."""
+    model = conv_block_model(seed=3)
+    qdq = quantize_qdq(model, random_inputs(model, 16), activation_type="QInt16")
+    int_model = integerize(qdq)
+    inputs = batch(random_inputs(model, 2, seed=5))
+    inputs["x"][0] *= 50.0
+    assert_library_matches_interpreter(int_model, inputs, tmp_path / "cpu")
+
+
+def test_float_edges_as_standalone_primfuncs_match_numpy():
+    """Quantize/Dequantize kernels (used by targets that take float input) vs compiler.requant."""
+    b = QDQBuilder()
+    x = b.input("x", [4, 64], scale=0.5, zero_point=3)
+    int_model = integerize(b.model(x))
+    types = tensor_types(int_model, batch=4)
+    values = np.concatenate([np.arange(-70, 70, 0.25, dtype=np.float32)[:192],  # ties at .25/.75 x 2
+                             np.random.default_rng(0).standard_normal(64).astype(np.float32) * 100])
+    sample = {"x": values.reshape(4, 64)}
+    env = run_all(int_model, sample)
+    for node in int_model.graph.node:
+        func, args, constants = node_primfunc(int_model, node, types)
+        assert not constants
+        built = tvm.tirx.build(func.with_attr("global_symbol", "edge"), target={"kind": "llvm"})
+        src, dst = (tvm.runtime.tensor(env[args[0]]),
+                    tvm.runtime.tensor(np.zeros(types[args[-1]][0], types[args[-1]][1])))
+        built(src, dst)
+        assert np.array_equal(dst.numpy(), env[args[-1]]), node.op_type
+
+
+def test_compile_verify_run_and_cross_compile(tmp_path):
+    model = conv_block_model()
+    qdq = quantize_qdq(model, random_inputs(model, 16))
+    onnx.save(qdq, tmp_path / "model.qdq.onnx")
+    calib = batch(random_inputs(model, 4, seed=8))
+    triple = "aarch64-linux-gnu"
+    paths = TARGET.lower(CompileContext(out_dir=tmp_path, qdq_model_path=tmp_path / "model.qdq.onnx", plan=None,
+                                        calib_inputs=calib, options={"target_triple": triple}))
+    assert {p.name for p in paths} == {"cpu", "model.int.onnx", "verify.json"}
+    verify = json.loads((tmp_path / "verify.json").read_text())
+    assert verify["bit_exact"] and verify["samples"] == 4
+    manifest = json.loads((tmp_path / "cpu" / "manifest.json").read_text())
+    assert manifest["tvm_target"]["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()
+    cross = tmp_path / "cpu" / manifest["cross"][0]["library"]
+    header = cross.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" or cross.suffix == ".tar"
+    if shutil.which(f"{triple}-gcc"):
+        assert int.from_bytes(header[18:20], "little") == 183  # e_machine = EM_AARCH64
+    int_model = onnx.load(tmp_path / "model.int.onnx")
+    outputs = TARGET.run(tmp_path, calib)
+    assert np.array_equal(outputs["y"], run_integer_graph(int_model, calib)["y"])
+    timing = TARGET.benchmark(tmp_path, calib, repeat=5)
+    assert timing["median_ms"] > 0 and timing["runs"] == 5
+
+
+def test_vnni_schedules_plug_in_bit_exact(tmp_path):
+    """The hand-written kernels of targets/cpu/schedules.py, through the lowering's seam."""
+    schedules = pytest.importorskip("targets.cpu.schedules")
+    if not schedules.host_has_vnni():
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    model = conv_block_model()
+    int_model = integerize(quantize_qdq(model, random_inputs(model, 16)))
+    manifest = assert_library_matches_interpreter(int_model, batch(random_inputs(model, 3, seed=2)),
+                                                  tmp_path / "cpu", use_schedules=True)
+    scheduled = [kind for kind in manifest["kernels"] if not kind.startswith("generic_")]
+    assert scheduled, manifest["kernels"]  # bit exact above with the hand-written kernels in use
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_compiles_in_minutes_and_is_bit_exact(tmp_path):
+    model = mobilenet_v2_like_model()
+    int_model = integerize(quantize_qdq(model, random_inputs(model, 4)))
+    start = time.perf_counter()
+    manifest = assert_library_matches_interpreter(int_model, batch(random_inputs(model, 2, seed=6)),
+                                                  tmp_path / "cpu", use_schedules=True)
+    assert time.perf_counter() - start < 180, manifest["compile_seconds"]
+
+
+@pytest.mark.slow
+def test_bundled_fashion_cnn_is_bit_exact_on_real_images(tmp_path):
+    path = REPO / "models" / "fashion_cnn.onnx"
+    if not path.exists():
+        pytest.skip("models/fashion_cnn.onnx is not built yet")
+    from compiler.data import load_calibration
+
+    model = onnx.load(path)
+    real = load_calibration(None, model, random_samples=0)  # the bundled Fashion-MNIST samples
+    qdq = quantize_qdq(model, [{k: v[i:i + 1] for k, v in real.items()} for i in range(16)])
+    assert_library_matches_interpreter(integerize(qdq), {k: v[:16] for k, v in real.items()},
+                                       tmp_path / "cpu")
