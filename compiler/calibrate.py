@@ -196,6 +196,9 @@ def run_batches(
             batch.update(constants)
             callback(batch)
             bar.update(len(next(iter(feed.values()))))
+            # drop this batch's tensors before the next run: kept alive, they would make
+            # onnxruntime allocate a second set of outputs (peak memory x2)
+            del values, batch
 
 
 # -- ranges -------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The calibration loop on tiny graphs: intermediates equal numpy, batches stay small."""
 
+import weakref
+
 import numpy as np
 import onnx
 import pytest
@@ -84,6 +86,27 @@ def test_callback_memory_does_not_grow_with_samples():
 
         run_batches(mlp(), {"x": x}, ["act"], record, batch_size=16, progress=False)
         assert max(sizes) <= 16 and sum(sizes) == samples
+
+
+def test_previous_batch_is_released_before_the_next_run(data):
+    """run_batches holds no reference to a batch once its callback returned, so onnxruntime
+    can reuse that memory for the next batch (peak = one batch of exposed tensors). Checked
+    when the next input batch is sliced, i.e. before the next onnxruntime run."""
+    previous: list[weakref.ref] = []
+    alive_when_slicing = []
+
+    class ProbedInput(np.ndarray):
+        def __getitem__(self, index):
+            if previous:
+                alive_when_slicing.append(previous[-1]() is not None)
+            return super().__getitem__(index)
+
+    def callback(batch):
+        previous.append(weakref.ref(batch["act"]))
+
+    run_batches(mlp(), {"x": data["x"].view(ProbedInput)}, ["act"], callback, batch_size=8,
+                progress=False)
+    assert len(previous) == 9 and len(alive_when_slicing) >= 8 and not any(alive_when_slicing)
 
 
 def test_expose_tensors_declares_types_and_keeps_original():
