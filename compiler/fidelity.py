@@ -3,7 +3,7 @@
 Metrics (all float vs quantized on the same inputs):
   * ``sqnr_db``: 10 log10(sum x^2 / sum (x - x_q)^2), per output and per tensor;
   * ``cosine``: mean cosine similarity of per-sample output vectors;
-  * for classifier outputs ([N, C], C >= 2): ``top1_agreement``,
+  * for classifier outputs ([N, C], C >= 2, rows not unit-norm): ``top1_agreement``,
     ``top5_agreement`` (float top-1 within quantized top-5) and ``kl`` (mean
     KL divergence of the softmax distributions, float || quantized).
 """
@@ -45,9 +45,17 @@ def compare_outputs(reference: np.ndarray, quantized: np.ndarray) -> dict[str, f
         "cosine": float(np.mean(cosine)),
         "max_abs_error": float(np.max(np.abs(flat_ref - flat_q))) if flat_ref.size else 0.0,
     }
-    if reference.ndim == 2 and reference.shape[1] >= 2:
+    if looks_like_logits(reference):
         metrics.update(classifier_agreement(reference, quantized))
     return metrics
+
+
+def looks_like_logits(output: np.ndarray) -> bool:
+    """[N, C] scores, not unit-norm embedding vectors (where top-1 means nothing)."""
+    if output.ndim != 2 or output.shape[1] < 2:
+        return False
+    norms = np.linalg.norm(output.reshape(output.shape[0], -1), axis=1)
+    return not np.allclose(norms, 1.0, atol=1e-3)
 
 
 def classifier_agreement(reference: np.ndarray, quantized: np.ndarray) -> dict[str, float]:

@@ -156,3 +156,19 @@ def value_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     for init in graph.initializer:
         shapes[init.name] = list(init.dims)
     return shapes
+
+
+def tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> ONNX element type, for every tensor whose type is known."""
+    types: dict[str, int] = {}
+    graph = model.graph
+    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    for init in graph.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                         onnx.TensorProto.DOUBLE})

@@ -29,7 +29,14 @@ import logging
 import numpy as np
 import onnx
 
-from compiler.graph import attribute, graph_input_names, initializer_array, producers
+from compiler.graph import (
+    FLOAT_TYPES,
+    attribute,
+    graph_input_names,
+    initializer_array,
+    producers,
+    tensor_elem_types,
+)
 from compiler.plan import LayerPlan, QuantPlan
 
 log = logging.getLogger(__name__)
@@ -45,6 +52,8 @@ PASS_THROUGH_OPS = frozenset({
 # Activations folded into the quantizer of the layer they follow.
 FUSIBLE_ACTIVATIONS = ("Relu", "Clip")
 SENTINEL_MAGNITUDE = 1e4
+# Tensors of unknown type are assumed float (shape inference may not reach them).
+FLOAT_TYPES_DEFAULT = onnx.TensorProto.FLOAT
 
 
 def select_layers(
@@ -58,8 +67,13 @@ def select_layers(
     """Decide which nodes of ``model`` are quantized layers (see module docstring)."""
     plan = QuantPlan(w_bits=w_bits, a_bits=a_bits, activation_signed=activation_signed)
     mask_tensors = _mask_derived_tensors(model)
+    types = tensor_elem_types(model)
     for node in model.graph.node:
+        if any(types.get(name, FLOAT_TYPES_DEFAULT) not in FLOAT_TYPES for name in node.output if name):
+            continue  # shape arithmetic, indices, masks: nothing to quantize
         reason = _float_reason(model, node, mask_tensors, integer_only)
+        if reason is None and node.op_type in ELTWISE_OPS and not integer_only:
+            reason = _float_operand_reason(model, node, plan)
         if reason is None:
             plan.layers[node.name] = _layer_for(model, node, w_bits, a_bits)
         elif reason:  # "" means: not a compute op, nothing to report
@@ -128,6 +142,23 @@ def _float_reason(model, node, mask_tensors: set[str], integer_only: bool) -> st
     return "no quantized form in edgeq"
 
 
+def _float_operand_reason(model: onnx.ModelProto, node: onnx.NodeProto, plan: QuantPlan) -> str | None:
+    """Why a two-activation Add/Mul stays float: an operand made by a float op.
+
+    In a CNN both operands of a residual Add come from quantized layers; in a
+    transformer one comes from LayerNorm, and quantizing the residual stream
+    per tensor costs much more accuracy than the integer Add saves.
+    """
+    made_by = producers(model)
+    for name in node.input:
+        source = made_by.get(name)
+        while source is not None and source.op_type in PASS_THROUGH_OPS | set(FUSIBLE_ACTIVATIONS):
+            source = made_by.get(source.input[0])
+        if source is not None and source.name not in plan.layers:
+            return f"operand '{name}' comes from float op {source.op_type} (residual stream stays float)"
+    return None
+
+
 def _follows(model: onnx.ModelProto, node: onnx.NodeProto, ops: tuple[str, ...]) -> bool:
     made_by = producers(model)
     return any(name in made_by and made_by[name].op_type in ops for name in node.input)
@@ -137,7 +168,7 @@ def _mask_derived_tensors(model: onnx.ModelProto) -> set[str]:
     """Tensors computed from integer-typed graph inputs that end up as float (attention masks).
 
     Token ids feed a Gather into embeddings (a legitimate float path), so only
-    inputs named like a mask, or cast to float directly, start a mask path.
+    inputs named like a mask start a mask path, and Gather ends one.
     """
     int_types = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL}
     real_inputs = set(graph_input_names(model))
@@ -148,8 +179,9 @@ def _mask_derived_tensors(model: onnx.ModelProto) -> set[str]:
     }
     tainted = set(seeds)
     for node in model.graph.node:  # nodes are topologically sorted
-        if node.op_type == "Gather" and node.input[1] in tainted and node.input[0] not in tainted:
-            continue  # embedding lookup: the result is data, not a mask
-        if any(name in tainted for name in node.input):
+        variable = [name for name in node.input if name and initializer_array(model, name) is None]
+        # Still a mask only while every non-constant input is one: the Add that
+        # applies the mask to the attention scores produces scores, not a mask.
+        if variable and all(name in tainted for name in variable) and node.op_type != "Gather":
             tainted.update(node.output)
     return tainted - seeds
