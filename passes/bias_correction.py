@@ -1,10 +1,14 @@
 """Empirical per-channel bias correction (Nagel et al. 2019; Banner et al. 2019).
 
-Quantizing a weight ``W`` to ``Wq`` shifts the mean of each output channel by
-``(Wq - W) E[x]``; this pass measures ``E[x]`` (the mean im2col patch for a
-convolution, the mean feature row for Gemm/MatMul) on calibration data and
-adds ``(W - Wq) E[x]`` to the bias, so the quantized layer's expected output
-equals the float one.
+Quantizing weights shifts the mean of each layer's output channels. The
+default *empirical* mode measures, on calibration data, each layer's
+per-channel mean output in the float model and in the model whose planned
+weights are all quantized (so upstream rounding errors count too), and adds
+the difference to the bias -- layer by layer in topological order, each
+correction seen by the layers after it. The *analytic* mode adds
+``(W - Wq) E[x]`` with ``E[x]`` (the mean im2col patch for a convolution, the
+mean feature row for Gemm/MatMul) from the float model: the layer's own
+rounding only, one calibration run.
 
 Requires: a QuantPlan saying which layers are quantized to how many bits
 (``plan.layers``, or an empty plan: every linear layer at ``plan.w_bits``);
@@ -25,12 +29,13 @@ import logging
 import numpy as np
 import onnx
 
-from compiler.calibrate import run_batches
-from compiler.graph import attribute, initializer_array
+from compiler.calibrate import collect_channel_stats, run_batches
+from compiler.graph import attribute, initializer_array, set_initializer
 from compiler.linear_layers import (
     LinearLayer,
     add_to_bias,
     copy_model,
+    find_linear_layers,
     is_applied,
     mark_applied,
     planned_layers,
@@ -93,16 +98,87 @@ def bias_shift(weight: np.ndarray, quantized: np.ndarray, mean: np.ndarray, laye
     return delta.astype(np.float64) @ mean
 
 
+def _output_means(model: onnx.ModelProto, layers: list[LinearLayer], data, batch_size: int) -> dict[str, np.ndarray]:
+    """Tensor name -> per-channel mean of each layer's output (``x W + b``) over ``data``."""
+    axes = {layer.output: 1 if layer.op_type == "Conv" else -1 for layer in layers}
+    stats = collect_channel_stats(model, data, list(axes), axis=axes, batch_size=batch_size, progress=False)
+    return {name: entry.mean.astype(np.float64) for name, entry in stats.items()}
+
+
+def _quantized_weights(model: onnx.ModelProto, plan: QuantPlan, layers) -> dict[str, np.ndarray]:
+    """Weight name -> the float value QDQ insertion will give it (plan entry or shared grid)."""
+    quantized = {}
+    for layer, bits in layers:
+        weight = layer.weight_array(model).astype(np.float32)
+        scale = planned_weight_scale(plan.tensors, layer.weight, weight, layer.out_axis, bits)
+        quantized[layer.weight] = fake_quantize_weight(weight, layer.out_axis, bits, scale)
+    return quantized
+
+
+def _correct_analytic(result, plan, layers, data, float_model, batch_size) -> None:
+    means = mean_inputs(result, [layer for layer, _ in layers], data, batch_size)
+    quantized = _quantized_weights(result, plan, layers)
+    for layer, _ in layers:
+        weight = layer.weight_array(result)
+        reference = initializer_array(float_model, layer.weight) if float_model is not None else None
+        if reference is None or reference.shape != weight.shape:
+            reference = weight
+        shift = bias_shift(reference.astype(np.float64), quantized[layer.weight], means[layer.name], layer)
+        _apply_shift(result, plan, layer, shift)
+
+
+def _correct_empirical(result, plan, layers, data, float_model, batch_size, layers_per_pass) -> None:
+    reference = float_model if float_model is not None else result
+    reference_layers = {layer.node.output[0]: layer for layer in find_linear_layers(reference).values()}
+    wanted = [reference_layers[layer.node.output[0]] for layer, _ in layers if layer.node.output[0] in reference_layers]
+    float_means = _output_means(reference, wanted, data, batch_size)
+    shadow = copy_model(result)  # the model as QDQ will see its weights, biases corrected as we go
+    for name, value in _quantized_weights(result, plan, layers).items():
+        set_initializer(shadow, name, value)
+    shadow_layers = {layer.node.output[0]: layer for layer in find_linear_layers(shadow).values()}
+    for first in range(0, len(layers), layers_per_pass):
+        chunk = [layer for layer, _ in layers[first:first + layers_per_pass]]
+        shadow_chunk = [shadow_layers[layer.node.output[0]] for layer in chunk]
+        quant_means = _output_means(shadow, shadow_chunk, data, batch_size)
+        for layer, twin in zip(chunk, shadow_chunk, strict=True):
+            if layer.output not in float_means:
+                log.debug("bias_correction: %s: not in the float model; skipped", layer.name)
+                continue
+            shift = float_means[layer.output] - quant_means[twin.output]
+            add_to_bias(shadow, twin, shift.astype(np.float32), "bias_corrected")
+            _apply_shift(result, plan, layer, shift)
+
+
+def _apply_shift(result, plan, layer, shift) -> None:
+    add_to_bias(result, layer, np.asarray(shift, dtype=np.float32), "bias_corrected")
+    entry = plan.layers.get(layer.name)
+    if entry is not None:
+        entry.info["bias_correction_max"] = float(np.max(np.abs(shift))) if np.size(shift) else 0.0
+
+
 def bias_correction(
     model: onnx.ModelProto,
     plan: QuantPlan,
     data: dict[str, np.ndarray],
     *,
     float_model: onnx.ModelProto | None = None,
+    mode: str = "empirical",
+    layers_per_pass: int = 1,
     max_bits: int = 8,
     batch_size: int = 32,
 ) -> tuple[onnx.ModelProto, QuantPlan]:
-    """Correct the biases of planned layers with ``w_bits <= max_bits``; returns (copy of model, plan)."""
+    """Correct the biases of planned layers with ``w_bits <= max_bits``; returns (copy of model, plan).
+
+    ``mode="empirical"``: each layer's mean output in the model with *all*
+    planned weights quantized (upstream errors included, layers corrected in
+    topological order) is matched to the float model's. With
+    ``layers_per_pass`` > 1 several layers share a calibration run (faster),
+    but a layer then also "corrects" upstream errors that the corrections in
+    its own pass already remove: keep 1 unless the layers are independent. ``mode="analytic"``: ``(W - Wq) E[x]`` with ``E[x]``
+    from the float model (one run; the layer's own rounding only).
+    """
+    if mode not in ("empirical", "analytic"):
+        raise ValueError(f"bias_correction mode must be 'empirical' or 'analytic', not {mode!r}")
     result = copy_model(model)
     if is_applied(result, PASS_NAME):
         log.info("bias_correction: skipped: the model's biases are already corrected")
@@ -115,21 +191,10 @@ def bias_correction(
             log.debug("bias_correction: %s: MatMul without a bias Add: skipped", layer.name)
             continue
         layers.append((layer, bits))
-    means = mean_inputs(result, [layer for layer, _ in layers], data, batch_size)
-    corrected = 0
-    for layer, bits in layers:
-        weight = layer.weight_array(result).astype(np.float32)
-        reference = initializer_array(float_model, layer.weight) if float_model is not None else None
-        if reference is None or reference.shape != weight.shape:
-            reference = weight
-        scale = planned_weight_scale(plan.tensors, layer.weight, weight, layer.out_axis, bits)
-        quantized = fake_quantize_weight(weight, layer.out_axis, bits, scale)
-        shift = bias_shift(reference.astype(np.float64), quantized, means[layer.name], layer)
-        add_to_bias(result, layer, shift.astype(np.float32), "bias_corrected")
-        corrected += 1
-        entry = plan.layers.get(layer.name)
-        if entry is not None:
-            entry.info["bias_correction_max"] = float(np.max(np.abs(shift))) if shift.size else 0.0
-    log.info("bias_correction: %d layers corrected", corrected)
-    mark_applied(result, PASS_NAME, layers=corrected)
+    if mode == "analytic":
+        _correct_analytic(result, plan, layers, data, float_model, batch_size)
+    else:
+        _correct_empirical(result, plan, layers, data, float_model, batch_size, layers_per_pass)
+    log.info("bias_correction (%s): %d layers corrected", mode, len(layers))
+    mark_applied(result, PASS_NAME, layers=len(layers), mode=mode)
     return result, plan

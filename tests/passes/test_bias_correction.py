@@ -64,3 +64,21 @@ def test_after_gptq_uses_the_recorded_grid_and_float_reference(caplog):
     with caplog.at_level(logging.INFO, logger="passes.bias_correction"):
         bias_correction(corrected, plan, data, float_model=model)
     assert "already corrected" in caplog.text
+
+
+def test_empirical_mode_matches_the_final_output_mean_exactly():
+    model, data = conv_net(), conv_data(count=64)
+    corrected, _ = bias_correction(model, QuantPlan(w_bits=4), data, layers_per_pass=1)
+    analytic, _ = bias_correction(model, QuantPlan(w_bits=4), data, mode="analytic")
+    float_mean = run(model, data)[0].mean(axis=0)
+    empirical_gap = np.abs(run(_rounded(corrected, 4), data)[0].mean(axis=0) - float_mean)
+    analytic_gap = np.abs(run(_rounded(analytic, 4), data)[0].mean(axis=0) - float_mean)
+    assert empirical_gap.max() < 1e-4 * np.abs(float_mean).max() + 1e-5
+    assert empirical_gap.max() < analytic_gap.max()
+
+
+def test_bad_mode_is_rejected():
+    import pytest
+
+    with pytest.raises(ValueError):
+        bias_correction(conv_net(), QuantPlan(w_bits=4), conv_data(count=4), mode="guess")
