@@ -313,6 +313,12 @@ def random_calibration(
 
 
 # -- checks ----------------------------------------------------------------------------------
+def _all_finite(array: np.ndarray, chunk_bytes: int = 1 << 26) -> bool:
+    """NaN/inf check in slices along the sample axis (bounded memory for memory-mapped data)."""
+    step = max(1, chunk_bytes // max(1, array[:1].nbytes))
+    return all(np.isfinite(array[start : start + step]).all() for start in range(0, len(array), step))
+
+
 def _checked(spec: InputSpec, array: np.ndarray, source: str) -> np.ndarray:
     if array.dtype != spec.dtype:
         if array.dtype == np.float64 and spec.dtype == np.float32:
@@ -332,7 +338,7 @@ def _checked(spec: InputSpec, array: np.ndarray, source: str) -> np.ndarray:
         )
     if len(array) == 0:
         raise EdgeqError(f"{source}: '{spec.name}' has no samples (first axis is 0)")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+    if array.dtype.kind == "f" and not _all_finite(array):
         raise EdgeqError(f"{source}: '{spec.name}' contains NaN or infinite values")
     return array
 
