@@ -48,6 +48,7 @@ from compiler.graph import (
     producers,
     set_initializer,
     topological_sort,
+    value_shapes,
 )
 from compiler.linear_layers import (
     LinearLayer,
@@ -140,7 +141,8 @@ def find_pairs(model: onnx.ModelProto) -> list[tuple[LinearLayer, LinearLayer]]:
 
 def _walk_back(model: onnx.ModelProto, tensor: str, through: tuple[str, ...]) -> tuple[list[onnx.NodeProto], onnx.NodeProto | None]:
     made = producers(model)
-    users = consumers(model)
+    # Shape ops read only a tensor's shape, which a rotation does not change.
+    users = {name: [n for n in nodes if n.op_type != "Shape"] for name, nodes in consumers(model).items()}
     passed = []
     node = made.get(tensor)
     while node is not None and node.op_type in through:
@@ -155,12 +157,17 @@ def _walk_back(model: onnx.ModelProto, tensor: str, through: tuple[str, ...]) ->
 
 def _head_dim(model: onnx.ModelProto, reshapes: list[onnx.NodeProto], channels: int) -> int | None:
     """The per-head size from the split-heads Reshape's shape constant ([..., heads, head_dim])."""
+    inferred = value_shapes(model)
     for node in reshapes:
         if node.op_type != "Reshape":
             continue
         shape = initializer_array(model, node.input[1])
-        if shape is not None and shape.size >= 2 and shape[-1] > 0 and channels % int(shape[-1]) == 0:
-            return int(shape[-1])
+        last = int(shape[-1]) if shape is not None and shape.size >= 2 else None
+        if last is None or last <= 0:  # a shape computed at run time: ask shape inference
+            out_shape = inferred.get(node.output[0]) or []
+            last = out_shape[-1] if len(out_shape) >= 4 and isinstance(out_shape[-1], int) else None
+        if last and last > 0 and channels % last == 0:
+            return last
     return None
 
 

@@ -71,3 +71,14 @@ def test_second_run_is_skipped(caplog):
 def test_bad_option_is_rejected():
     with pytest.raises(ValueError):
         equalize(conv_net(), relu6="maybe")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenetv2", "efficientnet_lite0"])
+def test_real_models_keep_their_function(name):
+    from tests.passes.real_models import outputs, real_model
+
+    model, data = real_model(name)
+    result = equalize(model, data=data)
+    assert applied_transforms(result)[0]["pairs"] >= 1
+    assert max_rel_error(outputs(model, data), outputs(result, data)) <= 1e-4

@@ -74,3 +74,14 @@ def test_second_run_is_skipped(caplog):
     with caplog.at_level(logging.INFO, logger="passes.rotate"):
         rotate(once)
     assert "already rotated" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,expect", [("minilm", "heads"), ("mobilenetv2", "pairs")])
+def test_real_models_keep_their_function(name, expect):
+    from tests.passes.real_models import outputs, real_model
+
+    model, data = real_model(name)
+    result = rotate(model, online=True)
+    assert applied_transforms(result)[0][expect] >= 1
+    assert max_rel_error(outputs(model, data), outputs(result, data)) <= 1e-4

@@ -53,3 +53,14 @@ def test_second_run_is_skipped(caplog):
         twice = smooth(once, data)
     assert "already smoothed" in caplog.text
     assert len(twice.graph.node) == len(once.graph.node)
+
+
+@pytest.mark.slow
+def test_minilm_keeps_its_function():
+    from tests.passes.real_models import outputs, real_model
+
+    model, data = real_model("minilm")
+    result = smooth(model, data)
+    groups = applied_transforms(result)[0]["groups"]
+    assert groups and all(entry["error_after"] < entry["error_before"] for entry in groups)
+    assert max_rel_error(outputs(model, data), outputs(result, data)) <= 1e-4
