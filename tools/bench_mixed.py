@@ -1,0 +1,249 @@
+"""Mixed precision: fidelity against weight bytes for ILP, greedy, uniform and onnxruntime int4 plans.
+
+For each model (the bundled Fashion-MNIST CNN, MobileNetV2, EfficientNet-Lite0):
+
+1. canonicalize, select layers (target ``onnx``), fit 8-bit activation ranges
+   (MSE observers) on the calibration photos;
+2. measure every layer's sensitivity at w4a8 and w8a8 (passes/sensitivity.py,
+   one layer quantized at a time, KL of the softmax outputs on calibration
+   samples) and the second-moment proxy, and their Spearman rank correlation;
+3. solve the ILP (passes/allocate.py) and run the greedy baseline at weight
+   budgets of 0.5 ... 0.9 x the int8 weight bytes; add uniform w8a8 and w4a8;
+4. export each plan with passes/insert_qdq (nearest rounding, per-channel
+   symmetric weights, uint8 activations), run it in onnxruntime on the
+   evaluation set and compare with the float model (top-1 agreement, top-5
+   agreement, KL, and accuracy where labels exist);
+5. onnxruntime.quantization.quantize_static with QInt4 per-channel weights and
+   QUInt8 activations (QDQ, MinMax calibration on the same photos), scored the same way.
+
+Weight bytes count the packed quantized weights of the quantized layers
+(int4 = half a byte per weight). Results are written as a section of the
+markdown file given to ``--write`` (BENCHMARKS.mixed.md).
+
+    python tools/bench_mixed.py --models mobilenetv2 --write BENCHMARKS.mixed.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from compiler.fidelity import compare_outputs, run_model  # noqa: E402
+from passes import allocate as al  # noqa: E402
+from passes import sensitivity as sn  # noqa: E402
+from targets.onnx.cost import cost_model  # noqa: E402
+
+FRACTIONS = (0.5, 0.55, 0.6, 0.7, 0.8, 0.9)
+W_BITS = (4, 8)
+A_BITS = (8,)
+
+
+def load_case(name: str, calib_samples: int):
+    """(model path, calibration inputs, evaluation inputs, labels or None)."""
+    if name == "fashion_cnn":
+        from models import bundled
+
+        evaluation, labels = bundled.test_data()
+        calib = {key: value[:calib_samples] for key, value in bundled.calibration_data().items()}
+        return bundled.model_path(), calib, evaluation, labels
+    from models import photos, zoo
+
+    preprocessing = zoo.PREPROCESSING.get(name, photos.IMAGENET)
+    calib = {"input": photos.calibration_images(calib_samples, preprocessing)}
+    evaluation = {"input": photos.evaluation_images(preprocessing)}
+    return zoo.build(name), calib, evaluation, None
+
+
+def score(reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
+    metrics = compare_outputs(reference, outputs)
+    result = {key: metrics[key] for key in ("top1_agreement", "top5_agreement", "kl", "sqnr_db")}
+    if labels is not None:
+        result["accuracy"] = float(np.mean(outputs.argmax(1) == labels))
+    return result
+
+
+def ort_int4(model_path: Path, calib: dict[str, np.ndarray], work: Path) -> onnx.ModelProto:
+    """onnxruntime's own int4-weight QDQ model (per-channel QInt4 weights, QUInt8 activations)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            count = next(iter(calib.values())).shape[0]
+            self.samples = iter([{k: v[i:i + 1] for k, v in calib.items()} for i in range(count)])
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    source = work / "float21.onnx"
+    onnx.save(onnx.version_converter.convert_version(onnx.load(str(model_path)), 21), str(source))
+    prepared, out = work / "ort_pre.onnx", work / "ort_int4.onnx"
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt4)
+    return onnx.load(str(out))
+
+
+def quantized_weight_bytes(qdq: onnx.ModelProto) -> int:
+    """Packed bytes of the integer weight initializers feeding DequantizeLinear (biases excluded)."""
+    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT8: 8,
+            onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2}
+    inits = {init.name: init for init in qdq.graph.initializer}
+    total = 0
+    for node in qdq.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        tensor = inits[node.input[0]]
+        if tensor.data_type in bits and len(tensor.dims) >= 2:
+            total += (int(np.prod(tensor.dims)) * bits[tensor.data_type] + 7) // 8
+    return total
+
+
+def bench_model(name: str, args, work: Path) -> dict:
+    from compiler.loader import load_model
+    from passes.canonicalize import canonicalize
+    from passes.insert_qdq import quantize_model
+    from passes.select_layers import select_layers
+
+    model_path, calib, evaluation, labels = load_case(name, args.calib_samples)
+    float_model = canonicalize(load_model(model_path))
+    model = sn.with_opset_for(float_model, [4])
+    plan = select_layers(model)
+    reference = run_model(float_model, evaluation)
+    output_name = float_model.graph.output[0].name
+    reference = reference[output_name]
+    timings = {}
+
+    start = time.perf_counter()
+    ranges = sn.activation_ranges(model, plan, calib, A_BITS)
+    timings["ranges_s"] = time.perf_counter() - start
+    choices = sn.candidate_choices(plan, W_BITS, A_BITS)
+    cache = work / f"{name}_sensitivity.json"
+    if cache.exists() and not args.fresh:
+        stored = json.loads(cache.read_text())
+        measured = {layer: {tuple(json.loads(k)): v for k, v in table.items()} for layer, table in stored["measured"].items()}
+        proxy = {layer: {tuple(json.loads(k)): v for k, v in table.items()} for layer, table in stored["proxy"].items()}
+        timings.update(stored["timings"])
+    else:
+        start = time.perf_counter()
+        measured = sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges,
+                                           max_samples=args.sensitivity_samples, workers=args.workers)
+        timings["measured_sensitivity_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        proxy = sn.proxy_sensitivity(model, plan, calib, choices, ranges=ranges, max_samples=args.sensitivity_samples)
+        timings["proxy_sensitivity_s"] = time.perf_counter() - start
+        cache.write_text(json.dumps({
+            "measured": {layer: {json.dumps(list(c)): v for c, v in t.items()} for layer, t in measured.items()},
+            "proxy": {layer: {json.dumps(list(c)): v for c, v in t.items()} for layer, t in proxy.items()},
+            "timings": timings}))
+    weighted = [n for n, layer in plan.layers.items() if layer.w_bits]
+    agreement = {
+        "all entries": sn.spearman(measured, proxy),
+        "layers at w4a8": sn.spearman({n: measured[n] for n in weighted}, {n: proxy[n] for n in weighted}, (4, 8)),
+        "layers at w8a8": sn.spearman({n: measured[n] for n in weighted}, {n: proxy[n] for n in weighted}, (8, 8)),
+    }
+    problem = al.problem_from_model(model, plan, cost_model(), sensitivity=measured, w_bits=W_BITS, a_bits=A_BITS)
+
+    def evaluate(allocation: al.Allocation) -> dict:
+        chosen = copy.deepcopy(plan)
+        al.apply_allocation(chosen, problem, allocation)
+        qdq = quantize_model(model, chosen, ranges[8])
+        outputs = run_model(qdq, evaluation)[output_name]
+        return {"method": allocation.method, "weight_bytes": int(allocation.totals["weight_bytes"]),
+                "size_fraction": allocation.totals["size_fraction"], "objective": allocation.objective,
+                "solve_s": allocation.solve_time_s, **score(reference, outputs, labels)}
+
+    rows = [evaluate(al.uniform(problem, 8, 8)), evaluate(al.uniform(problem, 4, 8))]
+    for fraction in FRACTIONS:
+        budget = {"size_fraction": fraction}
+        rows.append({**evaluate(al.allocate(problem, budget)), "budget": fraction})
+        rows.append({**evaluate(al.greedy(problem, budget)), "budget": fraction})
+    ort_model = ort_int4(model_path, calib, work)
+    ort_outputs = run_model(ort_model, evaluation)[output_name]
+    ort_bytes = quantized_weight_bytes(ort_model)
+    rows.append({"method": "onnxruntime int4 weights", "weight_bytes": ort_bytes,
+                 "size_fraction": ort_bytes / problem.int8_weight_bytes(), **score(reference, ort_outputs, labels)})
+    return {"model": name, "layers": len(plan.layers), "int8_weight_bytes": problem.int8_weight_bytes(),
+            "eval_samples": int(reference.shape[0]), "calib_samples": args.calib_samples,
+            "sensitivity_samples": args.sensitivity_samples, "spearman": agreement, "timings": timings, "rows": rows}
+
+
+def markdown(results: list[dict], command: str) -> str:
+    lines = ["## Mixed precision: fidelity vs weight bytes", "",
+             f"`{command}`. Fidelity against the float model on the evaluation set (top-1/top-5 agreement, "
+             "mean softmax KL, output SQNR). Weight bytes: packed quantized weights (int4 = 0.5 byte). "
+             "ILP and greedy minimise the sum of measured single-layer sensitivities (KL) under "
+             "`size=<fraction>` of the int8 weight bytes; choices w4a8 / w8a8 per weighted layer; "
+             "nearest rounding, no transforms.", ""]
+    for result in results:
+        lines += [f"### {result['model']}", "",
+                  f"{result['layers']} quantized layers, int8 weight bytes {result['int8_weight_bytes']}, "
+                  f"{result['eval_samples']} evaluation samples, {result['calib_samples']} calibration samples "
+                  f"({result['sensitivity_samples']} for sensitivity). Sensitivity time: "
+                  + ", ".join(f"{key} {value:.1f}" for key, value in result["timings"].items()) + ".", "",
+                  "Spearman rank correlation, measured vs second-moment proxy: "
+                  + ", ".join(f"{key} {value:.3f}" for key, value in result["spearman"].items()) + ".", ""]
+        has_accuracy = any("accuracy" in row for row in result["rows"])
+        header = ["plan", "budget", "weight bytes", "x int8", "top-1 agr.", "top-5 agr.", "KL", "SQNR dB"]
+        if has_accuracy:
+            header.append("accuracy")
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in result["rows"]:
+            cells = [row["method"], f"{row['budget']:.2f}" if "budget" in row else "-", str(row["weight_bytes"]),
+                     f"{row['size_fraction']:.3f}", f"{row['top1_agreement']:.3f}", f"{row['top5_agreement']:.3f}",
+                     f"{row['kl']:.4f}", f"{row['sqnr_db']:.2f}"]
+            if has_accuracy:
+                cells.append(f"{row['accuracy']:.4f}" if "accuracy" in row else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="fashion_cnn,mobilenetv2,efficientnet_lite0")
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--sensitivity-samples", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/edgeq_bench_mixed"))
+    parser.add_argument("--fresh", action="store_true", help="re-measure sensitivities even if cached")
+    parser.add_argument("--write", type=Path)
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.models.split(","):
+        print(f"== {name}", flush=True)
+        result = bench_model(name, args, args.work)
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "rows"}, default=str), flush=True)
+        for row in result["rows"]:
+            print(row, flush=True)
+    command = "python tools/bench_mixed.py " + " ".join(sys.argv[1:])
+    text = markdown(results, command)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_ilp import write_section
+
+        write_section(args.write, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
