@@ -192,6 +192,8 @@ class _Integerizer:
 
     def _visit(self, node: onnx.NodeProto) -> None:
         op = node.op_type
+        if op == "Constant":  # read where used (compiler.graph.initializer_array)
+            return
         if op == "QuantizeLinear":
             self._quantize(node)
         elif op == "DequantizeLinear":

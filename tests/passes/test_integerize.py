@@ -92,15 +92,20 @@ def conv_with(activation: str, bits: int = 8) -> onnx.ModelProto:
         conv = b.node("Relu", [conv])
     elif activation == "Relu6":
         conv = b.node("Clip", [conv, b.const(np.array(0.0, np.float32)), b.const(np.array(6.0, np.float32))])
+    elif activation == "Relu6_constant_nodes":  # torch exports Clip bounds as Constant nodes
+        bounds = [b.node("Constant", [], value=onnx.numpy_helper.from_array(np.array(v, np.float32)))
+                  for v in (0.0, 6.0)]
+        conv = b.node("Clip", [conv, *bounds])
     return b.model(b.qdq(conv, 0.04, 100))
 
 
-@pytest.mark.parametrize("activation,low", [("none", 0), ("Relu", 100), ("Relu6", 100)])
+@pytest.mark.parametrize("activation,low", [("none", 0), ("Relu", 100), ("Relu6", 100),
+                                            ("Relu6_constant_nodes", 100)])
 def test_relu_and_clip_become_integer_clamps(activation, low):
     int_model = integerize(conv_with(activation))
     conv = next(n for n in int_model.graph.node if n.op_type == "QConv")
     assert attribute(conv, "y_min") == low
-    assert attribute(conv, "y_max") == (min(255, 100 + 150) if activation == "Relu6" else 255)
+    assert attribute(conv, "y_max") == (min(255, 100 + 150) if activation.startswith("Relu6") else 255)
     assert not [n for n in int_model.graph.node if n.op_type in ("Relu", "Clip")]
 
 
