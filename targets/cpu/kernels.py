@@ -41,7 +41,7 @@ from tvm.script import tirx as T
 
 LANES = 16  # int32 lanes of one zmm register
 VNNI = "llvm.x86.avx512.vpdpbusd.512"
-MAX_ACCUMULATORS = 24  # zmm registers given to accumulators (32 in all)
+MAX_ACCUMULATORS = 16  # zmm accumulators: 16 x 64 B stays under TVM's 1 KiB stack-allocation limit
 
 
 @dataclass(frozen=True)
@@ -189,11 +189,11 @@ def requant_expr(acc: tirx.PrimExpr, bias, mult, rnd, shift, rq: Requant) -> tir
         return c if lanes == 1 else tirx.Broadcast(c, lanes)
 
     product = (tirx.Cast(i64, acc) + wide(bias)) * wide(mult)
-    half = wide(rnd)
-    value = tirx.shift_right(product + half, wide(shift))
-    # Exact ties go to the even neighbour (compiler.requant's rule).
-    tie = tirx.Cast(i64, tirx.bitwise_and(product, half + half - const(1)) == half)
-    value = value - tirx.bitwise_and(tie, tirx.bitwise_and(value, const(1)))
+    shift_by = wide(shift)
+    # round_half_even(p / 2**s) == (p + half - 1 + bit_s(p)) >> s: the bit of weight 2**s
+    # breaks exact ties toward the even neighbour (compiler.requant's rule), in 5 ops.
+    odd = tirx.bitwise_and(tirx.shift_right(product, shift_by), const(1))
+    value = tirx.shift_right(product + (wide(rnd) - const(1)) + odd, shift_by)
     value = tirx.min(tirx.max(value + const(rq.y_zero_point), const(rq.y_min)), const(rq.y_max))
     return tirx.Cast(rq.y_dtype if lanes == 1 else f"{rq.y_dtype}x{lanes}", value)
 
@@ -462,15 +462,15 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
                                     plane_base(c, (kh * dh) % sh, (kw * dw) % sw)
                                     + (oh + (kh * dh) // sh) * PW + (kw * dw) // sw + v * LANES, 1, LANES)],
                             ) * T.broadcast(w[c, kh * KW + kw], LANES)
-                    for v in T.unroll(NVR):
-                        if v * LANES + LANES <= Wo:
-                            y[n, c, oh, T.ramp(v * LANES, 1, LANES)] = requant_expr(
-                                acc[T.ramp(v * LANES, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq)
-                        else:
-                            for lane in range(LANES):
-                                if v * LANES + lane < Wo:
-                                    y[n, c, oh, v * LANES + lane] = requant_expr(
-                                        acc[v * LANES + lane], bias[c], mult[c], rnd[c], shift[c], rq)
+                    for v in T.unroll(Wo // LANES):
+                        y[n, c, oh, T.ramp(v * LANES, 1, LANES)] = requant_expr(
+                            acc[T.ramp(v * LANES, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq)
+                    if Wo % LANES > 0:
+                        res = T.alloc_buffer((LANES,), rq.y_dtype, scope="local")
+                        res[T.ramp(0, 1, LANES)] = requant_expr(
+                            acc[T.ramp(Wo // LANES * LANES, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq)
+                        for lane in range(Wo % LANES):
+                            y[n, c, oh, Wo // LANES * LANES + lane] = res[lane]
 
     return depthwise
 

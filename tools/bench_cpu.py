@@ -1,0 +1,355 @@
+"""Batch-1 CPU latency: onnxruntime (float, its own u8s8 QDQ, edgeq's QDQ) vs the edgeq CPU library.
+
+For each model (MobileNetV2 from models/zoo, a ResNet-18-shaped network built
+here with random weights, the bundled Fashion-MNIST CNN when present) this
+tool
+
+1. quantizes it with ``onnxruntime.quantization.quantize_static`` (QDQ,
+   per-channel, uint8 activations, int8 weights) -- onnxruntime's own u8s8 model;
+2. compiles it with edgeq (``compile_model(target="cpu")``, w8a8, uint8
+   activations) and records the compile time;
+3. measures, at 1 and 2 threads, in a fresh process per thread count
+   (``TVM_NUM_THREADS`` is read once per process): (a) onnxruntime float,
+   (b) onnxruntime on its u8s8 QDQ model, (c) onnxruntime on edgeq's QDQ model,
+   (d) the edgeq library (quantize + integer core + dequantize of one sample).
+
+Timing: after warm-up, rounds of 10 runs per engine in turn (so every engine
+sees the same background load), at least ``--runs`` runs each; the median per
+run is reported together with the 10th percentile (a hint of the noise: on a
+shared machine the p10 is closer to the quiet speed). Calibration uses random
+normal data (timing does not depend on it); random calibration is noted.
+
+    python tools/bench_cpu.py                      # all models, writes BENCHMARKS.cpu.md
+    python tools/bench_cpu.py --models resnet18 --runs 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODELS = ("mobilenetv2", "resnet18", "fashion_cnn")
+THREADS = (1, 2)
+ENGINES = ("ort_float", "ort_u8s8_qdq", "ort_edgeq_qdq", "edgeq_cpu")
+
+
+# ---------------------------------------------------------------- models
+
+
+def resnet18_model(seed: int = 0) -> onnx.ModelProto:
+    """ResNet-18 shapes (224x224, 1000 classes) with He-initialised random weights and biases."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    counter = [0]
+
+    def name(prefix: str) -> str:
+        counter[0] += 1
+        return f"{prefix}{counter[0]}"
+
+    def conv(x: str, cin: int, cout: int, k: int, stride: int, relu: bool) -> str:
+        w, b, y = name("w"), name("b"), name("conv")
+        std = np.sqrt(2.0 / (cin * k * k))
+        inits.append(numpy_helper.from_array((rng.standard_normal((cout, cin, k, k)) * std).astype(np.float32), w))
+        inits.append(numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), b))
+        nodes.append(helper.make_node("Conv", [x, w, b], [y], kernel_shape=[k, k], strides=[stride, stride],
+                                      pads=[k // 2] * 4))
+        if not relu:
+            return y
+        r = name("relu")
+        nodes.append(helper.make_node("Relu", [y], [r]))
+        return r
+
+    def block(x: str, cin: int, cout: int, stride: int) -> str:
+        h = conv(x, cin, cout, 3, stride, relu=True)
+        h = conv(h, cout, cout, 3, 1, relu=False)
+        skip = x if stride == 1 and cin == cout else conv(x, cin, cout, 1, stride, relu=False)
+        s, r = name("add"), name("relu")
+        nodes.append(helper.make_node("Add", [h, skip], [s]))
+        nodes.append(helper.make_node("Relu", [s], [r]))
+        return r
+
+    x = conv("input", 3, 64, 7, 2, relu=True)
+    pooled = name("pool")
+    nodes.append(helper.make_node("MaxPool", [x], [pooled], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4))
+    x, cin = pooled, 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        x = block(x, cin, cout, stride)
+        x = block(x, cout, cout, 1)
+        cin = cout
+    gap, flat = name("gap"), name("flat")
+    nodes.append(helper.make_node("GlobalAveragePool", [x], [gap]))
+    nodes.append(helper.make_node("Flatten", [gap], [flat], axis=1))
+    inits.append(numpy_helper.from_array((rng.standard_normal((1000, 512)) * np.sqrt(1 / 512)).astype(np.float32), "fc_w"))
+    inits.append(numpy_helper.from_array(np.zeros(1000, np.float32), "fc_b"))
+    nodes.append(helper.make_node("Gemm", [flat, "fc_w", "fc_b"], ["logits"], transB=1))
+    graph = helper.make_graph(
+        nodes, "resnet18_shaped",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def model_path(name: str, work: Path) -> Path | None:
+    """The float ONNX file of ``name`` (built on demand), or None when it is not available."""
+    if name == "mobilenetv2":
+        from models import zoo
+
+        return Path(zoo.build("mobilenetv2"))
+    if name == "resnet18":
+        path = work / "resnet18.onnx"
+        if not path.exists():
+            onnx.save(resnet18_model(), str(path))
+        return path
+    if name == "fashion_cnn":
+        path = REPO / "models" / "fashion_cnn.onnx"
+        return path if path.exists() else None
+    raise ValueError(name)
+
+
+def random_inputs(path: Path, samples: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random normal data for every graph input, batch axis = samples (static dims elsewhere)."""
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        out[value.name] = rng.standard_normal([samples, *dims[1:]]).astype(np.float32)
+    return out
+
+
+# ---------------------------------------------------------------- preparation (parent process)
+
+
+def ort_u8s8_qdq(float_path: Path, out_path: Path, calib: dict[str, np.ndarray]) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            count = next(iter(calib.values())).shape[0]
+            self.items = iter([{k: v[i : i + 1] for k, v in calib.items()} for i in range(count)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(float_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def edgeq_compile(float_path: Path, out_dir: Path, calib: dict[str, np.ndarray]) -> dict:
+    """edgeq's QDQ model + CPU library; returns timings or the reason it could not run."""
+    try:
+        from compiler.pipeline import CompileOptions, compile_model
+    except ImportError as exc:
+        return {"error": f"edgeq pipeline not importable: {exc}"}
+    started = time.perf_counter()
+    try:
+        result = compile_model(CompileOptions(model=str(float_path), calib_data=calib, target="cpu",
+                                              out_dir=str(out_dir), progress=False))
+    except Exception as exc:  # noqa: BLE001 -- reported in the table, the other engines still run
+        return {"error": f"edgeq compile failed: {type(exc).__name__}: {exc}"}
+    total = time.perf_counter() - started
+    manifest = json.loads((out_dir / "cpu" / "manifest.json").read_text())
+    verify = json.loads((out_dir / "verify.json").read_text()) if (out_dir / "verify.json").exists() else {}
+    return {"compile_s": round(total, 1), "lower_s": round(result.timings.get("lower", 0.0), 1),
+            "kernels": manifest.get("kernels"), "bit_exact": verify.get("bit_exact")}
+
+
+# ---------------------------------------------------------------- timing (child process)
+
+
+def _ort_runner(path: Path, threads: int, feed: dict[str, np.ndarray]):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, feed)
+
+
+def _edgeq_runner(out_dir: Path, feed: dict[str, np.ndarray]):
+    from targets.cpu import runner
+
+    module = runner.load(out_dir)
+    module.samples(feed)
+    return lambda: module.run_sample(feed, 0)
+
+
+def child(spec_path: Path, threads: int, runs: int) -> dict:
+    """Time every engine of every model in ``spec`` at ``threads`` threads (interleaved rounds)."""
+    spec = json.loads(spec_path.read_text())
+    results: dict[str, dict] = {}
+    for model_name, entry in spec.items():
+        feed = {k: np.load(v) for k, v in entry["feed"].items()}
+        runners = {}
+        if entry.get("float"):
+            runners["ort_float"] = _ort_runner(Path(entry["float"]), threads, feed)
+        if entry.get("ort_qdq"):
+            runners["ort_u8s8_qdq"] = _ort_runner(Path(entry["ort_qdq"]), threads, feed)
+        if entry.get("edgeq_qdq"):
+            runners["ort_edgeq_qdq"] = _ort_runner(Path(entry["edgeq_qdq"]), threads, feed)
+        if entry.get("edgeq_out"):
+            runners["edgeq_cpu"] = _edgeq_runner(Path(entry["edgeq_out"]), feed)
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for run in runners.values():  # warm-up
+            for _ in range(5):
+                run()
+        rounds = max(1, -(-runs // 10))
+        for _ in range(rounds):
+            for name, run in runners.items():
+                for _ in range(10):
+                    start = time.perf_counter()
+                    run()
+                    times[name].append(time.perf_counter() - start)
+        results[model_name] = {
+            name: {"median_ms": float(np.median(t) * 1e3), "p10_ms": float(np.percentile(t, 10) * 1e3),
+                   "runs": len(t)}
+            for name, t in times.items()
+        }
+    return results
+
+
+# ---------------------------------------------------------------- report
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def write_report(path: Path, prep: dict, timings: dict, runs: int, load: str) -> None:
+    import onnxruntime
+    import tvm
+
+    lines = [
+        "## CPU latency (tools/bench_cpu.py)",
+        "",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores visible, LLVM mcpu "
+        f"`{tvm.target.codegen.llvm_get_system_cpu()}`; onnxruntime {onnxruntime.__version__}, "
+        f"apache-tvm {tvm.__version__}. Batch 1, float input to float output for every engine "
+        f"(edgeq: numpy quantize of the input + integer library + dequantize). Median of >= {runs} "
+        f"runs after warm-up, engines interleaved in rounds of 10; p10 in brackets. "
+        f"Load average while timing: {load} (shared machine: medians are noisy, p10 is closer to "
+        "the quiet speed). Calibration on random data (timing only).",
+        "",
+        "| model | threads | ORT float | ORT u8s8 QDQ | ORT on edgeq QDQ | edgeq CPU | edgeq / ORT u8s8 | "
+        "ORT float / edgeq |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def cell(entry: dict | None) -> str:
+        return "n/a" if not entry else f"{entry['median_ms']:.2f} ms ({entry['p10_ms']:.2f})"
+
+    for model_name in prep:
+        for threads in THREADS:
+            row = timings.get(str(threads), {}).get(model_name, {})
+            edgeq, ort_q, ort_f = row.get("edgeq_cpu"), row.get("ort_u8s8_qdq"), row.get("ort_float")
+            ratio = f"{edgeq['median_ms'] / ort_q['median_ms']:.2f}x" if edgeq and ort_q else "n/a"
+            speedup = f"{ort_f['median_ms'] / edgeq['median_ms']:.2f}x" if edgeq and ort_f else "n/a"
+            lines.append(f"| {model_name} | {threads} | {cell(ort_f)} | {cell(ort_q)} | "
+                         f"{cell(row.get('ort_edgeq_qdq'))} | {cell(edgeq)} | {ratio} | {speedup} |")
+    lines += ["", "Compile (edgeq compile --target cpu, whole pipeline incl. calibration and verification):", ""]
+    for model_name, entry in prep.items():
+        info = entry.get("edgeq", {})
+        if "error" in info:
+            lines.append(f"- {model_name}: not compiled -- {info['error']}")
+        else:
+            lines.append(f"- {model_name}: {info.get('compile_s')} s total, lowering {info.get('lower_s')} s; "
+                         f"kernels {info.get('kernels')}; bit-exact vs interpreter: {info.get('bit_exact')}")
+    for model_name, entry in prep.items():
+        if entry.get("skipped"):
+            lines.append(f"- {model_name}: skipped -- {entry['skipped']}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--work", default=None, help="folder for models and artifacts (default: a temp dir)")
+    parser.add_argument("--report", default=str(REPO / "BENCHMARKS.cpu.md"))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(Path(args.child), args.threads, args.runs)))
+        return 0
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="edgeq_bench_cpu_"))
+    work.mkdir(parents=True, exist_ok=True)
+    prep: dict[str, dict] = {}
+    spec: dict[str, dict] = {}
+    for model_name in args.models:
+        path = model_path(model_name, work)
+        if path is None:
+            prep[model_name] = {"skipped": "model file not present"}
+            continue
+        calib = random_inputs(path, 8)
+        feed = {k: v[:1] for k, v in random_inputs(path, 1, seed=1).items()}
+        feed_files = {}
+        for key, value in feed.items():
+            feed_files[key] = str(work / f"{model_name}_{key}.npy")
+            np.save(feed_files[key], value)
+        ort_qdq = work / f"{model_name}.ort_qdq.onnx"
+        print(f"[{model_name}] onnxruntime quantize_static ...", flush=True)
+        ort_u8s8_qdq(path, ort_qdq, calib)
+        print(f"[{model_name}] edgeq compile --target cpu ...", flush=True)
+        out_dir = work / f"{model_name}_edgeq"
+        info = edgeq_compile(path, out_dir, calib)
+        print(f"[{model_name}] {info}", flush=True)
+        prep[model_name] = {"edgeq": info}
+        spec[model_name] = {"feed": feed_files, "float": str(path), "ort_qdq": str(ort_qdq)}
+        if "error" not in info:
+            spec[model_name]["edgeq_qdq"] = str(out_dir / "model.qdq.onnx")
+            spec[model_name]["edgeq_out"] = str(out_dir)
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    timings = {}
+    loads = []
+    for threads in THREADS:
+        env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+        print(f"timing at {threads} thread(s) ...", flush=True)
+        loads.append(os.getloadavg()[0])
+        proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path), "--threads", str(threads),
+                               "--runs", str(args.runs)], env=env, capture_output=True, text=True, check=False)
+        loads.append(os.getloadavg()[0])
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        timings[str(threads)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    (work / "timings.json").write_text(json.dumps({"prep": prep, "timings": timings}, indent=1))
+    write_report(Path(args.report), prep, timings, args.runs, f"{min(loads):.1f}-{max(loads):.1f}")
+    print(Path(args.report).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
