@@ -138,8 +138,7 @@ class McuTarget(Target):
 
         project = Path(out_dir) / PROJECT_DIR
         one = input_bytes(out_dir, {k: np.asarray(v)[:1] for k, v in inputs.items()})
-        two = input_bytes(out_dir, {k: np.asarray(v)[:2] for k, v in inputs.items()})
-        instructions = qemu.count_instructions(project, two) - qemu.count_instructions(project, one)
+        instructions = qemu.instructions_per_sample(project, one)[0]
         times = []
         for _ in range(max(repeat, 1)):
             start = time.perf_counter()

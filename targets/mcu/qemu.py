@@ -13,11 +13,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from compiler.errors import EdgeqError
 
 QEMU = "qemu-system-arm"
 QEMU_MACHINE = ["-M", "mps2-an386", "-cpu", "cortex-m4", "-nographic", "-monitor", "none",
                 "-semihosting-config", "enable=on,target=native"]
+TIMER_NS_PER_TICK = 40  # mps2 SYSCLK 25 MHz; main_qemu.c times model_run with CMSDK timer 0
 MODEL_OBJECTS = ("model.o", "weights.o", "kernels.o", "runtime/edgeq_runtime.o")
 
 
@@ -40,7 +43,9 @@ def build(project_dir: Path, targets: tuple[str, ...] = ("firmware.elf", "host_r
         raise RuntimeError(f"building {project_dir} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
-def _run_in_tmp(command: list[str], input_bytes: bytes, timeout_s: float, what: str) -> tuple[bytes, str]:
+def _run_in_tmp(command: list[str], input_bytes: bytes, timeout_s: float, what: str,
+                outputs: tuple[str, ...] = ("output.bin",)) -> dict[str, bytes]:
+    """Run ``command`` in a fresh directory holding input.bin; the named files it wrote."""
     with tempfile.TemporaryDirectory(prefix="edgeq-mcu-") as tmp:
         work = Path(tmp)
         (work / "input.bin").write_bytes(input_bytes)
@@ -51,33 +56,47 @@ def _run_in_tmp(command: list[str], input_bytes: bytes, timeout_s: float, what: 
         log = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
         if result.returncode != 0:
             raise RuntimeError(f"{what} exited with {result.returncode}: {log[-2000:]}")
-        output = work / "output.bin"
-        return (output.read_bytes() if output.exists() else b""), log
+        return {name: (work / name).read_bytes() if (work / name).exists() else b"" for name in outputs}
 
 
-def run_qemu(project_dir: Path, input_bytes: bytes, timeout_s: float = 600.0,
-             extra_args: tuple[str, ...] = ()) -> bytes:
-    """Run firmware.elf in qemu on ``input_bytes``; the bytes it wrote to output.bin."""
+def _firmware(project_dir: Path) -> Path:
     require_tool(QEMU)
     firmware = (project_dir / "firmware.elf").resolve()
     if not firmware.exists():
         build(project_dir, ("firmware.elf",))
-    command = [QEMU, *QEMU_MACHINE, *extra_args, "-kernel", str(firmware)]
-    output, _ = _run_in_tmp(command, input_bytes, timeout_s, "qemu firmware")
-    return output
+    return firmware
 
 
-def count_instructions(project_dir: Path, input_bytes: bytes, timeout_s: float = 600.0) -> int:
-    """Guest instructions executed by the firmware on ``input_bytes`` (harness included).
+def run_qemu(project_dir: Path, input_bytes: bytes, timeout_s: float = 600.0) -> bytes:
+    """Run firmware.elf in qemu on ``input_bytes``; the bytes it wrote to output.bin."""
+    command = [QEMU, *QEMU_MACHINE, "-kernel", str(_firmware(project_dir))]
+    return _run_in_tmp(command, input_bytes, timeout_s, "qemu firmware")["output.bin"]
+
+
+def instructions_per_sample(project_dir: Path, input_bytes: bytes, timeout_s: float = 600.0) -> list[int]:
+    """Guest instructions each ``model_run`` executed, one entry per sample.
+
+    qemu runs with ``-icount shift=0``: virtual time advances exactly 1 ns per
+    guest instruction. The harness reads the board's 25 MHz CMSDK timer around
+    each model_run, so instructions = ticks * 40, to within 40. (Cross-checked
+    against :func:`count_instructions_traced` in the tests.)
+    """
+    command = [QEMU, *QEMU_MACHINE, "-icount", "shift=0", "-kernel", str(_firmware(project_dir))]
+    ticks = _run_in_tmp(command, input_bytes, timeout_s, "qemu firmware", ("ticks.bin",))["ticks.bin"]
+    return [int(t) * TIMER_NS_PER_TICK for t in np.frombuffer(ticks, dtype="<u4")]
+
+
+def count_instructions_traced(project_dir: Path, input_bytes: bytes, timeout_s: float = 600.0) -> int:
+    """Guest instructions executed by the whole firmware on ``input_bytes`` (harness included).
 
     Debian's qemu has no TCG plugins, so this counts from the execution trace:
     with ``-d in_asm,exec,nochain`` qemu logs each translation block's
     instructions once when it translates it and one ``Trace`` line per executed
     block; executed instructions = sum over trace lines of the block's length.
-    The log is streamed through this process (it can be gigabytes).
+    The log is streamed through this process (gigabytes for big models: slow;
+    :func:`instructions_per_sample` is the fast way).
     """
-    require_tool(QEMU)
-    firmware = (project_dir / "firmware.elf").resolve()
+    firmware = _firmware(project_dir)
     command = [QEMU, *QEMU_MACHINE, "-d", "in_asm,exec,nochain", "-D", "/dev/stderr",
                "-kernel", str(firmware)]
     block_start = re.compile(rb"^IN:")
@@ -118,8 +137,7 @@ def run_host(project_dir: Path, input_bytes: bytes, timeout_s: float = 600.0) ->
     runner = (project_dir / "host_runner").resolve()
     if not runner.exists():
         build(project_dir, ("host_runner",))
-    output, _ = _run_in_tmp([str(runner), "input.bin", "output.bin"], input_bytes, timeout_s, "host runner")
-    return output
+    return _run_in_tmp([str(runner), "input.bin", "output.bin"], input_bytes, timeout_s, "host runner")["output.bin"]
 
 
 def arm_size(paths: list[Path]) -> dict[str, int]:

