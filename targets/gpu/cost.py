@@ -14,11 +14,23 @@ A100 SXM 80 GB (Ampere): INT8 624 TOPS, INT4 1248 TOPS, FP16 312 TFLOPS, 2039 GB
 H100 SXM (Hopper): INT8 1979 TOPS, FP16 989 TFLOPS, no INT4, 3.35 TB/s, 700 W.
 Jetson AGX Orin 64 GB (Ampere iGPU): INT8 ~85 TOPS dense (170 sparse), INT4 twice
 that, 204.8 GB/s, 60 W module.
+
+``h100-measured`` replaces the datasheet with what tools/measure_gpu_roofline.py
+measured on an H100 80GB HBM3 (measured_h100.json next to this file, torch 2.11
+eager): int8 GEMMs (torch._int_mm) reach only ~132 TOPS -- below fp16's
+~738 TFLOPS, the library's int8 path does not use Hopper's int8 tensor-core
+instructions -- a 1 GiB device copy moves ~2.98 TB/s, and one tiny kernel costs
+~18 us launch to completion. Those rates are achieved rates, so its compute
+efficiency is 1. Small-M int8 GEMMs are slower still than its roofline says
+(M=32, 1280x1000: 57 us measured, ~19 us predicted): tile inefficiency the
+roofline does not model.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from compiler.errors import EdgeqError
 from targets.base import CostModel, LayerCost, LayerShape
@@ -28,8 +40,9 @@ from targets.cost_common import base_layer_cost, traffic_bytes
 # launch latency is commonly measured at 3-5 us without CUDA graphs).
 KERNEL_LAUNCH_S = 4e-6
 # Batch-1 edge layers rarely fill a GPU: a GEMM reaches a fraction of peak. This
-# is the fraction assumed for the compute roof.
+# is the fraction assumed for the datasheet presets' compute roof.
 COMPUTE_EFFICIENCY = 0.35
+MEASURED_H100 = Path(__file__).with_name("measured_h100.json")
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,8 @@ class GpuPreset:
     fp16_ops: float
     bandwidth: float  # bytes/s
     power_w: float
+    compute_efficiency: float = COMPUTE_EFFICIENCY
+    launch_s: float = KERNEL_LAUNCH_S
 
 
 PRESETS: dict[str, GpuPreset] = {
@@ -49,6 +64,19 @@ PRESETS: dict[str, GpuPreset] = {
     "orin": GpuPreset("orin", 85e12, 170e12, 42.5e12, 204.8e9, 60.0),
 }
 DEFAULT_DEVICE = "h100"
+
+
+def _measured_h100() -> GpuPreset:
+    """The H100 preset from tools/measure_gpu_roofline.py's run (largest GEMM = the compute roof)."""
+    data = json.loads(MEASURED_H100.read_text())
+    largest = max(data["gemms"], key=lambda gemm: gemm["m"] * gemm["k"] * gemm["n"])
+    return GpuPreset("h100-measured", largest["int8_tops"] * 1e12, None, largest["fp16_tflops"] * 1e12,
+                     data["copy_bandwidth_gbps"] * 1e9, 700.0, compute_efficiency=1.0,
+                     launch_s=data["tiny_kernel_s"])
+
+
+if MEASURED_H100.exists():
+    PRESETS["h100-measured"] = _measured_h100()
 
 
 class GpuCostModel(CostModel):
@@ -68,9 +96,9 @@ class GpuCostModel(CostModel):
 
     def layer_cost(self, layer: LayerShape, w_bits: int | None, a_bits: int) -> LayerCost:
         cost = base_layer_cost(layer, w_bits, a_bits)
-        compute_s = 2 * layer.macs / (self.compute_rate(w_bits, a_bits) * COMPUTE_EFFICIENCY)
+        compute_s = 2 * layer.macs / (self.compute_rate(w_bits, a_bits) * self.preset.compute_efficiency)
         memory_s = traffic_bytes(layer, w_bits, a_bits) / self.preset.bandwidth
-        cost.latency_s = max(compute_s, memory_s) + KERNEL_LAUNCH_S
+        cost.latency_s = max(compute_s, memory_s) + self.preset.launch_s
         cost.energy_j = cost.latency_s * self.preset.power_w
         cost.resources = {"compute_s": compute_s, "memory_s": memory_s}
         return cost
