@@ -535,3 +535,39 @@ def gemm_kernel(
 
     return gemm, MV
 
+
+
+def quantize_kernel(
+    shape: tuple[int, ...], scale: float, zero_point: int, qmin: int, qmax: int, dtype: str,
+    chunk: int = 4096,
+) -> tvm.tirx.PrimFunc:
+    """Float edge: ONNX QuantizeLinear of ``size`` float32 values, as compiler.requant computes it.
+
+    ``clip(nearbyint(x / scale) + zero_point)`` with the division in float32 (IEEE, no
+    reciprocal) and round half to even, so it equals
+    :func:`compiler.requant.quantize_linear` bit for bit; vectorized and parallel.
+    Parameters: ``x shape float32``, ``y shape dtype``.
+    """
+    size = math.prod(shape)
+    chunks = math.ceil(size / chunk)
+    scale_c = tirx.const(scale, "float32")
+
+    def quantize(value):
+        rounded = tirx.nearbyint(value / scale_c) + tirx.const(float(zero_point), "float32")
+        clipped = tirx.min(tirx.max(rounded, tirx.const(float(qmin), "float32")), tirx.const(float(qmax), "float32"))
+        return tirx.Cast(dtype, tirx.Cast("int32", clipped))
+
+    @T.prim_func
+    def quantize_edge(xs: T.Buffer(shape, "float32"), ys: T.Buffer(shape, dtype)):
+        T.func_attr({"tirx.noalias": True})
+        x = T.decl_buffer((size,), "float32", data=xs.data)
+        y = T.decl_buffer((size,), dtype, data=ys.data)
+        for t in T.parallel(chunks):
+            for i in range(T.min(chunk, size - t * chunk) // LANES):
+                for lane in T.vectorized(LANES):
+                    y[t * chunk + i * LANES + lane] = quantize(x[t * chunk + i * LANES + lane])
+            for i in range(T.min(chunk, size - t * chunk) % LANES):
+                y[t * chunk + T.min(chunk, size - t * chunk) // LANES * LANES + i] = quantize(
+                    x[t * chunk + T.min(chunk, size - t * chunk) // LANES * LANES + i])
+
+    return quantize_edge

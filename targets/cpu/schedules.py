@@ -17,6 +17,9 @@ node's output (``kernel.out_shape``, ``kernel.out_dtype``). The kernels need
 AVX-512 VNNI (``vpdpbusd``); :func:`host_has_vnni` tells whether this machine
 has it, and the target must be built with an ``mcpu`` that has it.
 
+Also :func:`quantize_edge` for the float input edge (``Quantize``), which
+does not need VNNI.
+
 Covered: QConv 2-D with ``group == 1`` (any kernel, stride, dilation, padding)
 or depthwise (``group == C == O``), QGemm; uint8 or int8 activations; int8
 weights (any ``w_bits <= 8``); uint8/int8 outputs; per-tensor or per-channel
@@ -221,6 +224,18 @@ def _gemm_kernel(
     )
 
 
+def quantize_edge(node: onnx.NodeProto, shape: tuple[int, ...], attrs: dict) -> ScheduledKernel:
+    """The float input edge (``Quantize``) as a vectorized kernel, bit-exact with
+    :func:`compiler.requant.quantize_linear` (the runner's numpy version costs about a
+    millisecond per 224x224 image, as much as the whole network)."""
+    dtype = _dtype_name(attrs.get("y_dtype", attrs.get("dtype", "uint8")))
+    info = np.iinfo(dtype)
+    zero_point = int(attrs.get("y_zero_point", attrs.get("zero_point", 0)))
+    qmin, qmax = int(attrs.get("y_min", info.min)), int(attrs.get("y_max", info.max))
+    func = kernels.quantize_kernel(shape, float(attrs["scale"]), zero_point, qmin, qmax, dtype)
+    return ScheduledKernel(func=func, constants=[], out_shape=shape, out_dtype=dtype, variant="quantize")
+
+
 def schedule_for(
     node: onnx.NodeProto,
     input_shapes: list[tuple[int, ...]],
@@ -235,11 +250,13 @@ def schedule_for(
     (``None``: read them from the node); ``initializers``: constant tensors by
     name -- the weight and bias must be among them.
     """
+    attrs = node_attrs(node) if attrs is None else attrs
+    if node.op_type == "Quantize":
+        return quantize_edge(node, tuple(input_shapes[0]), attrs)
     if not host_has_vnni():
         return None
     if node.op_type not in ("QConv", "QGemm"):
         return None
-    attrs = node_attrs(node) if attrs is None else attrs
     x_dtype = np.dtype((input_dtypes or ["uint8"])[0]).name
     if x_dtype not in ("uint8", "int8"):
         log.debug("%s: activation dtype %s has no kernel", node.name, x_dtype)

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from compiler.requant import requantize
+from compiler.requant import quantize_linear, requantize
 from targets.cpu import schedules
 
 pytestmark = pytest.mark.skipif(not schedules.host_has_vnni(), reason="needs AVX-512 VNNI")
@@ -158,3 +158,20 @@ def test_uncovered_nodes_fall_back_to_generic():
     # QAdd has no kernel here
     add = onnx.helper.make_node("QAdd", ["a", "b"], ["y"], domain="edgeq")
     assert schedules.schedule_for(add, [(1, 4), (1, 4)], {}, {}, ["uint8", "uint8"]) is None
+
+
+@pytest.mark.parametrize("dtype, zero_point, qmin, qmax", [("uint8", 117, 0, 255), ("int8", -3, -127, 127)])
+def test_quantize_edge_matches_quantize_linear(dtype, zero_point, qmin, qmax):
+    scale = 0.0173
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((1, 3, 20, 21)) * 2).astype(np.float32)
+    flat = x.reshape(-1)
+    # exact halves (ties: round half to even), extremes, signed zero, tiny values
+    flat[:400] = (np.arange(400) - 200).astype(np.float32) * np.float32(scale) * np.float32(0.5)
+    flat[400:408] = [1e30, -1e30, 0.0, -0.0, 1e-30, 3e4, -3e4, scale / 2]
+    node = onnx.helper.make_node("Quantize", ["x"], ["y"], domain="edgeq", scale=scale, y_zero_point=zero_point,
+                                 y_min=qmin, y_max=qmax, y_dtype=dtype)
+    kernel = schedules.schedule_for(node, [x.shape], None, {}, ["float32"])
+    assert kernel is not None and kernel.variant == "quantize" and kernel.out_shape == x.shape
+    got = schedules.run_kernel(schedules.build_kernel(kernel), kernel, x)
+    np.testing.assert_array_equal(got, quantize_linear(x, scale, zero_point, qmin, qmax, dtype))
