@@ -141,9 +141,9 @@ def test_unknown_metric_for_the_cost_model_is_a_user_error():
 
 @pytest.mark.parametrize("direction", ["demote", "promote"])
 def test_greedy_meets_the_budget_and_never_beats_the_ilp(direction):
-    for seed in range(3):
-        problem = al.synthetic_problem(30, mcu_cost_model("cortex-m7"), seed=seed)
-        for fraction in (0.35, 0.5, 0.8):
+    for seed in range(2):
+        problem = al.synthetic_problem(15, mcu_cost_model("cortex-m7"), seed=seed)
+        for fraction in (0.35, 0.7):
             budget = {"size_fraction": fraction}
             optimum = al.allocate(problem, budget)
             baseline = al.greedy(problem, budget, direction=direction)
