@@ -128,9 +128,10 @@ def compile_model(options: CompileOptions) -> CompileResult:
                                                 integer_only=integer_only))
 
     ranges = stage("calibrate", lambda: _calibrate(options, model, plan, calib, integer_only))
+    transformed = model  # same function as float_model; its tensors are what the QDQ model approximates
     model, plan = stage("rounding", lambda: apply_rounding(recipe, model, plan, calib, progress=options.progress))
     qdq = stage("insert_qdq", lambda: quantize_model(model, plan, ranges, integer_only=integer_only))
-    stage("fidelity", lambda: _measure_fidelity(plan, float_model, qdq, calib, evaluation, options))
+    stage("fidelity", lambda: _measure_fidelity(plan, float_model, transformed, qdq, calib, evaluation, options))
     plan.totals["onnxruntime_kernels"] = stage("ort_kernels", lambda: kernel_usage(qdq))
     plan.update_totals()
 
@@ -214,10 +215,15 @@ def _calibrate(options: CompileOptions, model: onnx.ModelProto, plan: QuantPlan,
                           progress=options.progress, method_overrides=overrides)
 
 
-def _measure_fidelity(plan: QuantPlan, float_model: onnx.ModelProto, qdq: onnx.ModelProto,
-                      calib: dict[str, np.ndarray], evaluation: dict[str, Any],
+def _measure_fidelity(plan: QuantPlan, float_model: onnx.ModelProto, transformed: onnx.ModelProto,
+                      qdq: onnx.ModelProto, calib: dict[str, np.ndarray], evaluation: dict[str, Any],
                       options: CompileOptions) -> None:
-    """Model outputs on the evaluation set; each quantized tensor's SQNR on the calibration set."""
+    """Model outputs on the evaluation set; each quantized tensor's SQNR on the calibration set.
+
+    Tensor SQNR compares with ``transformed`` (the float graph after the recipe's
+    transforms): equalization rescales channels of intermediate tensors, so the
+    original model's tensors are not what the QDQ model approximates.
+    """
     from compiler.fidelity import model_fidelity, run_model, tensor_sqnr
 
     inputs = evaluation["inputs"]
@@ -232,5 +238,5 @@ def _measure_fidelity(plan: QuantPlan, float_model: onnx.ModelProto, qdq: onnx.M
         plan.fidelity["float_accuracy"] = float(np.mean(float_logits.argmax(1) == labels))
         plan.fidelity["quantized_accuracy"] = float(np.mean(quant_logits.argmax(1) == labels))
     activations = [name for name, tq in plan.tensors.items() if tq.role == "activation"]
-    plan.fidelity["tensor_sqnr_db"] = tensor_sqnr(float_model, qdq, calib, activations,
+    plan.fidelity["tensor_sqnr_db"] = tensor_sqnr(transformed, qdq, calib, activations,
                                                   batch_size=options.batch_size)
