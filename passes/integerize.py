@@ -405,10 +405,10 @@ class _Integerizer:
             raise EdgeqError(f"{_describe(node)}: weights must be int8 or int4, got {weight.dtype}")
         return weight, scale, bits
 
-    def _bias(self, node: onnx.NodeProto, index: int, acc_scale: np.ndarray, beta: float = 1.0
+    def _bias(self, node: onnx.NodeProto, index: int | None, acc_scale: np.ndarray, beta: float = 1.0
               ) -> np.ndarray:
-        """The bias in accumulator units (int64 [channels]); zeros if absent."""
-        if len(node.input) <= index or not node.input[index]:
+        """The bias in accumulator units (int64 [channels]); zeros if absent (``index`` None)."""
+        if index is None or len(node.input) <= index or not node.input[index]:
             return np.zeros(acc_scale.shape, np.int64)
         name = node.input[index]
         if name in self.const_of:
@@ -498,8 +498,7 @@ class _Integerizer:
         weight, w_scale, w_bits = self._weight(node, 1, 0 if trans_b else 1, channels)
         values = weight.values.T if trans_b else weight.values
         acc_scale = self.params[x].scale * w_scale
-        bias_index = 2 if node.op_type == "Gemm" else 99
-        bias = self._bias(node, bias_index, acc_scale, beta)
+        bias = self._bias(node, 2 if node.op_type == "Gemm" else None, acc_scale, beta)
         self._emit_weighted(node, "QGemm", x, np.ascontiguousarray(values), w_bits, bias,
                             alpha * acc_scale / self._peek_out_scale(node))
 
