@@ -262,10 +262,10 @@ def proxy_sensitivity(
     if ranges is None:
         ranges = activation_ranges(model, plan, calib, sorted({c[1] for o in choices.values() for c in o}))
     inputs = sorted({name for layer in plan.layers.values() for name in layer.inputs})
-    axes = {}
-    for layer in plan.layers.values():
+    axes: dict[str, int] = {}
+    for layer in plan.layers.values():  # channels-first once any reader is a conv or a pool
         for name in layer.inputs:
-            axes[name] = _feature_axis(model, layer)
+            axes[name] = max(axes.get(name, -1), _feature_axis(model, layer))
     moments = collect_second_moment(model, calib, inputs, axis=axes, batch_size=batch_size, progress=False)
     result: Sensitivity = {}
     for name, options in choices.items():

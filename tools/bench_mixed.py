@@ -113,6 +113,20 @@ def quantized_weight_bytes(qdq: onnx.ModelProto) -> int:
     return total
 
 
+def _cached(path: Path, fresh: bool, timings: dict, key: str, compute) -> dict:
+    """A sensitivity table from ``path`` when present (and not ``fresh``), else computed and stored."""
+    if path.exists() and not fresh:
+        stored = json.loads(path.read_text())
+        timings[key] = stored["seconds"]
+        return {layer: {tuple(json.loads(k)): v for k, v in table.items()} for layer, table in stored["table"].items()}
+    start = time.perf_counter()
+    table = compute()
+    timings[key] = time.perf_counter() - start
+    path.write_text(json.dumps({"seconds": timings[key], "table": {
+        layer: {json.dumps(list(c)): v for c, v in t.items()} for layer, t in table.items()}}))
+    return table
+
+
 def bench_model(name: str, args, work: Path) -> dict:
     from compiler.loader import load_model
     from passes.canonicalize import canonicalize
@@ -132,24 +146,12 @@ def bench_model(name: str, args, work: Path) -> dict:
     ranges = sn.activation_ranges(model, plan, calib, A_BITS)
     timings["ranges_s"] = time.perf_counter() - start
     choices = sn.candidate_choices(plan, W_BITS, A_BITS)
-    cache = work / f"{name}_sensitivity.json"
-    if cache.exists() and not args.fresh:
-        stored = json.loads(cache.read_text())
-        measured = {layer: {tuple(json.loads(k)): v for k, v in table.items()} for layer, table in stored["measured"].items()}
-        proxy = {layer: {tuple(json.loads(k)): v for k, v in table.items()} for layer, table in stored["proxy"].items()}
-        timings.update(stored["timings"])
-    else:
-        start = time.perf_counter()
-        measured = sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges,
-                                           max_samples=args.sensitivity_samples, workers=args.workers)
-        timings["measured_sensitivity_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        proxy = sn.proxy_sensitivity(model, plan, calib, choices, ranges=ranges, max_samples=args.sensitivity_samples)
-        timings["proxy_sensitivity_s"] = time.perf_counter() - start
-        cache.write_text(json.dumps({
-            "measured": {layer: {json.dumps(list(c)): v for c, v in t.items()} for layer, t in measured.items()},
-            "proxy": {layer: {json.dumps(list(c)): v for c, v in t.items()} for layer, t in proxy.items()},
-            "timings": timings}))
+    proxy = _cached(work / f"{name}_proxy.json", args.fresh, timings, "proxy_sensitivity_s",
+                    lambda: sn.proxy_sensitivity(model, plan, calib, choices, ranges=ranges,
+                                                 max_samples=args.sensitivity_samples))
+    measured = _cached(work / f"{name}_measured.json", args.fresh, timings, "measured_sensitivity_s",
+                       lambda: sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges,
+                                                       max_samples=args.sensitivity_samples, workers=args.workers))
     weighted = [n for n, layer in plan.layers.items() if layer.w_bits]
     agreement = {
         "all entries": sn.spearman(measured, proxy),
