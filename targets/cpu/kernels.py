@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
+from tvm.script.ir_builder import tirx as IB
 
 LANES = 16  # int32 lanes of one zmm register
 VNNI = "llvm.x86.avx512.vpdpbusd.512"
@@ -77,9 +78,6 @@ class Requant:
     y_min: int
     y_max: int
     y_dtype: str  # "uint8" or "int8"
-
-
-MAX_PHASES = 9  # strides up to 3 in each direction
 
 
 @dataclass(frozen=True)
@@ -219,22 +217,59 @@ def choose_tile(rows: int, vectors: int, max_acc: int = MAX_ACCUMULATORS) -> tup
     return best[1]
 
 
-def _conv_setup(g: ConvGeometry, x_dtype: str, x_zero_point: int):
-    """Shared constants of both conv kernels: uint8 zero point, fill/pack macros."""
-    signed = x_dtype == "int8"
-    zp_u8 = tirx.const(x_zero_point + (128 if signed else 0), "uint8")
+def _emit_fill(buf, start, count: int, value) -> None:
+    """Emit ``buf[start : start + count] = value`` (count static): 64-byte vector stores + tail."""
+    if count // 64:
+        with IB.serial(0, count // 64) as i:
+            IB.buffer_store(buf, tirx.Broadcast(value, 64), [tirx.Ramp(start + i * 64, 1, 64)])
+    if count % 64:
+        with IB.serial(0, count % 64) as i:
+            IB.buffer_store(buf, value, [start + count // 64 * 64 + i])
 
-    @T.macro
-    def fill(buf, start, count):
-        """``count`` (static) bytes from ``start`` := the input zero point."""
-        for i in range(count // 64):
-            for lane in T.vectorized(64):
-                buf[start + i * 64 + lane] = zp_u8
-        if count % 64 > 0:
-            for lane in T.vectorized(count % 64):
-                buf[start + count // 64 * 64 + lane] = zp_u8
 
-    return signed, zp_u8, fill
+def _emit_pack(xq, x, n, c, g: ConvGeometry, pp: PhasePlanes, zp_u8, signed: bool, dense: bool) -> None:
+    """Emit the packing of channel ``c`` (dense: channel group ``4c..4c+3``) into its phase planes.
+
+    Called from TVMScript as a statement: it emits through the IR builder, so the
+    per-phase ranges stay Python ints (constant loop bounds, vector stores) without
+    TVMScript macros, whose expansion is slow.
+    """
+    width = 4 if dense else 1  # bytes per plane position
+    sh, sw = g.strides
+    pt, pl = g.pads[0], g.pads[1]
+    pw, plane = pp.plane_w, pp.plane_len
+    for a, b in pp.used:
+        h_lo, h_hi, w_lo, w_hi = pp.valid[(a, b)]
+        full = _full_vectors(w_lo, w_hi, b - pl, sw, g.width)
+        base = (c * pp.phases + a * sw + b) * plane * width
+        _emit_fill(xq, base, h_lo * pw * width, zp_u8)
+        if h_hi > h_lo:
+            with IB.serial(h_lo, h_hi) as hq:
+                row = base + hq * pw * width
+                ih = hq * sh + a - pt
+                _emit_fill(xq, row, w_lo * width, zp_u8)
+                if full:
+                    with IB.serial(0, full) as wv:
+                        col = (w_lo + wv * LANES) * sw + b - pl
+                        if dense:
+                            value = _interleave4(x, n, c * 4, g.in_channels, ih, col, sw, signed)
+                        else:
+                            value = _gather_row(x, n, c, ih, col, sw, signed)
+                        start = row + (w_lo + wv * LANES) * width
+                        IB.buffer_store(xq, value, [tirx.Ramp(start, 1, LANES * width)])
+                tail = w_hi - w_lo - full * LANES
+                if tail:
+                    with IB.serial(0, tail) as wq:
+                        col = (w_lo + full * LANES + wq) * sw + b - pl
+                        pos = row + (w_lo + full * LANES + wq) * width
+                        if dense:
+                            with IB.serial(0, 4) as j:
+                                channel = tirx.min(c * 4 + j, g.in_channels - 1)
+                                IB.buffer_store(xq, _as_u8(tirx.BufferLoad(x, [n, channel, ih, col]), signed), [pos + j])
+                        else:
+                            IB.buffer_store(xq, _as_u8(tirx.BufferLoad(x, [n, c, ih, col]), signed), [pos])
+                _emit_fill(xq, row + w_hi * width, (pw - w_hi) * width, zp_u8)
+        _emit_fill(xq, base + h_hi * pw * width, (plane - h_hi * pw) * width, zp_u8)
 
 
 def conv_kernel(
@@ -264,11 +299,11 @@ def dense_kernel(
     g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requant, tile: tuple[int, int] | None
 ) -> tuple[tvm.tirx.PrimFunc, tuple[int, int]]:
     """group == 1 conv: 4-channel interleaved phase planes, VNNI register tiles."""
-    signed, zp_u8, fill = _conv_setup(g, x_dtype, x_zero_point)
+    signed = x_dtype == "int8"
+    zp_u8 = tirx.const(x_zero_point + (128 if signed else 0), "uint8")  # after the shift to uint8
     N, C, H, W, OC = g.batch, g.in_channels, g.height, g.width, g.out_channels
     KH, KW = g.kernel
     (sh, sw), (dh, dw) = g.strides, g.dilations
-    pt, pl = g.pads[0], g.pads[1]
     Ho, Wo = g.out_height, g.out_width
     PW = Wo + (KW - 1) * dw // sw
     GRID = Ho * PW  # outputs computed per channel, garbage columns included
@@ -281,35 +316,9 @@ def dense_kernel(
     NOT = math.ceil(OC / OB)
     taps = KH * KW
     flat = Wo == PW  # no garbage columns: vector stores straight into y
-    used = pp.used + ((0, 0),) * (MAX_PHASES - len(pp.used))
-    nused = len(pp.used)
 
     def plane_base(c4, a, b):
         return (c4 * NPH + a * sw + b) * L * 4
-
-    @T.macro
-    def pack_phase(xq, x, n, c4, i):
-        """Plane ``used[i]`` of channel group c4: zero point outside the input, 4 channels per pixel."""
-        if i < nused:
-            a = T.meta_var(used[i][0])
-            b = T.meta_var(used[i][1])
-            h0 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[0])
-            h1 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[1])
-            w0 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[2])
-            w1 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[3])
-            nv = T.meta_var(_full_vectors(w0, w1, b - pl, sw, W))
-            base = T.meta_var(plane_base(c4, a, b))
-            fill(xq, base, h0 * PW * 4)
-            for hq in range(h0, h1):
-                fill(xq, base + hq * PW * 4, w0 * 4)
-                for wv in range(nv):
-                    xq[T.ramp(base + (hq * PW + w0 + wv * LANES) * 4, 1, 64)] = _interleave4(
-                        x, n, c4 * 4, C, hq * sh + a - pt, (w0 + wv * LANES) * sw + b - pl, sw, signed)
-                for wq, j in T.grid(w1 - w0 - nv * LANES, 4):
-                    xq[base + (hq * PW + w0 + nv * LANES + wq) * 4 + j] = _as_u8(
-                        x[n, T.min(c4 * 4 + j, C - 1), hq * sh + a - pt, (w0 + nv * LANES + wq) * sw + b - pl], signed)
-                fill(xq, base + (hq * PW + w1) * 4, (PW - w1) * 4)
-            fill(xq, base + h1 * PW * 4, (L - h1 * PW) * 4)
 
     @T.prim_func
     def dense(
@@ -327,15 +336,7 @@ def dense_kernel(
         yf = T.decl_buffer((N * OC * Ho * Wo,), rq.y_dtype, data=y.data)
         for n in range(N):
             for c4 in T.parallel(C4):
-                pack_phase(xq, x, n, c4, 0)
-                pack_phase(xq, x, n, c4, 1)
-                pack_phase(xq, x, n, c4, 2)
-                pack_phase(xq, x, n, c4, 3)
-                pack_phase(xq, x, n, c4, 4)
-                pack_phase(xq, x, n, c4, 5)
-                pack_phase(xq, x, n, c4, 6)
-                pack_phase(xq, x, n, c4, 7)
-                pack_phase(xq, x, n, c4, 8)
+                _emit_pack(xq, x, n, c4, g, pp, zp_u8, signed, True)
             for t in T.parallel(NOT * NQT):
                 acc = T.alloc_buffer((OB * TP,), "int32", scope="local")
                 for i in T.unroll(OB * PV):
@@ -386,46 +387,20 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
     One parallel loop over channels packs, accumulates, requantizes and stores, so a
     channel's plane is still in cache when it is read.
     """
-    signed, zp_u8, fill = _conv_setup(g, x_dtype, x_zero_point)
+    signed = x_dtype == "int8"
+    zp_u8 = tirx.const(x_zero_point + (128 if signed else 0), "uint8")  # after the shift to uint8
     N, C, H, W = g.batch, g.in_channels, g.height, g.width
     KH, KW = g.kernel
     (sh, sw), (dh, dw) = g.strides, g.dilations
-    pt, pl = g.pads[0], g.pads[1]
     Ho, Wo = g.out_height, g.out_width
     PW = Wo + (KW - 1) * dw // sw
     NVR = math.ceil(Wo / LANES)  # vectors per output row
     pp = phase_planes(g, (Ho - 1) * PW + NVR * LANES)
     NPH, L = pp.phases, pp.plane_len
     taps = KH * KW
-    used = pp.used + ((0, 0),) * (MAX_PHASES - len(pp.used))
-    nused = len(pp.used)
 
     def plane_base(c, a, b):
         return (c * NPH + a * sw + b) * L
-
-    @T.macro
-    def pack_phase(xq, x, n, c, i):
-        """Plane ``used[i]`` of channel c, the zero point outside the input."""
-        if i < nused:
-            a = T.meta_var(used[i][0])
-            b = T.meta_var(used[i][1])
-            h0 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[0])
-            h1 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[1])
-            w0 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[2])
-            w1 = T.meta_var(pp.valid.get(used[i], (0, 0, 0, 0))[3])
-            nv = T.meta_var(_full_vectors(w0, w1, b - pl, sw, W))
-            base = T.meta_var(plane_base(c, a, b))
-            fill(xq, base, h0 * PW)
-            for hq in range(h0, h1):
-                fill(xq, base + hq * PW, w0)
-                for wv in range(nv):
-                    xq[T.ramp(base + hq * PW + w0 + wv * LANES, 1, LANES)] = _gather_row(
-                        x, n, c, hq * sh + a - pt, (w0 + wv * LANES) * sw + b - pl, sw, signed)
-                for wq in range(w1 - w0 - nv * LANES):
-                    xq[base + hq * PW + w0 + nv * LANES + wq] = _as_u8(
-                        x[n, c, hq * sh + a - pt, (w0 + nv * LANES + wq) * sw + b - pl], signed)
-                fill(xq, base + hq * PW + w1, PW - w1)
-            fill(xq, base + h1 * PW, L - h1 * PW)
 
     @T.prim_func
     def depthwise(
@@ -441,15 +416,7 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
         xq = T.alloc_buffer((C * NPH * L,), "uint8")
         for n in range(N):
             for c in T.parallel(C):
-                pack_phase(xq, x, n, c, 0)
-                pack_phase(xq, x, n, c, 1)
-                pack_phase(xq, x, n, c, 2)
-                pack_phase(xq, x, n, c, 3)
-                pack_phase(xq, x, n, c, 4)
-                pack_phase(xq, x, n, c, 5)
-                pack_phase(xq, x, n, c, 6)
-                pack_phase(xq, x, n, c, 7)
-                pack_phase(xq, x, n, c, 8)
+                _emit_pack(xq, x, n, c, g, pp, zp_u8, signed, False)
                 for oh in range(Ho):
                     acc = T.alloc_buffer((NVR * LANES,), "int32", scope="local")
                     for v in T.unroll(NVR):
