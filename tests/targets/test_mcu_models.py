@@ -43,3 +43,16 @@ def test_mlperf_tiny_bit_exact_in_qemu(name: str, tmp_path) -> None:
     memory = json.loads((out_dir / PROJECT_DIR / "memory.json").read_text())
     assert memory["arena_bytes"] == memory["peak_live_bytes"] or memory["arena_bytes"] <= memory["greedy_by_size_arena_bytes"]
     assert memory["stack_bytes_model_run"] > 0
+
+
+def test_bundled_cnn_bit_exact_in_qemu(tmp_path) -> None:
+    """The default job of the README with --target mcu, then every output byte in qemu."""
+    from compiler.pipeline import CompileOptions, compile_model
+    from models import bundled
+
+    out_dir = tmp_path / "out"
+    compile_model(CompileOptions(target="mcu", device="cortex-m4", out_dir=str(out_dir), progress=False))
+    inputs, _ = bundled.test_data()
+    report = TARGET.verify(out_dir, {k: v[:8] for k, v in inputs.items()}, on="qemu")
+    assert report["bit_exact"], report
+    assert (out_dir / "verify.json").exists()

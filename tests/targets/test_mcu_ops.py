@@ -145,3 +145,17 @@ def test_bit_exact_in_qemu(make, tmp_path) -> None:
     expected = run_integer_graph_raw(model, {"x": x[:1]})["y"]
     got = TARGET.run_raw(tmp_path, {"x": x[:1]}, on="host")
     np.testing.assert_array_equal(got.reshape(expected.shape), expected)
+
+
+def test_conv_kernel_uses_a_pixel_window() -> None:
+    """Convolutions get the pixel-window schedule: a C*kh*kw stack window, one fused MAC loop."""
+    tvm_ops = pytest.importorskip("targets.tvm_ops", reason="targets.tvm_ops not there yet")
+    from targets.mcu.codegen import Kernel, build_kernels_c
+
+    model = _conv_chain()
+    types = tvm_ops.tensor_types(model)
+    conv = next(node for node in model.graph.node if node.op_type == "QConv")
+    func, args, constants = tvm_ops.node_primfunc(model, conv, types)
+    source = build_kernels_c([Kernel("k_conv", func, list(args), dict(constants))])
+    assert "pad_ptr[27]" in source  # 3 input channels x 3 x 3
+    assert "_fused < 27;" in source
