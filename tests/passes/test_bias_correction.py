@@ -68,7 +68,7 @@ def test_after_gptq_uses_the_recorded_grid_and_float_reference(caplog):
 
 def test_empirical_mode_matches_the_final_output_mean_exactly():
     model, data = conv_net(), conv_data(count=64)
-    corrected, _ = bias_correction(model, QuantPlan(w_bits=4), data, layers_per_pass=1)
+    corrected, _ = bias_correction(model, QuantPlan(w_bits=4), data, mode="empirical", layers_per_pass=1)
     analytic, _ = bias_correction(model, QuantPlan(w_bits=4), data, mode="analytic")
     float_mean = run(model, data)[0].mean(axis=0)
     empirical_gap = np.abs(run(_rounded(corrected, 4), data)[0].mean(axis=0) - float_mean)
