@@ -377,9 +377,12 @@ def _infeasible_error(problem: AllocationProblem, limits: dict[str, float], solv
     for metric, limit in limits.items():
         smallest = minimum(problem, metric, solver=solver)
         if smallest > limit * (1 + 1e-9):
+            relative = ""
+            if metric == "weight_bytes" and problem.int8_weight_bytes():
+                relative = f" (size={smallest / problem.int8_weight_bytes():.3g} of the int8 weight bytes)"
             return EdgeqError(
                 f"budget {metric} <= {format_metric(metric, limit)} is infeasible: the smallest achievable "
-                f"{metric} is {format_metric(metric, smallest)}"
+                f"{metric} is {format_metric(metric, smallest)}{relative}"
             )
     wanted = ", ".join(f"{m} <= {format_metric(m, v)}" for m, v in limits.items())
     return EdgeqError(f"budgets {wanted} cannot all be met at once (each alone can)")
@@ -611,7 +614,7 @@ def layer_options(
     return LayerOptions(
         name=shape.node,
         choices=choices,
-        sensitivity=dict(sensitivity or {}),
+        sensitivity={c: value for c, value in (sensitivity or {}).items() if c in choices},
         costs={c: cost_model.layer_cost(shape, c[0], c[1]) for c in choices},
         weight_params=shape.weight_params,
     )

@@ -275,3 +275,29 @@ def test_problem_from_model_ties_readers_of_shared_quantizers():
     # Concat shares its quantizer with its inputs and output: its readers agree too.
     assert any("Concat" in ops and "GlobalAveragePool" in ops for ops in tied_ops)
     assert problem.fixed["flash_bytes"] > 0
+
+
+def test_apply_allocation_records_the_choice_and_why_in_the_plan():
+    import json
+
+    from compiler.plan import QuantPlan
+    from passes.select_layers import select_layers
+
+    model = _tiny_cnn()
+    plan = select_layers(model, integer_only=True)
+    sensitivity = {name: {(w, 8): 1.0 / (w or 8) for w in (4, 8, None)} for name in plan.layers}
+    problem = al.problem_from_model(model, plan, mcu_cost_model("cortex-m4"), sensitivity=sensitivity,
+                                    integer_only=True, pins={"Conv_0": (8, None)})
+    with pytest.raises(EdgeqError, match=r"size=0\.\d+ of the int8 weight bytes"):
+        al.allocate(problem, {"size_fraction": 0.6})  # the pinned 8-bit conv does not fit
+    result = al.allocate(problem, {"size_fraction": 0.8})
+    al.apply_allocation(plan, problem, result)
+    restored = QuantPlan.from_dict(json.loads(plan.to_json()))
+    for name, (w_bits, a_bits) in result.choices.items():
+        layer = restored.layers[name]
+        assert (layer.w_bits, layer.a_bits) == (w_bits, a_bits)
+        assert layer.info["cost"]["weight_bytes"] == problem.layer(name).costs[(w_bits, a_bits)].weight_bytes
+        assert set(layer.info["sensitivity"]) == {f"w{w}a8" if w else "a8" for w, _ in problem.layer(name).choices}
+    assert restored.layers["Conv_0"].w_bits == 8 and restored.layers["Conv_0"].info["pinned"] == [8, None]
+    assert restored.budget == {"size_fraction": 0.8}
+    assert restored.totals["allocation"]["totals"]["size_fraction"] <= 0.8
