@@ -139,14 +139,30 @@ def planned_weight_scale(
     return entry.scale_array()
 
 
-def fake_quantize_activation(x: np.ndarray, bits: int, low: float | None = None, high: float | None = None) -> np.ndarray:
+def fake_quantize_activation(
+    x: np.ndarray, bits: int, low: float | None = None, high: float | None = None, *, mse_clip: bool = False
+) -> np.ndarray:
     """Per-tensor asymmetric fake quantization to ``bits`` over ``[low, high]`` (default: x's min/max).
 
-    For the passes that *estimate* quantization error (smoothing strength search);
-    the activation quantizers of the real model are fitted by calibration.
+    ``mse_clip``: shrink the range by the factor (1, 0.95, ..., 0.3) that gives
+    the least squared error on ``x`` -- what an MSE-calibrated quantizer does.
+    For the passes that *estimate* quantization error (smoothing strength
+    search); the activation quantizers of the real model are fitted by calibration.
     """
     low = min(float(np.min(x)) if low is None else low, 0.0)
     high = max(float(np.max(x)) if high is None else high, 0.0)
+    if not mse_clip:
+        return _fake_quantize_range(x, bits, low, high)
+    best, best_error = x, np.inf
+    for ratio in np.linspace(1.0, 0.3, 15):
+        candidate = _fake_quantize_range(x, bits, low * ratio, high * ratio)
+        error = float(np.sum((candidate - x) ** 2))
+        if error < best_error:
+            best, best_error = candidate, error
+    return best
+
+
+def _fake_quantize_range(x: np.ndarray, bits: int, low: float, high: float) -> np.ndarray:
     levels = (1 << bits) - 1
     scale = (high - low) / levels if high > low else 1.0
     zero_point = np.round(-low / scale)

@@ -126,7 +126,7 @@ def _kn_weight(model: onnx.ModelProto, layer: LinearLayer) -> np.ndarray:
 
 def _quant_error(x: np.ndarray, weights: list[np.ndarray], a_bits: int, w_bits: int) -> float:
     """Relative error of ``Qa(x) Qw(W)`` against ``x W`` summed over the layers."""
-    xq = fake_quantize_activation(x, a_bits)
+    xq = fake_quantize_activation(x, a_bits, mse_clip=True)  # as the pipeline's MSE calibration
     num = den = 0.0
     for weight in weights:
         reference = x @ weight

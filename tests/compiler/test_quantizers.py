@@ -85,3 +85,12 @@ def test_planned_scale_prefers_the_plan_entry():
     assert np.array_equal(planned_weight_scale({"w": entry}, "w", w, 0, 4), entry.scale_array())
     with pytest.raises(ValueError):
         planned_weight_scale({"w": entry}, "w", w, 0, 8)
+
+
+def test_activation_mse_clip_never_loses_to_minmax():
+    from compiler.quantizers import fake_quantize_activation
+
+    x = np.random.default_rng(4).normal(size=4096).astype(np.float32)  # rare tails: clipping pays at 4 bits
+    plain = np.sum((fake_quantize_activation(x, 4) - x) ** 2)
+    clipped = np.sum((fake_quantize_activation(x, 4, mse_clip=True) - x) ** 2)
+    assert clipped < plain
