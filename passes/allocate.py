@@ -197,7 +197,7 @@ class _Program:
             self.allowed[layer.name] = allowed
             variables = []
             for c_index, choice in enumerate(allowed):
-                var = pulp.LpVariable(f"x_{index}_{c_index}", cat=pulp.LpBinary)
+                var = _variable(self.lp, f"x_{index}_{c_index}", binary=True)
                 self.x[(layer.name, choice)] = var
                 variables.append(var)
             self.lp += pulp.lpSum(variables) == 1, f"one_{index}"
@@ -210,7 +210,7 @@ class _Program:
             common = set.intersection(*(set(a for _, a in self.allowed[name]) for name in group))
             if not common:
                 raise EdgeqError(f"layers {', '.join(group[:3])} must share activation bits but have no common choice")
-            shared = {a: pulp.LpVariable(f"tie_{g_index}_{a}", cat=pulp.LpBinary) for a in sorted(common)}
+            shared = {a: _variable(self.lp, f"tie_{g_index}_{a}", binary=True) for a in sorted(common)}
             self.lp += pulp.lpSum(shared.values()) == 1, f"tie_{g_index}"
             for l_index, name in enumerate(group):
                 for a in sorted({a for _, a in self.allowed[name]}):
@@ -244,7 +244,7 @@ class _Program:
             name = readers[0]
             expr = pulp.lpSum(packed_bytes(buffer.elems, c[1]) * self.x[(name, c)] for c in self.allowed[name])
         else:  # width = widest reader: a variable bounded below by each reader's bytes
-            var = pulp.LpVariable(f"buf_{index}", lowBound=0)
+            var = _variable(self.lp, f"buf_{index}")
             for r_index, name in enumerate(readers):
                 self.lp += var >= pulp.lpSum(
                     packed_bytes(buffer.elems, c[1]) * self.x[(name, c)] for c in self.allowed[name]
@@ -293,6 +293,14 @@ class _Program:
         return result
 
 
+def _variable(lp: pulp.LpProblem, name: str, *, binary: bool = False) -> pulp.LpVariable:
+    """A binary, or a non-negative continuous variable (PuLP >= 3.3 attaches it to the model)."""
+    cat = pulp.LpBinary if binary else pulp.LpContinuous
+    if hasattr(lp, "add_variable"):
+        return lp.add_variable(name, lowBound=0, upBound=1 if binary else None, cat=cat)
+    return pulp.LpVariable(name, lowBound=0, upBound=1 if binary else None, cat=cat)
+
+
 def _allowed_choices(problem: AllocationProblem, layer: LayerOptions) -> list[Choice]:
     pin = problem.pins.get(layer.name)
     if pin is None:
@@ -328,7 +336,7 @@ def minimum(problem: AllocationProblem, metric: str, *, solver: str = "cbc") -> 
     """The smallest value of ``metric`` any allowed choice reaches (pins and ties respected)."""
     program = _Program(problem)
     if metric in PEAK_METRICS:
-        peak = pulp.LpVariable("peak", lowBound=0)
+        peak = _variable(program.lp, "peak")
         for s_index, expr in enumerate(program.live_exprs()):
             program.lp += peak >= expr, f"peak_{s_index}"
         program.lp += peak
