@@ -42,6 +42,10 @@ from tvm.script.ir_builder import tirx as IB
 
 LANES = 16  # int32 lanes of one zmm register
 VNNI = "llvm.x86.avx512.vpdpbusd.512"
+# Work below which a loop stays serial: waking TVM's thread pool costs microseconds
+# (far more on a loaded machine), more than small layers take on one core.
+MIN_PARALLEL_MACS = 300_000
+MIN_PARALLEL_BYTES = 64 * 1024
 MAX_ACCUMULATORS = 16  # zmm accumulators: 16 x 64 B stays under TVM's 1 KiB stack-allocation limit
 
 
@@ -217,6 +221,11 @@ def choose_tile(rows: int, vectors: int, max_acc: int = MAX_ACCUMULATORS) -> tup
     return best[1]
 
 
+def _loop(work: int, threshold: int):
+    """``T.parallel`` when ``work`` reaches ``threshold``, else ``T.serial`` (used as ``for i in loop(n)``)."""
+    return T.parallel if work >= threshold else T.serial
+
+
 def _emit_fill(buf, start, count: int, value) -> None:
     """Emit ``buf[start : start + count] = value`` (count static): 64-byte vector stores + tail."""
     if count // 64:
@@ -320,6 +329,10 @@ def dense_kernel(
     def plane_base(c4, a, b):
         return (c4 * NPH + a * sw + b) * L * 4
 
+    pack_loop = _loop(C4 * len(pp.used) * L * 4, MIN_PARALLEL_BYTES)
+    tile_loop = _loop(OC * GRID * C * taps if NOT * NQT > 1 else 0, MIN_PARALLEL_MACS)
+    copy_loop = _loop(OC * Ho * Wo, MIN_PARALLEL_BYTES)
+
     @T.prim_func
     def dense(
         x: T.Buffer((N, C, H, W), x_dtype),
@@ -335,9 +348,9 @@ def dense_kernel(
         ygrid = T.alloc_buffer((1 if flat else OC * NQT * TP,), rq.y_dtype)
         yf = T.decl_buffer((N * OC * Ho * Wo,), rq.y_dtype, data=y.data)
         for n in range(N):
-            for c4 in T.parallel(C4):
+            for c4 in pack_loop(C4):
                 _emit_pack(xq, x, n, c4, g, pp, zp_u8, signed, True)
-            for t in T.parallel(NOT * NQT):
+            for t in tile_loop(NOT * NQT):
                 acc = T.alloc_buffer((OB * TP,), "int32", scope="local")
                 for i in T.unroll(OB * PV):
                     acc[T.ramp(i * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
@@ -373,7 +386,7 @@ def dense_kernel(
                                 bias[(t // NQT) * OB + i], mult[(t // NQT) * OB + i],
                                 rnd[(t // NQT) * OB + i], shift[(t // NQT) * OB + i], rq)
             if not flat:
-                for o in T.parallel(OC):
+                for o in copy_loop(OC):
                     for oh in range(Ho):
                         for ow in T.vectorized(Wo):
                             y[n, o, oh, ow] = ygrid[o * NQT * TP + oh * PW + ow]
@@ -402,6 +415,8 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
     def plane_base(c, a, b):
         return (c * NPH + a * sw + b) * L
 
+    channel_loop = _loop(C * Ho * Wo * taps, MIN_PARALLEL_MACS)
+
     @T.prim_func
     def depthwise(
         x: T.Buffer((N, C, H, W), x_dtype),
@@ -415,7 +430,7 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
         T.func_attr({"tirx.noalias": True})
         xq = T.alloc_buffer((C * NPH * L,), "uint8")
         for n in range(N):
-            for c in T.parallel(C):
+            for c in channel_loop(C):
                 _emit_pack(xq, x, n, c, g, pp, zp_u8, signed, False)
                 for oh in range(Ho):
                     acc = T.alloc_buffer((NVR * LANES,), "int32", scope="local")
@@ -459,6 +474,7 @@ def gemm_kernel(
     M_pad = NMT * MV * LANES
     N = batch
     x_signed = signed
+    tile_loop = _loop(k * m if NMT > 1 else 0, MIN_PARALLEL_MACS)
 
     @T.prim_func
     def gemm(
@@ -475,7 +491,7 @@ def gemm_kernel(
         for n, kk in T.grid(N, K4 * 4):
             xs[n, kk] = T.if_then_else(kk < k, _as_u8(x[n, T.min(kk, k - 1)], x_signed), T.uint8(0))
         for n in range(N):
-            for t in T.parallel(NMT):
+            for t in tile_loop(NMT):
                 acc = T.alloc_buffer((MV * LANES,), "int32", scope="local")
                 res = T.alloc_buffer((LANES,), rq.y_dtype, scope="local")
                 for v in T.unroll(MV):
@@ -517,6 +533,7 @@ def quantize_kernel(
     """
     size = math.prod(shape)
     chunks = math.ceil(size / chunk)
+    chunk_loop = _loop(size if chunks > 1 else 0, MIN_PARALLEL_BYTES)
     scale_c = tirx.const(scale, "float32")
 
     def quantize(value):
@@ -529,7 +546,7 @@ def quantize_kernel(
         T.func_attr({"tirx.noalias": True})
         x = T.decl_buffer((size,), "float32", data=xs.data)
         y = T.decl_buffer((size,), dtype, data=ys.data)
-        for t in T.parallel(chunks):
+        for t in chunk_loop(chunks):
             for i in range(T.min(chunk, size - t * chunk) // LANES):
                 for lane in T.vectorized(LANES):
                     y[t * chunk + i * LANES + lane] = quantize(x[t * chunk + i * LANES + lane])

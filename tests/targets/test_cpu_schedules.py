@@ -129,6 +129,9 @@ CONV_CASES = [
     ((1, 24, 21, 21), (24, 1, 3, 3), dict(group=24, strides=(2, 2), pads=(1, 1, 1, 1)), "conv_depthwise"),
     ((1, 16, 9, 9), (16, 1, 5, 5), dict(group=16, pads=(2, 2, 2, 2)), "conv_depthwise"),
     ((1, 8, 7, 7), (8, 1, 3, 3), dict(group=8), "conv_depthwise"),  # no padding
+    # Big enough for the parallel loops (pack, tiles, compaction; depthwise channels).
+    ((1, 32, 48, 48), (32, 32, 3, 3), dict(pads=(1, 1, 1, 1)), "conv_dense"),
+    ((1, 64, 28, 28), (64, 1, 3, 3), dict(group=64, pads=(1, 1, 1, 1)), "conv_depthwise"),
 ]
 
 
