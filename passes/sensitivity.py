@@ -3,7 +3,8 @@
 Requires: a canonicalized float model, a plan from ``passes/select_layers``
 (its ``layers`` are the candidates), calibration inputs.
 Guarantees: for every layer and candidate ``(w_bits, a_bits)`` a non-negative
-number, larger = the model output moves more; the graph is not changed.
+number, larger = the model output moves more, non-increasing in the bits
+(:func:`monotone`); the graph is not changed.
 
 Two estimates:
 
@@ -184,7 +185,7 @@ def measured_sensitivity(
         outcomes = map(_worker_measure, jobs)
         for name, choice, value in outcomes:
             result[name][choice] = value
-        return result
+        return monotone(result)
     import multiprocessing
 
     # fork: spawn would re-import the caller's __main__ (scripts without a main guard loop).
@@ -193,6 +194,31 @@ def measured_sensitivity(
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=init_args) as pool:
         for name, choice, value in pool.map(_worker_measure, jobs, chunksize=max(1, len(jobs) // (8 * workers))):
             result[name][choice] = value
+    return monotone(result)
+
+
+def monotone(table: Sensitivity) -> Sensitivity:
+    """Each layer's sensitivities made non-increasing in the bits, strictly.
+
+    More bits never lose fidelity in expectation, but single-layer measurements
+    on a few samples can invert two tiny values; left alone, an inversion makes
+    the allocator keep a layer at fewer bits although the budget has room. A
+    choice gets at least the value of every choice with as many or more bits
+    (weights and activations), plus one part in a million so that, between two
+    choices measured equal, the wider one wins when it fits.
+    """
+    def covers(wide: Choice, narrow: Choice) -> bool:
+        return (wide[0] or 0) >= (narrow[0] or 0) and wide[1] >= narrow[1] and wide != narrow
+
+    result: Sensitivity = {}
+    for name, values in table.items():
+        # widest first, so every wider choice is final before a narrower one reads it
+        order = sorted(values, key=lambda c: ((c[0] or 0) + c[1], c[0] or 0), reverse=True)
+        fixed: dict[Choice, float] = {}
+        for choice in order:
+            wider = [fixed[c] for c in fixed if covers(c, choice)]
+            fixed[choice] = max([values[choice], *(v * (1 + 1e-6) + 1e-12 for v in wider)])
+        result[name] = {choice: fixed[choice] for choice in values}
     return result
 
 

@@ -152,6 +152,7 @@ def bench_model(name: str, args, work: Path) -> dict:
     measured = _cached(work / f"{name}_measured.json", args.fresh, timings, "measured_sensitivity_s",
                        lambda: sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges,
                                                        max_samples=args.sensitivity_samples, workers=args.workers))
+    measured, proxy = sn.monotone(measured), sn.monotone(proxy)  # no-op on fresh tables; repairs old caches
     weighted = [n for n, layer in plan.layers.items() if layer.w_bits]
     agreement = {
         "all entries": sn.spearman(measured, proxy),

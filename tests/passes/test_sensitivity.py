@@ -87,3 +87,12 @@ def test_spearman():
     assert sn.spearman(first, same_order) == pytest.approx(1.0)
     assert sn.spearman(first, reversed_order) == pytest.approx(-1.0)
     assert math.isnan(sn.spearman(first, same_order, (8, 8)))  # two points only
+
+
+def test_monotone_repairs_inversions_and_prefers_wider_ties():
+    table = {"a": {(4, 8): 1e-5, (8, 8): 2e-5, (4, 16): 3e-6, (8, 16): 1e-6}, "b": {(None, 8): 0.0, (None, 16): 0.0}}
+    fixed = sn.monotone(table)
+    a = fixed["a"]
+    assert a[(8, 16)] == table["a"][(8, 16)]  # the widest keeps its value
+    assert a[(4, 8)] > a[(8, 8)] >= 2e-5 and a[(4, 8)] > a[(4, 16)] > a[(8, 16)]
+    assert fixed["b"][(None, 8)] > fixed["b"][(None, 16)] == 0.0
