@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 MODELS = ("mobilenetv2", "resnet18", "fashion_cnn")
 THREADS = (1, 2)
-ENGINES = ("ort_float", "ort_u8s8_qdq", "ort_edgeq_qdq", "edgeq_cpu")
+ENGINES = ("ort_float", "ort_u8s8_qdq", "ort_edgeq_qdq", "edgeq_cpu", "edgeq_core")
 
 
 # ---------------------------------------------------------------- models
@@ -193,15 +193,58 @@ def _ort_runner(path: Path, threads: int, feed: dict[str, np.ndarray]):
     return lambda: session.run(None, feed)
 
 
-def _edgeq_runner(out_dir: Path, feed: dict[str, np.ndarray]):
+def _edgeq_runners(out_dir: Path, feed: dict[str, np.ndarray]):
+    """(whole: float in -> float out, core: the integer library on already-quantized inputs)."""
     from targets.cpu import runner
 
     module = runner.load(out_dir)
     module.samples(feed)
-    return lambda: module.run_sample(feed, 0)
+    quantized = module.quantize(feed, 0)
+    return (lambda: module.run_sample(feed, 0)), (lambda: module.main(*quantized))
 
 
-def child(spec_path: Path, threads: int, runs: int) -> dict:
+def kernel_breakdown(int_model_path: Path, repeat: int = 15) -> dict[str, float]:
+    """Microseconds per kernel family of the integer graph, each kernel timed alone (min of
+    ``repeat``), built exactly as targets/cpu/lower.py builds it."""
+    import tvm
+
+    from compiler.graph import initializer_array
+    from targets.cpu import lower, schedules
+    from targets.tvm_ops import node_kernels, tensor_types
+
+    model = onnx.load(str(int_model_path))
+    types = tensor_types(model)
+    inits = {init.name for init in model.graph.initializer}
+    rng = np.random.default_rng(0)
+    device = tvm.cpu()
+    totals: dict[str, float] = {}
+    for kernel in node_kernels(model, types):
+        node = kernel.node
+        scheduled = lower._scheduled(kernel, types, model)
+        if scheduled is not None:
+            func, family = scheduled.func, scheduled.variant
+            shape, dtype = types[node.input[0]]
+            arrays = [rng.integers(0, 100, shape).astype(dtype), *scheduled.constants]
+        else:
+            func, family = lower.parallelize(kernel.func), f"generic_{node.op_type}"
+            arrays = []
+            for name in kernel.args[:-1]:
+                if name in inits:
+                    arrays.append(initializer_array(model, name))
+                elif name in types:
+                    arrays.append(rng.integers(0, 100, types[name][0]).astype(types[name][1]))
+                else:
+                    arrays.append(kernel.constants[name])
+        out_shape, out_dtype = types[node.output[0]]
+        module = tvm.tirx.build(func.with_attr("global_symbol", "kernel"), target=schedules.host_target())
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
+        args.append(tvm.runtime.tensor(np.zeros(out_shape, out_dtype), device))
+        timer = module.time_evaluator("kernel", device, number=3, repeat=repeat)
+        totals[family] = totals.get(family, 0.0) + float(np.min(timer(*args).results) * 1e6)
+    return totals
+
+
+def child(spec_path: Path, threads: int, runs: int, breakdown: bool = False) -> dict:
     """Time every engine of every model in ``spec`` at ``threads`` threads (interleaved rounds)."""
     spec = json.loads(spec_path.read_text())
     results: dict[str, dict] = {}
@@ -215,7 +258,7 @@ def child(spec_path: Path, threads: int, runs: int) -> dict:
         if entry.get("edgeq_qdq"):
             runners["ort_edgeq_qdq"] = _ort_runner(Path(entry["edgeq_qdq"]), threads, feed)
         if entry.get("edgeq_out"):
-            runners["edgeq_cpu"] = _edgeq_runner(Path(entry["edgeq_out"]), feed)
+            runners["edgeq_cpu"], runners["edgeq_core"] = _edgeq_runners(Path(entry["edgeq_out"]), feed)
         times: dict[str, list[float]] = {name: [] for name in runners}
         for run in runners.values():  # warm-up
             for _ in range(5):
@@ -232,10 +275,19 @@ def child(spec_path: Path, threads: int, runs: int) -> dict:
                    "runs": len(t)}
             for name, t in times.items()
         }
+        if breakdown and entry.get("edgeq_out"):
+            results[model_name]["kernels_us"] = kernel_breakdown(Path(entry["edgeq_out"]) / "model.int.onnx")
     return results
 
 
 # ---------------------------------------------------------------- report
+
+
+def _ratio(numerator: dict | None, denominator: dict | None) -> str:
+    if not numerator or not denominator:
+        return "n/a"
+    return (f"{numerator['median_ms'] / denominator['median_ms']:.2f}x "
+            f"({numerator['p10_ms'] / denominator['p10_ms']:.2f}x)")
 
 
 def cpu_name() -> str:
@@ -260,9 +312,9 @@ def write_report(path: Path, prep: dict, timings: dict, runs: int, load: str) ->
         f"Load average while timing: {load} (shared machine: medians are noisy, p10 is closer to "
         "the quiet speed). Calibration on random data (timing only).",
         "",
-        "| model | threads | ORT float | ORT u8s8 QDQ | ORT on edgeq QDQ | edgeq CPU | edgeq / ORT u8s8 | "
-        "ORT float / edgeq |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | threads | ORT float | ORT u8s8 QDQ | ORT on edgeq QDQ | edgeq CPU | edgeq core | "
+        "edgeq / ORT u8s8 | ORT float / edgeq |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def cell(entry: dict | None) -> str:
@@ -272,10 +324,20 @@ def write_report(path: Path, prep: dict, timings: dict, runs: int, load: str) ->
         for threads in THREADS:
             row = timings.get(str(threads), {}).get(model_name, {})
             edgeq, ort_q, ort_f = row.get("edgeq_cpu"), row.get("ort_u8s8_qdq"), row.get("ort_float")
-            ratio = f"{edgeq['median_ms'] / ort_q['median_ms']:.2f}x" if edgeq and ort_q else "n/a"
-            speedup = f"{ort_f['median_ms'] / edgeq['median_ms']:.2f}x" if edgeq and ort_f else "n/a"
+            ratio = _ratio(edgeq, ort_q)
+            speedup = _ratio(ort_f, edgeq)
             lines.append(f"| {model_name} | {threads} | {cell(ort_f)} | {cell(ort_q)} | "
-                         f"{cell(row.get('ort_edgeq_qdq'))} | {cell(edgeq)} | {ratio} | {speedup} |")
+                         f"{cell(row.get('ort_edgeq_qdq'))} | {cell(edgeq)} | {cell(row.get('edgeq_core'))} | "
+                         f"{ratio} | {speedup} |")
+    lines += ["", "Ratios: by median (by p10 in brackets). edgeq core = the integer library alone on an "
+              "already-quantized input (the runner quantizes the input and dequantizes the output in numpy).",
+              "", "Time per kernel family, each kernel of the integer graph timed alone at 1 thread "
+              "(min of 15, microseconds; sums, so caches are warmer than in the whole network):", ""]
+    for model_name in prep:
+        kernels_us = timings.get("1", {}).get(model_name, {}).get("kernels_us")
+        if kernels_us:
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(kernels_us.items(), key=lambda kv: -kv[1]))
+            lines.append(f"- {model_name}: total {sum(kernels_us.values()):.0f} us -- {parts}")
     lines += ["", "Compile (edgeq compile --target cpu, whole pipeline incl. calibration and verification):", ""]
     for model_name, entry in prep.items():
         info = entry.get("edgeq", {})
@@ -296,15 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--work", default=None, help="folder for models and artifacts (default: a temp dir)")
     parser.add_argument("--report", default=str(REPO / "BENCHMARKS.cpu.md"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the models and edgeq artifacts already in --work (timing only)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(Path(args.child), args.threads, args.runs)))
+        print(json.dumps(child(Path(args.child), args.threads, args.runs, breakdown=args.threads == 1)))
         return 0
 
     work = Path(args.work or tempfile.mkdtemp(prefix="edgeq_bench_cpu_"))
     work.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((work / "prep.json").read_text()) if args.reuse and (work / "prep.json").exists() else {}
     prep: dict[str, dict] = {}
     spec: dict[str, dict] = {}
     for model_name in args.models:
@@ -319,17 +384,21 @@ def main(argv: list[str] | None = None) -> int:
             feed_files[key] = str(work / f"{model_name}_{key}.npy")
             np.save(feed_files[key], value)
         ort_qdq = work / f"{model_name}.ort_qdq.onnx"
-        print(f"[{model_name}] onnxruntime quantize_static ...", flush=True)
-        ort_u8s8_qdq(path, ort_qdq, calib)
-        print(f"[{model_name}] edgeq compile --target cpu ...", flush=True)
         out_dir = work / f"{model_name}_edgeq"
-        info = edgeq_compile(path, out_dir, calib)
+        if model_name in previous and ort_qdq.exists():
+            info = previous[model_name]["edgeq"]
+        else:
+            print(f"[{model_name}] onnxruntime quantize_static ...", flush=True)
+            ort_u8s8_qdq(path, ort_qdq, calib)
+            print(f"[{model_name}] edgeq compile --target cpu ...", flush=True)
+            info = edgeq_compile(path, out_dir, calib)
         print(f"[{model_name}] {info}", flush=True)
         prep[model_name] = {"edgeq": info}
         spec[model_name] = {"feed": feed_files, "float": str(path), "ort_qdq": str(ort_qdq)}
         if "error" not in info:
             spec[model_name]["edgeq_qdq"] = str(out_dir / "model.qdq.onnx")
             spec[model_name]["edgeq_out"] = str(out_dir)
+    (work / "prep.json").write_text(json.dumps(prep))
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     timings = {}
