@@ -19,6 +19,12 @@ Layout of ``out/mcu/`` (everything a firmware engineer needs, no TVM at run time
 
 Kernels come as :class:`Kernel` (symbol, PrimFunc, argument tensor names); where
 they come from (``targets.tvm_ops``) is the caller's business.
+
+Why TVM's C codegen rather than its LLVM backend emitting Thumb objects: for the
+same scheduled int8 gemm PrimFunc, arm-none-eabi-gcc -Os of the C was 168 bytes
+of text, the LLVM ``thumbv7em-none-eabihf`` object 576 bytes (plus references to
+``__aeabi_unwind_cpp_pr0`` and fp16 helpers); the C route also lets a firmware
+engineer rebuild with their own compiler and flags.
 """
 
 from __future__ import annotations
