@@ -3,7 +3,6 @@
 import json
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -25,8 +24,6 @@ from tests.qdq_fixtures import (
     quantize_qdq,
     random_inputs,
 )
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def batch(samples):
@@ -154,13 +151,14 @@ def test_mobilenet_v2_compiles_in_minutes_and_is_bit_exact(tmp_path):
 
 @pytest.mark.slow
 def test_bundled_fashion_cnn_is_bit_exact_on_real_images(tmp_path):
-    path = REPO / "models" / "fashion_cnn.onnx"
-    if not path.exists():
-        pytest.skip("models/fashion_cnn.onnx is not built yet")
-    from compiler.data import load_calibration
+    from models import bundled
 
-    model = onnx.load(path)
-    real = load_calibration(None, model, random_samples=0)  # the bundled Fashion-MNIST samples
-    qdq = quantize_qdq(model, [{k: v[i:i + 1] for k, v in real.items()} for i in range(16)])
-    assert_library_matches_interpreter(integerize(qdq), {k: v[:16] for k, v in real.items()},
-                                       tmp_path / "cpu")
+    if not bundled.model_path().exists():
+        pytest.skip("models/fashion_cnn.onnx is not built yet")
+    from passes.canonicalize import canonicalize
+
+    model = canonicalize(onnx.load(bundled.model_path()))  # folds BatchNormalization, as the pipeline does
+    calib = bundled.calibration_data()["input"]
+    qdq = quantize_qdq(model, [{"input": calib[i:i + 1]} for i in range(0, 256, 8)])
+    test_images = {"input": bundled.test_data()[0]["input"][:32]}
+    assert_library_matches_interpreter(integerize(qdq), test_images, tmp_path / "cpu", use_schedules=True)
