@@ -52,11 +52,13 @@ class Case:
 def _image_case(name: str, calib_samples: int) -> Case:
     from models import photos, zoo
 
+    preprocessing = zoo.PREPROCESSING[name]  # EfficientNet-Lite takes (pixel - 127) / 128
+
     def calib():
-        return {"input": photos.calibration_images(calib_samples)}
+        return {"input": photos.calibration_images(calib_samples, preprocessing)}
 
     def evaluation():
-        return {"input": photos.evaluation_images()}, None
+        return {"input": photos.evaluation_images(preprocessing)}, None
 
     return Case(name, lambda: zoo.build(name), calib, evaluation, "classifier")
 
