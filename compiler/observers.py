@@ -152,7 +152,7 @@ class Observer(ABC):
                 if rows.size == 0:
                     return
                 lo, hi = rows.min(axis=1), rows.max(axis=1)
-            else:  # keep the [C, N] layout: stand finite neighbours in for the bad values
+            else:  # keep the [C, N] layout: bad values become their channel's finite minimum
                 fill = np.where(finite, rows, np.nan)
                 lo, hi = np.nanmin(fill, axis=1), np.nanmax(fill, axis=1)
                 lo = np.where(np.isfinite(lo), lo, 0.0)
