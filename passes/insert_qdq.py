@@ -229,15 +229,15 @@ def _quantize_weight_and_bias(model: onnx.ModelProto, plan: QuantPlan, layer: La
     if tq is None or tq.bits != layer.w_bits:
         tq = weight_tensor_quant(layer.weight, weight, axis, layer.w_bits)
         plan.tensors[layer.weight] = tq
+    input_quant = plan.tensors.get(layer.inputs[0])
+    bias = initializer_array(model, layer.bias) if layer.bias else None
+    if input_quant is not None and bias is not None:
+        _widen_scales_for_int32_bias(tq, bias, float(input_quant.scale[0]))
     q_weight = quantize_weight(weight, tq.scale_array(), tq.axis, tq.bits)
     node.input[1] = _dequantized_initializer(model, layer.weight, q_weight, tq, new_name)
 
-    if not layer.bias:
-        return
-    input_quant = plan.tensors.get(layer.inputs[0])
-    bias = initializer_array(model, layer.bias)
     if input_quant is None or bias is None:
-        return  # input stays float: the bias stays float too
+        return  # no bias, or the input stays float: the bias stays float too
     bias_scale = (np.float32(input_quant.scale[0]) * tq.scale_array()).astype(np.float32)
     bias_scale = np.broadcast_to(bias_scale, bias.shape).astype(np.float32)
     lo, hi = int_range(32, True)
@@ -247,6 +247,24 @@ def _quantize_weight_and_bias(model: onnx.ModelProto, plan: QuantPlan, layer: La
                              axis=0, range_min=float(bias.min()), range_max=float(bias.max()))
     plan.tensors[layer.bias] = bias_quant
     node.input[2] = _dequantized_initializer(model, layer.bias, q_bias, bias_quant, new_name)
+
+
+def _widen_scales_for_int32_bias(weight_quant: TensorQuant, bias: np.ndarray, input_scale: float) -> None:
+    """Raise the weight scale of channels whose bias would overflow int32 at ``sx * sw``.
+
+    A channel whose weights are (almost) all zero, e.g. a dead channel after
+    BatchNorm folding, gets a scale near 1e-18 and its bias ``b / (sx * sw)``
+    saturates int32. Any scale large enough represents such weights as well, so
+    the scale is raised until the bias fits with a margin of 2x.
+    """
+    scale = weight_quant.scale_array().astype(np.float64)
+    limit = (2**31 - 1) / 2
+    needed = np.abs(bias.astype(np.float64).reshape(-1)) / (input_scale * limit)
+    if scale.size == 1 and needed.size > 1:
+        needed = np.array([needed.max()])
+    widened = np.maximum(scale, needed.astype(np.float32))
+    if np.any(widened > scale):
+        weight_quant.scale = [float(np.float32(value)) for value in widened]
 
 
 def _dequantized_initializer(model, name: str, q_value: np.ndarray, tq: TensorQuant, new_name) -> str:

@@ -127,3 +127,25 @@ def test_concat_inputs_share_one_quantizer():
     ranges = collect_ranges(model, calib, tensors_to_calibrate(model, plan), progress=False)
     quantize_model(model, plan, ranges)
     assert plan.tensors["a"].scale == plan.tensors["b"].scale == plan.tensors["cat"].scale
+
+
+def test_dead_channel_bias_fits_int32():
+    """A channel with ~zero weights (dead after BN folding) must not overflow its int32 bias."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(4, 2, 1, 1)).astype(np.float32)
+    weight[2] = 1e-18
+    bias = np.array([0.1, -0.2, 0.5, 0.3], np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")]
+    graph = helper.make_graph(nodes, "dead", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = canonicalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    plan = select_layers(model, integer_only=True)
+    calib = {"x": rng.normal(size=(8, 2, 4, 4)).astype(np.float32)}
+    ranges = collect_ranges(model, calib, tensors_to_calibrate(model, plan, integer_only=True), progress=False)
+    qdq = quantize_model(model, plan, ranges, integer_only=True)
+    bias_init = next(i for i in qdq.graph.initializer if i.data_type == TensorProto.INT32)
+    q_bias = numpy_helper.to_array(bias_init)
+    assert np.all(np.abs(q_bias.astype(np.int64)) < 2**31 - 1)
+    x = calib["x"][:1]
+    np.testing.assert_allclose(session(qdq).run(None, {"x": x})[0][0, 2], 0.5, atol=0.05)
