@@ -102,10 +102,14 @@ def requantize(
     if np.any(shift < 1) or np.any(shift > MAX_SHIFT):
         raise ValueError("shift must be in [1, 62]")
     half = np.left_shift(np.int64(1), shift - 1)
-    product = acc * multiplier
-    rounded = np.right_shift(product + half, shift)
-    tie = np.bitwise_and(product, 2 * half - 1) == half
-    return rounded - (tie & (np.bitwise_and(rounded, 1) == 1))
+    mask = 2 * half - 1
+    total = acc * multiplier
+    total += half
+    # acc * M is an exact tie iff (acc * M + half) is a multiple of 2**s
+    tie = np.bitwise_and(total, mask) == 0
+    total >>= shift
+    total -= tie & (np.bitwise_and(total, 1) == 1)
+    return total
 
 
 def saturate(values: np.ndarray, lo: int, hi: int, dtype: str | np.dtype) -> np.ndarray:
