@@ -63,8 +63,8 @@ def render_report(plan: QuantPlan) -> str:
 
     sqnr = fidelity.get("tensor_sqnr_db", {}) if fidelity else {}
     lines += ["## Layers", "",
-              "SQNR is of the layer's quantized output against float, accumulated over the "
-              "calibration data (- where the output stays float).", ""]
+              f"SQNR is of the layer's quantized output against float, accumulated over "
+              f"{fidelity.get('tensor_sqnr_samples', 'the')} calibration samples (- where the output stays float).", ""]
     rows = []
     for layer in plan.layers.values():
         tensor_sqnr = sqnr.get(layer.info.get("output", layer.outputs[0]))
