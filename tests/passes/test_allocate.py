@@ -301,3 +301,34 @@ def test_apply_allocation_records_the_choice_and_why_in_the_plan():
     assert restored.layers["Conv_0"].w_bits == 8 and restored.layers["Conv_0"].info["pinned"] == [8, None]
     assert restored.budget == {"size_fraction": 0.8}
     assert restored.totals["allocation"]["totals"]["size_fraction"] <= 0.8
+
+
+@pytest.mark.parametrize("which", ["tiny", "bundled"])
+def test_sram_peak_equals_the_mcu_arena_for_the_same_plan(which):
+    """The ILP's planned peak is the arena targets/mcu/memory.py allocates for the chosen plan."""
+    memory = pytest.importorskip("targets.mcu.memory")
+    from passes.canonicalize import canonicalize
+    from passes.insert_qdq import quantize_model, tensors_to_calibrate
+    from passes.integerize import integerize
+    from passes.select_layers import select_layers
+
+    if which == "tiny":
+        model = _tiny_cnn()
+    else:
+        from models import bundled
+
+        model = canonicalize(onnx.load(str(bundled.model_path())))
+    rng = np.random.default_rng(0)
+    names = list(select_layers(model, integer_only=True).layers)
+    sensitivity = {name: {(w, a): float(rng.uniform(0.5, 1)) * (16 / a) * (8 / (w or 8)) for w in (4, 8, None)
+                          for a in (8, 16)} for name in names}
+    problem = al.problem_from_model(model, select_layers(model, integer_only=True), mcu_cost_model("cortex-m4"),
+                                    sensitivity=sensitivity, w_bits=(4, 8), a_bits=(8, 16), integer_only=True)
+    widest = al.uniform(problem, 8, 16).totals["sram_bytes"]
+    for fraction in (1.0, 0.7):
+        plan = select_layers(model, integer_only=True)
+        result = al.allocate(problem, {"sram_bytes": fraction * widest})
+        al.apply_allocation(plan, problem, result)
+        ranges = {name: (-1.0, 1.0) for name in tensors_to_calibrate(model, plan, integer_only=True)}
+        arena = memory.plan_memory(integerize(quantize_model(model, plan, ranges, integer_only=True)))
+        assert result.totals["sram_bytes"] == arena.peak_live_bytes == arena.arena_bytes
