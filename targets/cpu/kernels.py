@@ -457,6 +457,58 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
     return depthwise
 
 
+def maxpool_kernel(g: ConvGeometry, x_dtype: str) -> tvm.tirx.PrimFunc:
+    """ONNX MaxPool (2-D, NCHW, uint8/int8): the depthwise kernel's phase planes with max.
+
+    Padding holds the dtype's minimum (0 in the uint8 view), so it never wins, as in
+    ONNX. Parameters: ``x [N,C,H,W]``, ``y [N,C,Ho,Wo]`` of the same dtype.
+    """
+    signed = x_dtype == "int8"
+    low = tirx.const(0, "uint8")  # the dtype's minimum in the uint8 view
+    N, C, H, W = g.batch, g.in_channels, g.height, g.width
+    KH, KW = g.kernel
+    (sh, sw), (dh, dw) = g.strides, g.dilations
+    Ho, Wo = g.out_height, g.out_width
+    PW = Wo + (KW - 1) * dw // sw
+    NVR = math.ceil(Wo / LANES)
+    pp = phase_planes(g, (Ho - 1) * PW + NVR * LANES)
+    NPH, L = pp.phases, pp.plane_len
+    channel_loop = _loop(C * H * W, MIN_PARALLEL_BYTES)
+
+    def plane_base(c, a, b):
+        return (c * NPH + a * sw + b) * L
+
+    def back(value):
+        """uint8 view -> the tensor's dtype."""
+        return _as_u8(value, signed) if not signed else tirx.reinterpret(
+            f"int8x{_lanes(value)}" if _lanes(value) > 1 else "int8", _as_u8(value, True))
+
+    @T.prim_func
+    def maxpool(x: T.Buffer((N, C, H, W), x_dtype), y: T.Buffer((N, C, Ho, Wo), x_dtype)):
+        T.func_attr({"tirx.noalias": True})
+        xq = T.alloc_buffer((C * NPH * L,), "uint8")
+        for n in range(N):
+            for c in channel_loop(C):
+                _emit_pack(xq, x, n, c, g, pp, low, signed, False)
+                for oh in range(Ho):
+                    acc = T.alloc_buffer((NVR * LANES,), "uint8", scope="local")
+                    for v in T.unroll(NVR):
+                        acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(low, LANES)
+                    for kh, kw in T.grid(KH, KW):
+                        for v in T.unroll(NVR):
+                            acc[T.ramp(v * LANES, 1, LANES)] = T.max(
+                                acc[T.ramp(v * LANES, 1, LANES)],
+                                xq[T.ramp(
+                                    plane_base(c, (kh * dh) % sh, (kw * dw) % sw)
+                                    + (oh + (kh * dh) // sh) * PW + (kw * dw) // sw + v * LANES, 1, LANES)])
+                    for v in T.unroll(Wo // LANES):
+                        y[n, c, oh, T.ramp(v * LANES, 1, LANES)] = back(acc[T.ramp(v * LANES, 1, LANES)])
+                    for lane in range(Wo % LANES):
+                        y[n, c, oh, Wo // LANES * LANES + lane] = back(acc[Wo // LANES * LANES + lane])
+
+    return maxpool
+
+
 def gemm_kernel(
     batch: int, k: int, m: int, x_dtype: str, rq: Requant, vectors: int | None = None
 ) -> tuple[tvm.tirx.PrimFunc, int]:

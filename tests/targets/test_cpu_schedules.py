@@ -125,10 +125,12 @@ CONV_CASES = [
     ((1, 16, 10, 10), (32, 16, 1, 1), dict(strides=(2, 2)), "conv_dense"),  # 1x1 downsample
     ((1, 10, 9, 11), (6, 10, 3, 3), dict(dilations=(2, 2), pads=(2, 1, 2, 0)), "conv_dense"),  # dilation, asym pads
     ((2, 8, 6, 6), (8, 8, 3, 3), dict(pads=(1, 1, 1, 1)), "conv_dense"),  # batch 2
+    ((1, 8, 14, 13), (8, 8, 3, 5), dict(strides=(3, 2), pads=(1, 2, 0, 1)), "conv_dense"),  # 9 -> 6 phases
     ((1, 32, 20, 20), (32, 1, 3, 3), dict(group=32, pads=(1, 1, 1, 1)), "conv_depthwise"),
     ((1, 24, 21, 21), (24, 1, 3, 3), dict(group=24, strides=(2, 2), pads=(1, 1, 1, 1)), "conv_depthwise"),
     ((1, 16, 9, 9), (16, 1, 5, 5), dict(group=16, pads=(2, 2, 2, 2)), "conv_depthwise"),
     ((1, 8, 7, 7), (8, 1, 3, 3), dict(group=8), "conv_depthwise"),  # no padding
+    ((1, 8, 16, 16), (8, 1, 3, 3), dict(group=8, strides=(3, 3), pads=(1, 1, 1, 1)), "conv_depthwise"),
     # Big enough for the parallel loops (pack, tiles, compaction; depthwise channels).
     ((1, 32, 48, 48), (32, 32, 3, 3), dict(pads=(1, 1, 1, 1)), "conv_dense"),
     ((1, 64, 28, 28), (64, 1, 3, 3), dict(group=64, pads=(1, 1, 1, 1)), "conv_depthwise"),
@@ -158,6 +160,9 @@ def test_uncovered_nodes_fall_back_to_generic():
     assert schedules.schedule_for(node, [x.shape], attrs, {"w": w, "b": bias}, ["uint8"]) is None
     # weight not a constant
     assert schedules.schedule_for(node, [x.shape], attrs, {}, ["uint8"]) is None
+    # strides above 3 (phase planes are not worth it)
+    node, x, w, bias, attrs = _case(rng, "QConv", (1, 8, 16, 16), (8, 8, 4, 4), "uint8", "uint8", True, strides=(4, 4))
+    assert schedules.schedule_for(node, [x.shape], attrs, {"w": w, "b": bias}, ["uint8"]) is None
     # QAdd has no kernel here
     add = onnx.helper.make_node("QAdd", ["a", "b"], ["y"], domain="edgeq")
     assert schedules.schedule_for(add, [(1, 4), (1, 4)], {}, {}, ["uint8", "uint8"]) is None
@@ -178,3 +183,28 @@ def test_quantize_edge_matches_quantize_linear(dtype, zero_point, qmin, qmax):
     assert kernel is not None and kernel.variant == "quantize" and kernel.out_shape == x.shape
     got = schedules.run_kernel(schedules.build_kernel(kernel), kernel, x)
     np.testing.assert_array_equal(got, quantize_linear(x, scale, zero_point, qmin, qmax, dtype))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("shape, attrs", [
+    ((1, 8, 23, 23), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),  # ResNet stem pool
+    ((1, 4, 12, 17), dict(kernel_shape=[2, 2], strides=[2, 2])),
+    ((2, 3, 9, 9), dict(kernel_shape=[3, 2], strides=[1, 1], pads=[1, 0, 1, 1], dilations=[1, 2])),
+    ((1, 64, 40, 40), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),  # parallel
+])
+def test_maxpool_kernel_matches_onnxruntime(dtype, shape, attrs):
+    import onnxruntime as ort
+
+    info = np.iinfo(dtype)
+    x = np.random.default_rng(3).integers(info.min, info.max + 1, shape).astype(dtype)
+    node = onnx.helper.make_node("MaxPool", ["x"], ["y"], **attrs)
+    kernel = schedules.schedule_for(node, [x.shape], None, {}, [dtype])
+    assert kernel is not None and kernel.variant == "maxpool"
+    got = schedules.run_kernel(schedules.build_kernel(kernel), kernel, x)
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = onnx.helper.make_graph([node], "pool", [onnx.helper.make_tensor_value_info("x", elem, shape)],
+                                   [onnx.helper.make_tensor_value_info("y", elem, None)])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, ref)
