@@ -93,7 +93,10 @@ def c_name(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
-MAX_WINDOW_BYTES = 4096  # largest per-pixel input window kept on the stack
+# TVM's LowerTVMBuiltin keeps a constant-size CPU allocation on the stack only up to
+# runtime::kMaxStackAlloca (include/tvm/runtime/device_api.h) bytes; anything larger
+# becomes a TVMBackendAllocWorkspace call, which the MCU runtime does not provide.
+MAX_WINDOW_BYTES = 1024
 
 
 def schedule_for_mcu(func):
@@ -105,14 +108,19 @@ def schedule_for_mcu(func):
     block -> reduction block -> NCHW epilogue) walks output pixels, copies the
     padded input window of one pixel (C x kh x kw bytes) into a small stack
     buffer, then runs every output channel's dot product over it as one fused
-    loop with a scalar accumulator. Anything else gets
-    :func:`_scalar_schedule`. Both only reorder work: results are unchanged.
+    loop with a scalar accumulator. Where that window would pass TVM's stack
+    limit (:data:`MAX_WINDOW_BYTES`) the window is taken per output pixel *and
+    channel* instead: for depthwise/grouped convolutions that is just the
+    group's C/g x kh x kw inputs (wide depthwise layers, e.g. MobileNet's 128 or
+    256 channels x 3 x 3). Anything else gets :func:`_scalar_schedule`. All
+    three only reorder work: results are unchanged.
     """
-    try:
-        return _pixel_window_schedule(func)
-    except Exception as error:  # noqa: BLE001 -- TVM raises its own error types; fall back
-        log.debug("pixel-window schedule does not apply (%s); scalar schedule",
-                  str(error).splitlines()[0] if str(error) else type(error).__name__)
+    for per_channel in (False, True):
+        try:
+            return _pixel_window_schedule(func, per_channel)
+        except Exception as error:  # noqa: BLE001 -- TVM raises its own error types; fall back
+            log.debug("pixel-window schedule (per_channel=%s) does not apply (%s)", per_channel,
+                      str(error).splitlines()[0] if str(error) else type(error).__name__)
     return _scalar_schedule(func)
 
 
@@ -120,7 +128,9 @@ def _is_reduction(sch, block) -> bool:
     return any(int(var.iter_type) == 2 for var in sch.get(block).iter_vars)  # CommReduce
 
 
-def _pixel_window_schedule(func):
+def _pixel_window_schedule(func, per_channel: bool = False):
+    """Output loops n, h, w, c; the padded input window is copied under w (shared by
+    all output channels) or, with ``per_channel``, under c (what one channel reads)."""
     import tvm
 
     sch = tvm.s_tir.Schedule(func)
@@ -140,12 +150,16 @@ def _pixel_window_schedule(func):
     sch.reorder(n, h, w, c)
     sch.compute_at(reduction, c)
     if pad is not None:
-        sch.compute_at(pad, w)
-        window = sch.get(pad).writes[0]
+        at = c if per_channel else w
+        sch.compute_at(pad, at)
+        # the window is what the loops under ``at`` write (the block's own write
+        # region is one element: it is in terms of the block's iteration variables)
+        depth = 4 if per_channel else 3  # n, h, w(, c) are shared with the output block
         extent = 1
-        for rng in window.region:
-            extent *= int(rng.extent)
-        if extent * tvm.DataType(str(window.source.dtype)).bits // 8 > MAX_WINDOW_BYTES:
+        for loop in sch.get_loops(pad)[depth:]:
+            extent *= int(sch.get(loop).extent)
+        dtype = sch.get(pad).writes[0].source.dtype
+        if extent * tvm.DataType(str(dtype)).bits // 8 > MAX_WINDOW_BYTES:
             raise ValueError(f"window of {extent} elements is too big for the stack")
     reduce_loops = sch.get_loops(reduction)[len(sch.get_loops(output)):]
     fused = sch.fuse(*reduce_loops) if len(reduce_loops) > 1 else reduce_loops[0]

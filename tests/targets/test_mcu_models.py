@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from compiler.errors import EdgeqError
 from targets.mcu import PROJECT_DIR, TARGET
 
 pytestmark = [
@@ -35,15 +34,7 @@ def _bench_mcu():
     return module
 
 
-VWW_BLOCKED = pytest.mark.xfail(
-    strict=True, raises=EdgeqError,
-    reason="integerize: conv2d_5 has a dead output channel (weight scale 1.2e-18 after BN folding), "
-           "so its int32 bias saturates and the folded bias overflows; needs a weight-scale floor in QDQ insertion",
-)
-
-
-@pytest.mark.parametrize("name", ["resnet8", "dscnn", pytest.param("mobilenetv1_vww", marks=VWW_BLOCKED),
-                                  "anomaly_ae"])
+@pytest.mark.parametrize("name", ["resnet8", "dscnn", "mobilenetv1_vww", "anomaly_ae"])
 def test_mlperf_tiny_bit_exact_in_qemu(name: str, tmp_path) -> None:
     bench = _bench_mcu()
     out_dir, inputs, _ = bench.compile_mlperf(name, tmp_path)

@@ -133,7 +133,14 @@ def _concat_reshape():
     return b.model(b.simple("Reshape", [t, "shape"]))
 
 
-@pytest.mark.parametrize("make", [_conv_chain, _residual, _concat_reshape], ids=lambda f: f.__name__.strip("_"))
+def _wide_depthwise():
+    """A depthwise conv whose all-channel window (128 x 3 x 3 bytes) passes TVM's 1024-byte stack limit."""
+    b = _Builder([1, 128, 5, 5], seed=3)
+    return b.model(b.conv("x_q", 128, 128, 3, pad=1, group=128, x_zp=-5, relu=True))
+
+
+@pytest.mark.parametrize("make", [_conv_chain, _residual, _concat_reshape, _wide_depthwise],
+                         ids=lambda f: f.__name__.strip("_"))
 def test_bit_exact_in_qemu(make, tmp_path) -> None:
     pytest.importorskip("targets.tvm_ops", reason="targets.tvm_ops (the integer ops' TE definitions) not there yet")
     model = make()
@@ -159,3 +166,18 @@ def test_conv_kernel_uses_a_pixel_window() -> None:
     source = build_kernels_c([Kernel("k_conv", func, list(args), dict(constants))])
     assert "pad_ptr[27]" in source  # 3 input channels x 3 x 3
     assert "_fused < 27;" in source
+
+
+def test_wide_depthwise_conv_uses_a_per_channel_window() -> None:
+    """Past TVM's stack limit the window is taken per output channel: 3 x 3 bytes, no workspace call."""
+    tvm_ops = pytest.importorskip("targets.tvm_ops", reason="targets.tvm_ops not there yet")
+    from targets.mcu.codegen import MAX_WINDOW_BYTES, WORKSPACE_CALLS, Kernel, build_kernels_c
+
+    model = _wide_depthwise()
+    assert 128 * 3 * 3 > MAX_WINDOW_BYTES
+    types = tvm_ops.tensor_types(model)
+    conv = next(node for node in model.graph.node if node.op_type == "QConv")
+    func, args, constants = tvm_ops.node_primfunc(model, conv, types)
+    source = build_kernels_c([Kernel("k_dw", func, list(args), dict(constants))])
+    assert "pad_ptr[9]" in source
+    assert not any(call in source for call in WORKSPACE_CALLS)
