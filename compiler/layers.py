@@ -57,7 +57,7 @@ def fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] 
     return fixed
 
 
-def _shapes_by_running(model: onnx.ModelProto, names: set[str]) -> dict[str, list[int]]:
+def shapes_by_running(model: onnx.ModelProto, names: set[str]) -> dict[str, list[int]]:
     """Shapes of ``names`` from one onnxruntime run of ``model`` on zeros."""
     import onnxruntime as ort
 
@@ -100,7 +100,7 @@ def layer_shapes(
     needed = {name for node in selected for name in [*node.input, *node.output] if name}
     unknown = {name for name in needed if not _concrete(shapes.get(name))}
     if unknown:
-        shapes.update(_shapes_by_running(fixed, unknown))
+        shapes.update(shapes_by_running(fixed, unknown))
     return {node.name: _layer_shape(fixed, node, shapes) for node in selected}
 
 

@@ -754,7 +754,7 @@ def execution_buffers(model, plan, *, integer_only: bool = False) -> tuple[list[
     import onnx
 
     from compiler.graph import graph_input_names, graph_output_names, value_shapes
-    from compiler.layers import fix_input_shapes
+    from compiler.layers import fix_input_shapes, shapes_by_running
     from passes.insert_qdq import _fused_activation, activation_groups
 
     fused_nodes = {}
@@ -803,14 +803,17 @@ def execution_buffers(model, plan, *, integer_only: bool = False) -> tuple[list[
                 if layer.node not in group_readers[group_of[name]]:
                     group_readers[group_of[name]].append(layer.node)
 
-    shapes = value_shapes(onnx.shape_inference.infer_shapes(fix_input_shapes(model), data_prop=True))
+    fixed_model = fix_input_shapes(model)
+    shapes = value_shapes(onnx.shape_inference.infer_shapes(fixed_model, data_prop=True))
+    unknown = {name for name in step_of_tensor
+               if name not in fused_raw and not all(isinstance(d, int) for d in shapes.get(name) or [None])}
+    if unknown:  # shape inference left them open: one onnxruntime run on zeros sizes them
+        shapes.update(shapes_by_running(fixed_model, unknown))
     buffers = []
     for name, first in step_of_tensor.items():
         if name in fused_raw:
             continue
-        shape = shapes.get(name)
-        if not shape or not all(isinstance(dim, int) for dim in shape):
-            raise EdgeqError(f"cannot size activation '{name}' for the SRAM budget: its shape is unknown")
+        shape = shapes[name]
         group = group_of.get(name)
         readers = group_readers.get(group, []) if group is not None else []
         fixed_bits = groups[group].bits if group is not None else FLOAT_BITS
