@@ -6,7 +6,7 @@ out of the activation and into the weights:
 
     X W + b  =  ((X - z) / s) (diag(s) W)  +  (b + z W)
 
-``z_j = (max_j + min_j) / 2`` centres each channel (OS+), and
+``z_j = (max_j + min_j) / 2`` centres each channel (OS+, with ``shift=True``), and
 ``s_j = max|X_j - z_j|^a / max_l max|W_l[j, :]|^(1-a)`` (SmoothQuant) evens the
 channel ranges so a per-tensor activation quantizer loses less.  The strength
 ``a`` is searched per activation on calibration rows: each candidate (and "no
@@ -247,13 +247,18 @@ def smooth(
     *,
     alpha: float | None = None,
     alphas=DEFAULT_ALPHAS,
-    shift: bool = True,
+    shift: bool = False,
     w_bits: int = 8,
     a_bits: int = 8,
     max_rows: int = 2048,
     batch_size: int = 32,
 ) -> onnx.ModelProto:
-    """Smooth (and shift) every MatMul/Gemm input where it lowers the estimated quantization error.
+    """Smooth (and, with ``shift``, OS+-shift) every MatMul/Gemm input where it lowers the estimated error.
+
+    ``shift`` is off by default: on MiniLM W8A8 through the pipeline, smoothing
+    alone gave embedding cosine 0.9952 and smoothing + shift 0.9879 (the
+    range-midpoint shift moves the bulk of skewed channels, e.g. GELU outputs,
+    away from each other, which a per-tensor MSE-clipped quantizer handles worse).
 
     ``alpha``: a fixed strength for every activation (no search); default: searched
     per activation over ``alphas`` (and "leave alone") at ``w_bits``/``a_bits``.

@@ -53,11 +53,13 @@ CONFIGS = {
     "transformer": {
         "none": [],
         "smooth": ["smooth"],
+        "smooth + OS+ shift": [("smooth", {"shift": True})],
         "rotate": [("rotate", {"online": True})],
         "rotate (folded only)": ["rotate"],
         "rotate + smooth": [("rotate", {"online": True}), "smooth"],
         "gptq": [GPTQ],
         "smooth + gptq": ["smooth", GPTQ],
+        "rotate + smooth + gptq": [("rotate", {"online": True}), "smooth", GPTQ],
         "full (transformer recipe)": "transformer",
     },
 }
@@ -142,7 +144,7 @@ def bench_model(case: Case, bits_list: list[str], only: list[str] | None, work: 
     for bits in bits_list:
         rows = []
         for name, steps in configs.items():
-            if only and name not in only and name.split(" ")[0] not in only:
+            if only and name not in only:
                 continue
             recipe_path = work / f"{case.name}_{bits}_{len(rows)}.toml"
             recipe_path.write_text(recipe_text(name, steps))
@@ -207,7 +209,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["fashion_cnn", "mobilenetv2", "efficientnet_lite0", "minilm"])
     parser.add_argument("--bits", nargs="+", default=["w8a8", "w4a8"])
-    parser.add_argument("--configs", nargs="+", default=None, help="config names (first word is enough); "
+    parser.add_argument("--configs", nargs="+", default=None, help="config names as in CONFIGS; "
                         "'onnxruntime' for the onnxruntime rows")
     parser.add_argument("--no-ort", action="store_true", help="skip the onnxruntime rows")
     parser.add_argument("--calib-samples", type=int, default=64)

@@ -10,10 +10,11 @@ from passes.smooth import choose_strength, smooth
 from tests.passes.tiny_models import max_rel_error, mlp_block, mlp_data, run
 
 
+@pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("residual", ["ln", "x"])
-def test_smoothing_preserves_function(residual):
+def test_smoothing_preserves_function(residual, shift):
     model, data = mlp_block(residual=residual), mlp_data(count=32)
-    result = smooth(model, data)
+    result = smooth(model, data, shift=shift)
     assert max_rel_error(run(model, data), run(result, data)) <= 1e-4
     report = {entry["tensor"]: entry for entry in applied_transforms(result)[0]["groups"]}
     assert "ln" in report and report["ln"]["error_after"] < 0.5 * report["ln"]["error_before"]
