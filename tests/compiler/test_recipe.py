@@ -23,11 +23,11 @@ from tests.passes.tiny_models import (
 
 
 def test_bundled_recipes_load_and_validate():
-    assert {"cnn", "transformer", "transformer_rotate", "none", "default"} <= set(available_recipes())
+    assert {"cnn", "cnn_equalize", "transformer", "transformer_rotate", "none", "default"} <= set(available_recipes())
     for name in available_recipes():
         recipe = load_recipe(name)
         assert recipe.name == name
-    cnn = load_recipe("cnn")
+    cnn = load_recipe("cnn_equalize")
     assert [step.pass_name for step in cnn.steps] == ["equalize", "gptq", "bias_correction"]
     assert cnn.to_dict()["steps"][1]["max_w_bits"] == 4
 
@@ -59,12 +59,12 @@ def test_bad_recipes_are_user_errors(tmp_path, text, message):
 
 def test_recipe_runs_and_is_recorded(tmp_path):
     model, data = conv_net(), conv_data()
-    recipe = load_recipe("cnn")
+    recipe = load_recipe("cnn_equalize")
     transformed = apply_transforms(recipe, model, data, w_bits=4)
     assert max_rel_error(run(model, data), run(transformed, data)) <= 1e-4
     plan = QuantPlan(w_bits=4)
     rounded, plan = apply_rounding(recipe, transformed, plan, data, progress=False)
-    assert plan.recipe["name"] == "cnn" and plan.tensors  # gptq recorded the weight grids
+    assert plan.recipe["name"] == "cnn_equalize" and plan.tensors  # gptq recorded the weight grids
     plan8 = QuantPlan(w_bits=8)
     _, plan8 = apply_rounding(recipe, transformed, plan8, data, progress=False)
     assert not plan8.tensors  # gptq is for <= 4-bit weights only
