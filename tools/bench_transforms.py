@@ -148,7 +148,7 @@ def bench_model(case: Case, bits_list: list[str], only: list[str] | None, work: 
                 continue
             recipe_path = work / f"{case.name}_{bits}_{len(rows)}.toml"
             recipe_path.write_text(recipe_text(name, steps))
-            load_recipe(str(recipe_path))  # validate before spending minutes
+            recipe = load_recipe(str(recipe_path))  # validate before spending minutes
             start = time.perf_counter()
             try:
                 compiled = compile_model(CompileOptions(
@@ -160,7 +160,8 @@ def bench_model(case: Case, bits_list: list[str], only: list[str] | None, work: 
                 print(f"   {bits} {name}: FAILED {error}", file=sys.stderr, flush=True)
                 continue
             quantized = run_model(compiled.qdq_model, eval_inputs)[output]
-            row = {"config": name, **score(case, reference, quantized, labels),
+            row = {"config": name, "steps": [step.pass_name for step in recipe.steps],
+                   **score(case, reference, quantized, labels),
                    "seconds": round(time.perf_counter() - start, 1),
                    "transform_s": round(compiled.timings.get("transforms", 0.0), 1),
                    "rounding_s": round(compiled.timings.get("rounding", 0.0), 1)}
@@ -191,7 +192,7 @@ def write_markdown(results: list[dict], path: Path, command: str) -> None:
             lines.append(f"Float accuracy: {result['float']['accuracy']:.4f}.")
         lines.append("")
         for bits, rows in result["bits"].items():
-            metrics = next(([k for k in row if k not in ("config", "seconds", "transform_s", "rounding_s")]
+            metrics = next(([k for k in row if k not in ("config", "steps", "seconds", "transform_s", "rounding_s")]
                             for row in rows if "error" not in row), [])
             lines += [f"**{bits.upper()}**", "", "| config | " + " | ".join(metrics) + " | compile s (transforms / rounding) |",
                       "|---|" + "---|" * (len(metrics) + 1)]
