@@ -46,6 +46,13 @@ def quantize(model: onnx.ModelProto, calib: np.ndarray, name: str) -> onnx.Model
     return quantize_qdq(model, [{name: calib[i:i + 1]} for i in range(0, len(calib), step)])
 
 
+def e2e_scale(int_model: onnx.ModelProto) -> float:
+    """Quantization step of the (first) output."""
+    from compiler.graph import attribute
+
+    return next(attribute(n, "scale") for n in int_model.graph.node if n.op_type == "Dequantize")
+
+
 def top1(logits: np.ndarray) -> np.ndarray:
     return logits.reshape(len(logits), -1).argmax(axis=1)
 
@@ -78,6 +85,18 @@ def measure(model_name: str, repeat: int, triple: str | None) -> dict:
     ours = next(iter(run_integer_graph(int_model, {name: evals[:count]}).values()))
     ort_qdq = np.concatenate([qdq_session.run(None, {name: evals[i:i + 1]})[0] for i in range(count)])
     ort_float = np.concatenate([float_session.run(None, {name: evals[i:i + 1]})[0] for i in range(count)])
+    # Baseline for the end-to-end numbers: onnxruntime against itself with ONE input pixel moved
+    # by one quantization step (as much as one rounding difference at the input quantizer).
+    input_q = next(n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == name)
+    step = float(onnx.numpy_helper.to_array(next(i for i in qdq.graph.initializer if i.name == input_q.input[1])))
+    nudged = evals[:count].copy()
+    nudged[:, 0, nudged.shape[2] // 2, nudged.shape[3] // 2] += step
+    ort_nudged = np.concatenate([qdq_session.run(None, {name: nudged[i:i + 1]})[0] for i in range(count)])
+    out_step = float(e2e_scale(int_model))
+    result["ort_one_pixel_nudge"] = {
+        "fraction": float(np.mean(np.rint(np.abs(ort_nudged - ort_qdq) / out_step) > 0)),
+        "max_lsb": float(np.rint(np.abs(ort_nudged - ort_qdq) / out_step).max()),
+        "top1_agreement": float(np.mean(top1(ort_nudged) == top1(ort_qdq)))}
     result["top1_agreement"] = {"integer_vs_ort_qdq": float(np.mean(top1(ours) == top1(ort_qdq))),
                                 "integer_vs_float": float(np.mean(top1(ours) == top1(ort_float))),
                                 "ort_qdq_vs_float": float(np.mean(top1(ort_qdq) == top1(ort_float))),
@@ -119,6 +138,11 @@ def markdown(result: dict) -> str:
         f"{100 * e2e['fraction']:.1f}% of logits differ from onnxruntime's QDQ run, max {e2e['max_lsb']} LSB "
         "-- the few per-layer rounding differences (float32 requantization in onnxruntime, exact dyadic "
         "here) grow through the network",
+        f"- for scale: onnxruntime against itself, with one input pixel per image moved by one input "
+        f"quantization step: {100 * result['ort_one_pixel_nudge']['fraction']:.1f}% of logits change, max "
+        f"{result['ort_one_pixel_nudge']['max_lsb']:.0f} LSB, top-1 agreement "
+        f"{result['ort_one_pixel_nudge']['top1_agreement']:.3f} -- this quantized model is that sensitive "
+        "to a single rounding",
         f"- top-1 agreement: integer graph vs onnxruntime QDQ {result['top1_agreement']['integer_vs_ort_qdq']:.3f}, "
         f"integer vs float {result['top1_agreement']['integer_vs_float']:.3f}, onnxruntime QDQ vs float "
         f"{result['top1_agreement']['ort_qdq_vs_float']:.3f}",
