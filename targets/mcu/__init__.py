@@ -73,15 +73,17 @@ def dequantize(values: np.ndarray, q: dict) -> np.ndarray:
 # --------------------------------------------------------------------------- kernels
 
 
-def graph_kernels(int_model: onnx.ModelProto, nodes: list[onnx.NodeProto], types: dict) -> list[codegen.Kernel]:
-    """One :class:`codegen.Kernel` per computing node, in ``nodes`` order, from targets.tvm_ops."""
-    from targets import tvm_ops
+def graph_kernels(int_model: onnx.ModelProto, nodes: list[onnx.NodeProto], types: dict,
+                  packed: frozenset[str] = frozenset()) -> list[codegen.Kernel]:
+    """One :class:`codegen.Kernel` per computing node, in ``nodes`` order, from targets.tvm_ops;
+    the weights named in ``packed`` are read as packed int4 (targets.mcu.packing)."""
+    from targets.mcu import packing
 
     kernels = []
     for index, node in enumerate(nodes):
         if node.op_type in ALIAS_OPS:
             continue
-        func, args, *extra = tvm_ops.node_primfunc(int_model, node, types)
+        func, args, *extra = packing.node_primfunc(int_model, node, types, packed)
         symbol = f"k{index}_{codegen.c_name(node.op_type.lower())}"
         kernels.append(codegen.Kernel(symbol, func, list(args), dict(extra[0]) if extra else {}))
     return kernels
@@ -177,10 +179,13 @@ class McuTarget(Target):
 
 def lower_int_model(int_model: onnx.ModelProto, project: Path, build: bool = True) -> list[Path]:
     """Plan, generate and (optionally) build the C project of ``int_model`` in ``project``."""
+    from targets.mcu.packing import packed_weight_names
+
     types = activation_types(int_model)
     plan = plan_memory(int_model, types)
-    kernels = graph_kernels(int_model, ordered_nodes(int_model, plan, types), types)
-    paths = write_and_build(project, int_model, plan, types, kernels, build=build)
+    packed = packed_weight_names(int_model)
+    kernels = graph_kernels(int_model, ordered_nodes(int_model, plan, types), types, packed)
+    paths = write_and_build(project, int_model, plan, types, kernels, build=build, packed=packed)
     onnx.save(int_model, str(project / INT_MODEL_FILE))
     return [*paths, project / INT_MODEL_FILE]
 
@@ -206,14 +211,19 @@ def _load_io(project: Path) -> dict:
 
 
 def write_and_build(project_dir: Path, int_model: onnx.ModelProto, plan: MemoryPlan, types: dict,
-                    kernels: list[codegen.Kernel], build: bool = True) -> list[Path]:
-    """Write the C project (atomically), build it and write memory.json / io.json."""
+                    kernels: list[codegen.Kernel], build: bool = True,
+                    packed: frozenset[str] = frozenset()) -> list[Path]:
+    """Write the C project (atomically), build it and write memory.json / io.json. The
+    weights named in ``packed`` are stored two int4 values per byte (the kernels must
+    come from :func:`graph_kernels` with the same names)."""
+    from targets.mcu.packing import pack_int4
+
     weights = {}
     for kernel in kernels:
         for name in kernel.args:
             value = initializer_array(int_model, name)
             if value is not None:
-                weights[name] = value
+                weights[name] = pack_int4(value) if name in packed else value
     in_node, out_node = _boundary(int_model, "Quantize"), _boundary(int_model, "Dequantize")
     in_shape, in_dtype = types[plan.input_tensor]
     out_shape, out_dtype = types[plan.output_tensor]
@@ -234,14 +244,15 @@ def write_and_build(project_dir: Path, int_model: onnx.ModelProto, plan: MemoryP
     paths += [project_dir / IO_FILE, project_dir / "memory_plan.json"]
     if build:
         qemu.build(project_dir)
-        report = memory_report(project_dir, plan, weights, int_model, kernels)
+        report = memory_report(project_dir, plan, weights, int_model, kernels, packed)
         atomic_write_text(project_dir / MEMORY_FILE, json.dumps(report, indent=2) + "\n")
         paths.append(project_dir / MEMORY_FILE)
     return paths
 
 
 def memory_report(project_dir: Path, plan: MemoryPlan, weights: dict[str, np.ndarray],
-                  int_model: onnx.ModelProto, kernels: list[codegen.Kernel]) -> dict:
+                  int_model: onnx.ModelProto, kernels: list[codegen.Kernel],
+                  packed: frozenset[str] = frozenset()) -> dict:
     """memory.json: flash and RAM of the ARM build, the arena plan, a stack estimate."""
     firmware = qemu.arm_size([project_dir / "firmware.elf"])
     model_objects = [project_dir / "build" / "arm" / name for name in qemu.MODEL_OBJECTS]
@@ -254,9 +265,10 @@ def memory_report(project_dir: Path, plan: MemoryPlan, weights: dict[str, np.nda
         bits = attribute(node, "w_bits")
         if bits is not None and len(node.input) > 1:
             w_bits[node.input[1]] = int(bits)
-    stored = sum(int(v.nbytes) for v in weights.values())
-    packed = sum(
-        (int(v.size) * w_bits[name] + 7) // 8 if name in w_bits else int(v.nbytes) for name, v in weights.items()
+    stored = sum(int(v.nbytes) for v in weights.values())  # packed int4 arrays at their packed size
+    if_packed = sum(
+        int(v.nbytes) if name in packed or name not in w_bits else (int(v.size) * w_bits[name] + 7) // 8
+        for name, v in weights.items()
     )
     return {
         "flash_bytes": firmware["text"] + firmware["data"],
@@ -270,10 +282,11 @@ def memory_report(project_dir: Path, plan: MemoryPlan, weights: dict[str, np.nda
         "stack_bytes_model_run": run_stack,
         "stack_estimate": "gcc -fstack-usage: model_run frame + the largest kernel frame (kernels call nothing)",
         "weight_bytes": stored,
-        "weight_bytes_if_packed": packed,
-        "int4_packed": False,
-        "int4_note": "sub-8-bit weights are stored one value per int8 element (the integer graph's layout); "
-                     "weight_bytes_if_packed is what packing would need",
+        "weight_bytes_if_packed": if_packed,
+        "int4_packed": bool(packed),
+        "int4_weight_tensors": len(packed),
+        "int4_note": "weights with w_bits=4 are stored two per byte (low nibble first) and unpacked in the "
+                     "kernels; weight_bytes_if_packed is the bit-exact size w_bits would allow",
         "kernels": len(kernels),
     }
 

@@ -115,6 +115,7 @@ def schedule_for_mcu(func):
     256 channels x 3 x 3). Anything else gets :func:`_scalar_schedule`. All
     three only reorder work: results are unchanged.
     """
+    func = _inline_weight_views(func)
     for per_channel in (False, True):
         try:
             return _pixel_window_schedule(func, per_channel)
@@ -122,6 +123,20 @@ def schedule_for_mcu(func):
             log.debug("pixel-window schedule (per_channel=%s) does not apply (%s)", per_channel,
                       str(error).splitlines()[0] if str(error) else type(error).__name__)
     return _scalar_schedule(func)
+
+
+def _inline_weight_views(func):
+    """Inline the stages that unpack int4 weights (targets.mcu.packing) into their readers,
+    so the MAC loops read the packed flash bytes and the kernel keeps its usual blocks."""
+    import tvm
+
+    from targets.mcu.packing import UNPACK_BLOCK
+
+    sch = tvm.s_tir.Schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).name_hint.startswith(UNPACK_BLOCK):
+            sch.compute_inline(block)
+    return sch.mod["main"]
 
 
 def _is_reduction(sch, block) -> bool:

@@ -23,6 +23,11 @@ pytestmark = [
 ]
 
 
+def _weight_range(w_bits: int) -> tuple[int, int]:
+    """Symmetric int8 weights use [-127, 127]; int4 ones the full [-8, 7] (both nibble signs)."""
+    return (-127, 127) if w_bits == 8 else (-(2 ** (w_bits - 1)), 2 ** (w_bits - 1) - 1)
+
+
 class _Builder:
     """Integer graph under construction: float input -> Quantize -> ops -> Dequantize."""
 
@@ -44,9 +49,10 @@ class _Builder:
                 "y_zero_point": y_zp, "y_min": y_zp if relu else -128, "y_max": 127, "y_dtype": "int8"}
 
     def conv(self, x: str, channels_in: int, channels_out: int, kernel: int, stride: int = 1, pad: int = 0,
-             group: int = 1, x_zp: int = 3, relu: bool = False) -> str:
+             group: int = 1, x_zp: int = 3, relu: bool = False, w_bits: int = 8) -> str:
         name = self._name("conv")
-        weight = self.rng.integers(-127, 128, (channels_out, channels_in // group, kernel, kernel)).astype(np.int8)
+        low, w_max = _weight_range(w_bits)
+        weight = self.rng.integers(low, w_max + 1, (channels_out, channels_in // group, kernel, kernel)).astype(np.int8)
         bias = self.rng.integers(-500, 500, channels_out).astype(np.int32)
         self.inits += [numpy_helper.from_array(weight, f"{name}_w"), numpy_helper.from_array(bias, f"{name}_b")]
         fan_in = channels_in // group * kernel * kernel
@@ -54,17 +60,18 @@ class _Builder:
         self.nodes.append(helper.make_node(
             "QConv", [x, f"{name}_w", f"{name}_b"], [name], name=name, domain="edgeq",
             kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pad] * 4, dilations=[1, 1],
-            group=group, x_zero_point=x_zp, w_bits=8, **self._requant_attrs(scale, relu)))
+            group=group, x_zero_point=x_zp, w_bits=w_bits, **self._requant_attrs(scale * 127 / w_max, relu)))
         return name
 
-    def gemm(self, x: str, k: int, m: int) -> str:
+    def gemm(self, x: str, k: int, m: int, w_bits: int = 8) -> str:
         name = self._name("fc")
-        weight = self.rng.integers(-127, 128, (k, m)).astype(np.int8)
+        low, w_max = _weight_range(w_bits)
+        weight = self.rng.integers(low, w_max + 1, (k, m)).astype(np.int8)
         bias = self.rng.integers(-500, 500, m).astype(np.int32)
         self.inits += [numpy_helper.from_array(weight, f"{name}_w"), numpy_helper.from_array(bias, f"{name}_b")]
         self.nodes.append(helper.make_node(
             "QGemm", [x, f"{name}_w", f"{name}_b"], [name], name=name, domain="edgeq", x_zero_point=3,
-            w_bits=8, **self._requant_attrs(np.full(m, 1.0 / (120.0 * np.sqrt(k))))))
+            w_bits=w_bits, **self._requant_attrs(np.full(m, 127 / w_max / (120.0 * np.sqrt(k))))))
         return name
 
     def add(self, a: str, b: str) -> str:
@@ -139,7 +146,17 @@ def _wide_depthwise():
     return b.model(b.conv("x_q", 128, 128, 3, pad=1, group=128, x_zp=-5, relu=True))
 
 
-@pytest.mark.parametrize("make", [_conv_chain, _residual, _concat_reshape, _wide_depthwise],
+def _int4_weights():
+    """w_bits=4 conv (odd weight count: a half-used last byte), depthwise conv and gemm: packed in flash."""
+    b = _Builder([1, 3, 7, 7], seed=4)
+    t = b.conv("x_q", 3, 5, 3, pad=1, x_zp=-5, relu=True, w_bits=4)  # 5*3*3*3 = 135 weights
+    t = b.conv(t, 5, 5, 3, stride=2, pad=1, group=5, w_bits=4)
+    t = b.pool("QGlobalAveragePool", t, window=4 * 4)
+    t = b.simple("Flatten", [t], axis=1)
+    return b.model(b.gemm(t, 5, 3, w_bits=4))
+
+
+@pytest.mark.parametrize("make", [_conv_chain, _residual, _concat_reshape, _wide_depthwise, _int4_weights],
                          ids=lambda f: f.__name__.strip("_"))
 def test_bit_exact_in_qemu(make, tmp_path) -> None:
     pytest.importorskip("targets.tvm_ops", reason="targets.tvm_ops (the integer ops' TE definitions) not there yet")
@@ -181,3 +198,28 @@ def test_wide_depthwise_conv_uses_a_per_channel_window() -> None:
     source = build_kernels_c([Kernel("k_dw", func, list(args), dict(constants))])
     assert "pad_ptr[9]" in source
     assert not any(call in source for call in WORKSPACE_CALLS)
+
+
+def test_int4_weights_are_packed_in_flash(tmp_path) -> None:
+    """w_bits=4 weights: two per byte in weights.c, memory.json says so, still bit-exact on the host build."""
+    import json
+
+    pytest.importorskip("targets.tvm_ops", reason="targets.tvm_ops not there yet")
+    from compiler.graph import initializer_array
+    from targets.mcu.packing import pack_int4, unpack_int4
+
+    model = _int4_weights()
+    weights = {n.input[1]: initializer_array(model, n.input[1]) for n in model.graph.node if n.op_type in ("QConv", "QGemm")}
+    for value in weights.values():
+        np.testing.assert_array_equal(unpack_int4(pack_int4(value), value.shape), value)
+    lower_int_model(model, tmp_path / "mcu")
+    memory = json.loads((tmp_path / "mcu" / "memory.json").read_text())
+    assert memory["int4_packed"] and memory["int4_weight_tensors"] == len(weights)
+    biases = [initializer_array(model, n.input[2]) for n in model.graph.node if n.op_type in ("QConv", "QGemm")]
+    assert memory["weight_bytes"] == sum((v.size + 1) // 2 for v in weights.values()) + sum(b.nbytes for b in biases)
+    source = (tmp_path / "mcu" / "weights.c").read_text()
+    assert "const uint8_t edgeq_w_conv1_w[68]" in source  # 135 int4 values -> 68 bytes
+    x = np.random.default_rng(8).normal(0, 2.5, (2, 3, 7, 7)).astype(np.float32)
+    expected = run_integer_graph_raw(model, {"x": x})["y"]
+    got = TARGET.run_raw(tmp_path, {"x": x}, on="host")
+    np.testing.assert_array_equal(got.reshape(expected.shape), expected)
