@@ -272,7 +272,7 @@ def child(spec_path: Path, threads: int, runs: int, breakdown: bool = False) -> 
                     times[name].append(time.perf_counter() - start)
         results[model_name] = {
             name: {"median_ms": float(np.median(t) * 1e3), "p10_ms": float(np.percentile(t, 10) * 1e3),
-                   "runs": len(t)}
+                   "min_ms": float(np.min(t) * 1e3), "runs": len(t)}
             for name, t in times.items()
         }
         if breakdown and entry.get("edgeq_out"):
@@ -287,7 +287,7 @@ def _ratio(numerator: dict | None, denominator: dict | None) -> str:
     if not numerator or not denominator:
         return "n/a"
     return (f"{numerator['median_ms'] / denominator['median_ms']:.2f}x "
-            f"({numerator['p10_ms'] / denominator['p10_ms']:.2f}x)")
+            f"({numerator['min_ms'] / denominator['min_ms']:.2f}x)")
 
 
 def cpu_name() -> str:
@@ -308,9 +308,10 @@ def write_report(path: Path, prep: dict, timings: dict, runs: int, load: str) ->
         f"`{tvm.target.codegen.llvm_get_system_cpu()}`; onnxruntime {onnxruntime.__version__}, "
         f"apache-tvm {tvm.__version__}. Batch 1, float input to float output for every engine "
         f"(edgeq: numpy quantize of the input + integer library + dequantize). Median of >= {runs} "
-        f"runs after warm-up, engines interleaved in rounds of 10; p10 in brackets. "
-        f"Load average while timing: {load} (shared machine: medians are noisy, p10 is closer to "
-        "the quiet speed). Calibration on random data (timing only).",
+        f"runs after warm-up, engines interleaved in rounds of 10; the minimum in brackets. "
+        f"Load average while timing: {load} on {os.cpu_count()} cores (a shared machine: the medians "
+        "measure the contention as much as the code; the minimum is the closest to the quiet "
+        "speed). Calibration on random data (timing only).",
         "",
         "| model | threads | ORT float | ORT u8s8 QDQ | ORT on edgeq QDQ | edgeq CPU | edgeq core | "
         "edgeq / ORT u8s8 | ORT float / edgeq |",
@@ -318,7 +319,7 @@ def write_report(path: Path, prep: dict, timings: dict, runs: int, load: str) ->
     ]
 
     def cell(entry: dict | None) -> str:
-        return "n/a" if not entry else f"{entry['median_ms']:.2f} ms ({entry['p10_ms']:.2f})"
+        return "n/a" if not entry else f"{entry['median_ms']:.2f} ms ({entry['min_ms']:.2f})"
 
     for model_name in prep:
         for threads in THREADS:
@@ -329,7 +330,7 @@ def write_report(path: Path, prep: dict, timings: dict, runs: int, load: str) ->
             lines.append(f"| {model_name} | {threads} | {cell(ort_f)} | {cell(ort_q)} | "
                          f"{cell(row.get('ort_edgeq_qdq'))} | {cell(edgeq)} | {cell(row.get('edgeq_core'))} | "
                          f"{ratio} | {speedup} |")
-    lines += ["", "Ratios: by median (by p10 in brackets). edgeq core = the integer library alone on an "
+    lines += ["", "Ratios: by median (by minimum in brackets). edgeq core = the integer library alone on an "
               "already-quantized input (the runner quantizes the input and dequantizes the output in numpy).",
               "", "Time per kernel family, each kernel of the integer graph timed alone at 1 thread "
               "(min of 15, microseconds; sums, so caches are warmer than in the whole network):", ""]
