@@ -11,12 +11,13 @@ tool
 3. measures, at 1 and 2 threads, in a fresh process per thread count
    (``TVM_NUM_THREADS`` is read once per process): (a) onnxruntime float,
    (b) onnxruntime on its u8s8 QDQ model, (c) onnxruntime on edgeq's QDQ model,
-   (d) the edgeq library (quantize + integer core + dequantize of one sample).
+   (d) the edgeq library (quantize + integer core + dequantize of one sample), and
+   the integer core alone; at 1 thread also each kernel of the integer graph alone.
 
 Timing: after warm-up, rounds of 10 runs per engine in turn (so every engine
 sees the same background load), at least ``--runs`` runs each; the median per
-run is reported together with the 10th percentile (a hint of the noise: on a
-shared machine the p10 is closer to the quiet speed). Calibration uses random
+run is reported together with the minimum (a hint of the noise: on a shared
+machine the minimum is closer to the quiet speed). Calibration uses random
 normal data (timing does not depend on it); random calibration is noted.
 
     python tools/bench_cpu.py                      # all models, writes BENCHMARKS.cpu.md
