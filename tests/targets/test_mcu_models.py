@@ -45,14 +45,18 @@ def test_mlperf_tiny_bit_exact_in_qemu(name: str, tmp_path) -> None:
     assert memory["stack_bytes_model_run"] > 0
 
 
-def test_bundled_cnn_bit_exact_in_qemu(tmp_path) -> None:
-    """The default job of the README with --target mcu, then every output byte in qemu."""
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8"])
+def test_bundled_cnn_bit_exact_in_qemu(bits: str, tmp_path) -> None:
+    """The default job of the README with --target mcu, then every output byte in qemu; at w4a8
+    the int4 weights are stored packed (two per byte) and unpacked by the kernels."""
     from compiler.pipeline import CompileOptions, compile_model
     from models import bundled
 
     out_dir = tmp_path / "out"
-    compile_model(CompileOptions(target="mcu", device="cortex-m4", out_dir=str(out_dir), progress=False))
+    compile_model(CompileOptions(target="mcu", device="cortex-m4", bits=bits, out_dir=str(out_dir), progress=False))
     inputs, _ = bundled.test_data()
     report = TARGET.verify(out_dir, {k: v[:8] for k, v in inputs.items()}, on="qemu")
     assert report["bit_exact"], report
     assert (out_dir / "verify.json").exists()
+    memory = json.loads((out_dir / PROJECT_DIR / "memory.json").read_text())
+    assert memory["int4_packed"] == (bits == "w4a8")
