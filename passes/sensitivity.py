@@ -204,12 +204,16 @@ def monotone(table: Sensitivity) -> Sensitivity:
     on a few samples can invert two tiny values; left alone, an inversion makes
     the allocator keep a layer at fewer bits although the budget has room. A
     choice gets at least the value of every choice with as many or more bits
-    (weights and activations), plus one part in a million so that, between two
-    choices measured equal, the wider one wins when it fits.
+    (weights and activations), plus a step of one millionth of the table's largest
+    value, so that between two choices measured (nearly) equal the wider one wins
+    when it fits -- far above the ILP solver's tolerances, far below any difference
+    that matters.
     """
     def covers(wide: Choice, narrow: Choice) -> bool:
         return (wide[0] or 0) >= (narrow[0] or 0) and wide[1] >= narrow[1] and wide != narrow
 
+    largest = max((v for values in table.values() for v in values.values()), default=0.0)
+    step = 1e-6 * largest if largest > 0 else 1e-12
     result: Sensitivity = {}
     for name, values in table.items():
         # widest first, so every wider choice is final before a narrower one reads it
@@ -217,7 +221,7 @@ def monotone(table: Sensitivity) -> Sensitivity:
         fixed: dict[Choice, float] = {}
         for choice in order:
             wider = [fixed[c] for c in fixed if covers(c, choice)]
-            fixed[choice] = max([values[choice], *(v * (1 + 1e-6) + 1e-12 for v in wider)])
+            fixed[choice] = max([values[choice], *(v + step for v in wider)])
         result[name] = {choice: fixed[choice] for choice in values}
     return result
 
