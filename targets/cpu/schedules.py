@@ -260,26 +260,43 @@ def quantize_edge(node: onnx.NodeProto, shape: tuple[int, ...], attrs: dict) -> 
     return ScheduledKernel(func=func, constants=[], out_shape=shape, out_dtype=dtype, variant="quantize")
 
 
+def target_has_vnni(target: tvm.target.Target | dict | None) -> bool:
+    """Whether code for ``target`` may use vpdpbusd (``None``: this machine)."""
+    if target is None:
+        return host_has_vnni()
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    if target.kind.name != "llvm":
+        return False
+    codegen = tvm.target.codegen
+    return bool(codegen.target_has_features("avx512vnni", target)
+                and codegen.target_has_features("avx512bw", target))
+
+
 def schedule_for(
     node: onnx.NodeProto,
     input_shapes: list[tuple[int, ...]],
     attrs: dict | None,
     initializers: dict[str, np.ndarray],
     input_dtypes: list[str] | None = None,
+    target: tvm.target.Target | dict | None = None,
 ) -> ScheduledKernel | None:
     """A hand-written kernel for ``node`` or ``None`` (then the generic compute applies).
 
     ``input_shapes``/``input_dtypes``: of the node's inputs in order (the
     activation first); ``attrs``: the node's attributes as Python values
     (``None``: read them from the node); ``initializers``: constant tensors by
-    name -- the weight and bias must be among them.
+    name -- the weight and bias must be among them. ``target``: what the kernel
+    will be compiled for (``None``: this machine). The VNNI kernels are only
+    returned for x86 targets with AVX-512 VNNI: LLVM aborts the whole process
+    when it meets the x86 intrinsic while compiling for another architecture
+    (e.g. aarch64), so a cross build must ask with its own target.
     """
     attrs = node_attrs(node) if attrs is None else attrs
     if node.op_type == "Quantize":
         return quantize_edge(node, tuple(input_shapes[0]), attrs)
     if node.op_type == "MaxPool":
         return _maxpool_kernel(node, tuple(input_shapes[0]), (input_dtypes or ["uint8"])[0], attrs)
-    if not host_has_vnni():
+    if not target_has_vnni(target):
         return None
     if node.op_type not in ("QConv", "QGemm"):
         return None

@@ -208,3 +208,25 @@ def test_maxpool_kernel_matches_onnxruntime(dtype, shape, attrs):
     model.ir_version = 8
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, ref)
+
+
+def test_cross_targets_get_only_portable_kernels():
+    """The VNNI kernels are x86-only (LLVM aborts on them for aarch64); MaxPool and the
+    Quantize edge are plain TIR and build for aarch64 too."""
+    import tvm
+
+    aarch64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
+    assert not schedules.target_has_vnni(aarch64)
+    assert schedules.target_has_vnni(schedules.host_target())
+    rng = np.random.default_rng(0)
+    node, x, w, bias, attrs = _case(rng, "QConv", (1, 8, 6, 6), (8, 8, 1, 1), "uint8", "uint8", True)
+    constants = {"w": w, "b": bias}
+    assert schedules.schedule_for(node, [x.shape], attrs, constants, ["uint8"], target=aarch64) is None
+    assert schedules.schedule_for(node, [x.shape], attrs, constants, ["uint8"]) is not None
+    pool = onnx.helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    quant = onnx.helper.make_node("Quantize", ["x"], ["y"], domain="edgeq", scale=0.1, y_zero_point=3,
+                                  y_min=0, y_max=255, y_dtype="uint8")
+    for portable, dtype in ((pool, "int8"), (quant, "float32")):
+        kernel = schedules.schedule_for(portable, [(1, 8, 20, 20)], None, {}, [dtype], target=aarch64)
+        assert kernel is not None
+        tvm.tirx.build(kernel.func, target=aarch64)  # object code only: it cannot run here
