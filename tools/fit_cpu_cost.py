@@ -52,7 +52,7 @@ def single_layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, s
     if kind == "gemm":
         weight = rng.standard_normal((cout, cin)).astype(np.float32) / np.sqrt(cin)
         nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="layer", transB=1)]
-        x_shape, y_shape = [1, cin], [1, cout]
+        x_shape, y_shape = ["N", cin], ["N", cout]
     else:
         group = cin if kind == "depthwise" else 1
         weight = rng.standard_normal((cout, cin // group, kernel, kernel)).astype(np.float32)
@@ -61,8 +61,8 @@ def single_layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, s
         nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="layer", group=group,
                                   pads=[pad] * 4),
                  helper.make_node("Relu", ["c"], ["y"], name="relu")]
-        x_shape, y_shape = [1, cin, size, size], [1, cout, size, size]
-    inits = [numpy_helper.from_array(weight, "w"),
+        x_shape, y_shape = ["N", cin, size, size], ["N", cout, size, size]
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "w"),
              numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, "b")]
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], initializer=inits)
@@ -84,7 +84,7 @@ def measure(point, bits: str, repeat: int, work: Path) -> dict:
                                  out_dir=str(out), progress=False))
     build_s = time.perf_counter() - start
     verify = json.loads((out / "verify.json").read_text())
-    x_shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x_shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
     timing = TARGET.benchmark(out, {"x": x}, repeat=repeat)
     shape = layer_shapes(model)["layer"]
@@ -123,12 +123,13 @@ def fit(measurements: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", default="w8a8,w8a16")
+    parser.add_argument("--only", type=int, help="measure only GRID[ONLY] (a quick check)")
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "targets/cpu/cost_table.json")
     args = parser.parse_args()
     measurements = []
     with tempfile.TemporaryDirectory() as tmp:
-        for point in GRID:
+        for point in GRID if args.only is None else [GRID[args.only]]:
             for bits in args.bits.split(","):
                 try:
                     result = measure(point, bits, args.repeat, Path(tmp))

@@ -5,8 +5,11 @@
 
 The coefficients come from ``cost_table.json`` next to this file when it exists:
 tools/fit_cpu_cost.py times the kernels targets/cpu lowers (real TVM builds, a
-grid of layer shapes and bit pairs) and fits the coefficients by least squares,
-recording the host, the date and the fit error in the file. Without a table the
+grid of layer shapes and bit pairs, each verified bit-exact) and fits the
+coefficients by non-negative least squares, recording the host, the date, the
+measurements and the fit error in the file. On the host it was measured on,
+16-bit activations cost 7-60x the time of 8-bit ones (the hand-written VNNI
+schedules are 8-bit only), and 4-bit weights run the 8-bit kernels. Without a table the
 model falls back to an analytic estimate anchored on one measurement in
 DESIGN.md (untuned Relax int8 MobileNetV2, ~300 M MACs in ~80 ms on one thread
 of this host: ~2.7e-10 s/MAC); only the ratios between bit pairs matter to the
@@ -76,8 +79,9 @@ class CpuCostModel(CostModel):
         a = nearest_supported(a_bits, _WIDTHS)
         w = nearest_supported(w_bits, _WIDTHS) if w_bits else a
         key = f"{w},{a}"
-        if key not in pairs:  # a pair the fit did not cover: the closest wider one
-            key = min(pairs, key=lambda k: (tuple(map(int, k.split(","))) < (w, a), k))
+        if key not in pairs:  # a pair the fit did not cover: same activations, widest weights measured
+            same_activations = [k for k in pairs if k.endswith(f",{a}")] or list(pairs)
+            key = max(same_activations, key=lambda k: int(k.split(",")[0]))
         return pairs[key]
 
     def layer_cost(self, layer: LayerShape, w_bits: int | None, a_bits: int) -> LayerCost:
