@@ -112,18 +112,26 @@ def primary(case: Case) -> tuple[str, bool]:
             "embedding": ("cosine", True)}[case.kind]
 
 
-def latency_ms(path: Path, sample: dict[str, np.ndarray], runs: int) -> float:
+def latencies_ms(paths: dict[str, Path], sample: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+    """Median batch-1 latency of each model, the models interleaved run by run.
+
+    Interleaving makes background load hit every model alike, so the ratios
+    stay meaningful on a shared machine.
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(10):
-        session.run(None, sample)
-    times = []
+    sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                for name, path in paths.items()}
+    for session in sessions.values():
+        for _ in range(10):
+            session.run(None, sample)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, sample)
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, sample)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * float(np.median(values)) for name, values in times.items()}
 
 
 def ort_quantize(model_path: Path, calib: dict[str, np.ndarray], out_path: Path, method: str,
@@ -193,9 +201,8 @@ def compare(case: Case, work: Path, runs: int) -> dict:
     result["ort_best"] = best
 
     sample = {name: value[:1] for name, value in eval_inputs.items()}
-    result["latency_ms"] = {"float": latency_ms(model_path, sample, runs),
-                            "ort_best": latency_ms(Path(best["path"]), sample, runs),
-                            "edgeq": latency_ms(edgeq_path, sample, runs)}
+    result["latency_ms"] = latencies_ms({"float": model_path, "ort_best": Path(best["path"]),
+                                         "edgeq": edgeq_path}, sample, runs)
     print(json.dumps(result, indent=1), file=sys.stderr, flush=True)
     return result
 
@@ -208,7 +215,7 @@ def write_markdown(results: list[dict], path: Path, command: str) -> None:
     lines = ["## edgeq vs onnxruntime.quantization (W8A8, QDQ)", "",
              f"Command: `{command}`. Machine: {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores; onnxruntime {ort.__version__}. Latency: batch 1, median of the "
-             "runs given, default threads.", ""]
+             "runs given (the three models interleaved run by run), default threads.", ""]
     for result in results:
         lines += [f"### {result['model']}", "",
                   f"Calibration samples: {result['calib_samples']}; evaluation samples: {result['eval_samples']}; "
@@ -241,6 +248,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         results = [compare(case, Path(tmp), args.runs) for case in cases(args.models, args.calib_samples)]
     write_markdown(results, Path(args.output), command.strip())
+    for result in results:  # temporary paths mean nothing once the run is over
+        for entry in result["ort_all"]:
+            entry.pop("path", None)
     (Path(args.output).with_suffix(".json")).write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
