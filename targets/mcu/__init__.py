@@ -218,12 +218,13 @@ def write_and_build(project_dir: Path, int_model: onnx.ModelProto, plan: MemoryP
     come from :func:`graph_kernels` with the same names)."""
     from targets.mcu.packing import pack_int4
 
+    weight_op = {node.input[1]: node.op_type for node in int_model.graph.node if len(node.input) > 1}
     weights = {}
     for kernel in kernels:
         for name in kernel.args:
             value = initializer_array(int_model, name)
             if value is not None:
-                weights[name] = pack_int4(value) if name in packed else value
+                weights[name] = pack_int4(value, weight_op[name]) if name in packed else value
     in_node, out_node = _boundary(int_model, "Quantize"), _boundary(int_model, "Dequantize")
     in_shape, in_dtype = types[plan.input_tensor]
     out_shape, out_dtype = types[plan.output_tensor]
@@ -285,8 +286,9 @@ def memory_report(project_dir: Path, plan: MemoryPlan, weights: dict[str, np.nda
         "weight_bytes_if_packed": if_packed,
         "int4_packed": bool(packed),
         "int4_weight_tensors": len(packed),
-        "int4_note": "weights with w_bits=4 are stored two per byte (low nibble first) and unpacked in the "
-                     "kernels; weight_bytes_if_packed is the bit-exact size w_bits would allow",
+        "int4_note": "weights with w_bits=4 are stored two per byte (low nibble first, one byte-aligned row "
+                     "per output channel) and unpacked in the kernels' MAC loops; weight_bytes_if_packed is "
+                     "what packing every sub-8-bit weight would store",
         "kernels": len(kernels),
     }
 

@@ -115,35 +115,47 @@ def schedule_for_mcu(func):
     256 channels x 3 x 3). Anything else gets :func:`_scalar_schedule`. All
     three only reorder work: results are unchanged.
     """
-    func = _inline_weight_views(func)
+    func, pairs = _inline_weight_views(func)
     for per_channel in (False, True):
         try:
-            return _pixel_window_schedule(func, per_channel)
+            return _pixel_window_schedule(func, per_channel, pairs)
         except Exception as error:  # noqa: BLE001 -- TVM raises its own error types; fall back
             log.debug("pixel-window schedule (per_channel=%s) does not apply (%s)", per_channel,
                       str(error).splitlines()[0] if str(error) else type(error).__name__)
-    return _scalar_schedule(func)
+    return _scalar_schedule(func, pairs)
 
 
 def _inline_weight_views(func):
     """Inline the stages that unpack int4 weights (targets.mcu.packing) into their readers,
-    so the MAC loops read the packed flash bytes and the kernel keeps its usual blocks."""
+    so the MAC loops read the packed flash bytes and the kernel keeps its usual blocks;
+    returns (func, whether there were any)."""
     import tvm
 
     from targets.mcu.packing import UNPACK_BLOCK
 
     sch = tvm.s_tir.Schedule(func)
+    inlined = False
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         if sch.get(block).name_hint.startswith(UNPACK_BLOCK):
             sch.compute_inline(block)
-    return sch.mod["main"]
+            inlined = True
+    return sch.mod["main"], inlined
+
+
+def _pair_steps(sch, loop):
+    """Split a reduction loop into pairs with an unrolled inner step of 2: with int4 weights
+    packed per output row, step 0 reads a byte's low nibble and step 1 its high one (constant
+    shifts), instead of a shift computed from the index on every MAC. Returns the outer loop."""
+    outer, inner = sch.split(loop, [None, 2])
+    sch.unroll(inner)
+    return outer
 
 
 def _is_reduction(sch, block) -> bool:
     return any(int(var.iter_type) == 2 for var in sch.get(block).iter_vars)  # CommReduce
 
 
-def _pixel_window_schedule(func, per_channel: bool = False):
+def _pixel_window_schedule(func, per_channel: bool = False, pairs: bool = False):
     """Output loops n, h, w, c; the padded input window is copied under w (shared by
     all output channels) or, with ``per_channel``, under c (what one channel reads)."""
     import tvm
@@ -178,11 +190,11 @@ def _pixel_window_schedule(func, per_channel: bool = False):
             raise ValueError(f"window of {extent} elements is too big for the stack")
     reduce_loops = sch.get_loops(reduction)[len(sch.get_loops(output)):]
     fused = sch.fuse(*reduce_loops) if len(reduce_loops) > 1 else reduce_loops[0]
-    sch.decompose_reduction(reduction, fused)
+    sch.decompose_reduction(reduction, _pair_steps(sch, fused) if pairs else fused)
     return sch.mod["main"]
 
 
-def _scalar_schedule(func):
+def _scalar_schedule(func, pairs: bool = False):
     """Fold every intermediate block into the output block's innermost loop: one
     scalar accumulator per output element, padding read through a condition."""
     import tvm
@@ -200,6 +212,9 @@ def _scalar_schedule(func):
             reason = str(inline_error).splitlines()[0] if str(inline_error) else type(inline_error).__name__
             log.debug("block %s is not inlinable (%s); computing it under the output loop", sch.get(block).name_hint, reason)
         sch.compute_at(block, sch.get_loops(output)[-1])
+        if pairs and _is_reduction(sch, block):
+            reduce_loops = sch.get_loops(block)[len(sch.get_loops(output)):]
+            _pair_steps(sch, sch.fuse(*reduce_loops) if len(reduce_loops) > 1 else reduce_loops[0])
     return sch.mod["main"]
 
 

@@ -3,12 +3,14 @@
 The integer graph stores 4-bit weights one value per int8 element (``w_bits=4``
 on the QConv/QGemm that reads them, :mod:`compiler.intgraph`). On the MCU that
 would waste half the flash the mixed-precision plan paid for, so such weights
-are stored as bytes of two values: element ``2k`` in the low nibble of byte
-``k``, element ``2k + 1`` in the high nibble (row-major order of the weight,
-two's complement nibbles). The kernel gets the packed byte array as its weight
-parameter and a TE stage (``unpack_int4``, inlined by the MCU schedule) that
-rebuilds ``w[i]`` from it, so the MAC loops read flash directly; results are
-the same integers as unpacked weights give.
+are stored as bytes of two values, one byte-aligned row per output channel in
+the order the MAC loop reads them (QConv: ``w[o]`` flattened; QGemm: ``w[:, m]``);
+element ``2j`` of a row sits in the low nibble of its byte ``j``, ``2j + 1`` in
+the high nibble (two's complement). The kernel gets the packed bytes as its
+weight parameter and a TE stage (``unpack_int4``) that rebuilds ``w[...]``;
+the MCU schedule (:mod:`targets.mcu.codegen`) inlines it and steps the
+reduction in unrolled pairs, so each byte is read once and split with constant
+shifts. Results are the same integers as unpacked weights give.
 """
 
 from __future__ import annotations
@@ -25,22 +27,42 @@ INT4_MIN, INT4_MAX = -8, 7
 WEIGHTED_OPS = frozenset({"QConv", "QGemm"})
 
 
-def pack_int4(values: np.ndarray) -> np.ndarray:
-    """Row-major int4 values (in [-8, 7], any integer dtype) -> uint8 [ceil(n / 2)]."""
-    flat = np.asarray(values).astype(np.int64).ravel()
-    if flat.size and (flat.min() < INT4_MIN or flat.max() > INT4_MAX):
-        raise ValueError(f"int4 packing needs values in [{INT4_MIN}, {INT4_MAX}], got [{flat.min()}, {flat.max()}]")
-    nibbles = (flat & 0xF).astype(np.uint8)
-    if nibbles.size % 2:
-        nibbles = np.append(nibbles, np.uint8(0))
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+def _row_major(op_type: str, shape: tuple[int, ...]) -> bool:
+    """QConv weights [O, C/g, kh, kw] are already one row per output channel; QGemm's [K, M]
+    are stored transposed ([M, K]) so each output's reduction is contiguous too."""
+    if op_type not in WEIGHTED_OPS or (op_type == "QGemm" and len(shape) != 2):
+        raise ValueError(f"no int4 weight layout for {op_type} weights of shape {list(shape)}")
+    return op_type == "QConv"
 
 
-def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def reduction_rows(op_type: str, values: np.ndarray) -> np.ndarray:
+    """The weight as [outputs, reduction] in the order the kernels' MAC loops read it."""
+    values = np.asarray(values)
+    return values.reshape(values.shape[0], -1) if _row_major(op_type, values.shape) else values.T
+
+
+def pack_int4(values: np.ndarray, op_type: str) -> np.ndarray:
+    """int4 weights (in [-8, 7], any integer dtype) of a QConv/QGemm -> uint8 bytes: one row of
+    ``ceil(K / 2)`` bytes per output (:func:`reduction_rows`), element ``2j`` of a row in the low
+    nibble of its byte ``j``, ``2j + 1`` in the high nibble (an odd row ends with a 0 nibble)."""
+    rows = reduction_rows(op_type, values).astype(np.int64)
+    if rows.size and (rows.min() < INT4_MIN or rows.max() > INT4_MAX):
+        raise ValueError(f"int4 packing needs values in [{INT4_MIN}, {INT4_MAX}], got [{rows.min()}, {rows.max()}]")
+    nibbles = (rows & 0xF).astype(np.uint8)
+    if nibbles.shape[1] % 2:
+        nibbles = np.pad(nibbles, ((0, 0), (0, 1)))
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8).ravel()
+
+
+def unpack_int4(packed: np.ndarray, shape: tuple[int, ...], op_type: str) -> np.ndarray:
     """Inverse of :func:`pack_int4` (int8 of ``shape``)."""
-    size = int(np.prod(shape, dtype=np.int64))
-    nibbles = np.stack([packed & 0xF, packed >> 4], axis=1).ravel()[:size].astype(np.int16)
-    return ((nibbles ^ 8) - 8).astype(np.int8).reshape(shape)
+    row_major = _row_major(op_type, shape)
+    outputs = shape[0] if row_major else shape[1]
+    depth = int(np.prod(shape, dtype=np.int64)) // max(outputs, 1)
+    pairs = np.asarray(packed).reshape(outputs, -1)
+    nibbles = np.stack([pairs & 0xF, pairs >> 4], axis=2).reshape(outputs, -1)[:, :depth].astype(np.int16)
+    rows = ((nibbles ^ 8) - 8).astype(np.int8)
+    return rows.reshape(shape) if row_major else np.ascontiguousarray(rows.T)
 
 
 def packed_weight_names(int_model: onnx.ModelProto) -> frozenset[str]:
@@ -83,17 +105,23 @@ class _PackedWeightBuilder(tvm_ops._Builder):  # noqa: SLF001 -- the same TE ops
         if name not in self.packed:
             return super().tensor(name)
         shape = tuple(int(d) for d in self.const(name).shape)
-        size = int(np.prod(shape, dtype=np.int64))
-        source = te.placeholder(((size + 1) // 2,), "uint8", name=tvm_ops._ident(name))  # noqa: SLF001
+        row_major = _row_major(self.node.op_type, shape)
+        outputs = shape[0] if row_major else shape[1]
+        row_bytes = (int(np.prod(shape, dtype=np.int64)) // outputs + 1) // 2
+        source = te.placeholder((outputs * row_bytes,), "uint8", name=tvm_ops._ident(name))  # noqa: SLF001
         self.params.append(source)
         self.args.append(name)
-        strides = [int(np.prod(shape[axis + 1:], dtype=np.int64)) for axis in range(len(shape))]
+        inner = [int(np.prod(shape[axis + 1:], dtype=np.int64)) for axis in range(1, len(shape))]
         four, eight, low_bits = (tirx.const(v, "int32") for v in (4, 8, 15))
 
         def unpack(*index):
-            flat = sum((i * s for i, s in zip(index, strides, strict=True)), tirx.const(0, "int32"))
-            byte = source[flat // 2].astype("int32")
-            nibble = tirx.bitwise_and(tirx.shift_right(byte, (flat % 2) * four), low_bits)
+            if row_major:  # [O, C/g, kh, kw]: row o, position (c * kh + y) * kw + x
+                row = index[0]
+                k = sum((i * s for i, s in zip(index[1:], inner, strict=True)), tirx.const(0, "int32"))
+            else:  # [K, M]: row m, position k
+                row, k = index[1], index[0]
+            byte = source[row * row_bytes + k // 2].astype("int32")
+            nibble = tirx.bitwise_and(tirx.shift_right(byte, (k % 2) * four), low_bits)
             return (tirx.bitwise_xor(nibble, eight) - eight).astype("int8")  # sign-extend the nibble
 
         return te.compute(shape, unpack, name=UNPACK_BLOCK)

@@ -209,16 +209,21 @@ def test_int4_weights_are_packed_in_flash(tmp_path) -> None:
     from targets.mcu.packing import pack_int4, unpack_int4
 
     model = _int4_weights()
-    weights = {n.input[1]: initializer_array(model, n.input[1]) for n in model.graph.node if n.op_type in ("QConv", "QGemm")}
-    for value in weights.values():
-        np.testing.assert_array_equal(unpack_int4(pack_int4(value), value.shape), value)
+    weighted = [n for n in model.graph.node if n.op_type in ("QConv", "QGemm")]
+    weights = {n.input[1]: initializer_array(model, n.input[1]) for n in weighted}
+    for node in weighted:
+        value = weights[node.input[1]]
+        np.testing.assert_array_equal(unpack_int4(pack_int4(value, node.op_type), value.shape, node.op_type), value)
     lower_int_model(model, tmp_path / "mcu")
     memory = json.loads((tmp_path / "mcu" / "memory.json").read_text())
     assert memory["int4_packed"] and memory["int4_weight_tensors"] == len(weights)
     biases = [initializer_array(model, n.input[2]) for n in model.graph.node if n.op_type in ("QConv", "QGemm")]
-    assert memory["weight_bytes"] == sum((v.size + 1) // 2 for v in weights.values()) + sum(b.nbytes for b in biases)
+    rows = {"conv1_w": (5, 27), "conv2_w": (5, 9), "fc5_w": (3, 5)}  # (outputs, reduction) of each weight
+    assert {name: value.size for name, value in weights.items()} == {k: o * d for k, (o, d) in rows.items()}
+    packed_bytes = sum(outputs * ((depth + 1) // 2) for outputs, depth in rows.values())  # odd rows end in a pad nibble
+    assert memory["weight_bytes"] == packed_bytes + sum(b.nbytes for b in biases)
     source = (tmp_path / "mcu" / "weights.c").read_text()
-    assert "const uint8_t edgeq_w_conv1_w[68]" in source  # 135 int4 values -> 68 bytes
+    assert "const uint8_t edgeq_w_conv1_w[70]" in source  # 5 rows of 27 int4 values -> 5 x 14 bytes
     x = np.random.default_rng(8).normal(0, 2.5, (2, 3, 7, 7)).astype(np.float32)
     expected = run_integer_graph_raw(model, {"x": x})["y"]
     got = TARGET.run_raw(tmp_path, {"x": x}, on="host")
