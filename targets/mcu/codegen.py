@@ -5,7 +5,8 @@ Layout of ``out/mcu/`` (everything a firmware engineer needs, no TVM at run time
 ``model.h``      the one entry point ``model_run`` and the I/O sizes/quantization.
 ``model.c``      the runner: static DLTensor descriptors over one static arena,
                  one call per kernel through TVM's packed C ABI, no malloc.
-``weights.c``    weights/biases as ``const`` arrays (flash).
+``weights.c``    weights/biases as ``const`` arrays (flash); ``w_bits=4`` weights
+                 packed two per byte (:mod:`targets.mcu.packing`).
 ``kernels.c``    the kernels: TVM's C codegen of one PrimFunc per node, scheduled
                  so each keeps only scalar accumulators (no workspace, no big
                  stack arrays), argument asserts off.
