@@ -93,12 +93,18 @@ def _channel_range(weight: np.ndarray, axis: int) -> np.ndarray:
     return np.max(np.abs(weight), axis=axes)
 
 
+DEAD_CHANNEL_FRACTION = 1e-4
+
+
 def equalize_pair(model: onnx.ModelProto, first: LinearLayer, second: LinearLayer) -> float:
     """Equalize one pair in place; returns the largest |log s| applied (0 when converged)."""
     r1 = _channel_range(first.weight_array(model), first.out_axis)
     second_axis = second.out_axis if second.is_depthwise else second.in_axis
     r2 = _channel_range(second.weight_array(model), second_axis)
-    valid = (r1 > 0) & (r2 > 0)
+    # A dead channel (weights ~0, e.g. after BN folding, its bias alone sets the
+    # output) would be scaled by up to 1e6 and blow up the next layer's input
+    # range: channels below DEAD_CHANNEL_FRACTION of their layer's widest keep scale 1.
+    valid = (r1 > DEAD_CHANNEL_FRACTION * r1.max(initial=0.0)) & (r2 > DEAD_CHANNEL_FRACTION * r2.max(initial=0.0))
     scale = np.ones_like(r1, dtype=np.float64)
     scale[valid] = np.sqrt(r1[valid].astype(np.float64) / r2[valid])
     scale = np.clip(scale, 1e-6, 1e6)
