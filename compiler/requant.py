@@ -59,7 +59,8 @@ def dyadic(real: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"requantization scale too large for a dyadic number: {values.max()}")
     tiny = shift > MAX_SHIFT
     if np.any(tiny):
-        capped = np.round(values * 2.0**MAX_SHIFT).astype(np.int64)
+        # Only the tiny values: the large ones would overflow int64 in the cast.
+        capped = np.round(np.where(tiny, values, 0.0) * 2.0**MAX_SHIFT).astype(np.int64)
         multiplier = np.where(tiny, capped, multiplier)
         shift = np.where(tiny, MAX_SHIFT, shift)
     zero = values == 0
