@@ -18,6 +18,7 @@ import onnx
 
 from compiler.budget import format_metric, parse_budget
 from compiler.errors import EdgeqError
+from compiler.pareto_plot import pareto_svg
 from compiler.plan import QuantPlan
 from passes.allocate import (
     Allocation,
@@ -29,20 +30,27 @@ from passes.allocate import (
 )
 from passes.sensitivity import candidate_choices, measured_sensitivity, proxy_sensitivity
 
-DEFAULT_W_BITS = (4, 8)
-DEFAULT_A_BITS = (8,)
+# Candidate bits per target: what its export/lowering can produce and where a
+# choice buys something (FPGA LUTs shrink with narrower activations).
+CANDIDATES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "fpga": ((4, 8), (4, 8)),
+}
+DEFAULT_CANDIDATES = ((4, 8), (8,))
+PARETO_POINTS = 8
 
 
 @dataclass
 class MixedPrecision:
     problem: AllocationProblem
     allocation: Allocation
+    pareto_svg: str | None = None  # the frontier along the budget's first metric, chosen point marked
 
 
 def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
                   device: str | None, *, integer_only: bool, estimate: str = "measured",
-                  w_bits=DEFAULT_W_BITS, a_bits=DEFAULT_A_BITS, max_samples: int = 32) -> AllocationProblem:
+                  max_samples: int = 32) -> AllocationProblem:
     """Sensitivities (measured or proxy) and costs of every candidate of every layer in ``plan``."""
+    w_bits, a_bits = CANDIDATES.get(target.name, DEFAULT_CANDIDATES)
     choices = candidate_choices(plan, w_bits, a_bits)
     measure = measured_sensitivity if estimate == "measured" else proxy_sensitivity
     sensitivity = measure(model, plan, calib, choices, max_samples=max_samples)
@@ -58,8 +66,14 @@ def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     problem = build_problem(model, plan, calib, target, device, integer_only=integer_only, estimate=estimate)
     allocation = allocate(problem, budget)
     apply_allocation(plan, problem, allocation)
-    plan.totals.setdefault("report_sections", {})["Bit allocation"] = allocation_summary(problem, allocation)
-    return MixedPrecision(problem, allocation)
+    metric = _pareto_metric(budget, target.name)
+    points = pareto(problem, metric, PARETO_POINTS)
+    svg = pareto_svg([(point.totals[metric], point.objective) for point in points], metric,
+                     chosen=(allocation.totals[metric], allocation.objective), title=f"Pareto frontier: {metric}")
+    summary = allocation_summary(problem, allocation)
+    summary += f"\n\n![Pareto frontier along {metric}, chosen plan in red](pareto.svg)"
+    plan.totals.setdefault("report_sections", {})["Bit allocation"] = summary
+    return MixedPrecision(problem, allocation, svg)
 
 
 def allocation_summary(problem: AllocationProblem, allocation: Allocation) -> str:
@@ -118,7 +132,9 @@ def allocate_command(args: argparse.Namespace) -> int:
                      "choices": {name: list(choice) for name, choice in point.choices.items()}}
                     for point in points]
             (tmp / "pareto.json").write_text(json.dumps({"metric": metric, "points": rows}, indent=1) + "\n")
-            print(f"{len(points)} Pareto-optimal plans over {metric} written to {out}/pareto.json")
+            (tmp / "pareto.svg").write_text(pareto_svg([(row["budget"], row["sensitivity"]) for row in rows],
+                                                       metric, title=f"Pareto frontier: {metric}"))
+            print(f"{len(points)} Pareto-optimal plans over {metric} written to {out}/pareto.json and pareto.svg")
         if args.budget:
             allocation = allocate(problem, parse_budget(args.budget))
             apply_allocation(plan, problem, allocation)

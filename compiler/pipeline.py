@@ -42,7 +42,7 @@ from targets.base import CompileContext, get_target
 log = logging.getLogger(__name__)
 
 BITS_PATTERN = re.compile(r"^w(\d+)a(\d+)$")
-WEIGHT_BITS = (2, 4, 8)
+WEIGHT_BITS = (4, 8)  # int2: see passes/insert_qdq._OPSET_FOR_BITS
 ACTIVATION_BITS = (8, 16)
 TENSOR_SQNR_SAMPLES = 32
 
@@ -125,8 +125,8 @@ def compile_model(options: CompileOptions) -> CompileResult:
     if options.budget:
         from compiler.mixed import allocate_bits
 
-        stage("allocate", lambda: allocate_bits(model, plan, calib, target, options.device, options.budget,
-                                                integer_only=integer_only))
+        mixed = stage("allocate", lambda: allocate_bits(model, plan, calib, target, options.device, options.budget,
+                                                        integer_only=integer_only))
 
     ranges = stage("calibrate", lambda: _calibrate(options, model, plan, calib, integer_only))
     transformed = model  # same function as float_model; its tensors are what the QDQ model approximates
@@ -140,6 +140,8 @@ def compile_model(options: CompileOptions) -> CompileResult:
     files: list[Path] = []
     with atomic_dir(out_dir) as tmp:
         onnx.save(qdq, str(tmp / "model.qdq.onnx"))
+        if options.budget and mixed.pareto_svg:
+            (tmp / "pareto.svg").write_text(mixed.pareto_svg)
         if options.target != "onnx":
             ctx = CompileContext(out_dir=tmp, qdq_model_path=tmp / "model.qdq.onnx", plan=plan,
                                  calib_inputs=calib,

@@ -755,11 +755,11 @@ def execution_buffers(model, plan, *, integer_only: bool = False) -> tuple[list[
 
     from compiler.graph import graph_input_names, graph_output_names, value_shapes
     from compiler.layers import fix_input_shapes, shapes_by_running
-    from passes.insert_qdq import _fused_activation, activation_groups
+    from passes.insert_qdq import activation_groups, fused_activation
 
     fused_nodes = {}
     for layer in plan.layers.values():
-        fused = _fused_activation(model, layer)
+        fused = fused_activation(model, layer)
         if fused is not None:
             fused_nodes[fused.name] = layer.node
     steps: list[str] = []

@@ -54,6 +54,8 @@ _ONNX_INT_TYPES = {
     (32, True): TensorProto.INT32,
 }
 # Opset that introduced the element types QuantizeLinear/DequantizeLinear need.
+# No INT2: onnxruntime 1.31 loads INT2 DequantizeLinear at opset 25, but fuses
+# DQ(int2) -> Conv -> Q into a QLinearConv that then refuses the int2 weight.
 _OPSET_FOR_BITS = {8: 13, 32: 13, 16: 21, 4: 21}
 
 
@@ -65,7 +67,7 @@ class ActivationGroup:
     bits: int
 
 
-def _fused_activation(model: onnx.ModelProto, layer: LayerPlan) -> onnx.NodeProto | None:
+def fused_activation(model: onnx.ModelProto, layer: LayerPlan) -> onnx.NodeProto | None:
     """The Relu/Clip(0, hi) directly after ``layer`` that its quantizer can absorb."""
     readers = consumers(model).get(layer.outputs[0], [])
     if len(readers) != 1 or layer.outputs[0] in graph_output_names(model):
@@ -84,7 +86,7 @@ def _fused_activation(model: onnx.ModelProto, layer: LayerPlan) -> onnx.NodeProt
 
 def _layer_output(model: onnx.ModelProto, layer: LayerPlan) -> str:
     """The tensor holding the layer's (post-activation) result."""
-    fused = _fused_activation(model, layer)
+    fused = fused_activation(model, layer)
     return fused.output[0] if fused is not None else layer.outputs[0]
 
 
@@ -197,7 +199,7 @@ def quantize_model(
     qdq = _with_opset(model, plan)
     new_name = NameAllocator(qdq)
     for layer in plan.layers.values():
-        _fuse_activation(qdq, layer)
+        _fuse_activation(qdq, plan, layer)
     for layer in plan.layers.values():
         if layer.w_bits:
             _quantize_weight_and_bias(qdq, plan, layer, new_name)
@@ -210,10 +212,10 @@ def quantize_model(
     return infer_shapes(qdq)
 
 
-def _fuse_activation(model: onnx.ModelProto, layer: LayerPlan) -> None:
-    fused = _fused_activation(model, layer)
-    if fused is None:
-        return
+def _fuse_activation(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPlan) -> None:
+    fused = fused_activation(model, layer)
+    if fused is None or fused.output[0] not in plan.tensors:
+        return  # only an output quantizer can clamp in the activation's place
     producer = producers(model)[layer.outputs[0]]
     producer.output[0] = fused.output[0]
     model.graph.node.remove(fused)
@@ -272,7 +274,7 @@ def _dequantized_initializer(model, name: str, q_value: np.ndarray, tq: TensorQu
     elem_type = _ONNX_INT_TYPES[(tq.bits, tq.signed)]
     q_name = new_name(f"{name}_quantized")
     scale_name, zp_name, out_name = new_name(f"{name}_scale"), new_name(f"{name}_zero_point"), new_name(f"{name}_dequantized")
-    if tq.bits == 4:
+    if tq.bits == 4:  # make_tensor packs sub-byte values two per byte
         model.graph.initializer.append(
             helper.make_tensor(q_name, elem_type, q_value.shape, q_value.astype(np.int8).flatten().tolist()))
     else:

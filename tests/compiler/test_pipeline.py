@@ -44,7 +44,7 @@ def test_parse_bits(text, expected):
     assert parse_bits(text) == expected
 
 
-@pytest.mark.parametrize("text", ["8", "w8", "w5a8", "w8a4", "a8w8"])
+@pytest.mark.parametrize("text", ["8", "w8", "w5a8", "w2a8", "w8a4", "a8w8"])
 def test_parse_bits_rejects(text):
     with pytest.raises(EdgeqError, match="--bits"):
         parse_bits(text)

@@ -149,3 +149,16 @@ def test_dead_channel_bias_fits_int32():
     assert np.all(np.abs(q_bias.astype(np.int64)) < 2**31 - 1)
     x = calib["x"][:1]
     np.testing.assert_allclose(session(qdq).run(None, {"x": x})[0][0, 2], 0.5, atol=0.05)
+
+
+def test_activation_stays_when_its_output_is_not_quantized():
+    """A partial plan: conv1 alone is quantized, its Relu must still run in float."""
+    model = canonicalize(tiny_cnn())
+    plan = select_layers(model)
+    plan.layers = {"conv1": plan.layers["conv1"]}
+    calib = {"input": random_inputs((3, 16, 16), 32)}
+    ranges = collect_ranges(model, calib, tensors_to_calibrate(model, plan), progress=False)
+    qdq = quantize_model(model, plan, ranges)
+    assert "Relu" in [node.op_type for node in qdq.graph.node]
+    x = random_inputs((3, 16, 16), 8, seed=5)
+    assert compare_outputs(outputs(model, x), outputs(qdq, x))["sqnr_db"] > 30
