@@ -1,4 +1,4 @@
-"""Calibration speed and memory on a real model: writes BENCHMARKS.calibration.md.
+"""Calibration speed and memory on a real model: writes benchmarks/calibration.md.
 
 Usage:
     python tools/bench_calibration.py                      # MobileNetV2 from models.zoo, real photo crops
@@ -103,7 +103,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--out", default="BENCHMARKS.calibration.md")
+    parser.add_argument("--out", default="benchmarks/calibration.md")
     args = parser.parse_args()
 
     model_path, data, source = load_model_and_data(args)

@@ -20,7 +20,7 @@ run is reported together with the minimum (a hint of the noise: on a shared
 machine the minimum is closer to the quiet speed). Calibration uses random
 normal data (timing does not depend on it); random calibration is noted.
 
-    python tools/bench_cpu.py                      # all models, writes BENCHMARKS.cpu.md
+    python tools/bench_cpu.py                      # all models, writes benchmarks/cpu.md
     python tools/bench_cpu.py --models resnet18 --runs 100
 """
 
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--work", default=None, help="folder for models and artifacts (default: a temp dir)")
-    parser.add_argument("--report", default=str(REPO / "BENCHMARKS.cpu.md"))
+    parser.add_argument("--report", default=str(REPO / "benchmarks/cpu.md"))
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the models and edgeq artifacts already in --work (timing only)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -13,7 +13,7 @@ solve), median of ``--repeat`` runs, per solver; every run must end optimal.
 The greedy baseline's time and objective gap are shown for the size budget.
 
     python tools/bench_ilp.py                    # prints a markdown table
-    python tools/bench_ilp.py --write BENCHMARKS.mixed.md   # replaces its ILP section
+    python tools/bench_ilp.py --write benchmarks/mixed.md   # replaces its ILP section
 """
 
 from __future__ import annotations

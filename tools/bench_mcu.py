@@ -21,7 +21,7 @@ For each model of models/mlperf_tiny.py:
    byte): flash, weight bytes, bit-exactness, instructions, accuracy.
 
     python tools/bench_mcu.py [--models resnet8 dscnn ...] [--out /tmp/bench_mcu]
-writes BENCHMARKS.mcu.md at the repo root (only numbers measured in this run).
+writes benchmarks/mcu.md at the repo root (only numbers measured in this run).
 """
 
 from __future__ import annotations
@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001 -- reported, not hidden
             traceback.print_exc()
             failures[f"bundled {bits}"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    atomic_write_text(REPO_ROOT / "BENCHMARKS.mcu.md", render(results, failures, bundled_rows))
-    print("wrote", REPO_ROOT / "BENCHMARKS.mcu.md")
+    atomic_write_text(REPO_ROOT / "benchmarks/mcu.md", render(results, failures, bundled_rows))
+    print("wrote", REPO_ROOT / "benchmarks/mcu.md")
     return 0 if not failures else 1
 
 

@@ -18,9 +18,9 @@ For each model (the bundled Fashion-MNIST CNN, MobileNetV2, EfficientNet-Lite0):
 
 Weight bytes count the packed quantized weights of the quantized layers
 (int4 = half a byte per weight). Results are written as a section of the
-markdown file given to ``--write`` (BENCHMARKS.mixed.md).
+markdown file given to ``--write`` (benchmarks/mixed.md).
 
-    python tools/bench_mixed.py --models mobilenetv2 --write BENCHMARKS.mixed.md
+    python tools/bench_mixed.py --models mobilenetv2 --write benchmarks/mixed.md
 """
 
 from __future__ import annotations

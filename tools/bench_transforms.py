@@ -214,7 +214,7 @@ def main() -> int:
                         "'onnxruntime' for the onnxruntime rows")
     parser.add_argument("--no-ort", action="store_true", help="skip the onnxruntime rows")
     parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.transforms.md"))
+    parser.add_argument("--output", default=str(ROOT / "benchmarks/transforms.md"))
     args = parser.parse_args()
     command = "python tools/bench_transforms.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,7 +12,7 @@ model on the evaluation crops (disjoint photos): top-1 / top-5 agreement and
 mean KL(float || quantized) of the softmax. It also reports, per method, on how
 many tensors the method's range gives the lowest quantization MSE of the tensor
 itself (on the calibration data), to separate "good for the tensor" from "good
-for the network". Appends its section to BENCHMARKS.calibration.md (or --out).
+for the network". Appends its section to benchmarks/calibration.md (or --out).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def agreement(reference: np.ndarray, quantized: np.ndarray) -> tuple[float, floa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--percentiles", default="99.9,99.99,99.999")
-    parser.add_argument("--out", default="BENCHMARKS.calibration.md")
+    parser.add_argument("--out", default="benchmarks/calibration.md")
     args = parser.parse_args()
 
     import onnx

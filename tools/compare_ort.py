@@ -9,7 +9,7 @@ every op quantized and with MatMul only; its best configuration is counted.
 Batch-1 latency in onnxruntime of float, onnxruntime's best and edgeq's model
 is measured in the same run.
 
-    python tools/compare_ort.py                       # all models -> BENCHMARKS.compare_ort.md
+    python tools/compare_ort.py                       # all models -> benchmarks/compare_ort.md
     python tools/compare_ort.py --models fashion_cnn mobilenetv2
 """
 
@@ -242,7 +242,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["fashion_cnn", "mobilenetv2", "efficientnet_lite0", "minilm"])
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--runs", type=int, default=100)
-    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.compare_ort.md"))
+    parser.add_argument("--output", default=str(ROOT / "benchmarks/compare_ort.md"))
     args = parser.parse_args()
     command = "python tools/compare_ort.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,5 @@
 """Measure the integer core on a real model: fidelity of the integer graph, TVM compile time,
-bit-exactness and latency of the CPU library. Writes BENCHMARKS.integer-core.md.
+bit-exactness and latency of the CPU library. Writes benchmarks/integer-core.md.
 
     python tools/measure_integer_core.py [--model mobilenetv2] [--repeat 50] [--triple aarch64-linux-gnu]
 
@@ -174,7 +174,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=float) + "\n")
     text = markdown(result)
-    (REPO / "BENCHMARKS.integer-core.md").write_text(text)
+    (REPO / "benchmarks/integer-core.md").write_text(text)
     print(text)
 
 

@@ -24,7 +24,7 @@ kernels and its RecordingMicroAllocator, compiled for the host):
   are to the float model's (top-1 agreement, probability error; for the autoencoder
   the reconstruction error and the anomaly score).
 
-    python tools/tflm_reference.py          # all four models; writes BENCHMARKS.tflm.md
+    python tools/tflm_reference.py          # all four models; writes benchmarks/tflm.md
 """
 
 from __future__ import annotations
@@ -300,8 +300,8 @@ def main() -> int:
     for name, _, count, numbers in rows:
         shown = ", ".join(f"{key} {value:.4g}" for key, value in numbers.items())
         lines.append(f"- {name} ({count} samples): {shown}")
-    atomic_write_text(REPO_ROOT / "BENCHMARKS.tflm.md", "\n".join(lines) + "\n")
-    print("wrote", REPO_ROOT / "BENCHMARKS.tflm.md")
+    atomic_write_text(REPO_ROOT / "benchmarks/tflm.md", "\n".join(lines) + "\n")
+    print("wrote", REPO_ROOT / "benchmarks/tflm.md")
     return 0
 
 
