@@ -142,23 +142,9 @@ def random_inputs(path: Path, samples: int, seed: int = 0) -> dict[str, np.ndarr
 
 
 def ort_u8s8_qdq(float_path: Path, out_path: Path, calib: dict[str, np.ndarray]) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from tools.ort_reference import ort_quantize
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            count = next(iter(calib.values())).shape[0]
-            self.items = iter([{k: v[i : i + 1] for k, v in calib.items()} for i in range(count)])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    quantize_static(str(float_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    ort_quantize(float_path, calib, out_path)
 
 
 def edgeq_compile(float_path: Path, out_dir: Path, calib: dict[str, np.ndarray]) -> dict:

@@ -73,29 +73,9 @@ def score(reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None)
 
 def ort_int4(model_path: Path, calib: dict[str, np.ndarray], work: Path) -> onnx.ModelProto:
     """onnxruntime's own int4-weight QDQ model (per-channel QInt4 weights, QUInt8 activations)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from tools.ort_reference import ort_quantize
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            count = next(iter(calib.values())).shape[0]
-            self.samples = iter([{k: v[i:i + 1] for k, v in calib.items()} for i in range(count)])
-
-        def get_next(self):
-            return next(self.samples, None)
-
-    source = work / "float21.onnx"
-    onnx.save(onnx.version_converter.convert_version(onnx.load(str(model_path)), 21), str(source))
-    prepared, out = work / "ort_pre.onnx", work / "ort_int4.onnx"
-    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt4)
-    return onnx.load(str(out))
+    return onnx.load(str(ort_quantize(model_path, calib, work / "ort_int4.onnx", weight_type="QInt4", opset=21)))
 
 
 def quantized_weight_bytes(qdq: onnx.ModelProto) -> int:

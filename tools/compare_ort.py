@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from compiler.fidelity import compare_outputs, run_model  # noqa: E402
 from compiler.pipeline import CompileOptions, compile_model  # noqa: E402
+from tools.ort_reference import ort_quantize  # noqa: E402
 
 
 @dataclass
@@ -134,33 +135,6 @@ def latencies_ms(paths: dict[str, Path], sample: dict[str, np.ndarray], runs: in
     return {name: 1e3 * float(np.median(values)) for name, values in times.items()}
 
 
-def ort_quantize(model_path: Path, calib: dict[str, np.ndarray], out_path: Path, method: str,
-                 op_types: tuple[str, ...] | None) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            count = next(iter(calib.values())).shape[0]
-            self.samples = iter([{k: v[i:i + 1] for k, v in calib.items()} for i in range(count)])
-
-        def get_next(self):
-            return next(self.samples, None)
-
-    prepared = out_path.with_suffix(".pre.onnx")
-    quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, method),
-                    op_types_to_quantize=list(op_types) if op_types else None)
-
-
 def compare(case: Case, work: Path, runs: int) -> dict:
     print(f"== {case.name}", file=sys.stderr, flush=True)
     model_path = case.model_path()
@@ -188,7 +162,7 @@ def compare(case: Case, work: Path, runs: int) -> dict:
         for method in ("MinMax", "Entropy", "Percentile", "Distribution"):
             path = work / f"{case.name}_ort_{method}_{config.replace(' ', '_')}.onnx"
             try:
-                ort_quantize(model_path, calib, path, method, op_types)
+                ort_quantize(model_path, calib, path, method=method, op_types=op_types)
                 quantized = run_model(onnx.load(str(path)), eval_inputs)[output]
             except Exception as error:  # noqa: BLE001 - a failing configuration is reported, not fatal
                 ort_results.append({"config": f"{method}, {config}", "error": str(error).splitlines()[0][:120]})
