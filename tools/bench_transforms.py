@@ -7,8 +7,9 @@ inputs with the metrics of ``tools/compare_ort.py`` (top-1/top-5 agreement and
 KL for the ImageNet models on real photos, mean embedding cosine for MiniLM on
 real sentences, accuracy for the bundled Fashion-MNIST CNN).  onnxruntime's
 ``quantize_static`` (QDQ, per-channel weights, uint8 activations, MinMax) runs
-on the same data: int8 weights for W8A8, int4 weights for W4A8, and its
-SmoothQuant option for MiniLM when neural-compressor can be imported.
+on the same data (``tools/ort_reference.py``): int8 weights for W8A8, int4
+weights for W4A8, and its SmoothQuant option for MiniLM when
+neural-compressor can be imported.
 
     python tools/bench_transforms.py                                  # everything
     python tools/bench_transforms.py --models mobilenetv2 --bits w4a8 --configs none full
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from compare_ort import Case, cases, score  # noqa: E402
+from ort_reference import ort_quantize  # noqa: E402
 
 from compiler.fidelity import run_model  # noqa: E402
 from compiler.pipeline import CompileOptions, compile_model  # noqa: E402
@@ -79,34 +81,6 @@ def recipe_text(name: str, steps) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ort_quantize_variant(model_path: Path, calib: dict[str, np.ndarray], out_path: Path, *,
-                         weight_bits: int, smooth_quant: bool = False, op_types=None) -> None:
-    """onnxruntime quantize_static: QDQ, per-channel int8/int4 weights, uint8 activations, MinMax."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            count = next(iter(calib.values())).shape[0]
-            self.samples = iter([{k: v[i:i + 1] for k, v in calib.items()} for i in range(count)])
-
-        def get_next(self):
-            return next(self.samples, None)
-
-    prepared = out_path.with_suffix(".pre.onnx")
-    quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
-    extra = {"SmoothQuant": True, "SmoothQuantAlpha": 0.5} if smooth_quant else {}
-    quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt4 if weight_bits == 4 else QuantType.QInt8,
-                    op_types_to_quantize=list(op_types) if op_types else None, extra_options=extra)
-
-
 def _ort_rows(case: Case, model_path: Path, calib, eval_inputs, labels, reference, output, bits: str,
               work: Path) -> list[dict]:
     weight_bits = 4 if bits.startswith("w4") else 8
@@ -118,7 +92,10 @@ def _ort_rows(case: Case, model_path: Path, calib, eval_inputs, labels, referenc
     for label, options in variants:
         path = work / f"{case.name}_{bits}_ort_{len(rows)}.onnx"
         try:
-            ort_quantize_variant(model_path, calib, path, weight_bits=weight_bits, **options)
+            extra = {"SmoothQuant": True, "SmoothQuantAlpha": 0.5} if options.get("smooth_quant") else None
+            ort_quantize(model_path, calib, path, weight_type="QInt4" if weight_bits == 4 else "QInt8",
+                         opset=21 if weight_bits == 4 else None, op_types=options.get("op_types"),
+                         extra_options=extra)
             quantized = run_model(onnx.load(str(path)), eval_inputs)[output]
         except Exception as error:  # noqa: BLE001 - a configuration onnxruntime cannot do is reported
             rows.append({"config": label, "error": str(error).strip().splitlines()[-1][:160]})
