@@ -14,7 +14,8 @@ What is quantized:
     channel (symmetric), inputs per tensor;
   * Add / Mul of two activations on a residual path, Concat, average pooling;
   * MatMul of two activations (attention) only for integer-only targets.
-What stays float, by default: Softmax, LayerNormalization, GELU/Erf, the
+What stays float, by default: online rotations inserted by a transform
+(they exist to spread outliers before the next layer's quantizer), Softmax, LayerNormalization, GELU/Erf, the
 attention-mask addition (a path from an integer model input such as
 ``attention_mask``, or a constant with sentinel values like -3.4e38 that would
 wreck any min/max range), bias additions after a MatMul, and any op edgeq has
@@ -37,6 +38,7 @@ from compiler.graph import (
     producers,
     tensor_elem_types,
 )
+from compiler.linear_layers import online_ops
 from compiler.plan import LayerPlan, QuantPlan
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,11 @@ def select_layers(
     plan = QuantPlan(w_bits=w_bits, a_bits=a_bits, activation_signed=activation_signed)
     mask_tensors = _mask_derived_tensors(model)
     types = tensor_elem_types(model)
+    online = {entry["node"]: entry for entry in online_ops(model)}
     for node in model.graph.node:
+        if node.name in online:  # a rotation a transform inserted: float, or it undoes its own purpose
+            plan.keep_float(node.name, node.op_type, online[node.name]["reason"])
+            continue
         if any(types.get(name, FLOAT_TYPES_DEFAULT) not in FLOAT_TYPES for name in node.output if name):
             continue  # shape arithmetic, indices, masks: nothing to quantize
         reason = _float_reason(model, node, mask_tensors, integer_only)
