@@ -7,7 +7,8 @@ Guarantees:
     folded into initializers (the reference evaluator computes them);
   * BatchNormalization directly after a Conv or Gemm (sole consumer) is folded
     into that layer's weight and bias;
-  * Identity and inference-mode Dropout are removed;
+  * Identity and inference-mode Dropout are removed; a zero Pad feeding only a
+    Conv becomes that Conv's padding;
   * unused nodes and initializers are dropped, nodes are topologically sorted
     and every node has a unique, stable name (existing names are kept);
   * shapes are inferred (value_info filled in).
@@ -30,6 +31,7 @@ from compiler.graph import (
     graph_output_names,
     initializer_array,
     opset_version,
+    set_attribute,
     set_initializer,
     topological_sort,
 )
@@ -52,6 +54,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     _remove_passthrough_nodes(model)
     _fold_constants(model)
     _fold_batchnorm(model)
+    _fold_zero_pad_into_conv(model)
     _remove_dead_code(model)
     topological_sort(model)
     _name_nodes(model)
@@ -225,6 +228,63 @@ def _fold_batchnorm(model: onnx.ModelProto) -> None:
             layer.input.append(bias_name)
         layer.output[0] = bn.output[0]
         graph.node.remove(bn)
+
+
+def _fold_zero_pad_into_conv(model: onnx.ModelProto) -> None:
+    """Pad(constant 0) on the spatial axes feeding only a Conv becomes the Conv's own pads.
+
+    TensorFlow-style "SAME" padding exports as an explicit Pad (EfficientNet-
+    Lite has 17); in a QDQ model onnxruntime runs each one as dequantize, float
+    Pad, quantize. Conv pads with zeros too, so the fold is exact.
+    """
+    graph = model.graph
+    readers = consumers(model)
+    outputs = set(graph_output_names(model))
+    for pad in list(graph.node):
+        if pad.op_type != "Pad":
+            continue
+        reason = _pad_fold_blocker(model, pad, readers, outputs)
+        if reason:
+            log.debug("Pad %s not folded: %s", pad.name, reason)
+            continue
+        conv = readers[pad.output[0]][0]
+        pads = [int(v) for v in initializer_array(model, pad.input[1])]
+        rank = len(pads) // 2
+        spatial_begin, spatial_end = pads[2:rank], pads[rank + 2:]
+        conv_pads = list(attribute(conv, "pads", [0] * (2 * (rank - 2))))
+        half = len(conv_pads) // 2
+        merged = ([a + b for a, b in zip(conv_pads[:half], spatial_begin, strict=True)]
+                  + [a + b for a, b in zip(conv_pads[half:], spatial_end, strict=True)])
+        set_attribute(conv, "pads", merged)
+        conv.input[0] = pad.input[0]
+        graph.node.remove(pad)
+
+
+def _pad_fold_blocker(model, pad, readers, outputs) -> str | None:
+    """Why ``pad`` cannot become its Conv's padding (None when it can)."""
+    if attribute(pad, "mode", b"constant") not in (b"constant", "constant"):
+        return "not constant mode"
+    if len(pad.input) < 2 or initializer_array(model, pad.input[1]) is None:
+        return "pads are not constant"
+    if len(pad.input) > 3 and pad.input[3]:
+        return "has an axes input"
+    if len(pad.input) > 2 and pad.input[2]:
+        value = initializer_array(model, pad.input[2])
+        if value is None or np.any(value != 0):
+            return "pads with a non-zero value"
+    pads = [int(v) for v in initializer_array(model, pad.input[1])]
+    rank = len(pads) // 2
+    if rank < 3 or any(pads[i] for i in (0, 1, rank, rank + 1)) or any(v < 0 for v in pads):
+        return "pads the batch or channel axis, or crops"
+    conv_readers = readers.get(pad.output[0], [])
+    if len(conv_readers) != 1 or pad.output[0] in outputs:
+        return "its output has other readers"
+    conv = conv_readers[0]
+    if conv.op_type != "Conv" or conv.input[0] != pad.output[0]:
+        return "not read as a Conv's data input"
+    if attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return "Conv uses auto_pad"
+    return None
 
 
 def _bn_fold_blocker(model, bn, layer, readers, outputs) -> str | None:

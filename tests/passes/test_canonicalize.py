@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.errors import EdgeqError
-from compiler.graph import opset_version
+from compiler.graph import attribute, opset_version
 from passes.canonicalize import canonicalize
 from tests.tiny_models import random_inputs, tiny_cnn
 
@@ -85,3 +85,20 @@ def test_real_model_function_preserved():
     result = canonicalize(model)
     np.testing.assert_allclose(run(result, x), run(model, x), rtol=1e-3, atol=1e-3)
     assert "BatchNormalization" not in [node.op_type for node in result.graph.node]
+
+
+def test_zero_pad_folds_into_the_following_conv():
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array([0, 0, 0, 1, 0, 0, 1, 2], np.int64), "pads"),
+             numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["padded"], name="pad"),
+             helper.make_node("Conv", ["padded", "w"], ["y"], name="conv", strides=[2, 2], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    result = canonicalize(model)
+    assert [node.op_type for node in result.graph.node] == ["Conv"]
+    assert attribute(result.graph.node[0], "pads") == [1, 2, 2, 3]
+    x = rng.normal(size=(1, 3, 9, 9)).astype(np.float32)
+    np.testing.assert_allclose(run(result, x), run(model, x), rtol=1e-5, atol=1e-5)
