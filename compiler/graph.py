@@ -172,3 +172,29 @@ def tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
 
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                          onnx.TensorProto.DOUBLE})
+
+
+class DisjointSets:
+    """Union-find over names, remembering first-seen order (for deterministic groups)."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, name: str) -> str:
+        while self.parent.setdefault(name, name) != name:
+            self.parent[name] = self.parent[self.parent[name]]
+            name = self.parent[name]
+        return name
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.parent
+
+    def groups(self) -> list[list[str]]:
+        """Every set, members in first-seen order, sets in order of their first member."""
+        merged: dict[str, list[str]] = {}
+        for name in list(self.parent):
+            merged.setdefault(self.find(name), []).append(name)
+        return list(merged.values())

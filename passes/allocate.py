@@ -690,26 +690,15 @@ def synthetic_problem(
 
 def _merge_groups(groups: list[list[str]]) -> list[list[str]]:
     """Union overlapping tie groups (a layer tied to two others ties all three)."""
-    parent: dict[str, str] = {}
+    from compiler.graph import DisjointSets
 
-    def find(name: str) -> str:
-        while parent.setdefault(name, name) != name:
-            parent[name] = parent[parent[name]]
-            name = parent[name]
-        return name
-
-    order: list[str] = []
+    sets = DisjointSets()
     for group in groups:
         for name in group:
-            if name not in parent:
-                order.append(name)
-            find(name)
+            sets.find(name)
         for name in group[1:]:
-            parent[find(name)] = find(group[0])
-    merged: dict[str, list[str]] = {}
-    for name in order:
-        merged.setdefault(find(name), []).append(name)
-    return [members for members in merged.values() if len(members) > 1]
+            sets.union(name, group[0])
+    return [members for members in sets.groups() if len(members) > 1]
 
 
 # -- problems built from a model and its plan -----------------------------------------------

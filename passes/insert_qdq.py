@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.graph import (
+    DisjointSets,
     NameAllocator,
     attribute,
     consumers,
@@ -92,16 +93,8 @@ def _layer_output(model: onnx.ModelProto, layer: LayerPlan) -> str:
 
 def activation_groups(model: onnx.ModelProto, plan: QuantPlan, *, integer_only: bool = False) -> list[ActivationGroup]:
     """Which activation tensors get a quantizer, grouped by shared quantizer."""
-    parent: dict[str, str] = {}
-
-    def find(name: str) -> str:
-        while parent.setdefault(name, name) != name:
-            parent[name] = parent[parent[name]]
-            name = parent[name]
-        return name
-
-    def union(a: str, b: str) -> None:
-        parent[find(a)] = find(b)
+    sets = DisjointSets()
+    find, union = sets.find, sets.union
 
     bits: dict[str, int] = {}
     quantized_readers: set[str] = set()  # tensors read by a quantized layer
@@ -140,11 +133,8 @@ def activation_groups(model: onnx.ModelProto, plan: QuantPlan, *, integer_only: 
         if integer_only:
             find(output)
 
-    groups: dict[str, list[str]] = {}
-    for name in parent:
-        groups.setdefault(find(name), []).append(name)
     result = []
-    for members in groups.values():
+    for members in sets.groups():
         width = max([bits.get(name, 0) for name in members] + [0]) or plan.a_bits
         result.append(ActivationGroup(sorted(members), width))
     result.sort(key=lambda group: group.tensors[0])
