@@ -30,11 +30,10 @@ from passes.allocate import (
 )
 from passes.sensitivity import candidate_choices, measured_sensitivity, proxy_sensitivity
 
-# Candidate bits per target: what its export/lowering can produce and where a
-# choice buys something (FPGA LUTs shrink with narrower activations).
-CANDIDATES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    "fpga": ((4, 8), (4, 8)),
-}
+# Candidate (weight bits, activation bits) per target. 4-bit activations are not
+# offered: onnxruntime (which measures sensitivity) fuses DQ -> MaxPool -> Q into a
+# uint4 MaxPool it then refuses. Targets may override once their lowering can do more.
+CANDIDATES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 DEFAULT_CANDIDATES = ((4, 8), (8,))
 PARETO_POINTS = 8
 
@@ -148,4 +147,6 @@ def _pareto_metric(budget: dict[str, float], target: str) -> str:
     """The metric the frontier is drawn over: the budget's first metric, else a target default."""
     for metric in budget:
         return "weight_bytes" if metric == "size_fraction" else metric
-    return {"mcu": "flash_bytes", "cpu": "latency_s", "gpu": "latency_s", "fpga": "lut"}.get(target, "weight_bytes")
+    # FPGA: block RAM holds the weights, so it is what weight bits trade against
+    # (with 8-bit activations only, the LUT/DSP counts barely move).
+    return {"mcu": "flash_bytes", "cpu": "latency_s", "gpu": "latency_s", "fpga": "bram"}.get(target, "weight_bytes")

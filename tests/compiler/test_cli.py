@@ -160,3 +160,23 @@ def test_model_with_unsupported_op_keeps_it_float(workspace, capsys):
     plan = json.loads((workspace / "out" / "plan.json").read_text())
     assert [entry["node"] for entry in plan["float_nodes"]] == ["softmax"]
     assert "softmax" in (workspace / "out" / "report.md").read_text()
+
+
+def test_allocate_pareto_writes_the_frontier(workspace, capsys):
+    code, stdout, _ = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                              "--target", "fpga", "--pareto", "-o", workspace / "alloc", "-q")
+    assert code == 0
+    frontier = json.loads((workspace / "alloc" / "pareto.json").read_text())
+    assert frontier["metric"] == "bram" and len(frontier["points"]) >= 2
+    budgets = [point["budget"] for point in frontier["points"]]
+    sensitivities = [point["sensitivity"] for point in frontier["points"]]
+    assert budgets == sorted(budgets) and sensitivities == sorted(sensitivities, reverse=True)
+    assert (workspace / "alloc" / "pareto.svg").read_text().startswith("<svg")
+
+
+def test_infeasible_budget_exits_2_naming_the_smallest_value(workspace, capsys):
+    code, _, stderr = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                              "--budget", "size=0.1", "-o", workspace / "out", "-q")
+    assert code == 2
+    assert "smallest achievable" in stderr and stderr.count("\n") == 1
+    assert not (workspace / "out").exists()
