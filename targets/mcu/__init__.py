@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from compiler.atomic import atomic_dir, atomic_write_text
+from compiler.console import warn
 from compiler.errors import EdgeqError
 from compiler.graph import attribute, graph_input_names, graph_output_names, initializer_array
 from compiler.intgraph import INT_DOMAIN
@@ -37,6 +38,7 @@ IO_FILE = "io.json"
 MEMORY_FILE = "memory.json"
 INT_MODEL_FILE = "model.int.onnx"
 VERIFY_FILE = "verify.json"
+VERIFY_SAMPLES = 8  # calibration samples run in qemu at compile time
 
 
 # --------------------------------------------------------------------------- I/O quantization
@@ -107,8 +109,18 @@ class McuTarget(Target):
             from passes.integerize import integerize
 
             int_model = integerize(onnx.load(str(ctx.qdq_model_path)))
-        return lower_int_model(int_model, Path(ctx.out_dir) / PROJECT_DIR,
-                               build=ctx.options.get("build_firmware", True))
+        build = ctx.options.get("build_firmware", True)
+        written = lower_int_model(int_model, Path(ctx.out_dir) / PROJECT_DIR, build=build)
+        samples = ctx.options.get("verify_samples") or VERIFY_SAMPLES
+        if build and ctx.calib_inputs:
+            # Like the cpu target: the firmware itself, in qemu, against the interpreter.
+            first = {name: np.asarray(value)[:samples] for name, value in ctx.calib_inputs.items()}
+            report = self.verify(Path(ctx.out_dir), first, int_model, on="qemu")
+            if not report["bit_exact"]:
+                warn(f"mcu build differs from the reference interpreter on {report['mismatched_values']} "
+                     f"values (see verify.json)")
+            written.append(Path(ctx.out_dir) / VERIFY_FILE)
+        return written
 
     def run(self, out_dir: Path, inputs: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
         project = Path(out_dir) / PROJECT_DIR

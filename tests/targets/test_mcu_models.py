@@ -54,6 +54,8 @@ def test_bundled_cnn_bit_exact_in_qemu(bits: str, tmp_path) -> None:
 
     out_dir = tmp_path / "out"
     compile_model(CompileOptions(target="mcu", device="cortex-m4", bits=bits, out_dir=str(out_dir), progress=False))
+    at_compile = json.loads((out_dir / "verify.json").read_text())  # calibration samples, checked by compile
+    assert at_compile["bit_exact"] and at_compile["on"] == "qemu" and at_compile["samples"] == 8
     inputs, _ = bundled.test_data()
     report = TARGET.verify(out_dir, {k: v[:8] for k, v in inputs.items()}, on="qemu")
     assert report["bit_exact"], report
