@@ -54,6 +54,8 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-type", default="uint8", choices=["uint8", "int8"],
                         help="8-bit activation type (uint8 is ~3x faster in onnxruntime on x86)")
     parser.add_argument("--budget", help="bit allocation budget, e.g. size=0.5, flash=512KB,sram=128KB, latency=1.5ms")
+    parser.add_argument("--pin", action="append", metavar="LAYER=w8a8",
+                        help="fix a layer's bits in the bit allocation (repeatable; LAYER=w8 pins weights only)")
     parser.add_argument("--recipe", help="transform recipe name or TOML file (default: by model family)")
 
 
@@ -99,7 +101,7 @@ def _compile(args: argparse.Namespace) -> int:
         max_calib_samples=args.max_calib_samples, eval_data=args.eval_data, target=args.target,
         device=args.device, target_triple=args.target_triple, bits=args.bits,
         activation_type=args.activation_type, calibrate_method=args.calibrate_method,
-        budget=args.budget, recipe=args.recipe, out_dir=args.output, progress=not args.quiet,
+        budget=args.budget, pins=args.pin, recipe=args.recipe, out_dir=args.output, progress=not args.quiet,
     )
     result = compile_model(options)
     fidelity = result.plan.fidelity

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,24 +46,42 @@ class MixedPrecision:
     pareto_svg: str | None = None  # the frontier along the budget's first metric, chosen point marked
 
 
+def parse_pins(texts: list[str] | None, plan: QuantPlan) -> dict[str, tuple[int | None, int | None]]:
+    """``["conv1=w8a8", "fc=w8"]`` -> {layer: (w_bits, a_bits)}; a missing part stays free."""
+    pins: dict[str, tuple[int | None, int | None]] = {}
+    for text in texts or []:
+        name, _, bits = text.rpartition("=")
+        match = re.fullmatch(r"(?:w(\d+))?(?:a(\d+))?", bits.strip().lower())
+        if not name or not match or not bits.strip():
+            raise EdgeqError(f"bad --pin '{text}': expected LAYER=w8a8, LAYER=w8 or LAYER=a8")
+        if name not in plan.layers:
+            raise EdgeqError(f"--pin names '{name}', which is not a quantized layer "
+                             f"(layers: {', '.join(list(plan.layers)[:5])}, ...)")
+        w_bits, a_bits = (int(group) if group else None for group in match.groups())
+        pins[name] = (w_bits, a_bits)
+    return pins
+
+
 def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
                   device: str | None, *, integer_only: bool, estimate: str = "measured",
-                  max_samples: int = 32) -> AllocationProblem:
+                  max_samples: int = 32, pins: list[str] | None = None) -> AllocationProblem:
     """Sensitivities (measured or proxy) and costs of every candidate of every layer in ``plan``."""
+    pinned = parse_pins(pins, plan)
     w_bits, a_bits = CANDIDATES.get(target.name, DEFAULT_CANDIDATES)
     choices = candidate_choices(plan, w_bits, a_bits)
     measure = measured_sensitivity if estimate == "measured" else proxy_sensitivity
     sensitivity = measure(model, plan, calib, choices, max_samples=max_samples)
     return problem_from_model(model, plan, target.cost_model(device), sensitivity=sensitivity,
-                              w_bits=w_bits, a_bits=a_bits, integer_only=integer_only)
+                              w_bits=w_bits, a_bits=a_bits, integer_only=integer_only, pins=pinned)
 
 
 def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
                   device: str | None, budget_text: str, *, integer_only: bool,
-                  estimate: str = "measured") -> MixedPrecision:
+                  estimate: str = "measured", pins: list[str] | None = None) -> MixedPrecision:
     """Solve the ILP for ``budget_text`` and write the chosen bits into ``plan``."""
     budget = parse_budget(budget_text)
-    problem = build_problem(model, plan, calib, target, device, integer_only=integer_only, estimate=estimate)
+    problem = build_problem(model, plan, calib, target, device, integer_only=integer_only, estimate=estimate,
+                            pins=pins)
     allocation = allocate(problem, budget)
     apply_allocation(plan, problem, allocation)
     metric = _pareto_metric(budget, target.name)
@@ -121,7 +140,7 @@ def allocate_command(args: argparse.Namespace) -> int:
     integer_only = target.needs_integer_graph
     plan = select_layers(model, integer_only=integer_only)
     plan.model, plan.target = args.model, args.target
-    problem = build_problem(model, plan, calib, target, args.device, integer_only=integer_only)
+    problem = build_problem(model, plan, calib, target, args.device, integer_only=integer_only, pins=args.pin)
     out = Path(args.output)
     with atomic_dir(out) as tmp:
         if args.pareto:

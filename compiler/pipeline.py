@@ -67,6 +67,7 @@ class CompileOptions:
     activation_type: str = "uint8"
     calibrate_method: str = "auto"
     budget: str | None = None
+    pins: list[str] | None = None  # "LAYER=w8a8": bits the allocator must keep
     recipe: str | None = None
     out_dir: str = "out"
     batch_size: int = 32
@@ -126,7 +127,7 @@ def compile_model(options: CompileOptions) -> CompileResult:
         from compiler.mixed import allocate_bits
 
         mixed = stage("allocate", lambda: allocate_bits(model, plan, calib, target, options.device, options.budget,
-                                                        integer_only=integer_only))
+                                                        integer_only=integer_only, pins=options.pins))
 
     ranges = stage("calibrate", lambda: _calibrate(options, model, plan, calib, integer_only))
     transformed = model  # same function as float_model; its tensors are what the QDQ model approximates

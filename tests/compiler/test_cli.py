@@ -180,3 +180,15 @@ def test_infeasible_budget_exits_2_naming_the_smallest_value(workspace, capsys):
     assert code == 2
     assert "smallest achievable" in stderr and stderr.count("\n") == 1
     assert not (workspace / "out").exists()
+
+
+def test_pinned_layer_keeps_its_bits_under_a_budget(workspace, capsys):
+    code, _, _ = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                         "--budget", "size=0.85", "--pin", "conv2=w8a8", "-o", workspace / "out", "-q")
+    assert code == 0
+    layers = {layer["node"]: layer for layer in json.loads((workspace / "out" / "plan.json").read_text())["layers"]}
+    assert (layers["conv2"]["w_bits"], layers["conv2"]["a_bits"]) == (8, 8)
+    assert layers["conv2"]["info"]["pinned"] == [8, 8]
+    code, _, stderr = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                              "--budget", "size=0.85", "--pin", "nope=w8", "-o", workspace / "out2", "-q")
+    assert code == 2 and "not a quantized layer" in stderr
