@@ -85,8 +85,11 @@ class Target(ABC):
     name: str = "abstract"
     needs_integer_graph: bool = True
 
-    @abstractmethod
-    def cost_model(self, device: str | None = None) -> CostModel: ...
+    def cost_model(self, device: str | None = None) -> CostModel:
+        """The cost model in ``targets/<name>/cost.py`` (imported on demand: the allocator's only view)."""
+        import importlib
+
+        return importlib.import_module(f"targets.{self.name}.cost").cost_model(device)
 
     @abstractmethod
     def lower(self, ctx: CompileContext) -> list[Path]:
@@ -107,6 +110,37 @@ class Target(ABC):
             self.run(out_dir, sample, **options)
             times.append(time.perf_counter() - start)
         return latency_summary(times, includes_loading=True)
+
+
+class CostModelOnlyTarget(Target):
+    """A target the allocator can plan for whose lowering does not exist yet, and says so."""
+
+    def lower(self, ctx: CompileContext) -> list[Path]:
+        from compiler.errors import EdgeqError
+
+        raise EdgeqError(f"target '{self.name}' lowering is not implemented yet "
+                         f"(edgeq allocate --target {self.name} works)")
+
+    def run(self, out_dir: Path, inputs: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
+        from compiler.errors import EdgeqError
+
+        raise EdgeqError(f"target '{self.name}' has no runner yet: its lowering is not implemented")
+
+
+def compare_integer_outputs(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Bit-for-bit comparison of integer outputs: counts, max abs diff, ``bit_exact`` (overall and per output)."""
+    outputs = {}
+    for name, want in expected.items():
+        have = got[name]
+        if have.shape != want.shape:
+            outputs[name] = {"shape": list(have.shape), "expected_shape": list(want.shape),
+                             "bit_exact": False}
+            continue
+        diff = np.abs(have.astype(np.int64) - want.astype(np.int64))
+        outputs[name] = {"values": int(diff.size), "mismatched_values": int(np.count_nonzero(diff)),
+                         "max_abs_diff": int(diff.max(initial=0)),
+                         "bit_exact": bool(not diff.any() and have.dtype == want.dtype)}
+    return {"bit_exact": all(entry["bit_exact"] for entry in outputs.values()), "outputs": outputs}
 
 
 def latency_summary(seconds: list[float], **extra: Any) -> dict[str, Any]:

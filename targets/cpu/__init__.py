@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from compiler.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
-from targets.base import CompileContext, CostModel, Target
+from targets.base import CompileContext, Target, compare_integer_outputs
 
 INT_MODEL_FILE = "model.int.onnx"
 VERIFY_FILE = "verify.json"
@@ -35,30 +35,13 @@ CPU_DIR = "cpu"
 DEFAULT_VERIFY_SAMPLES = 16
 
 
-def compare_raw(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Bit-for-bit comparison of integer outputs: counts, max abs diff, ``bit_exact``."""
-    outputs = {}
-    for name, want in expected.items():
-        have = got[name]
-        if have.shape != want.shape:
-            outputs[name] = {"shape": list(have.shape), "expected_shape": list(want.shape),
-                             "bit_exact": False}
-            continue
-        diff = np.abs(have.astype(np.int64) - want.astype(np.int64))
-        outputs[name] = {"values": int(diff.size), "mismatched_values": int(np.count_nonzero(diff)),
-                         "max_abs_diff": int(diff.max(initial=0)),
-                         "bit_exact": bool(not diff.any() and have.dtype == want.dtype)}
-    return {"bit_exact": all(entry["bit_exact"] for entry in outputs.values()), "outputs": outputs}
+# The cpu target's name for the shared comparison (tests and tools import it from here).
+compare_raw = compare_integer_outputs
 
 
 class CpuTarget(Target):
     name = "cpu"
     needs_integer_graph = True
-
-    def cost_model(self, device: str | None = None) -> CostModel:
-        from targets.cpu.cost import cost_model
-
-        return cost_model(device)
 
     def lower(self, ctx: CompileContext) -> list[Path]:
         from targets.cpu.lower import lower_to_dir

@@ -29,7 +29,7 @@ from compiler.errors import EdgeqError
 from compiler.graph import attribute, graph_input_names, graph_output_names, initializer_array
 from compiler.intgraph import INT_DOMAIN
 from compiler.requant import dequantize_linear, dtype_range, quantize_linear
-from targets.base import CompileContext, CostModel, Target, latency_summary
+from targets.base import CompileContext, Target, compare_integer_outputs, latency_summary
 from targets.mcu import codegen, qemu
 from targets.mcu.memory import ALIAS_OPS, MemoryPlan, activation_types, ordered_nodes, plan_memory
 
@@ -97,11 +97,6 @@ def graph_kernels(int_model: onnx.ModelProto, nodes: list[onnx.NodeProto], types
 class McuTarget(Target):
     name = "mcu"
     needs_integer_graph = True
-
-    def cost_model(self, device: str | None = None) -> CostModel:
-        from targets.mcu.cost import cost_model
-
-        return cost_model(device)
 
     def lower(self, ctx: CompileContext) -> list[Path]:
         int_model = ctx.int_model
@@ -172,19 +167,11 @@ class McuTarget(Target):
         if int_model is None:
             int_model = onnx.load(str(project / INT_MODEL_FILE))
         io = _load_io(project)
+        name = io["output"]["name"]
         got = self.run_raw(out_dir, inputs, on=on, **options)
-        expected = run_integer_graph_raw(int_model, inputs)[io["output"]["name"]]
-        expected = np.asarray(expected).reshape(got.shape)
-        diff = np.abs(got.astype(np.int64) - expected.astype(np.int64))
-        report = {
-            "target": "mcu",
-            "on": on,
-            "bit_exact": bool(not diff.any()),
-            "samples": int(got.shape[0]),
-            "values": int(got.size),
-            "mismatched_values": int(np.count_nonzero(diff)),
-            "max_abs_diff": int(diff.max(initial=0)),
-        }
+        expected = np.asarray(run_integer_graph_raw(int_model, inputs)[name]).reshape(got.shape)
+        comparison = compare_integer_outputs({name: got}, {name: expected.astype(got.dtype)})
+        report = {"target": "mcu", "on": on, "samples": int(got.shape[0]), **comparison["outputs"][name]}
         atomic_write_text(Path(out_dir) / VERIFY_FILE, json.dumps(report, indent=2) + "\n")
         return report
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from compiler.errors import EdgeqError
-from targets.base import CompileContext, CostModel, Target, latency_summary
+from targets.base import CompileContext, Target, latency_summary
 
 MODEL_FILE = "model.qdq.onnx"
 
@@ -34,11 +34,6 @@ def session(out_dir: Path, threads: int | None = None) -> ort.InferenceSession:
 class OnnxTarget(Target):
     name = "onnx"
     needs_integer_graph = False
-
-    def cost_model(self, device: str | None = None) -> CostModel:
-        from targets.onnx.cost import cost_model
-
-        return cost_model(device)
 
     def lower(self, ctx: CompileContext) -> list[Path]:
         return [ctx.qdq_model_path]
