@@ -9,10 +9,11 @@ interpreter bit for bit and the edges cannot differ.
 
 Each integer node becomes one ``call_tir`` of one PrimFunc:
 
-* QConv/QGemm ask :func:`targets.cpu.schedules.schedule_for` first (the
-  hand-written VNNI kernels; ``None`` means not covered) -- the seam for fast
-  kernels. ``use_schedules=False`` skips them; cross builds always do (the
-  kernels are x86-only).
+* QConv/QGemm/MaxPool ask :func:`targets.cpu.schedules.schedule_for` first
+  (the hand-written kernels; ``None`` means not covered) -- the seam for fast
+  kernels. ``use_schedules=False`` skips them; a cross build asks with its own
+  target and gets only the portable ones (the VNNI kernels are x86-only).
+  They enter the Relax module through :func:`as_opaque_callee`.
 * everything else, and uncovered nodes, use :func:`targets.tvm_ops.node_kernels`'
   generic TE compute, whose outer loop is made parallel (:func:`parallelize`).
 
@@ -147,23 +148,48 @@ def parallelize(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def _scheduled(kernel: NodeKernel, types: Types, int_model: onnx.ModelProto):
-    """The hand-written kernel for ``kernel.node`` from targets.cpu.schedules, or None."""
+# OpPatternKind::kOpaque of Relax: FuseOps leaves a function with this op_pattern alone.
+OPAQUE_PATTERN = 8
+SCHEDULED_OPS = ("QConv", "QGemm", "MaxPool")
+
+
+def as_opaque_callee(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """A hand-written PrimFunc in the form Relax's passes expect of a ``call_tir`` callee.
+
+    The kernels are plain loop nests (no blocks); Relax's ``RewriteDataflowReshape``
+    asks every single-input callee whether it is a reshape and that analysis requires
+    the body to be one root ``SBlockRealize`` (it aborted on the bare MaxPool kernel).
+    The body is wrapped in an empty root block (no iteration, lowered away), and the
+    function is marked opaque so that ``AnnotateTIROpPattern`` / ``FuseOps`` never
+    try to fuse it with its neighbours.
+    """
+    if not isinstance(func.body, s_tir.SBlockRealize):
+        root = s_tir.SBlock(iter_vars=[], reads=[], writes=[], name_hint="root", body=func.body)
+        func = func.with_body(s_tir.SBlockRealize(iter_values=[], predicate=True, block=root))
+    return func.with_attr("op_pattern", OPAQUE_PATTERN)
+
+
+def _scheduled(kernel: NodeKernel, types: Types, int_model: onnx.ModelProto,
+               target: dict[str, Any] | None = None):
+    """The hand-written kernel for ``kernel.node`` from targets.cpu.schedules for ``target``
+    (``None``: this machine), or None."""
     try:
         from targets.cpu import schedules
     except ImportError:
         return None
     node = kernel.node
-    if node.op_type not in ("QConv", "QGemm"):
+    if node.op_type not in SCHEDULED_OPS:
         return None
     initializers = {name: initializer_array(int_model, name) for name in node.input[1:] if name}
     return schedules.schedule_for(node, [types[node.input[0]][0]], None, initializers,
-                                  [types[node.input[0]][1]])
+                                  [types[node.input[0]][1]], target=target)
 
 
-def build_relax_module(int_model: onnx.ModelProto, types: Types | None = None,
-                       use_schedules: bool = True) -> tuple[tvm.IRModule, CoreSignature, dict[str, int]]:
-    """The Relax module of the integer core, its signature and how many kernels of each kind."""
+def build_relax_module(int_model: onnx.ModelProto, types: Types | None = None, use_schedules: bool = True,
+                       target: dict[str, Any] | None = None
+                       ) -> tuple[tvm.IRModule, CoreSignature, dict[str, int]]:
+    """The Relax module of the integer core for ``target`` (``None``: this machine), its
+    signature and how many kernels of each kind."""
     types = types or tensor_types(int_model)
     sig = signature(int_model, types)
     inits = {init.name for init in int_model.graph.initializer}
@@ -177,9 +203,9 @@ def build_relax_module(int_model: onnx.ModelProto, types: Types | None = None,
             for index, kernel in enumerate(node_kernels(int_model, types)):
                 node = kernel.node
                 out_shape, out_dtype = types[node.output[0]]
-                scheduled = _scheduled(kernel, types, int_model) if use_schedules else None
+                scheduled = _scheduled(kernel, types, int_model, target) if use_schedules else None
                 if scheduled is not None:
-                    func = scheduled.func
+                    func = as_opaque_callee(scheduled.func)
                     args = [env[node.input[0]], *[relax.const(c, str(c.dtype)) for c in scheduled.constants]]
                     counts[scheduled.variant] = counts.get(scheduled.variant, 0) + 1
                 else:
@@ -247,14 +273,13 @@ def lower_to_dir(int_model: onnx.ModelProto, cpu_dir: Path, target_triple: str |
         "inputs": sig.inputs, "outputs": sig.outputs, "kernels": counts, "cross": [],
     }
     if target_triple:
-        # The hand-written kernels are x86 (VNNI intrinsics: LLVM aborts on them for another
-        # architecture), so the cross build uses the generic kernels.
-        if counts and any(not kind.startswith("generic_") for kind in counts):
-            mod, _, _ = build_relax_module(int_model, types, use_schedules=False)
+        # The VNNI kernels are x86-only (LLVM aborts on their intrinsics for another
+        # architecture): the cross build asks for the kernels of its own target.
         cross = cross_target(target_triple, mcpu)
+        mod, _, cross_counts = build_relax_module(int_model, types, use_schedules=use_schedules, target=cross)
         (cpu_dir / target_triple).mkdir(parents=True, exist_ok=True)
         path = compile_library(mod, cross, cpu_dir / target_triple / LIBRARY)
-        manifest["cross"].append({"triple": target_triple, "tvm_target": cross,
+        manifest["cross"].append({"triple": target_triple, "tvm_target": cross, "kernels": cross_counts,
                                   "library": str(path.relative_to(cpu_dir))})
     manifest["compile_seconds"] = round(time.perf_counter() - started, 2)
     atomic_write_text(cpu_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
