@@ -5,7 +5,10 @@ It serialises to ``plan.json`` (see :meth:`QuantPlan.save`).
 
 * :class:`TensorQuant` -- how one tensor of the float graph is quantized:
   bits, signedness, granularity (per tensor, per channel on ``axis``, or
-  blocks of ``block_size`` along ``axis``), scale and zero point.
+  blocks of ``block_size`` along ``axis`` as in ONNX DequantizeLinear: one
+  scale per block of ``block_size`` consecutive elements on ``axis``, separate
+  for every index of the other axes; ``scale`` is then the flattened array of
+  shape ``scale_shape``), scale and zero point.
 * :class:`LayerPlan` -- one quantized layer (Conv, Gemm, MatMul, ...): the
   chosen ``w_bits``/``a_bits`` and the tensors it reads and writes.
 """
@@ -45,8 +48,9 @@ class TensorQuant:
     signed: bool
     scale: list[float]
     zero_point: list[int]
-    axis: int | None = None  # None: per tensor
+    axis: int | None = None  # None: per tensor; block-wise: the blocked (reduction) axis
     block_size: int | None = None  # blocks along ``axis`` (block-wise weights)
+    scale_shape: list[int] | None = None  # block-wise: the scale array's shape (``scale`` is it flattened)
     # The float range the quantizer was fitted to (after clipping), for reports.
     range_min: float | None = None
     range_max: float | None = None
@@ -67,11 +71,25 @@ class TensorQuant:
     def per_channel(self) -> bool:
         return self.axis is not None
 
+    @property
+    def block_wise(self) -> bool:
+        return bool(self.block_size)
+
+    @property
+    def granularity(self) -> str:
+        """``per-tensor``, ``per-channel`` or ``block B`` (for reports)."""
+        if self.block_wise:
+            return f"block {self.block_size}"
+        return "per-channel" if self.per_channel and len(self.scale) > 1 else "per-tensor"
+
     def scale_array(self) -> np.ndarray:
-        return np.asarray(self.scale, dtype=np.float32)
+        """The scales: 1-D per tensor / per channel, ``scale_shape`` when block-wise."""
+        scale = np.asarray(self.scale, dtype=np.float32)
+        return scale.reshape(self.scale_shape) if self.scale_shape is not None else scale
 
     def zero_point_array(self) -> np.ndarray:
-        return np.asarray(self.zero_point, dtype=np.int64)
+        zero = np.asarray(self.zero_point, dtype=np.int64)
+        return zero.reshape(self.scale_shape) if self.scale_shape is not None else zero
 
 
 @dataclass
@@ -108,6 +126,9 @@ class QuantPlan:
     w_bits: int = 8  # defaults for layers without an explicit choice
     a_bits: int = 8
     activation_signed: bool = False  # uint8 activations by default (faster in ORT on x86)
+    # Block-wise weights: MatMul/Gemm weights below 8 bits get one scale per this many
+    # reduction-axis elements per output channel (None: per output channel).
+    weight_block_size: int | None = None
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     tensors: dict[str, TensorQuant] = field(default_factory=dict)
     float_nodes: list[dict[str, str]] = field(default_factory=list)  # node, op_type, reason
@@ -120,6 +141,15 @@ class QuantPlan:
     def weight_bytes(self) -> int:
         return sum(layer.weight_bytes for layer in self.layers.values())
 
+    def weight_scale_bytes(self) -> int:
+        """Bytes of the weights' quantization parameters as exported: fp32 scales (zero points
+        are zero but stored too, at the weight's width, packed)."""
+        total = 0
+        for tq in self.tensors.values():
+            if tq.role == "weight":
+                total += 4 * len(tq.scale) + (len(tq.zero_point) * tq.bits + 7) // 8
+        return total
+
     def keep_float(self, node: str, op_type: str, reason: str) -> None:
         """Record that ``node`` stays float, and why (listed in the report)."""
         if not any(entry["node"] == node for entry in self.float_nodes):
@@ -129,6 +159,7 @@ class QuantPlan:
         int8_bytes = sum(layer.weight_params for layer in self.layers.values() if layer.w_bits)
         self.totals.update(
             weight_bytes=self.weight_bytes(),
+            weight_scale_bytes=self.weight_scale_bytes(),
             int8_weight_bytes=int8_bytes,
             quantized_layers=len(self.layers),
             float_nodes=len(self.float_nodes),

@@ -5,8 +5,15 @@ One definition, used by ``passes/insert_qdq`` (nearest rounding), by
 ``passes/bias_correction``:
 
 * symmetric, zero point 0;
-* per channel along ``axis`` (or per tensor when ``axis`` is None);
-* ``scale = max|w_channel| / qmax`` with ``qmax = 2**(bits-1) - 1``, so the
+* per channel along ``axis`` (or per tensor when ``axis`` is None), or
+  block-wise: ``block_size`` given, ``axis`` is then the *blocked* axis (the
+  reduction axis of a MatMul/Gemm weight) and every block of ``block_size``
+  consecutive elements along it gets its own scale, separately for every
+  index of the other axes -- the ONNX DequantizeLinear ``axis``/``block_size``
+  convention (opset 21), GPTQ's "group size", onnxruntime's MatMulNBits
+  ``block_size``.  A block scale array has the weight's rank, with
+  ``ceil(dim / block_size)`` on ``axis`` (the last block may be shorter);
+* ``scale = max|w_channel or block| / qmax`` with ``qmax = 2**(bits-1) - 1``, so the
   grid is ``[-qmax, qmax]`` (the asymmetric extra value ``-2**(bits-1)`` is
   never produced by nearest rounding, but is allowed by the clip so a
   rounding pass may use it);
@@ -39,8 +46,14 @@ def _reduce_axes(ndim: int, axis: int | None) -> tuple[int, ...]:
 
 
 def _broadcast(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
-    """Reshape a per-channel ``scale`` so it broadcasts along ``axis`` of an ndim tensor."""
+    """Reshape a per-channel ``scale`` so it broadcasts along ``axis`` of an ndim tensor.
+
+    A scale that already has the tensor's rank (an expanded block scale,
+    :func:`expand_block_scale`) is used as it is.
+    """
     scale = np.asarray(scale, dtype=np.float32)
+    if scale.ndim == ndim and ndim > 1:
+        return scale
     if axis is None or scale.ndim == 0 or scale.size == 1:
         return scale.reshape(()) if scale.size == 1 else scale
     shape = [1] * ndim
@@ -48,46 +61,82 @@ def _broadcast(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
     return scale.reshape(shape)
 
 
-def weight_scale(weight: np.ndarray, axis: int | None, bits: int) -> np.ndarray:
-    """Symmetric scale ``max|w| / qmax`` per channel on ``axis`` (1-D), or per tensor (shape [1])."""
+def block_view(weight: np.ndarray, axis: int, block_size: int) -> np.ndarray:
+    """``weight`` with ``axis`` split into (blocks, block_size), the last block zero-padded."""
+    weight = np.asarray(weight)
+    axis = axis % weight.ndim
+    blocks = -(-weight.shape[axis] // block_size)
+    pad = blocks * block_size - weight.shape[axis]
+    if pad:
+        widths = [(0, 0)] * weight.ndim
+        widths[axis] = (0, pad)
+        weight = np.pad(weight, widths)
+    return weight.reshape(weight.shape[:axis] + (blocks, block_size) + weight.shape[axis + 1:])
+
+
+def expand_block_scale(scale: np.ndarray, shape: tuple[int, ...], axis: int, block_size: int) -> np.ndarray:
+    """A block scale repeated to one scale per element of a tensor of ``shape``."""
+    axis = axis % len(shape)
+    scale = np.asarray(scale, dtype=np.float32)
+    return np.repeat(scale, block_size, axis=axis).take(np.arange(shape[axis]), axis=axis)
+
+
+def weight_scale(weight: np.ndarray, axis: int | None, bits: int, block_size: int | None = None) -> np.ndarray:
+    """Symmetric scale ``max|w| / qmax``: per channel on ``axis`` (1-D), per tensor (shape [1]),
+    or, with ``block_size``, per block along ``axis`` (the weight's rank, see the module docstring)."""
     weight = np.asarray(weight, dtype=np.float32)
-    absmax = np.max(np.abs(weight), axis=_reduce_axes(weight.ndim, axis)).reshape(-1)
+    if block_size:
+        absmax = np.max(np.abs(block_view(weight, axis, block_size)), axis=axis % weight.ndim + 1)
+    else:
+        absmax = np.max(np.abs(weight), axis=_reduce_axes(weight.ndim, axis)).reshape(-1)
     scale = (absmax / np.float32(qmax_for(bits))).astype(np.float32)
-    scale[~(scale > 0)] = np.float32(1.0)  # all-zero channel: any scale is exact
+    scale[~(scale > 0)] = np.float32(1.0)  # all-zero channel or block: any scale is exact
     return scale
 
 
+def _element_scale(scale: np.ndarray, shape: tuple[int, ...], axis: int | None, block_size: int | None) -> np.ndarray:
+    if block_size:
+        return expand_block_scale(scale, shape, axis, block_size)
+    return _broadcast(scale, len(shape), axis)
+
+
 def quantize_weight(
-    weight: np.ndarray, scale: np.ndarray, axis: int | None, bits: int
+    weight: np.ndarray, scale: np.ndarray, axis: int | None, bits: int, block_size: int | None = None
 ) -> np.ndarray:
     """Integer weights ``clip(round_half_even(w / scale))``; int8 for bits <= 8, else int32."""
     weight = np.asarray(weight, dtype=np.float32)
     lo, hi = int_range(bits, signed=True)
-    q = np.round(weight / _broadcast(scale, weight.ndim, axis))
+    q = np.round(weight / _element_scale(scale, weight.shape, axis, block_size))
     return np.clip(q, lo, hi).astype(np.int8 if bits <= 8 else np.int32)
 
 
-def dequantize_weight(q: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
+def dequantize_weight(
+    q: np.ndarray, scale: np.ndarray, axis: int | None, block_size: int | None = None
+) -> np.ndarray:
     """Float32 value of integer weights ``q * scale``."""
-    return (q.astype(np.float32) * _broadcast(scale, q.ndim, axis)).astype(np.float32)
+    return (q.astype(np.float32) * _element_scale(scale, q.shape, axis, block_size)).astype(np.float32)
 
 
 def fake_quantize_weight(
-    weight: np.ndarray, axis: int | None, bits: int, scale: np.ndarray | None = None
+    weight: np.ndarray, axis: int | None, bits: int, scale: np.ndarray | None = None,
+    block_size: int | None = None,
 ) -> np.ndarray:
     """The float32 value the quantized weight will have (``scale`` defaults to :func:`weight_scale`)."""
     if scale is None:
-        scale = weight_scale(weight, axis, bits)
-    return dequantize_weight(quantize_weight(weight, scale, axis, bits), scale, axis)
+        scale = weight_scale(weight, axis, bits, block_size)
+    return dequantize_weight(quantize_weight(weight, scale, axis, bits, block_size), scale, axis, block_size)
 
 
 def weight_tensor_quant(
-    name: str, weight: np.ndarray, axis: int | None, bits: int, scale: np.ndarray | None = None
+    name: str, weight: np.ndarray, axis: int | None, bits: int, scale: np.ndarray | None = None,
+    block_size: int | None = None,
 ) -> TensorQuant:
     """The plan entry for a weight quantized on this grid (``scale`` defaults to :func:`weight_scale`)."""
     if scale is None:
-        scale = weight_scale(weight, axis, bits)
-    scale = np.asarray(scale, dtype=np.float32).reshape(-1)
+        scale = weight_scale(weight, axis, bits, block_size)
+    scale = np.asarray(scale, dtype=np.float32)
+    scale_shape = [int(d) for d in scale.shape] if block_size else None
+    scale = scale.reshape(-1)
     absmax = float(np.max(np.abs(weight))) if np.size(weight) else 0.0
     return TensorQuant(
         name=name,
@@ -97,9 +146,41 @@ def weight_tensor_quant(
         scale=[float(s) for s in scale],
         zero_point=[0] * scale.size,
         axis=None if axis is None else int(axis) % np.ndim(weight),
+        block_size=int(block_size) if block_size else None,
+        scale_shape=scale_shape,
         range_min=-absmax,
         range_max=absmax,
     )
+
+
+BLOCK_OPS = ("MatMul", "Gemm")
+
+
+def weight_block_size(
+    block_size: int | None, op_type: str, weight_shape: tuple[int, ...], bits: int, out_axis: int
+) -> int | None:
+    """The block size a layer's weight gets under the plan's ``weight_block_size`` (None: per channel).
+
+    Block-wise scales apply to 2-D MatMul/Gemm weights below 8 bits whose
+    reduction axis is longer than one block; convolutions, int8 weights (which
+    keep onnxruntime's integer QLinearMatMul/QGemm kernels) and short
+    reductions stay per output channel.
+    """
+    if not block_size or op_type not in BLOCK_OPS or len(weight_shape) != 2 or bits >= 8:
+        return None
+    reduction = weight_shape[1 - out_axis % 2]
+    return block_size if reduction > block_size else None
+
+
+def layer_weight_grid(
+    block_size: int | None, op_type: str, weight_shape: tuple[int, ...], bits: int, out_axis: int
+) -> tuple[int, int | None]:
+    """(axis, block_size) of a layer's weight quantizer: the output axis and None (per channel), or
+    the reduction axis and the block size (block-wise) -- see :func:`weight_block_size`."""
+    block = weight_block_size(block_size, op_type, weight_shape, bits, out_axis)
+    if block is None:
+        return out_axis % len(weight_shape), None
+    return 1 - out_axis % 2, block
 
 
 def weight_output_axis(op_type: str, weight_ndim: int, trans_b: int = 0) -> int:
@@ -124,12 +205,19 @@ def planned_weight_scale(
 ) -> np.ndarray:
     """The scale QDQ insertion will use for weight ``name``: the plan's entry verbatim, else the grid.
 
-    ``tensors`` is ``QuantPlan.tensors``. An entry with other bits or axis is a
-    stale decision and an error (the caller must drop it before re-rounding).
+    ``tensors`` is ``QuantPlan.tensors``; ``axis`` the weight's output axis. A
+    block-wise entry comes back expanded to one scale per weight element (it
+    broadcasts like a per-channel scale in :func:`quantize_weight` and friends).
+    An entry with other bits or axis is a stale decision and an error (the
+    caller must drop it before re-rounding).
     """
     entry = tensors.get(name)
     if entry is None:
         return weight_scale(weight, axis, bits)
+    if entry.block_wise:
+        if entry.bits != bits:
+            raise ValueError(f"plan entry for weight {name} has bits={entry.bits}, layer wants bits={bits}")
+        return expand_block_scale(entry.scale_array(), np.shape(weight), entry.axis, entry.block_size)
     entry_axis = None if entry.axis is None else entry.axis % np.ndim(weight)
     wanted_axis = None if axis is None else axis % np.ndim(weight)
     if entry.bits != bits or entry_axis != wanted_axis:

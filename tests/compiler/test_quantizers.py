@@ -1,5 +1,7 @@
 """The shared weight grid: symmetric per-channel, max|w|/qmax, round half to even."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -94,3 +96,93 @@ def test_activation_mse_clip_never_loses_to_minmax():
     plain = np.sum((fake_quantize_activation(x, 4) - x) ** 2)
     clipped = np.sum((fake_quantize_activation(x, 4, mse_clip=True) - x) ** 2)
     assert clipped < plain
+
+
+# -- block-wise weights ------------------------------------------------------------------------
+
+
+def test_block_scale_is_block_absmax_with_a_short_last_block():
+    w = np.arange(1, 31, dtype=np.float32).reshape(10, 3) * np.where(np.arange(30) % 2, -1, 1).reshape(10, 3)
+    scale = weight_scale(w, 0, 4, block_size=4)  # blocks of rows 0-3, 4-7, 8-9
+    assert scale.shape == (3, 3)
+    expected = np.stack([np.abs(w[0:4]).max(0), np.abs(w[4:8]).max(0), np.abs(w[8:10]).max(0)]) / 7
+    np.testing.assert_allclose(scale, expected, rtol=1e-7)
+    np.testing.assert_allclose(weight_scale(w.T, 1, 4, block_size=4), expected.T, rtol=1e-7)
+    zero = np.zeros((8, 2), np.float32)
+    assert np.all(weight_scale(zero, 0, 4, block_size=4) == 1.0)
+
+
+def test_block_quantization_error_is_at_most_half_a_block_step():
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(96, 8)).astype(np.float32) * rng.uniform(0.01, 10, size=(96, 1))
+    scale = weight_scale(w, 0, 4, block_size=32)
+    step = np.repeat(scale, 32, axis=0)
+    assert np.all(np.abs(fake_quantize_weight(w, 0, 4, block_size=32) - w) <= step / 2 * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("axis,shape,block", [(0, (40, 6), 16), (1, (6, 40), 16), (0, (64, 4), 32)])
+def test_block_dequantization_matches_onnxruntime(axis, shape, block):
+    """A block-wise int4 DequantizeLinear (opset 21) in onnxruntime equals dequantize_weight, ragged blocks too."""
+    w = np.random.default_rng(6).normal(size=shape).astype(np.float32)
+    scale = weight_scale(w, axis, 4, block_size=block)
+    q = quantize_weight(w, scale, axis, 4, block_size=block)
+    inits = [helper.make_tensor("q", TensorProto.INT4, shape, q.flatten().tolist()),
+             numpy_helper.from_array(scale, "s"),
+             helper.make_tensor("z", TensorProto.INT4, scale.shape, [0] * scale.size)]
+    node = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=axis, block_size=block)
+    graph = helper.make_graph([node], "dq", [], [helper.make_tensor_value_info("w", TensorProto.FLOAT, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    value = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    np.testing.assert_array_equal(value, dequantize_weight(q, scale, axis, block_size=block))
+
+
+def test_blocks_beat_per_channel_on_a_weight_with_outliers():
+    """An outlier inflates its whole column's per-channel step, but only its own block's step: about
+    block/256 of the elements keep the coarse step, the others get the fine one of plain Gaussian weights."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(256, 16)).astype(np.float32)
+    w[rng.integers(0, 256, 16), np.arange(16)] = 25.0  # one large input weight per output channel
+    per_channel = np.sum((fake_quantize_weight(w, 1, 4) - w) ** 2)
+    for block in (32, 64, 128):
+        blocked = np.sum((fake_quantize_weight(w, 0, 4, block_size=block) - w) ** 2)
+        assert blocked < (block / 256 + 0.1) * per_channel, block
+
+
+def test_block_tensor_quant_records_shape_and_round_trips_through_json():
+    from compiler.plan import QuantPlan
+
+    w = np.random.default_rng(8).normal(size=(64, 5)).astype(np.float32)
+    tq = weight_tensor_quant("w", w, 0, 4, block_size=32)
+    assert tq.block_size == 32 and tq.scale_shape == [2, 5] and tq.axis == 0 and len(tq.scale) == 10
+    assert tq.granularity == "block 32" and tq.zero_point_array().shape == (2, 5)
+    np.testing.assert_array_equal(tq.scale_array(), weight_scale(w, 0, 4, block_size=32))
+    plan = QuantPlan(weight_block_size=32, tensors={"w": tq})
+    loaded = QuantPlan.from_dict(json.loads(plan.to_json()))
+    assert loaded.weight_block_size == 32
+    np.testing.assert_array_equal(loaded.tensors["w"].scale_array(), tq.scale_array())
+    assert plan.weight_scale_bytes() == 10 * 4 + 5  # fp32 scales + packed int4 zero points
+
+
+def test_planned_scale_expands_a_block_entry():
+    from compiler.quantizers import planned_weight_scale
+
+    w = np.random.default_rng(9).normal(size=(6, 64)).astype(np.float32)  # Gemm transB: [N, K]
+    entry = weight_tensor_quant("w", w, 1, 4, block_size=16)
+    expanded = planned_weight_scale({"w": entry}, "w", w, 0, 4)
+    assert expanded.shape == w.shape
+    np.testing.assert_array_equal(fake_quantize_weight(w, 0, 4, expanded), fake_quantize_weight(w, 1, 4, block_size=16))
+    with pytest.raises(ValueError):
+        planned_weight_scale({"w": entry}, "w", w, 0, 8)
+
+
+def test_which_layers_get_blocks():
+    from compiler.quantizers import layer_weight_grid
+
+    assert layer_weight_grid(32, "MatMul", (384, 1536), 4, 1) == (0, 32)  # [K, N]: blocks along K
+    assert layer_weight_grid(32, "Gemm", (1536, 384), 4, 0) == (1, 32)  # transB [N, K]
+    assert layer_weight_grid(32, "MatMul", (384, 1536), 8, 1) == (1, None)  # int8 stays per channel
+    assert layer_weight_grid(32, "Conv", (16, 8, 3, 3), 4, 0) == (0, None)
+    assert layer_weight_grid(32, "MatMul", (32, 64), 4, 1) == (1, None)  # one block = per channel
+    assert layer_weight_grid(None, "MatMul", (384, 64), 4, 1) == (1, None)
