@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_options(compile_cmd)
     compile_cmd.add_argument("--eval", dest="eval_data", metavar="PATH",
                              help="held-out data for the fidelity report (same formats as --calib)")
+    compile_cmd.add_argument("--weight-block", metavar="N|channel",
+                             help="sub-8-bit MatMul/Gemm weights: one scale per N input channels per output channel "
+                                  "(block_size of DequantizeLinear / MatMulNBits, e.g. 32, 64, 128), or 'channel' "
+                                  "for per-output-channel scales (default: the recipe's choice; convolutions and "
+                                  "int8 weights are always per channel)")
     compile_cmd.add_argument("--target-triple", help="cross-compile, e.g. aarch64-linux-gnu")
     compile_cmd.add_argument("-o", "--output", default="out", help="output folder (default: out)")
     compile_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -99,7 +104,7 @@ def _compile(args: argparse.Namespace) -> int:
     options = CompileOptions(
         model=args.model, calib=args.calib, preprocess=args.preprocess, random_calib=args.random_calib,
         max_calib_samples=args.max_calib_samples, eval_data=args.eval_data, target=args.target,
-        device=args.device, target_triple=args.target_triple, bits=args.bits,
+        device=args.device, target_triple=args.target_triple, bits=args.bits, weight_block=args.weight_block,
         activation_type=args.activation_type, calibrate_method=args.calibrate_method,
         budget=args.budget, pins=args.pin, recipe=args.recipe, out_dir=args.output, progress=not args.quiet,
     )

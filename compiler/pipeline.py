@@ -5,8 +5,8 @@
   load + canonicalize -> calibration data -> recipe's float transforms
   (equalization, smoothing, rotation)
   -> select layers -> allocate bits (when a budget is given)
-  -> calibrate activation ranges -> recipe's weight rounding (GPTQ, bias
-  correction) -> insert QDQ
+  -> calibrate activation ranges -> weight grids (block-wise scales, when
+  chosen) -> recipe's weight rounding (GPTQ, bias correction) -> insert QDQ
   -> fidelity -> write model.qdq.onnx, plan.json, report.md
   -> target lowering (integer graph, code) when the target is not "onnx"
 
@@ -33,9 +33,16 @@ from compiler.errors import EdgeqError
 from compiler.loader import load_model
 from compiler.ort_kernels import kernel_usage
 from compiler.plan import QuantPlan
-from compiler.recipe import apply_rounding, apply_transforms, record_recipe, resolve_recipe
+from compiler.recipe import (
+    MIN_WEIGHT_BLOCK,
+    Recipe,
+    apply_rounding,
+    apply_transforms,
+    record_recipe,
+    resolve_recipe,
+)
 from passes.canonicalize import canonicalize
-from passes.insert_qdq import quantize_model, tensors_to_calibrate
+from passes.insert_qdq import plan_weight_grids, quantize_model, tensors_to_calibrate
 from passes.select_layers import select_layers
 from targets.base import CompileContext, get_target
 
@@ -64,6 +71,9 @@ class CompileOptions:
     device: str | None = None
     target_triple: str | None = None
     bits: str = "w8a8"
+    # Block-wise sub-8-bit MatMul/Gemm weights: "32", "64", ... (scale per block of the
+    # reduction axis), "channel" (per output channel), None (the recipe's choice).
+    weight_block: str | int | None = None
     activation_type: str = "uint8"
     calibrate_method: str = "auto"
     budget: str | None = None
@@ -96,6 +106,40 @@ def parse_bits(text: str) -> tuple[int, int]:
     return w_bits, a_bits
 
 
+def parse_weight_block(value: str | int | None) -> int | None:
+    """``--weight-block``: None (the recipe decides), 0 ("channel": per channel), or a block size."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in ("channel", "per-channel", "0"):
+        return 0
+    if not text.isdigit() or int(text) < MIN_WEIGHT_BLOCK:
+        raise EdgeqError(f"bad --weight-block '{value}': expected a block size (an integer >= {MIN_WEIGHT_BLOCK}, "
+                         "e.g. 32, 64, 128) or 'channel'")
+    return int(text)
+
+
+def choose_weight_block(option: str | int | None, recipe: Recipe, target_name: str,
+                        integer_only: bool) -> tuple[int | None, str]:
+    """The plan's ``weight_block_size`` and where it came from (recorded in plan.json).
+
+    An explicit block size for a target that lowers to the integer-only graph
+    is an error (its requantization is per output channel); a recipe's default
+    block size is dropped for such targets.
+    """
+    explicit = parse_weight_block(option)
+    if explicit is not None:
+        if explicit and integer_only:
+            raise EdgeqError(f"--weight-block {explicit}: target {target_name} lowers to an integer-only graph, "
+                             "which needs per-channel weight scales; use --weight-block channel")
+        return explicit or None, "--weight-block"
+    if recipe.weight_block_size and integer_only:
+        log.info("recipe %s: weight_block_size %d ignored for target %s (per-channel weights)",
+                 recipe.name, recipe.weight_block_size, target_name)
+        return None, f"per channel (recipe's block size ignored: target {target_name} is integer-only)"
+    return recipe.weight_block_size, f"recipe {recipe.name}"
+
+
 def compile_model(options: CompileOptions) -> CompileResult:
     """Run the whole flow for ``options``; see the module docstring for the order."""
     timings: dict[str, float] = {}
@@ -115,14 +159,17 @@ def compile_model(options: CompileOptions) -> CompileResult:
     calib, evaluation = stage("data", lambda: _data(options, float_model))
 
     recipe = resolve_recipe(options.recipe, float_model)
+    weight_block, weight_block_source = choose_weight_block(options.weight_block, recipe, options.target, integer_only)
     # The recipe's transforms rewrite the graph but keep its float function.
     model = stage("transforms", lambda: apply_transforms(recipe, float_model, calib, w_bits=w_bits, a_bits=a_bits))
     plan = stage("select", lambda: select_layers(
         model, w_bits=w_bits, a_bits=a_bits, integer_only=integer_only,
         activation_signed=options.activation_type == "int8"))
     plan.model, plan.target = str(model_path), options.target
+    plan.weight_block_size = weight_block
     record_recipe(plan, recipe)
     plan.recipe["calibrate_method"] = options.calibrate_method
+    plan.recipe["weight_block_source"] = weight_block_source
     if options.budget:
         from compiler.mixed import allocate_bits
 
@@ -131,6 +178,8 @@ def compile_model(options: CompileOptions) -> CompileResult:
 
     ranges = stage("calibrate", lambda: _calibrate(options, model, plan, calib, integer_only))
     transformed = model  # same function as float_model; its tensors are what the QDQ model approximates
+    # Block-wise grids go into the plan first: the rounding passes round onto the plan's grid.
+    plan.totals["block_wise_weights"] = plan_weight_grids(model, plan)
     model, plan = stage("rounding", lambda: apply_rounding(recipe, model, plan, calib, progress=options.progress))
     qdq = stage("insert_qdq", lambda: quantize_model(model, plan, ranges, integer_only=integer_only))
     stage("fidelity", lambda: _measure_fidelity(plan, float_model, transformed, qdq, calib, evaluation, options))

@@ -5,6 +5,7 @@ A recipe is a small TOML file (``compiler/recipes/<name>.toml`` or any path)::
     name = "cnn"
     family = "cnn"
     description = "..."
+    weight_block_size = 64                  # optional: block-wise sub-8-bit MatMul/Gemm weights
     [[steps]]
     pass = "equalize"                       # a name from PASSES
     options = { iterations = 20 }           # keyword options of that pass
@@ -19,6 +20,12 @@ allocation and activation calibration, right before QDQ insertion.
 ``default_recipe(model)`` picks by model family (conv nets: equalization +
 bias correction + GPTQ below 8 bits; transformers: smoothing + GPTQ below 8
 bits).  The recipe that ran is recorded in plan.json (``plan.recipe``).
+
+``weight_block_size`` is the recipe's default weight granularity for
+sub-8-bit MatMul/Gemm weights (one scale per that many reduction-axis
+elements per output channel, see ``compiler.quantizers``); ``--weight-block``
+overrides it, and targets that run an integer-only graph ignore it (their
+lowering has per-channel requantization only).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 TRANSFORM_PASSES = ("equalize", "smooth", "rotate")
 ROUNDING_PASSES = ("gptq", "bias_correction")
 FAMILY_RECIPES = {"cnn": "cnn", "transformer": "transformer", "other": "default"}
+MIN_WEIGHT_BLOCK = 2
 
 
 def _pass_function(name: str):
@@ -82,11 +90,13 @@ class Recipe:
     description: str = ""
     steps: list[RecipeStep] = field(default_factory=list)
     source: str = ""
+    weight_block_size: int | None = None  # default block-wise weight granularity (None: per channel)
 
     def to_dict(self) -> dict[str, Any]:
         """The form recorded in plan.json."""
         return {
             "name": self.name, "family": self.family, "source": self.source,
+            "weight_block_size": self.weight_block_size,
             "steps": [{"pass": step.pass_name, "options": dict(step.options),
                        **({"max_w_bits": step.max_w_bits} if step.max_w_bits is not None else {})}
                       for step in self.steps],
@@ -94,7 +104,8 @@ class Recipe:
 
     def with_steps(self, keep) -> Recipe:
         """A copy keeping the steps for which ``keep(step)`` is true (ablations)."""
-        return Recipe(self.name, self.family, self.description, [s for s in self.steps if keep(s)], self.source)
+        return Recipe(self.name, self.family, self.description, [s for s in self.steps if keep(s)], self.source,
+                      self.weight_block_size)
 
 
 def _parse(text: str, source: str) -> Recipe:
@@ -102,9 +113,13 @@ def _parse(text: str, source: str) -> Recipe:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise EdgeqError(f"recipe {source}: not valid TOML: {error}") from error
-    unknown = set(data) - {"name", "family", "description", "steps"}
+    unknown = set(data) - {"name", "family", "description", "steps", "weight_block_size"}
     if unknown:
         raise EdgeqError(f"recipe {source}: unknown keys {sorted(unknown)}")
+    block = data.get("weight_block_size")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < MIN_WEIGHT_BLOCK):
+        raise EdgeqError(f"recipe {source}: weight_block_size must be an integer >= {MIN_WEIGHT_BLOCK} "
+                         f"(omit it for per-channel weights), got {block!r}")
     steps = []
     for index, entry in enumerate(data.get("steps", [])):
         name = entry.get("pass")
@@ -126,7 +141,7 @@ def _parse(text: str, source: str) -> Recipe:
             raise EdgeqError(f"recipe {source}: pass {name}: max_w_bits must be an integer")
         steps.append(RecipeStep(name, options, max_w_bits))
     return Recipe(str(data.get("name", Path(source).stem)), str(data.get("family", "any")),
-                  str(data.get("description", "")), steps, source)
+                  str(data.get("description", "")), steps, source, block)
 
 
 def available_recipes() -> list[str]:

@@ -32,18 +32,29 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _weight_granularity(plan: QuantPlan) -> str:
+    blocks = sorted({tq.block_size for tq in plan.tensors.values() if tq.role == "weight" and tq.block_wise})
+    if not blocks:
+        return "weights per channel (symmetric)"
+    sizes = "/".join(str(size) for size in blocks)
+    return (f"weights symmetric: sub-8-bit MatMul/Gemm weights in blocks of {sizes} along the reduction axis "
+            f"({plan.recipe.get('weight_block_source', 'plan')}), the others per channel")
+
+
 def render_report(plan: QuantPlan) -> str:
     """The markdown text of report.md."""
     lines = [f"# edgeq report: {Path(plan.model).name or 'model'}", ""]
     lines += [f"- target: `{plan.target}`",
               f"- default bits: w{plan.w_bits}a{plan.a_bits}, activations "
-              f"{'int' if plan.activation_signed else 'uint'}{plan.a_bits} per tensor, weights per channel (symmetric)",
+              f"{'int' if plan.activation_signed else 'uint'}{plan.a_bits} per tensor, {_weight_granularity(plan)}",
               f"- calibration: {plan.recipe.get('calibrate_method', '-')}"]
     if plan.recipe.get("passes"):
         lines.append(f"- recipe: {plan.recipe.get('name', '-')} ({', '.join(plan.recipe['passes'])})")
     totals = plan.totals
-    lines.append(f"- weights: {totals.get('weight_bytes', 0):,} bytes "
-                 f"(int8 everywhere would be {totals.get('int8_weight_bytes', 0):,})")
+    lines.append(f"- weights: {totals.get('weight_bytes', 0):,} bytes packed "
+                 f"(int8 everywhere would be {totals.get('int8_weight_bytes', 0):,})"
+                 + (f" + {totals['weight_scale_bytes']:,} bytes of scales and zero points"
+                    if "weight_scale_bytes" in totals else ""))
     if plan.budget:
         lines.append("- budget: " + ", ".join(f"{key}={_fmt(value)}" for key, value in plan.budget.items()))
     lines.append("")
@@ -68,11 +79,13 @@ def render_report(plan: QuantPlan) -> str:
     rows = []
     for layer in plan.layers.values():
         tensor_sqnr = sqnr.get(layer.info.get("output", layer.outputs[0]))
+        weight_quant = plan.tensors.get(layer.weight) if layer.weight else None
         rows.append([f"`{layer.node}`", layer.op_type, _fmt(layer.w_bits), str(layer.a_bits),
+                     weight_quant.granularity if weight_quant else "-",
                      _range(plan, layer.weight), _range(plan, layer.inputs[0] if layer.inputs else None),
                      f"{layer.weight_bytes:,}", _fmt(tensor_sqnr, 3),
                      layer.info.get("fused_activation", "")])
-    lines += _table(["layer", "op", "w_bits", "a_bits", "weight range", "input range", "weight bytes",
+    lines += _table(["layer", "op", "w_bits", "a_bits", "weight scales", "weight range", "input range", "weight bytes",
                      "SQNR dB", "fused"], rows) + [""]
 
     if sqnr:

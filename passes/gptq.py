@@ -3,14 +3,20 @@
 Requires: a float graph, a QuantPlan (``plan.layers`` after allocation, or an
 empty plan: then every Conv/Gemm/MatMul gets ``plan.w_bits``), calibration data.
 Guarantees: every planned layer's weight lies exactly on its quantization grid
-(symmetric per output channel, zero point 0, ``compiler.quantizers``), and
-``plan.tensors[weight]`` holds that grid's TensorQuant (scale, axis, bits), so
-QDQ insertion reproduces the integers exactly.  Columns are rounded one at a
+(symmetric per output channel, or per block of the reduction axis -- GPTQ's
+"group size" -- when the weight's plan entry is block-wise or
+``plan.weight_block_size`` applies to the layer; zero point 0,
+``compiler.quantizers``), and ``plan.tensors[weight]`` holds that grid's
+TensorQuant (scale, axis, block size, bits), so QDQ insertion reproduces the
+integers exactly.  (Option ``block_size`` is GPTQ's column batch for the
+lazy error update, not the quantization block.)  Columns are rounded one at a
 time and the rounding error is pushed onto the not-yet-rounded columns
 through the inverse Hessian ``H = E[x x^T]`` of the layer's input (im2col
 patches for convolutions, one Hessian per channel for depthwise ones), which
-minimises ``||(W - Q) X||``.  The per-channel scale is searched (clipping the
-range) under the Hessian-diagonal-weighted error when ``scale_search`` is on.
+minimises ``||(W - Q) X||``.  The per-channel (or per-block) scale is searched
+(clipping the range) under the Hessian-diagonal-weighted error when
+``scale_search`` is on; block scales are fixed before the error feedback
+starts ("static groups"), so activation ordering keeps working with them.
 Float function: NOT preserved -- this is the rounding step.
 Bounded time: a progress bar per layer; once ``max_seconds`` is spent the
 remaining layers get nearest rounding on the same grid (logged).
@@ -38,7 +44,14 @@ from compiler.linear_layers import (
     planned_layers,
 )
 from compiler.plan import QuantPlan, int_range
-from compiler.quantizers import qmax_for, weight_scale, weight_tensor_quant
+from compiler.quantizers import (
+    block_view,
+    expand_block_scale,
+    qmax_for,
+    weight_block_size,
+    weight_scale,
+    weight_tensor_quant,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +62,28 @@ def _quantize(values: np.ndarray, scale: np.ndarray, lo: int, hi: int) -> np.nda
     return np.clip(np.round(values / scale), lo, hi) * scale
 
 
-def search_scale(weight: np.ndarray, hessian_diag: np.ndarray, bits: int, grid: int = 20, lowest: float = 0.5) -> np.ndarray:
-    """Per-row scale ``r * max|w| / qmax`` with ``r`` in ``[lowest, 1]`` minimising the H-diagonal error.
+def search_scale(weight: np.ndarray, hessian_diag: np.ndarray, bits: int, grid: int = 20, lowest: float = 0.5,
+                 block_size: int | None = None) -> np.ndarray:
+    """Per-row (or per-block) scale ``r * max|w| / qmax``, ``r`` in ``[lowest, 1]``, minimising the
+    H-diagonal-weighted squared error.
 
-    ``weight`` [G, R, K], ``hessian_diag`` [G, K]; returns [G, R] float32.
+    ``weight`` [G, R, K], ``hessian_diag`` [G, K]; returns [G, R] float32, or
+    [G, R, ceil(K / block_size)] with ``block_size`` (blocks along K).
     """
     lo, hi = int_range(bits, signed=True)
-    base = weight_scale(weight.reshape(-1, weight.shape[-1]), 0, bits).reshape(weight.shape[:2]).astype(np.float64)
+    size = block_size or weight.shape[-1]
+    blocks = block_view(weight, -1, size)  # [G, R, nb, B], the last block zero-padded
+    importance = block_view(hessian_diag, -1, size)[:, None]  # [G, 1, nb, B]
+    base = weight_scale(blocks.reshape(-1, size), 0, bits).reshape(blocks.shape[:3]).astype(np.float64)
     best = base.copy()
     best_error = np.full(base.shape, np.inf)
     for ratio in np.linspace(1.0, lowest, grid):
         scale = base * ratio
-        error = np.sum((weight - _quantize(weight, scale[..., None], lo, hi)) ** 2 * hessian_diag[:, None, :], axis=-1)
+        error = np.sum((blocks - _quantize(blocks, scale[..., None], lo, hi)) ** 2 * importance, axis=-1)
         better = error < best_error
         best[better], best_error[better] = scale[better], error[better]
-    return best.astype(np.float32)
+    best = best.astype(np.float32)
+    return best if block_size else best[..., 0]
 
 
 def _inverse_hessian_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
@@ -91,9 +111,10 @@ def gptq_round(
     damp: float = 0.01,
     act_order: bool = True,
 ) -> np.ndarray:
-    """Round ``weight`` [G, R, K] onto ``scale`` [G, R] with GPTQ error feedback; returns float64 on grid.
+    """Round ``weight`` [G, R, K] onto ``scale`` with GPTQ error feedback; returns float64 on grid.
 
-    ``hessian`` [G, K, K] is ``E[x x^T]`` of each group's input.
+    ``scale`` is [G, R] (one per row) or [G, R, K] (one per element: block
+    scales expanded); ``hessian`` [G, K, K] is ``E[x x^T]`` of each group's input.
     """
     lo, hi = int_range(bits, signed=True)
     weight = weight.astype(np.float64).copy()
@@ -110,6 +131,9 @@ def gptq_round(
     hessian = np.take_along_axis(np.take_along_axis(hessian, order[:, :, None], axis=1), order[:, None, :], axis=2)
     upper = _inverse_hessian_factor(hessian, damp)
     scale = scale.astype(np.float64)
+    column_scales = scale.ndim == 3
+    if column_scales:  # the scales travel with their columns
+        scale = np.take_along_axis(scale, order[:, None, :], axis=-1)
     rounded = np.zeros_like(weight)
     for start in range(0, size, block_size):
         stop = min(start + block_size, size)
@@ -118,7 +142,7 @@ def gptq_round(
         factor = upper[:, start:stop, start:stop]
         for i in range(stop - start):
             column = block[:, :, i]
-            q = _quantize(column, scale, lo, hi)
+            q = _quantize(column, scale[:, :, start + i] if column_scales else scale, lo, hi)
             rounded[:, :, start + i] = q
             error = (column - q) / factor[:, i, i][:, None]
             block[:, :, i:] -= error[:, :, None] * factor[:, None, i, i:]
@@ -148,6 +172,7 @@ def _round_layer(result: onnx.ModelProto, plan: QuantPlan, layer: LinearLayer, b
                  hessian: np.ndarray | None, options: dict) -> None:
     """Round one layer (GPTQ when ``hessian`` is given, else nearest) and record its grid."""
     weight = _grouped(layer, result).astype(np.float64)
+    block_size = _block_size(plan, layer, result, bits)
     if hessian is not None:
         hessian = hessian if hessian.ndim == 3 else hessian[None]
         if hessian.shape[-1] != weight.shape[-1]:
@@ -155,31 +180,56 @@ def _round_layer(result: onnx.ModelProto, plan: QuantPlan, layer: LinearLayer, b
     if options["scale_search"]:
         diag = (np.diagonal(hessian, axis1=-2, axis2=-1) if hessian is not None
                 else np.ones(weight.shape[::2]))
-        scale = search_scale(weight, diag, bits)
+        scale = search_scale(weight, diag, bits, block_size=block_size)
+    elif block_size:
+        scale = weight_scale(weight, -1, bits, block_size)
     else:
         scale = weight_scale(weight.reshape(-1, weight.shape[-1]), 0, bits).reshape(weight.shape[:2])
+    block_scale = scale
+    if block_size:  # one scale per element from here on
+        scale = expand_block_scale(scale, weight.shape, -1, block_size)
     if hessian is not None:
         rounded = gptq_round(weight, hessian, scale, bits, block_size=options["block_size"],
                              damp=options["damp"], act_order=options["act_order"])
         method = "gptq"
     else:
         lo, hi = int_range(bits, signed=True)
-        rounded = _quantize(weight, scale[..., None].astype(np.float64), lo, hi)
+        rounded = _quantize(weight, (scale if block_size else scale[..., None]).astype(np.float64), lo, hi)
         method = options.get("fallback", "nearest")
         log.info("gptq: %s: %s", layer.name, method)
-    channel_scale = scale.reshape(-1)
+    # [R, K] matrix of each element's scale (rows: output channels of every group)
+    element_scale = (scale.reshape(-1, weight.shape[-1]) if block_size
+                     else np.repeat(scale.reshape(-1, 1), weight.shape[-1], axis=1)).astype(np.float32)
     # q * scale in float32 is the grid value QuantizeLinear maps back to q exactly.
-    integers = np.clip(np.round(rounded.reshape(-1, weight.shape[-1]) / channel_scale[:, None].astype(np.float64)),
+    integers = np.clip(np.round(rounded.reshape(-1, weight.shape[-1]) / element_scale.astype(np.float64)),
                        -qmax_for(bits) - 1, qmax_for(bits))
-    on_grid = (integers.astype(np.float32) * channel_scale[:, None]).astype(np.float32)
+    on_grid = (integers.astype(np.float32) * element_scale).astype(np.float32)
     new_weight = layer.from_matrix(result, on_grid)
     set_initializer(result, layer.weight, new_weight)
-    plan.tensors[layer.weight] = weight_tensor_quant(layer.weight, new_weight, layer.out_axis, bits, channel_scale)
+    if block_size:  # the [R, blocks] scale in the weight's layout: blocks along its reduction axis
+        block_scale = block_scale.reshape(-1, block_scale.shape[-1])
+        axis = 1 - layer.out_axis % 2
+        plan.tensors[layer.weight] = weight_tensor_quant(
+            layer.weight, new_weight, axis, bits, block_scale if axis == 1 else block_scale.T, block_size)
+    else:
+        plan.tensors[layer.weight] = weight_tensor_quant(layer.weight, new_weight, layer.out_axis, bits,
+                                                         element_scale[:, 0])
     entry = plan.layers.get(layer.name)
     error = _reconstruction_error(weight, rounded, hessian) if hessian is not None else None
     if entry is not None:
         entry.info.update(rounding=method, gptq_error=error)
     log.debug("gptq: %s: %d-bit, relative error %s (%s)", layer.name, bits, error, method)
+
+
+def _block_size(plan: QuantPlan, layer: LinearLayer, model: onnx.ModelProto, bits: int) -> int | None:
+    """The weight's quantization block: its plan entry's, else the plan's rule for the layer."""
+    entry = plan.tensors.get(layer.weight)
+    if entry is not None and entry.bits == bits and entry.block_wise:
+        return entry.block_size
+    if layer.is_depthwise:
+        return None
+    shape = layer.weight_array(model).shape
+    return weight_block_size(plan.weight_block_size, layer.op_type, shape, bits, layer.out_axis)
 
 
 def _hessians(model: onnx.ModelProto, chunk: list[tuple[LinearLayer, int]], data, batch_size: int,

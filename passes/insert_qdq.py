@@ -7,6 +7,11 @@ describes and loads in onnxruntime, which fuses the pairs into its integer
 kernels (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, ...):
   * weights are stored as integers (int8, or int4 with opset 21) feeding a
     per-channel DequantizeLinear; biases as int32 with scale ``sx * sw``;
+  * with ``plan.weight_block_size``, sub-8-bit MatMul/Gemm weights feed a
+    block-wise DequantizeLinear instead (``axis`` = the reduction axis,
+    ``block_size``, opset 21; ``compiler.quantizers.layer_weight_grid`` says
+    which layers); their bias stays float, since no single ``sx * sw`` exists
+    (onnxruntime runs such a layer as DequantizeLinear + float MatMul);
   * each quantized activation gets one Q -> DQ pair; tensors that must share a
     quantizer (Concat inputs and output, data-movement ops, max pooling) get
     the same scale and zero point;
@@ -41,7 +46,13 @@ from compiler.graph import (
     topological_sort,
 )
 from compiler.plan import LayerPlan, QuantPlan, TensorQuant, int_range
-from compiler.quantizers import quantize_weight, weight_output_axis, weight_tensor_quant
+from compiler.quantizers import (
+    dequantize_weight,
+    layer_weight_grid,
+    quantize_weight,
+    weight_output_axis,
+    weight_tensor_quant,
+)
 from passes.canonicalize import infer_shapes
 from passes.select_layers import FUSIBLE_ACTIVATIONS, PASS_THROUGH_OPS
 
@@ -58,6 +69,7 @@ _ONNX_INT_TYPES = {
 # No INT2: onnxruntime 1.31 loads INT2 DequantizeLinear at opset 25, but fuses
 # DQ(int2) -> Conv -> Q into a QLinearConv that then refuses the int2 weight.
 _OPSET_FOR_BITS = {8: 13, 32: 13, 16: 21, 4: 21}
+_OPSET_FOR_BLOCKS = 21  # DequantizeLinear's block_size attribute
 
 
 @dataclass
@@ -213,23 +225,62 @@ def _fuse_activation(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPlan) 
     layer.info["output"] = fused.output[0]
 
 
-def _quantize_weight_and_bias(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPlan, new_name) -> None:
-    node = next(n for n in model.graph.node if n.name == layer.node)
-    weight = initializer_array(model, layer.weight)
-    axis = weight_output_axis(layer.op_type, weight.ndim, attribute(node, "transB", 0))
+def _layer_node(model: onnx.ModelProto, layer: LayerPlan) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.name == layer.node)
+
+
+def _weight_quant(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPlan) -> TensorQuant:
+    """The plan's entry for the layer's weight, or a new one on the shared grid (minmax scales)."""
     tq = plan.tensors.get(layer.weight)
-    if tq is None or tq.bits != layer.w_bits:
-        tq = weight_tensor_quant(layer.weight, weight, axis, layer.w_bits)
-        plan.tensors[layer.weight] = tq
+    if tq is not None and tq.bits == layer.w_bits:
+        return tq
+    weight = initializer_array(model, layer.weight)
+    out_axis = weight_output_axis(layer.op_type, weight.ndim, attribute(_layer_node(model, layer), "transB", 0))
+    axis, block_size = layer_weight_grid(plan.weight_block_size, layer.op_type, weight.shape, layer.w_bits, out_axis)
+    tq = weight_tensor_quant(layer.weight, weight, axis, layer.w_bits, block_size=block_size)
+    plan.tensors[layer.weight] = tq
+    return tq
+
+
+def plan_weight_grids(model: onnx.ModelProto, plan: QuantPlan) -> int:
+    """Record a block-wise quantizer for every layer that gets one; returns how many.
+
+    Run before the rounding passes, so that GPTQ and bias correction (which
+    follow a weight's plan entry) round onto the blocks QDQ insertion exports.
+    Per-channel weights need no entry in advance: the passes derive the same
+    grid themselves.
+    """
+    count = 0
+    for layer in plan.layers.values():
+        if not layer.w_bits or not layer.weight or not plan.weight_block_size:
+            continue
+        existing = plan.tensors.get(layer.weight)
+        tq = _weight_quant(model, plan, layer)
+        if not tq.block_wise:
+            if existing is None:
+                del plan.tensors[layer.weight]
+            continue
+        layer.info["weight_block_size"] = tq.block_size
+        count += 1
+    return count
+
+
+def _quantize_weight_and_bias(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPlan, new_name) -> None:
+    node = _layer_node(model, layer)
+    weight = initializer_array(model, layer.weight)
+    tq = _weight_quant(model, plan, layer)
     input_quant = plan.tensors.get(layer.inputs[0])
     bias = initializer_array(model, layer.bias) if layer.bias else None
+    if tq.block_wise:
+        layer.info["weight_block_size"] = tq.block_size
+        input_quant = None  # one scale per output channel is needed for an int32 bias: it stays float
     if input_quant is not None and bias is not None:
         _widen_scales_for_int32_bias(tq, bias, float(input_quant.scale[0]))
-    q_weight = quantize_weight(weight, tq.scale_array(), tq.axis, tq.bits)
+    q_weight = quantize_weight(weight, tq.scale_array(), tq.axis, tq.bits, tq.block_size)
     node.input[1] = _dequantized_initializer(model, layer.weight, q_weight, tq, new_name)
 
     if input_quant is None or bias is None:
-        return  # no bias, or the input stays float: the bias stays float too
+        return  # no bias, the input stays float, or block-wise weights: the bias stays float too
     bias_scale = (np.float32(input_quant.scale[0]) * tq.scale_array()).astype(np.float32)
     bias_scale = np.broadcast_to(bias_scale, bias.shape).astype(np.float32)
     lo, hi = int_range(32, True)
@@ -269,13 +320,15 @@ def _dequantized_initializer(model, name: str, q_value: np.ndarray, tq: TensorQu
             helper.make_tensor(q_name, elem_type, q_value.shape, q_value.astype(np.int8).flatten().tolist()))
     else:
         set_initializer(model, q_name, q_value)
-    per_channel = tq.axis is not None and len(tq.scale) > 1
+    per_channel = tq.axis is not None and (len(tq.scale) > 1 or tq.block_wise)
     scale = tq.scale_array() if per_channel else np.float32(tq.scale[0])
     set_initializer(model, scale_name, scale)
-    zero = np.zeros(len(tq.scale) if per_channel else (), dtype=np.int64)
+    zero = np.zeros(scale.shape, dtype=np.int64)
     model.graph.initializer.append(
         helper.make_tensor(zp_name, elem_type, zero.shape, zero.flatten().tolist()))
     attrs = {"axis": tq.axis} if per_channel else {}
+    if tq.block_wise:
+        attrs["block_size"] = tq.block_size
     model.graph.node.append(helper.make_node(
         "DequantizeLinear", [q_name, scale_name, zp_name], [out_name], name=new_name(f"{name}_DequantizeLinear"), **attrs))
     return out_name
@@ -324,6 +377,8 @@ def _with_opset(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     widths = [layer.w_bits for layer in plan.layers.values() if layer.w_bits] + \
         [layer.a_bits for layer in plan.layers.values()]
     needed = max([_OPSET_FOR_BITS.get(bits, 21) for bits in widths] + [13])
+    if plan.weight_block_size or any(tq.block_wise for tq in plan.tensors.values()):
+        needed = max(needed, _OPSET_FOR_BLOCKS)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     if opset_version(copy) < needed:
@@ -339,6 +394,9 @@ def dequantized_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
             q = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == node.input[0]))
             scale = initializer_array(model, node.input[1])
             axis = attribute(node, "axis", 1)
+            block_size = attribute(node, "block_size", 0)
+            if block_size:
+                return dequantize_weight(q, scale, axis, block_size)
             if scale.ndim == 1 and q.ndim > 1:
                 shape = [1] * q.ndim
                 shape[axis] = -1

@@ -295,7 +295,9 @@ class _Integerizer:
         zero = (self._const(node.input[2], node) if len(node.input) > 2 and node.input[2]
                 else np.zeros_like(scale, dtype=np.int64))
         if attribute(node, "block_size", 0):
-            raise EdgeqError(f"{_describe(node)}: block-wise weight quantization is not supported")
+            raise EdgeqError(f"{_describe(node)}: block-wise weight scales (block_size "
+                             f"{attribute(node, 'block_size', 0)}) have no integer-only lowering (requantization "
+                             "is per output channel); quantize with --weight-block channel")
         axis = attribute(node, "axis", 1)
         if axis < 0:
             axis += values.ndim

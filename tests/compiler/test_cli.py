@@ -73,6 +73,8 @@ def _bad_opset_model(path):
     ("bad_bits", "--bits"),
     ("unknown_option", "unrecognized arguments"),
     ("unknown_target", "invalid choice"),
+    ("bad_weight_block", "--weight-block"),
+    ("weight_block_on_integer_target", "integer-only"),
 ])
 def test_user_errors_exit_2_with_one_line_and_write_nothing(workspace, capsys, case, expected):
     model, calib = workspace / "tiny.onnx", workspace / "calib"
@@ -98,6 +100,10 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(workspace, capsys, c
         extra = ["--frobnicate"]
     elif case == "unknown_target":
         extra = ["--target", "tpu"]
+    elif case == "bad_weight_block":
+        extra = ["--bits", "w4a8", "--weight-block", "1"]
+    elif case == "weight_block_on_integer_target":
+        extra = ["--bits", "w4a8", "--weight-block", "32", "--target", "cpu"]
     args = ["compile", model, "-o", workspace / "out", "-q", *extra]
     if case != "no_calib":
         args[2:2] = ["--calib", calib]
@@ -192,3 +198,29 @@ def test_pinned_layer_keeps_its_bits_under_a_budget(workspace, capsys):
     code, _, stderr = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
                               "--budget", "size=0.85", "--pin", "nope=w8", "-o", workspace / "out2", "-q")
     assert code == 2 and "not a quantized layer" in stderr
+
+
+def test_weight_block_flag_exports_block_wise_int4_weights(workspace, capsys):
+    """--bits w4a8 --weight-block 4: the Gemm head (K=8) gets two blocks per output channel, the convs
+    stay per channel; plan.json, report.md and the QDQ model (run by onnxruntime) all say so."""
+    import onnxruntime as ort
+
+    out = workspace / "out"
+    code, _, _ = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                         "--bits", "w4a8", "--weight-block", "4", "-o", out, "-q")
+    assert code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["weight_block_size"] == 4 and plan["recipe"]["weight_block_source"] == "--weight-block"
+    tensors = {entry["name"]: entry for entry in plan["tensors"]}
+    fc = next(layer for layer in plan["layers"] if layer["node"] == "fc")
+    conv = next(layer for layer in plan["layers"] if layer["node"] == "conv2")
+    assert tensors[fc["weight"]]["block_size"] == 4 and tensors[fc["weight"]]["scale_shape"] == [10, 2]
+    assert tensors[conv["weight"]]["block_size"] is None
+    assert plan["totals"]["weight_scale_bytes"] >= 4 * 20
+    assert "| `fc` | Gemm | 4 | 8 | block 4 |" in (out / "report.md").read_text()
+    qdq = onnx.load(str(out / "model.qdq.onnx"))
+    blocked = [node for node in qdq.graph.node if node.op_type == "DequantizeLinear"
+               and any(attr.name == "block_size" and attr.i == 4 for attr in node.attribute)]
+    assert len(blocked) == 1
+    session = ort.InferenceSession(str(out / "model.qdq.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": random_inputs((3, 16, 16), 2)})[0].shape == (2, 10)

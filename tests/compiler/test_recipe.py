@@ -46,6 +46,8 @@ def test_family_defaults():
         ('[[steps]]\npass = "equalize"\noptions = { colour = 1 }\n', "unknown options"),
         ("name = [", "not valid TOML"),
         ('flavour = "x"\n', "unknown keys"),
+        ("weight_block_size = 1\n", "weight_block_size"),
+        ('weight_block_size = "64"\n', "weight_block_size"),
     ],
 )
 def test_bad_recipes_are_user_errors(tmp_path, text, message):
@@ -73,3 +75,20 @@ def test_recipe_runs_and_is_recorded(tmp_path):
     mine = load_recipe(str(custom))
     rotated = apply_transforms(mine, linear_pair(), {})
     assert rotated.SerializeToString() != linear_pair().SerializeToString()
+
+
+def test_weight_block_size_key_is_recorded_and_cli_overrides_it(tmp_path):
+    from compiler.pipeline import choose_weight_block
+
+    path = tmp_path / "blocks.toml"
+    path.write_text('name = "blocks"\nweight_block_size = 64\nsteps = []\n')
+    recipe = load_recipe(str(path))
+    assert recipe.weight_block_size == 64 and recipe.to_dict()["weight_block_size"] == 64
+    assert recipe.with_steps(lambda step: True).weight_block_size == 64
+    assert choose_weight_block(None, recipe, "onnx", False) == (64, "recipe blocks")
+    assert choose_weight_block("32", recipe, "onnx", False) == (32, "--weight-block")
+    assert choose_weight_block("channel", recipe, "onnx", False) == (None, "--weight-block")
+    block, source = choose_weight_block(None, recipe, "cpu", True)  # integer-only: the default is dropped
+    assert block is None and "ignored" in source
+    with pytest.raises(EdgeqError, match="integer-only"):
+        choose_weight_block("64", recipe, "cpu", True)

@@ -7,7 +7,7 @@ import numpy as np
 from compiler.graph import initializer_array, set_initializer
 from compiler.linear_layers import find_linear_layers
 from compiler.plan import LayerPlan, QuantPlan
-from compiler.quantizers import fake_quantize_weight, quantize_weight
+from compiler.quantizers import dequantize_weight, fake_quantize_weight, quantize_weight
 from passes.gptq import _reconstruction_error, gptq, gptq_round, search_scale
 from tests.passes.tiny_models import conv_data, conv_net, mlp_block, mlp_data, run
 
@@ -92,3 +92,57 @@ def test_pointwise_conv_hessian_from_pixels_equals_im2col():
     exact = collect_second_moment(model, data, [project.input], conv_patches={project.input: ConvPatches((1, 1))},
                                   progress=False)[project.input]
     np.testing.assert_allclose(fast.reshape(exact.shape), exact, rtol=1e-6, atol=1e-9)
+
+
+# -- block-wise scales (GPTQ's "group size") ---------------------------------------------------
+
+
+def test_block_wise_weights_land_on_the_recorded_block_grid():
+    model, data = mlp_block(hidden=16, ffn=32), mlp_data(count=32)
+    plan = QuantPlan(w_bits=4, weight_block_size=8)
+    result, plan = gptq(model, plan, data, progress=False)
+    for layer in find_linear_layers(result).values():
+        entry = plan.tensors[layer.weight]
+        weight = initializer_array(result, layer.weight)
+        reduction = weight.shape[0]  # MatMul weights [K, N]: blocks along K (axis 0)
+        assert entry.block_size == 8 and entry.axis == 0 and entry.scale_shape == [reduction // 8, weight.shape[1]]
+        q = quantize_weight(weight, entry.scale_array(), entry.axis, 4, entry.block_size)
+        assert np.abs(q).max() <= 8
+        np.testing.assert_array_equal(dequantize_weight(q, entry.scale_array(), entry.axis, entry.block_size), weight)
+
+
+def test_block_wise_gptq_follows_a_block_entry_already_in_the_plan():
+    """The pipeline records the blocks before rounding; GPTQ keeps that block size."""
+    from compiler.quantizers import weight_tensor_quant
+
+    model, data = mlp_block(hidden=16, ffn=32), mlp_data(count=32)
+    plan = QuantPlan(w_bits=4)
+    plan.tensors["w_up"] = weight_tensor_quant("w_up", initializer_array(model, "w_up"), 0, 4, block_size=4)
+    _, plan = gptq(model, plan, data, progress=False)
+    assert plan.tensors["w_up"].block_size == 4 and plan.tensors["w_up"].scale_shape == [4, 32]
+    assert plan.tensors["w_down"].block_size is None  # no block entry, no plan default: per channel
+
+
+def test_block_scales_reconstruct_better_than_per_channel():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2048, 128)) @ rng.normal(size=(128, 128))
+    hessian = (x.T @ x / len(x))[None]
+    weight = rng.normal(size=(1, 16, 128))
+    weight[0, np.arange(16), rng.integers(0, 128, 16)] *= 12  # one outlier input weight per row
+    diag = np.diagonal(hessian, axis1=1, axis2=2)
+    channel_scale = search_scale(weight, diag, 4)
+    block_scale = search_scale(weight, diag, 4, block_size=32)
+    assert channel_scale.shape == (1, 16) and block_scale.shape == (1, 16, 4)
+    per_channel = gptq_round(weight, hessian, channel_scale, 4)
+    blocked = gptq_round(weight, hessian, np.repeat(block_scale, 32, axis=-1), 4)
+    assert _reconstruction_error(weight, blocked, hessian) < _reconstruction_error(weight, per_channel, hessian)
+
+
+def test_block_wise_model_output_closer_than_per_channel():
+    model, data = mlp_block(outlier=1.0, hidden=16, ffn=64), mlp_data(count=64)
+    reference = run(model, data)[0]
+    errors = {}
+    for block in (None, 8):
+        result, _ = gptq(model, QuantPlan(w_bits=4, weight_block_size=block), data, progress=False)
+        errors[block] = np.mean((run(result, data)[0] - reference) ** 2)
+    assert errors[8] < errors[None]

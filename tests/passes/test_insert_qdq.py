@@ -162,3 +162,89 @@ def test_activation_stays_when_its_output_is_not_quantized():
     assert "Relu" in [node.op_type for node in qdq.graph.node]
     x = random_inputs((3, 16, 16), 8, seed=5)
     assert compare_outputs(outputs(model, x), outputs(qdq, x))["sqnr_db"] > 30
+
+
+# -- block-wise weights ------------------------------------------------------------------------
+
+
+def _blockwise_linear_pair(block: int):
+    """linear_pair (Gemm transB [24, 12], MatMul [24, 8]) at w4a8 with block-wise weights."""
+    from tests.passes.tiny_models import linear_pair
+
+    model = canonicalize(linear_pair())
+    plan = select_layers(model, w_bits=4, a_bits=8)
+    plan.weight_block_size = block
+    calib = {"x": np.random.default_rng(3).normal(size=(64, 12)).astype(np.float32)}
+    ranges = collect_ranges(model, calib, tensors_to_calibrate(model, plan), progress=False)
+    return model, plan, quantize_model(model, plan, ranges), calib
+
+
+def _weight_dequantizers(qdq: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Layer node name -> the DequantizeLinear feeding its weight input."""
+    made_by = {node.output[0]: node for node in qdq.graph.node}
+    return {node.name: made_by[node.input[1]] for node in qdq.graph.node if node.op_type in ("Gemm", "MatMul")
+            and made_by.get(node.input[1]) is not None and made_by[node.input[1]].op_type == "DequantizeLinear"}
+
+
+def test_block_wise_weights_are_exported_as_blocked_dequantize_linear():
+    from compiler.graph import attribute, initializer_array, opset_version
+
+    model, plan, qdq, _ = _blockwise_linear_pair(8)
+    onnx.checker.check_model(qdq)
+    assert opset_version(qdq) >= 21
+    dequantizers = _weight_dequantizers(qdq)
+    # Gemm transB weight [N=24, K=12]: blocks along axis 1 (8 + a short 4); MatMul [K=24, N=8]: axis 0
+    for layer_name, axis, scale_shape in (("fc1", 1, (24, 2)), ("fc2", 0, (3, 8))):
+        node = dequantizers[layer_name]
+        tq = plan.tensors[plan.layers[layer_name].weight]
+        assert attribute(node, "block_size", 0) == 8 and attribute(node, "axis", 1) == axis
+        assert tq.block_size == 8 and tq.axis == axis and tq.scale_shape == list(scale_shape)
+        assert initializer_array(qdq, node.input[1]).shape == scale_shape
+        assert next(i for i in qdq.graph.initializer if i.name == node.input[0]).data_type == TensorProto.INT4
+        assert plan.layers[layer_name].info["weight_block_size"] == 8
+    gemm = next(node for node in qdq.graph.node if node.name == "fc1")
+    assert initializer_array(qdq, gemm.input[2]) is not None  # no per-channel sx*sw: the bias stays float
+
+
+def test_block_wise_qdq_model_matches_numpy_block_dequantization():
+    """onnxruntime's blocked DequantizeLinear gives exactly the numpy block grid of compiler.quantizers."""
+    from compiler.graph import initializer_array
+    from compiler.quantizers import fake_quantize_weight
+    from passes.insert_qdq import dequantized_value
+
+    model, plan, qdq, calib = _blockwise_linear_pair(8)
+    reference = onnx.ModelProto()
+    reference.CopyFrom(qdq)
+    for layer_name, node in _weight_dequantizers(qdq).items():
+        tq = plan.tensors[plan.layers[layer_name].weight]
+        float_weight = initializer_array(model, plan.layers[layer_name].weight)
+        numpy_value = fake_quantize_weight(float_weight, tq.axis, 4, block_size=tq.block_size)
+        np.testing.assert_array_equal(dequantized_value(qdq, node.output[0]), numpy_value)
+        reference.graph.node.remove(node)
+        reference.graph.initializer.append(numpy_helper.from_array(numpy_value, node.output[0]))
+    x = calib["x"][:16]
+    quantized = session(qdq).run(None, {"x": x})[0]
+    # The reference runs op by op: with a float weight between Q/DQ activations onnxruntime's
+    # graph fusions would quantize that weight themselves.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(reference.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(quantized, plain.run(None, {"x": x})[0], rtol=1e-5, atol=1e-4)
+    assert compare_outputs(session(model).run(None, {"x": x})[0], quantized)["sqnr_db"] > 15
+
+
+def test_plan_weight_grids_records_blocks_before_rounding():
+    from compiler.plan import QuantPlan
+    from passes.insert_qdq import plan_weight_grids
+    from tests.passes.tiny_models import linear_pair
+
+    model = canonicalize(linear_pair())
+    plan = select_layers(model, w_bits=4)
+    assert plan_weight_grids(model, plan) == 0 and not plan.tensors  # per channel: nothing to record
+    plan.weight_block_size = 16  # fc1's K=12 fits one block: per channel; fc2's K=24 gets blocks
+    assert plan_weight_grids(model, plan) == 1
+    assert set(plan.tensors) == {plan.layers["fc2"].weight} and plan.tensors[plan.layers["fc2"].weight].block_size == 16
+    eight = select_layers(model, w_bits=8)
+    eight.weight_block_size = 8
+    assert plan_weight_grids(model, eight) == 0  # int8 weights keep onnxruntime's integer kernels
+    assert isinstance(eight, QuantPlan)

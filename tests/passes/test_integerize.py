@@ -210,3 +210,22 @@ def test_real_models_become_integer_only_and_match_per_layer(name, model, calib)
     differing = sum(entry["differing"] for entry in layers.values())
     assert max(entry["max_lsb"] for entry in layers.values()) <= 1, layers
     assert differing <= 1e-3 * elements, (differing, elements)
+
+
+def test_block_wise_weights_are_refused_with_one_line():
+    """Integer-only targets have per-channel requantization: a blocked DequantizeLinear is a user error."""
+    from compiler.calibrate import collect_ranges
+    from passes.canonicalize import canonicalize
+    from passes.insert_qdq import quantize_model, tensors_to_calibrate
+    from passes.select_layers import select_layers
+    from tests.passes.tiny_models import linear_pair
+
+    model = canonicalize(linear_pair())
+    plan = select_layers(model, w_bits=4, integer_only=True)
+    plan.weight_block_size = 8
+    calib = {"x": np.random.default_rng(0).normal(size=(32, 12)).astype(np.float32)}
+    ranges = collect_ranges(model, calib, tensors_to_calibrate(model, plan, integer_only=True), progress=False)
+    qdq = quantize_model(model, plan, ranges, integer_only=True)
+    with pytest.raises(EdgeqError, match="block-wise weight scales") as error:
+        integerize(qdq)
+    assert "\n" not in str(error.value) and "--weight-block channel" in str(error.value)
