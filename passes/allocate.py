@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import pulp
@@ -87,8 +87,9 @@ class AllocationProblem:
     pins: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)  # None = free
     steps: list[str] = field(default_factory=list)  # execution order (node names)
     buffers: list[ActivationBuffer] = field(default_factory=list)
-    fixed: dict[str, float] = field(default_factory=dict)  # bit-independent costs (code flash)
+    fixed: dict[str, float] = field(default_factory=dict)  # bit-independent costs (code flash, online ops)
     name: str = ""
+    online_ops: list[str] = field(default_factory=list)  # float runtime ops charged in ``fixed``
 
     def layer(self, name: str) -> LayerOptions:
         return self._by_name()[name]
@@ -109,13 +110,18 @@ class Allocation:
     status: str  # "optimal", "greedy", ...
     method: str
     budget: dict[str, float] = field(default_factory=dict)
+    # Re-ranked allocations: every candidate plan with its objective and measured distance.
+    candidates: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {
+        result = {
             "method": self.method, "status": self.status, "objective": self.objective,
             "solve_time_s": self.solve_time_s, "budget": self.budget, "totals": self.totals,
             "choices": {name: list(choice) for name, choice in self.choices.items()},
         }
+        if self.candidates:
+            result["candidates"] = self.candidates
+        return result
 
 
 # -- metrics -----------------------------------------------------------------------
@@ -203,6 +209,7 @@ class _Program:
             self.lp += pulp.lpSum(variables) == 1, f"one_{index}"
         self._add_ties()
         self._buffer_expr: dict[int, pulp.LpAffineExpression] = {}
+        self._cuts = 0  # no-good cuts added (allocate_k_best)
 
     def _add_ties(self) -> None:
         problem = self.problem
@@ -292,6 +299,12 @@ class _Program:
             result[layer.name] = best
         return result
 
+    def exclude(self, choices: dict[str, Choice]) -> None:
+        """A no-good cut: at least one layer must differ from ``choices`` in every later solution."""
+        self._cuts += 1
+        picked = [self.x[(name, choice)] for name, choice in choices.items() if len(self.allowed[name]) > 1]
+        self.lp += pulp.lpSum(picked) <= len(picked) - 1, f"nogood_{self._cuts}"
+
 
 def _variable(lp: pulp.LpProblem, name: str, *, binary: bool = False) -> pulp.LpVariable:
     """A binary, or a non-negative continuous variable (PuLP >= 3.3 attaches it to the model)."""
@@ -356,22 +369,82 @@ def allocate(
     time_limit: float | None = None,
 ) -> Allocation:
     """The least-sensitive choice per layer within ``budget`` (an exact ILP solution)."""
+    return allocate_k_best(problem, budget, 1, solver=solver, time_limit=time_limit)[0]
+
+
+def allocate_k_best(
+    problem: AllocationProblem,
+    budget: dict[str, float],
+    k: int,
+    *,
+    solver: str = "cbc",
+    time_limit: float | None = None,
+) -> list[Allocation]:
+    """The ``k`` best distinct allocations within ``budget``, best first (fewer when fewer exist).
+
+    Each one is an exact optimum of the ILP with the earlier answers cut off
+    (no-good cuts), so the list is the true top ``k`` by total sensitivity.
+    """
     limits = resolve_budget(problem, budget)
     program = _Program(problem)
     program.lp += program.objective_expr()
     for metric, limit in limits.items():
         program.constrain(metric, limit)
-    start = time.perf_counter()
-    status = program.solve(solver, time_limit)
-    elapsed = time.perf_counter() - start
-    if status == "Infeasible":
-        raise _infeasible_error(problem, limits, solver)
-    if status != "Optimal":
-        raise RuntimeError(f"ILP solver {solver} ended with status {status}")
-    choices = program.chosen()
-    totals = evaluate(problem, choices)
-    _check_within(totals, limits)
-    return Allocation(choices, totals, totals["sensitivity"], elapsed, "optimal", f"ilp-{solver}", dict(budget))
+    found: list[Allocation] = []
+    for _ in range(k):
+        start = time.perf_counter()
+        status = program.solve(solver, time_limit)
+        elapsed = time.perf_counter() - start
+        if status == "Infeasible":
+            if found:  # every feasible plan is already listed
+                break
+            raise _infeasible_error(problem, limits, solver)
+        if status != "Optimal":
+            raise RuntimeError(f"ILP solver {solver} ended with status {status}")
+        choices = program.chosen()
+        totals = evaluate(problem, choices)
+        _check_within(totals, limits)
+        found.append(Allocation(choices, totals, totals["sensitivity"], elapsed, "optimal", f"ilp-{solver}",
+                                dict(budget)))
+        program.exclude(choices)
+    return found
+
+
+def allocate_reranked(
+    problem: AllocationProblem,
+    budget: dict[str, float],
+    measure: Callable[[dict[str, Choice]], float],
+    *,
+    k: int = 8,
+    solver: str = "cbc",
+) -> Allocation:
+    """Of the ILP's ``k`` best plans, the one ``measure`` finds closest to float.
+
+    The summed single-layer sensitivities are only an approximation of what a
+    mixed plan loses (errors of several layers do not add up exactly), so the
+    last word goes to a measurement of each whole candidate plan: ``measure``
+    maps a choice per layer to a distance (lower is better), e.g. the output KL
+    of the exported plan on calibration samples the sensitivities did not see.
+    Every candidate keeps the budget; the record lists them all.
+    """
+    candidates = allocate_k_best(problem, budget, k, solver=solver)
+    measured = [measure(candidate.choices) for candidate in candidates]
+    best = min(range(len(candidates)), key=lambda index: (measured[index], index))
+    chosen = candidates[best]
+    chosen.method = f"ilp-{solver}-rerank{k}"
+    chosen.status = "optimal-reranked"
+    chosen.solve_time_s = sum(candidate.solve_time_s for candidate in candidates)
+    chosen.candidates = [
+        {"rank": index, "objective": candidate.objective, "measured": value, "chosen": index == best,
+         **{metric: candidate.totals[metric] for metric in budget_metrics(problem, budget)}}
+        for index, (candidate, value) in enumerate(zip(candidates, measured, strict=True))
+    ]
+    return chosen
+
+
+def budget_metrics(problem: AllocationProblem, budget: dict[str, float]) -> list[str]:
+    """The totals a budget constrains (``size_fraction`` is checked as ``weight_bytes``)."""
+    return list(resolve_budget(problem, budget))
 
 
 def _check_within(totals: dict[str, float], limits: dict[str, float]) -> None:
@@ -612,13 +685,20 @@ def uniform(problem: AllocationProblem, w_bits: int, a_bits: int) -> Allocation:
 def layer_options(
     shape,
     cost_model,
-    w_bits: Sequence[int],
-    a_bits: Sequence[int],
+    w_bits: Sequence[int] = (),
+    a_bits: Sequence[int] = (),
     sensitivity: dict[Choice, float] | None = None,
+    *,
+    pairs: Sequence[tuple[int, int]] | None = None,
 ) -> LayerOptions:
-    """The choices of one layer (``shape``: targets.base.LayerShape) costed by ``cost_model``."""
-    weights: list[int | None] = list(w_bits) if shape.weight_params else [None]
-    choices = [(w, a) for w in weights for a in a_bits]
+    """The choices of one layer (``shape``: targets.base.LayerShape) costed by ``cost_model``.
+
+    The choices are ``pairs`` (default ``w_bits`` x ``a_bits``); a weightless layer takes their a_bits.
+    """
+    from passes.sensitivity import layer_choices
+
+    pairs = list(pairs) if pairs is not None else [(w, a) for w in w_bits for a in a_bits]
+    choices = layer_choices(bool(shape.weight_params), pairs)
     return LayerOptions(
         name=shape.node,
         choices=choices,
@@ -710,32 +790,51 @@ def problem_from_model(
     cost_model,
     *,
     sensitivity: dict[str, dict[Choice, float]] | None = None,
-    w_bits: Sequence[int] = (4, 8),
-    a_bits: Sequence[int] = (8,),
+    w_bits: Sequence[int] | None = None,
+    a_bits: Sequence[int] | None = None,
     pins: dict[str, tuple[int | None, int | None]] | None = None,
     integer_only: bool = False,
+    pairs: Sequence[tuple[int, int]] | None = None,
 ) -> AllocationProblem:
     """The allocation problem of ``plan.layers`` in ``model`` (a canonicalized float model).
 
+    Candidates: ``pairs``, else ``w_bits`` x ``a_bits`` when given, else the
+    pairs the cost model says its target runs (``CostModel.bit_pairs``).
     Layer costs come from ``cost_model`` on :func:`compiler.layers.layer_shapes`;
-    tie groups are the quantized readers of each shared activation quantizer
+    the float ops a transform inserted to run online (compiler.linear_layers.online_ops)
+    are charged as fixed costs (``CostModel.fixed_costs``); tie groups are the
+    quantized readers of each shared activation quantizer
     (:func:`passes.insert_qdq.activation_groups`), so a tensor is never stored
     at two widths; the execution order is the model's node order with a Relu /
     Clip that the QDQ export folds into its layer taken as part of that layer.
     """
     from compiler.layers import layer_shapes
 
+    if pairs is None:
+        pairs = ([(w, a) for w in (w_bits or (4, 8)) for a in (a_bits or (8,))]
+                 if w_bits or a_bits else list(cost_model.bit_pairs))
     shapes = layer_shapes(model, list(plan.layers))
     sensitivity = sensitivity or {}
-    layers = [
-        layer_options(shapes[name], cost_model, w_bits, a_bits, sensitivity.get(name))
-        for name in plan.layers
-    ]
-    fixed = {}
-    if hasattr(cost_model, "fixed_costs"):
-        fixed = dict(cost_model.fixed_costs([shapes[name] for name in plan.layers]))
+    layers = [layer_options(shapes[name], cost_model, sensitivity=sensitivity.get(name), pairs=pairs)
+              for name in plan.layers]
+    online = online_op_shapes(model)
+    fixed = dict(cost_model.fixed_costs([shapes[name] for name in plan.layers], online))
     steps, buffers, tie_groups = execution_buffers(model, plan, integer_only=integer_only)
-    return AllocationProblem(layers, tie_groups, dict(pins or {}), steps, buffers, fixed, name=plan.model)
+    return AllocationProblem(layers, tie_groups, dict(pins or {}), steps, buffers, fixed, name=plan.model,
+                             online_ops=[shape.node for shape in online])
+
+
+def online_op_shapes(model) -> list:
+    """LayerShape of each runtime op a transform inserted (an online rotation), in graph order."""
+    from compiler.layers import layer_shapes
+    from compiler.linear_layers import online_ops
+
+    present = {node.name for node in model.graph.node}
+    names = [entry["node"] for entry in online_ops(model) if entry["node"] in present]
+    if not names:
+        return []
+    shapes = layer_shapes(model, names)
+    return [shapes[name] for name in names]
 
 
 def execution_buffers(model, plan, *, integer_only: bool = False) -> tuple[list[str], list[ActivationBuffer], list[list[str]]]:

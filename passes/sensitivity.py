@@ -34,6 +34,7 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import replace
 
 import numpy as np
@@ -49,12 +50,18 @@ Choice = tuple[int | None, int]
 Sensitivity = dict[str, dict[Choice, float]]
 
 
-def candidate_choices(plan: QuantPlan, w_bits: Sequence[int], a_bits: Sequence[int]) -> dict[str, list[Choice]]:
-    """Every (w_bits, a_bits) pair per layer; weightless layers only vary a_bits."""
-    return {
-        name: [(w, a) for w in (w_bits if layer.w_bits else [None]) for a in a_bits]
-        for name, layer in plan.layers.items()
-    }
+def layer_choices(weighted: bool, pairs: Sequence[tuple[int, int]]) -> list[Choice]:
+    """A layer's candidates: the (w_bits, a_bits) ``pairs``, or for a weightless layer their a_bits."""
+    if weighted:
+        return [(w, a) for w, a in pairs]
+    return [(None, a) for a in sorted({a for _, a in pairs})]
+
+
+def candidate_choices(plan: QuantPlan, w_bits: Sequence[int] = (), a_bits: Sequence[int] = (), *,
+                      pairs: Sequence[tuple[int, int]] | None = None) -> dict[str, list[Choice]]:
+    """Per layer: every pair of ``pairs`` (default: ``w_bits`` x ``a_bits``); weightless layers only vary a_bits."""
+    pairs = list(pairs) if pairs is not None else [(w, a) for w in w_bits for a in a_bits]
+    return {name: layer_choices(bool(layer.w_bits), pairs) for name, layer in plan.layers.items()}
 
 
 def with_opset_for(model: onnx.ModelProto, bits: Sequence[int]) -> onnx.ModelProto:
@@ -103,6 +110,52 @@ def single_layer_plan(plan: QuantPlan, name: str, choice: Choice) -> QuantPlan:
                      activation_signed=plan.activation_signed, layers={name: layer})
 
 
+def base_choice(plan: QuantPlan, name: str, context: Choice) -> Choice:
+    """Layer ``name``'s choice in the base plan ``context`` (weightless layers: only its a_bits)."""
+    return (context[0] if plan.layers[name].w_bits else None, context[1])
+
+
+def plan_with_choices(plan: QuantPlan, choices: dict[str, Choice]) -> QuantPlan:
+    """A copy of ``plan`` with each named layer at its (w_bits, a_bits); quantizers refitted later."""
+    layers = {name: replace(layer, w_bits=choices[name][0], a_bits=choices[name][1], info={})
+              if name in choices else replace(layer, info={}) for name, layer in plan.layers.items()}
+    return QuantPlan(model=plan.model, target=plan.target, w_bits=plan.w_bits, a_bits=plan.a_bits,
+                     activation_signed=plan.activation_signed, layers=layers)
+
+
+def context_plan(plan: QuantPlan, context: Choice, name: str | None = None, choice: Choice | None = None) -> QuantPlan:
+    """Every layer at the base choice ``context``, except ``name`` at ``choice``."""
+    choices = {other: base_choice(plan, other, context) for other in plan.layers}
+    if name is not None and choice is not None:
+        choices[name] = choice
+    return plan_with_choices(plan, choices)
+
+
+def ranges_for_plan(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    ranges: dict[int, dict[str, tuple[float, float]]],
+    *,
+    integer_only: bool = False,
+) -> dict[str, tuple[float, float]]:
+    """Each quantized tensor's range fitted for the width its quantizer will have in ``plan``.
+
+    ``ranges`` holds ranges per candidate width (:func:`activation_ranges`); a
+    quantizer's width is its widest reader's a_bits (passes/insert_qdq), and an
+    MSE-clipped 8-bit range would throw away what a 16-bit quantizer can keep.
+    """
+    from passes.insert_qdq import activation_groups
+
+    widths = sorted(ranges)
+    result: dict[str, tuple[float, float]] = {}
+    for group in activation_groups(model, plan, integer_only=integer_only):
+        bits = min((b for b in widths if b >= group.bits), default=widths[-1])
+        for name in group.tensors:
+            if name in ranges[bits]:
+                result[name] = ranges[bits][name]
+    return result
+
+
 def output_distance(reference: dict[str, np.ndarray], quantized: dict[str, np.ndarray]) -> float:
     """Sum over outputs: mean softmax KL for [N, C] classifier outputs, else relative MSE."""
     from compiler.fidelity import softmax
@@ -136,10 +189,11 @@ _WORKER: dict = {}
 
 
 def _worker_init(model_bytes: bytes, plan_dict: dict, calib: dict, reference: dict,
-                 ranges: dict, batch_size: int) -> None:
+                 ranges: dict, batch_size: int, context: Choice | None = None, integer_only: bool = False) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER.update(model=onnx.load_from_string(model_bytes), plan=QuantPlan.from_dict(plan_dict),
-                   calib=calib, reference=reference, ranges=ranges, batch_size=batch_size)
+                   calib=calib, reference=reference, ranges=ranges, batch_size=batch_size,
+                   context=context, integer_only=integer_only)
 
 
 def _worker_measure(job: tuple[str, Choice]) -> tuple[str, Choice, float]:
@@ -148,10 +202,17 @@ def _worker_measure(job: tuple[str, Choice]) -> tuple[str, Choice, float]:
 
     name, choice = job
     state = _WORKER
-    single = single_layer_plan(state["plan"], name, choice)
-    ranges = {**state["ranges"][OUTPUT_BITS], **{
-        name: state["ranges"][choice[1]][name] for name in single.layers[name].inputs if name in state["ranges"][choice[1]]}}
-    qdq = quantize_model(state["model"], single, ranges, integer_only=True)
+    if state["context"] is not None:  # the whole base plan, this layer changed
+        quantized = context_plan(state["plan"], state["context"], name, choice)
+        integer_only = state["integer_only"]
+        ranges = ranges_for_plan(state["model"], quantized, state["ranges"], integer_only=integer_only)
+    else:  # this layer alone, its output kept near-float at OUTPUT_BITS
+        quantized = single_layer_plan(state["plan"], name, choice)
+        integer_only = True
+        ranges = {**state["ranges"][OUTPUT_BITS], **{
+            tensor: state["ranges"][choice[1]][tensor]
+            for tensor in quantized.layers[name].inputs if tensor in state["ranges"][choice[1]]}}
+    qdq = quantize_model(state["model"], quantized, ranges, integer_only=integer_only)
     outputs = run_model(qdq, state["calib"], batch_size=state["batch_size"])
     return name, choice, output_distance(state["reference"], outputs)
 
@@ -166,35 +227,70 @@ def measured_sensitivity(
     max_samples: int = 64,
     workers: int = 2,
     batch_size: int = 32,
+    context: Choice | None = None,
+    integer_only: bool = False,
 ) -> Sensitivity:
-    """Output distance with only that layer quantized, per layer and choice (see module docstring)."""
+    """Output distance per layer and choice (see module docstring).
+
+    ``context=None``: that layer quantized alone, everything else float.
+    ``context=(w, a)``: every layer at the base plan ``(w, a)`` and that layer at
+    the choice; the value is how much the output distance grows over the base
+    plan's own (clipped at 0; the base choice itself is 0 and not run).
+    Quantizing the rest changes what a layer's error does downstream, so these
+    values add up to the distance of a mixed plan more closely than the
+    single-layer ones (measured in benchmarks/mixed.md). ``integer_only`` is the
+    export used in context mode (single-layer runs always quantize the layer's
+    output, near-float, at OUTPUT_BITS).
+    """
     from compiler.fidelity import run_model
 
-    all_bits = {b for options in choices.values() for c in options for b in c if b}
+    all_bits = {b for options in choices.values() for c in options for b in c if b} | set(context or ()) - {None}
     model = with_opset_for(model, sorted(all_bits))
     calib = {name: value[:max_samples] for name, value in calib.items()}
     if ranges is None:
-        ranges = activation_ranges(model, plan, calib, sorted({c[1] for o in choices.values() for c in o}))
+        a_bits = {c[1] for o in choices.values() for c in o} | ({context[1]} if context else set())
+        ranges = activation_ranges(model, plan, calib, sorted(a_bits))
     batch_size = _runnable_batch(model, batch_size)
     reference = run_model(model, calib, batch_size=batch_size)
-    jobs = [(name, choice) for name, options in choices.items() for choice in options]
-    init_args = (model.SerializeToString(), plan.to_dict(), calib, reference, ranges, batch_size)
+    jobs = [(name, choice) for name, options in choices.items() for choice in options
+            if context is None or choice != base_choice(plan, name, context)]
+    init_args = (model.SerializeToString(), plan.to_dict(), calib, reference, ranges, batch_size,
+                 context, integer_only)
     result: Sensitivity = {name: {} for name in choices}
-    if workers <= 1:
+    base_distance = 0.0
+    if context is not None:
         _worker_init(*init_args)
-        outcomes = map(_worker_measure, jobs)
-        for name, choice, value in outcomes:
-            result[name][choice] = value
-        return monotone(result)
-    import multiprocessing
+        base_distance = _worker_measure_plan(context_plan(plan, context))
+        for name, options in choices.items():
+            if base_choice(plan, name, context) in options:
+                result[name][base_choice(plan, name, context)] = 0.0
+    with ExitStack() as stack:
+        if workers <= 1:
+            _worker_init(*init_args)
+            outcomes = map(_worker_measure, jobs)
+        else:
+            import multiprocessing
 
-    # fork: spawn would re-import the caller's __main__ (scripts without a main guard loop).
-    # The parent holds no onnxruntime session at this point (run_model's is released).
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=init_args) as pool:
-        for name, choice, value in pool.map(_worker_measure, jobs, chunksize=max(1, len(jobs) // (8 * workers))):
-            result[name][choice] = value
+            # fork: spawn would re-import the caller's __main__ (scripts without a main guard loop).
+            # The parent holds no onnxruntime session at this point (run_model's is released).
+            fork = multiprocessing.get_context("fork")
+            pool = stack.enter_context(
+                ProcessPoolExecutor(workers, mp_context=fork, initializer=_worker_init, initargs=init_args))
+            outcomes = pool.map(_worker_measure, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+        for name, choice, value in outcomes:
+            result[name][choice] = max(value - base_distance, 0.0)
     return monotone(result)
+
+
+def _worker_measure_plan(quantized: QuantPlan) -> float:
+    """Output distance of the whole ``quantized`` plan, in this process (the context's base)."""
+    from compiler.fidelity import run_model
+    from passes.insert_qdq import quantize_model
+
+    state = _WORKER
+    ranges = ranges_for_plan(state["model"], quantized, state["ranges"], integer_only=state["integer_only"])
+    qdq = quantize_model(state["model"], quantized, ranges, integer_only=state["integer_only"])
+    return output_distance(state["reference"], run_model(qdq, state["calib"], batch_size=state["batch_size"]))
 
 
 def monotone(table: Sensitivity) -> Sensitivity:
@@ -363,3 +459,38 @@ def spearman(first: Sensitivity, second: Sensitivity, choice: Choice | None = No
     if a.std() == 0 or b.std() == 0:
         return math.nan
     return float(np.corrcoef(a, b)[0, 1])
+
+
+# -- whole plans: the measured last word on a few candidates ------------------------------------
+
+
+class PlanDistance:
+    """``distance(choices)``: output distance from float of ``plan`` with those bits, on ``data``.
+
+    Exports the plan exactly as the pipeline does (passes/insert_qdq with each
+    quantizer's range fitted for its width) and runs it in onnxruntime. Used to
+    re-rank the ILP's best few plans (passes/allocate.allocate_reranked) on
+    calibration samples the sensitivities were not measured on.
+    """
+
+    def __init__(self, model: onnx.ModelProto, plan: QuantPlan, data: dict[str, np.ndarray],
+                 ranges: dict[int, dict[str, tuple[float, float]]], *, integer_only: bool = False,
+                 batch_size: int = 32) -> None:
+        from compiler.fidelity import run_model
+
+        # converted once to the opset every candidate (int4 weights, 16-bit activations) needs
+        self.model = with_opset_for(model, sorted({4, *ranges}))
+        self.plan, self.data, self.ranges, self.integer_only = plan, data, ranges, integer_only
+        self.batch_size = _runnable_batch(self.model, batch_size)
+        self.reference = run_model(self.model, data, batch_size=self.batch_size)
+        self.calls = 0
+
+    def __call__(self, choices: dict[str, Choice]) -> float:
+        from compiler.fidelity import run_model
+        from passes.insert_qdq import quantize_model
+
+        self.calls += 1
+        quantized = plan_with_choices(self.plan, choices)
+        ranges = ranges_for_plan(self.model, quantized, self.ranges, integer_only=self.integer_only)
+        qdq = quantize_model(self.model, quantized, ranges, integer_only=self.integer_only)
+        return output_distance(self.reference, run_model(qdq, self.data, batch_size=self.batch_size))

@@ -332,3 +332,88 @@ def test_sram_peak_equals_the_mcu_arena_for_the_same_plan(which):
         ranges = {name: (-1.0, 1.0) for name in tensors_to_calibrate(model, plan, integer_only=True)}
         arena = memory.plan_memory(integerize(quantize_model(model, plan, ranges, integer_only=True)))
         assert result.totals["sram_bytes"] == arena.peak_live_bytes == arena.arena_bytes
+
+
+def _top_k_by_brute_force(problem: al.AllocationProblem, limits: dict[str, float], k: int) -> list[float]:
+    """The k smallest objectives over every allowed complete choice within ``limits``."""
+    names = [layer.name for layer in problem.layers]
+    objectives = []
+    for combo in itertools.product(*(layer.choices for layer in problem.layers)):
+        choices = dict(zip(names, combo, strict=True))
+        if any(choices[n][0] != w for n, (w, _) in problem.pins.items() if w is not None):
+            continue
+        if any(len({choices[n][1] for n in group}) > 1 for group in problem.tie_groups):
+            continue
+        totals = al.evaluate(problem, choices)
+        if all(totals[metric] <= limit for metric, limit in limits.items()):
+            objectives.append(totals["sensitivity"])
+    return sorted(objectives)[:k]
+
+
+def test_k_best_are_the_true_top_k_and_distinct():
+    problem = _small_problem(seed=4)
+    limits = {"weight_bytes": 0.75 * sum(layer.costs[(8, 16)].weight_bytes for layer in problem.layers)}
+    found = al.allocate_k_best(problem, limits, 6)
+    assert [a.objective for a in found] == pytest.approx(_top_k_by_brute_force(problem, limits, 6), rel=1e-9)
+    assert len({tuple(sorted(a.choices.items())) for a in found}) == 6
+    assert found[0].objective == pytest.approx(al.allocate(problem, limits).objective, rel=1e-12)
+    for allocation in found:
+        assert allocation.totals["weight_bytes"] <= limits["weight_bytes"]
+        assert allocation.choices["l0"][0] == 8 and allocation.choices["l2"][1] == allocation.choices["l4"][1]
+
+
+def test_k_best_stops_when_no_other_plan_fits():
+    problem = _small_problem()
+    smallest = al.minimum(problem, "weight_bytes")
+    found = al.allocate_k_best(problem, {"weight_bytes": smallest}, 50)
+    assert 1 <= len(found) < 50
+    assert len(found) == len(_top_k_by_brute_force(problem, {"weight_bytes": smallest}, 50))
+
+
+def test_reranking_takes_the_measured_best_and_records_every_candidate():
+    problem = _small_problem(seed=2)
+    limits = {"size_fraction": 0.8}
+    ranked = al.allocate_k_best(problem, limits, 5)
+    # A measurement that disagrees with the summed sensitivities: prefers the third plan.
+    preferred = ranked[2].choices
+
+    def measure(choices):
+        return sum(choices[name] != preferred[name] for name in choices) + 0.5
+
+    result = al.allocate_reranked(problem, limits, measure, k=5)
+    assert result.choices == preferred
+    assert result.status == "optimal-reranked" and result.method.endswith("rerank5")
+    assert [c["rank"] for c in result.candidates] == list(range(5))
+    assert [c["chosen"] for c in result.candidates] == [False, False, True, False, False]
+    assert result.candidates[2]["measured"] == 0.5
+    assert all(c["weight_bytes"] <= 0.8 * problem.int8_weight_bytes() for c in result.candidates)
+    assert "candidates" in result.as_dict()
+
+
+def test_online_ops_are_fixed_costs_of_the_problem():
+    """A float rotation a transform inserted is charged in every total the allocator sees."""
+    from compiler.layers import layer_shapes
+    from passes.rotate import rotate
+    from passes.select_layers import select_layers
+    from targets.cpu.cost import cost_model as cpu_cost_model
+    from tests.passes.tiny_models import mlp_block
+
+    model = rotate(mlp_block(), online=True)
+    plan = select_layers(model)
+    cost = cpu_cost_model()
+    problem = al.problem_from_model(model, plan, cost, pairs=[(4, 8), (8, 8)])
+    assert problem.online_ops and not set(problem.online_ops) & set(plan.layers)
+    shapes = layer_shapes(model, problem.online_ops)
+    online_latency = sum(cost.online_op_cost(shapes[name]).latency_s for name in problem.online_ops)
+    online_bytes = sum(cost.online_op_cost(shapes[name]).weight_bytes for name in problem.online_ops)
+    assert online_latency > 0 and online_bytes == sum(4 * shapes[n].weight_params for n in problem.online_ops)
+    choices = {layer.name: layer.choices[-1] for layer in problem.layers}
+    totals = al.evaluate(problem, choices)
+    layer_latency = sum(problem.layer(name).costs[choice].latency_s for name, choice in choices.items())
+    assert totals["latency_s"] == pytest.approx(layer_latency + online_latency)
+    assert totals["weight_bytes"] == sum(problem.layer(n).costs[c].weight_bytes for n, c in choices.items()) + online_bytes
+    # A latency budget between the layers alone and layers + rotation cannot be met.
+    fastest = al.minimum(problem, "latency_s")
+    with pytest.raises(EdgeqError, match="smallest achievable"):
+        al.allocate(problem, {"latency_s": fastest - 0.5 * online_latency})
+    assert al.allocate(problem, {"latency_s": fastest}).totals["latency_s"] == pytest.approx(fastest)

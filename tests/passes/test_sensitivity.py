@@ -96,3 +96,43 @@ def test_monotone_repairs_inversions_and_prefers_wider_ties():
     assert a[(8, 16)] == table["a"][(8, 16)]  # the widest keeps its value
     assert a[(4, 8)] > a[(8, 8)] >= 2e-5 and a[(4, 8)] > a[(4, 16)] > a[(8, 16)]
     assert fixed["b"][(None, 8)] > fixed["b"][(None, 16)] == 0.0
+
+
+def test_in_context_sensitivity_is_the_growth_over_the_base_plan():
+    """Each value = distance(base plan with that layer changed) - distance(base plan), measured directly."""
+    model, plan, calib = _conv_setup()
+    choices = sn.candidate_choices(plan, pairs=[(4, 8), (8, 8)])
+    ranges = sn.activation_ranges(model, plan, calib, (8,))
+    table = sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges, workers=2, context=(8, 8))
+    assert table == sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges, workers=1, context=(8, 8))
+    distance = sn.PlanDistance(model, plan, calib, ranges)
+    base = {name: sn.base_choice(plan, name, (8, 8)) for name in plan.layers}
+    base_distance = distance(base)
+    assert base_distance > 0
+    weighted = [name for name, layer in plan.layers.items() if layer.w_bits]
+    step = 2e-6 * max(v for values in table.values() for v in values.values())  # monotone()'s tie-break
+    for name in weighted:
+        assert table[name][(8, 8)] == 0.0
+        direct = distance({**base, name: (4, 8)}) - base_distance
+        assert table[name][(4, 8)] == pytest.approx(max(direct, 0.0), rel=1e-6, abs=step)
+    assert sum(table[name][(4, 8)] for name in weighted) > 0
+
+
+def test_ranges_follow_each_quantizer_width():
+    model, plan, calib = _conv_setup()
+    ranges = sn.activation_ranges(model, plan, calib, (8, 16))
+    first = next(name for name, layer in plan.layers.items() if layer.w_bits)
+    mixed = sn.plan_with_choices(plan, {first: (8, 16)})
+    fitted = sn.ranges_for_plan(model, mixed, ranges)
+    tensor = plan.layers[first].inputs[0]
+    assert fitted[tensor] == ranges[16][tensor]
+    others = [t for name, layer in plan.layers.items() if name != first for t in layer.inputs if t != tensor]
+    assert others and all(fitted[t] == ranges[8][t] for t in others if t in fitted)
+
+
+def test_candidate_pairs_give_weightless_layers_their_activation_widths():
+    _, plan, _ = _conv_setup()
+    choices = sn.candidate_choices(plan, pairs=[(4, 8), (8, 8), (8, 16)])
+    for name, layer in plan.layers.items():
+        expected = [(4, 8), (8, 8), (8, 16)] if layer.w_bits else [(None, 8), (None, 16)]
+        assert choices[name] == expected
