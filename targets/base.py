@@ -47,10 +47,25 @@ class LayerCost:
     resources: dict[str, float] = field(default_factory=dict)  # e.g. lut, dsp, bram
 
 
+    def metrics(self) -> dict[str, float]:
+        """Every known metric by name (None left out); ``flash_bytes`` defaults to the weight bytes."""
+        values = {"weight_bytes": self.weight_bytes, "activation_bytes": self.activation_bytes,
+                  "macs": self.macs, "bitops": self.bitops, "latency_s": self.latency_s,
+                  "energy_j": self.energy_j, "flash_bytes": self.weight_bytes, **self.resources}
+        return {key: float(value) for key, value in values.items() if value is not None}
+
+
+# Operand width a float op is charged at: an op that stays float computes at 32 bits.
+FLOAT_BITS = 32
+
+
 class CostModel(ABC):
     """Per-layer costs and whole-device resources of one target device."""
 
     name: str = "abstract"
+    # The (w_bits, a_bits) pairs this target's lowering runs and the allocator may choose
+    # from; a weightless layer (Add, pooling) takes any of their a_bits.
+    bit_pairs: tuple[tuple[int, int], ...] = ((4, 8), (8, 8))
 
     @abstractmethod
     def layer_cost(self, layer: LayerShape, w_bits: int | None, a_bits: int) -> LayerCost: ...
@@ -58,6 +73,23 @@ class CostModel(ABC):
     def resources(self) -> dict[str, float]:
         """Device limits (flash_bytes, sram_bytes, lut, dsp, ...); empty if unbounded."""
         return {}
+
+    def online_op_cost(self, op: LayerShape) -> LayerCost:
+        """Cost of a float op a transform inserted that runs at inference (an online rotation).
+
+        It stays float (passes/select_layers keeps it so), so it is charged as a
+        layer with 32-bit weights and activations; targets with a cheaper float
+        path override this.
+        """
+        return self.layer_cost(op, FLOAT_BITS, FLOAT_BITS)
+
+    def fixed_costs(self, layers: list[LayerShape], online_ops: list[LayerShape] = ()) -> dict[str, float]:
+        """Costs no bit choice changes, by metric: here the online ops' (targets add e.g. code bytes)."""
+        totals: dict[str, float] = {}
+        for op in online_ops:
+            for metric, value in self.online_op_cost(op).metrics().items():
+                totals[metric] = totals.get(metric, 0.0) + value
+        return totals
 
 
 def packed_bytes(elements: int, bits: int | None) -> int:

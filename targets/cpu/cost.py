@@ -69,6 +69,8 @@ def load_coefficients(path: Path = TABLE_PATH) -> CpuCoefficients:
 
 class CpuCostModel(CostModel):
     name = "cpu"
+    # The pairs cost_table.json was measured on (compiled, run and verified bit-exact).
+    bit_pairs = ((4, 8), (8, 8), (4, 16), (8, 16))
 
     def __init__(self, coefficients: CpuCoefficients | None = None) -> None:
         self.coefficients = coefficients or load_coefficients()

@@ -65,6 +65,9 @@ def multiplier_resources(w_bits: int, a_bits: int, int8_per_dsp: int) -> dict[st
 
 
 class FpgaCostModel(CostModel):
+    # A 16-bit operand takes a whole DSP per multiplier (multiplier_resources).
+    bit_pairs = ((4, 8), (8, 8), (4, 16), (8, 16))
+
     def __init__(self, preset: FpgaPreset, parallelism: int = 32) -> None:
         self.preset = preset
         self.parallelism = parallelism

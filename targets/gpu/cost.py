@@ -80,6 +80,9 @@ if MEASURED_H100.exists():
 
 
 class GpuCostModel(CostModel):
+    # 16-bit activations run on the fp16 path (compute_rate), so they are priced.
+    bit_pairs = ((4, 8), (8, 8), (4, 16), (8, 16))
+
     def __init__(self, preset: GpuPreset) -> None:
         self.preset = preset
         self.name = f"gpu:{preset.name}"

@@ -14,6 +14,9 @@ from targets.cost_common import base_layer_cost
 
 class OnnxCostModel(CostModel):
     name = "onnx"
+    # onnxruntime runs 16-bit activation Q/DQ (INT16/UINT16, opset 21; benchmarks/mixed.md,
+    # tests/targets/test_cost_models.py exports and runs a w4a16 plan).
+    bit_pairs = ((4, 8), (8, 8), (4, 16), (8, 16))
 
     def layer_cost(self, layer: LayerShape, w_bits: int | None, a_bits: int) -> LayerCost:
         return base_layer_cost(layer, w_bits, a_bits)

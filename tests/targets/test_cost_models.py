@@ -127,3 +127,79 @@ def test_cpu_model_reads_a_fitted_table(tmp_path):
     model = cpu_cost.CpuCostModel(cpu_cost.load_coefficients(table))
     assert model.layer_cost(CONV, 8, 8).latency_s == pytest.approx(CONV.macs * 1e-9)
     assert model.layer_cost(CONV, 8, 16).latency_s == pytest.approx(CONV.macs * 2e-9)
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=lambda m: m.name)
+def test_every_declared_bit_pair_is_costed(model):
+    assert (8, 8) in model.bit_pairs and (4, 8) in model.bit_pairs
+    for w_bits, a_bits in model.bit_pairs:
+        cost = model.layer_cost(CONV, w_bits, a_bits)
+        assert cost.weight_bytes == (CONV.weight_params * w_bits + 7) // 8
+        assert cost.bitops == CONV.macs * w_bits * a_bits
+
+
+def test_targets_declare_16_bit_activations_where_they_run():
+    for model in (onnx_cost.cost_model(), cpu_cost.cost_model(), gpu_cost.cost_model(), fpga_cost.cost_model()):
+        assert {(4, 16), (8, 16)} <= set(model.bit_pairs)
+    assert all(a == 8 for _, a in mcu_cost.cost_model().bit_pairs)  # 16-bit MCU lowering untested
+    # the CPU pairs are the ones its fitted table has measurements for
+    fitted = cpu_cost.load_coefficients().seconds_per_mac
+    if cpu_cost.TABLE_PATH.exists():
+        for w_bits, a_bits in cpu_cost.cost_model().bit_pairs:
+            assert f"{w_bits},{a_bits}" in fitted["conv"]
+
+
+def test_a16_plan_exports_and_runs_in_onnxruntime():
+    """A plan mixing w4a16, w8a16 and w8a8 layers loads in onnxruntime, with uint16 activations, close to float."""
+    import numpy as np
+    import onnx
+
+    from compiler.fidelity import run_model
+    from passes.canonicalize import canonicalize
+    from passes.insert_qdq import quantize_model
+    from passes.select_layers import select_layers
+    from passes.sensitivity import activation_ranges, plan_with_choices, ranges_for_plan
+    from tests.qdq_fixtures import conv_block_model
+
+    model = canonicalize(conv_block_model())
+    plan = select_layers(model)
+    calib = {"x": np.random.default_rng(0).uniform(-1, 1, (16, 3, 16, 16)).astype(np.float32)}
+    ranges = activation_ranges(model, plan, calib, (8, 16))
+    pairs = onnx_cost.cost_model().bit_pairs
+    assert (4, 16) in pairs
+    weighted = [name for name, layer in plan.layers.items() if layer.w_bits]
+    choices = {name: [(4, 16), (8, 16), (8, 8)][index % 3] if plan.layers[name].w_bits else (None, 16)
+               for index, name in enumerate(plan.layers)}
+    mixed = plan_with_choices(plan, choices)
+    qdq = quantize_model(model, mixed, ranges_for_plan(model, mixed, ranges))
+    types = {init.data_type for init in qdq.graph.initializer}
+    assert onnx.TensorProto.UINT16 in types and onnx.TensorProto.INT4 in types  # zero points / weights
+    reference = run_model(model, calib, batch_size=1)
+    outputs = run_model(qdq, calib, batch_size=1)
+    for name, ref in reference.items():
+        error = float(np.sqrt(np.mean((outputs[name] - ref) ** 2)) / np.sqrt(np.mean(ref ** 2)))
+        assert error < 0.1
+    # 16 bits everywhere is much closer to float than 8 bits everywhere
+    wide = plan_with_choices(plan, {n: ((8 if plan.layers[n].w_bits else None), 16) for n in plan.layers})
+    narrow = plan_with_choices(plan, {n: ((8 if plan.layers[n].w_bits else None), 8) for n in plan.layers})
+    errors = []
+    for candidate in (wide, narrow):
+        out = run_model(quantize_model(model, candidate, ranges_for_plan(model, candidate, ranges)), calib, batch_size=1)
+        errors.append(sum(float(np.mean((out[n] - ref) ** 2)) for n, ref in reference.items()))
+    assert errors[0] < errors[1] and len(weighted) >= 3
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=lambda m: m.name)
+def test_online_ops_are_fixed_costs(model):
+    """A float op inserted to run online costs its float (32-bit) layer cost in every metric, bits aside."""
+    rotation = LayerShape("rot", "MatMul", "matmul", macs=64 * 64 * 10, weight_params=64 * 64,
+                          input_elems=640, output_elems=640, output_channels=64)
+    cost = model.online_op_cost(rotation)
+    assert cost.weight_bytes == 4 * 64 * 64 and cost.bitops == rotation.macs * 32 * 32
+    without = model.fixed_costs([CONV])
+    with_op = model.fixed_costs([CONV], [rotation])
+    for metric, value in cost.metrics().items():
+        assert with_op[metric] >= without.get(metric, 0.0) + value * (1 - 1e-12)
+    if cost.latency_s is not None:
+        assert with_op["latency_s"] == pytest.approx(without.get("latency_s", 0.0) + cost.latency_s)
+        assert cost.latency_s >= model.layer_cost(rotation, 8, 8).latency_s
