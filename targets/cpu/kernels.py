@@ -32,6 +32,7 @@ is ``parallel``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -79,12 +80,20 @@ class ConvGeometry:
 
 @dataclass(frozen=True)
 class Requant:
-    """Epilogue constants that are not per channel (per-channel ones are buffers)."""
+    """Epilogue constants that are not per channel (per-channel ones are buffers).
+
+    ``tie_free``: :func:`targets.cpu.schedules.tie_free_epilogue` proved for every
+    channel that ``acc + bias`` fits int32 at every step (so the accumulator starts at
+    the bias), ``M < 2**31``, ``s >= 32`` and that no ``(acc + bias) * M`` is a rounding
+    tie; then round-half-even is round-half-up and the short epilogue of
+    :func:`requant_expr` is exact.
+    """
 
     y_zero_point: int
     y_min: int
     y_max: int
     y_dtype: str  # "uint8" or "int8"
+    tie_free: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,8 @@ def requant_expr(acc: tirx.PrimExpr, bias, mult, rnd, shift, rq: Requant) -> tir
     (one output channel: broadcast) or vectors of acc's width (one value per lane).
     """
     lanes = _lanes(acc)
+    if rq.tie_free:
+        return _requant_tie_free(acc, mult, rnd, shift, rq)
     i64 = "int64" if lanes == 1 else f"int64x{lanes}"
 
     def wide(v):
@@ -199,6 +210,47 @@ def requant_expr(acc: tirx.PrimExpr, bias, mult, rnd, shift, rq: Requant) -> tir
     # breaks exact ties toward the even neighbour (compiler.requant's rule), in 5 ops.
     odd = tirx.bitwise_and(tirx.shift_right(product, shift_by), const(1))
     value = tirx.shift_right(product + (wide(rnd) - const(1)) + odd, shift_by)
+    value = tirx.min(tirx.max(value + const(rq.y_zero_point), const(rq.y_min)), const(rq.y_max))
+    return tirx.Cast(rq.y_dtype if lanes == 1 else f"{rq.y_dtype}x{lanes}", value)
+
+
+def _requant_tie_free(acc: tirx.PrimExpr, mult, rnd, shift, rq: Requant) -> tirx.PrimExpr:
+    """The epilogue when ``rq.tie_free``: ``clip(((acc * M + 2**(s-1)) >> s) + y_zp)``.
+
+    ``acc`` already holds the bias; ``mult, rnd, shift`` are scalars (one channel). For 16
+    lanes the int64 products of the even and the odd lanes (two ``vpmuldq``: M and acc
+    are known to fit int32) get the rounding term, and their high 32-bit halves are merged
+    back into one int32x16 vector; since ``s >= 32``, ``p >> s == (p >> 32) >> (s - 32)``,
+    so the rest (shift, zero point, clamp, narrowing) runs on 16 int32 lanes -- about half
+    the instructions of the general int64 epilogue.
+    """
+    lanes = _lanes(acc)
+    m32 = tirx.Cast("int32", mult)  # < 2**31 (checked): tells LLVM the product is 32 x 32 bits
+    s32 = tirx.Cast("int32", shift)
+    if lanes == 1:
+        value = tirx.shift_right(tirx.Cast("int64", acc) * tirx.Cast("int64", m32) + rnd, tirx.Cast("int64", s32))
+        value = tirx.Cast("int32", value)
+    else:
+        half = lanes // 2
+        i64 = f"int64x{half}"
+
+        def pair(value, dtype="int64"):
+            return tirx.Broadcast(tirx.const(value, dtype) if isinstance(value, int) else value, half)
+
+        pairs = tirx.reinterpret(i64, acc)  # lane 2j in the low, lane 2j+1 in the high half
+        low = tirx.shift_right(tirx.shift_left(pairs, pair(32)), pair(32))
+        high = tirx.shift_right(pairs, pair(32))
+        m64, r64 = pair(tirx.Cast("int64", m32)), pair(tirx.Cast("int64", rnd))
+        even, odd = low * m64 + r64, high * m64 + r64
+        merged = tirx.bitwise_or(tirx.bitwise_and(tirx.shift_right(even, pair(32)), pair(0xFFFFFFFF)),
+                                 tirx.bitwise_and(odd, pair(-(1 << 32))))
+        value = tirx.shift_right(tirx.reinterpret(f"int32x{lanes}", merged),
+                                 tirx.Broadcast(s32 - tirx.const(32, "int32"), lanes))
+
+    def const(value):
+        c = tirx.const(value, "int32")
+        return c if lanes == 1 else tirx.Broadcast(c, lanes)
+
     value = tirx.min(tirx.max(value + const(rq.y_zero_point), const(rq.y_min)), const(rq.y_max))
     return tirx.Cast(rq.y_dtype if lanes == 1 else f"{rq.y_dtype}x{lanes}", value)
 
@@ -358,7 +410,10 @@ def dense_kernel(
             for t in tile_loop(NOT * NQT):
                 acc = T.alloc_buffer((OB * TP,), "int32", scope="local")
                 for i in T.unroll(OB * PV):
-                    acc[T.ramp(i * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                    if rq.tie_free:  # the accumulator starts at the bias
+                        acc[T.ramp(i * LANES, 1, LANES)] = T.broadcast(bias[(t // NQT) * OB + i // PV], LANES)
+                    else:
+                        acc[T.ramp(i * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
                 for kh, kw, c4 in T.grid(KH, KW, C4):
                     for i, v in T.grid(OB, PV):
                         acc[T.ramp((i * PV + v) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
@@ -440,7 +495,10 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
                 for oh in range(Ho):
                     acc = T.alloc_buffer((NVR * LANES,), "int32", scope="local")
                     for v in T.unroll(NVR):
-                        acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                        if rq.tie_free:  # the accumulator starts at the bias
+                            acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(bias[c], LANES)
+                        else:
+                            acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
                     for kh, kw in T.grid(KH, KW):
                         for v in T.unroll(NVR):
                             acc[T.ramp(v * LANES, 1, LANES)] = acc[T.ramp(v * LANES, 1, LANES)] + T.Cast(
@@ -523,6 +581,7 @@ def gemm_kernel(
     :func:`targets.cpu.schedules.pack_gemm_weights`), ``bias/mult/rnd/shift [M_pad]``,
     ``y [N, M]``. Returns the function and the vectors (of 16 features) per tile.
     """
+    rq = dataclasses.replace(rq, tie_free=False)  # its epilogue takes per-lane constants
     signed = x_dtype == "int8"
     K4 = math.ceil(k / 4)
     MV16 = math.ceil(m / LANES)

@@ -57,6 +57,7 @@ class ScheduledKernel:
     out_dtype: str
     variant: str  # "conv_dense" / "conv_depthwise" / "gemm": names the kernel family
     tile: tuple[int, ...] = field(default=())
+    epilogue: str = "exact"  # or "tie_free": the short requantization (kernels.Requant.tie_free)
 
 
 @functools.cache
@@ -94,23 +95,48 @@ def _per_channel(values, channels: int) -> np.ndarray:
     return array
 
 
+def tie_free_epilogue(multiplier: np.ndarray, shift: np.ndarray, acc_bound: np.ndarray) -> bool:
+    """Whether the short epilogue (:class:`targets.cpu.kernels.Requant` ``tie_free``) is exact.
+
+    Per channel, with ``|acc + bias| <= acc_bound`` at every step of the accumulation:
+    ``acc_bound < 2**31`` (int32 accumulation starting at the bias never overflows),
+    ``M < 2**31``, ``s >= 32``, and no rounding tie: ``v * M`` is a tie only when ``v``
+    is an odd multiple of ``2**(s - 1 - ctz(M))``, impossible when ``acc_bound`` is
+    below that.
+    """
+    multiplier, shift = np.asarray(multiplier, np.int64), np.asarray(shift, np.int64)
+    acc_bound = np.asarray(acc_bound, np.int64)
+    if np.any(acc_bound >= 2**31) or np.any(multiplier < 0) or np.any(multiplier >= 2**31) or np.any(shift < 32):
+        return False
+    for m, s, bound in zip(multiplier.tolist(), shift.tolist(), acc_bound.tolist(), strict=True):
+        trailing_zeros = (m & -m).bit_length() - 1
+        if m and bound >= 1 << max(s - 1 - trailing_zeros, 0):
+            return False
+    return True
+
+
 def requant_constants(
-    attrs: dict, bias: np.ndarray, channels: int, padded: int
+    attrs: dict, bias: np.ndarray, channels: int, padded: int, acc_bound: np.ndarray | None = None
 ) -> tuple[list[np.ndarray], Requant]:
-    """bias (int32), multiplier, rounding term ``1 << (s - 1)`` and shift (int64), padded."""
+    """bias (int32), multiplier, rounding term ``1 << (s - 1)`` and shift (int64), padded.
+
+    ``acc_bound``: per channel, a bound on ``|acc + bias|`` during the kernel's
+    accumulation; with it the epilogue is ``tie_free`` where :func:`tie_free_epilogue` allows.
+    """
     mult = _per_channel(attrs["multiplier"], channels)
     shift = _per_channel(attrs["shift"], channels)
     if np.any(shift < 1) or np.any(shift > 62):
         raise ValueError("shift must be in [1, 62]")
+    tie_free = acc_bound is not None and tie_free_epilogue(mult, shift, acc_bound)
     pad = padded - channels
     arrays = [
         np.pad(np.asarray(bias, dtype=np.int64), (0, pad)).astype(np.int32),
         np.pad(mult, (0, pad)),
         np.pad(np.left_shift(np.int64(1), shift - 1), (0, pad), constant_values=1),
-        np.pad(shift, (0, pad), constant_values=1),
+        np.pad(shift, (0, pad), constant_values=32 if tie_free else 1),
     ]
     y_dtype = _dtype_name(attrs.get("y_dtype", "uint8"))
-    rq = Requant(int(attrs.get("y_zero_point", 0)), int(attrs["y_min"]), int(attrs["y_max"]), y_dtype)
+    rq = Requant(int(attrs.get("y_zero_point", 0)), int(attrs["y_min"]), int(attrs["y_max"]), y_dtype, tie_free)
     return arrays, rq
 
 
@@ -179,18 +205,19 @@ def _conv_kernel(
     )
     if geometry.out_height < 1 or geometry.out_width < 1:
         return None
-    built = kernels.conv_kernel(
-        geometry, x_dtype, int(attrs.get("x_zero_point", 0)),
-        requant_constants(attrs, bias, o, o)[1], depthwise,
-    )
+    weights = w.reshape(o, -1).astype(np.int64)
+    u8_bias = _u8_bias(bias, weights.sum(axis=1), x_dtype)
+    # the kernel reads uint8 activations (0..255): every partial sum of acc + bias is within this
+    acc_bound = np.abs(weights).sum(axis=1) * 255 + np.abs(u8_bias)
+    _, rq = requant_constants(attrs, u8_bias, o, o, acc_bound)
+    built = kernels.conv_kernel(geometry, x_dtype, int(attrs.get("x_zero_point", 0)), rq, depthwise)
     if built is None:
         log.debug("%s: strides %s have no kernel", node.name, geometry.strides)
         return None
     func, tile = built
     ob = tile[0]
     padded = o if depthwise else math.ceil(o / ob) * ob
-    weight_sums = w.reshape(o, -1).astype(np.int64).sum(axis=1)
-    arrays, _ = requant_constants(attrs, _u8_bias(bias, weight_sums, x_dtype), o, padded)
+    arrays, _ = requant_constants(attrs, u8_bias, o, padded, acc_bound)
     packed = pack_conv_weights(w, ob, depthwise)
     return ScheduledKernel(
         func=func,
@@ -199,6 +226,7 @@ def _conv_kernel(
         out_dtype=_dtype_name(attrs.get("y_dtype", "uint8")),
         variant="conv_depthwise" if depthwise else "conv_dense",
         tile=tile,
+        epilogue="tie_free" if rq.tie_free else "exact",
     )
 
 

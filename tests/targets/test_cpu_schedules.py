@@ -65,8 +65,12 @@ def _has_ties(acc: np.ndarray, attrs: dict, axis: int) -> bool:
     return bool(np.any(np.bitwise_and(product, 2 * half - 1) == half))
 
 
-def _case(rng, op, x_shape, w_shape, x_dtype, y_dtype, per_channel, **conv_attrs):
-    """Random node + tensors; multipliers chosen so outputs span the whole y range."""
+def _case(rng, op, x_shape, w_shape, x_dtype, y_dtype, per_channel, ties=None, **conv_attrs):
+    """Random node + tensors; multipliers chosen so outputs span the whole y range.
+
+    ``ties`` (default: ``per_channel``) plants channels whose outputs are exact rounding ties.
+    """
+    ties = per_channel if ties is None else ties
     out_channels = w_shape[0] if op == "QConv" else w_shape[1]
     x = rng.integers(np.iinfo(x_dtype).min, np.iinfo(x_dtype).max + 1, x_shape).astype(x_dtype)
     w = rng.integers(-128, 128, w_shape).astype(np.int8)
@@ -76,7 +80,7 @@ def _case(rng, op, x_shape, w_shape, x_dtype, y_dtype, per_channel, **conv_attrs
     # acc spans about +-128*128*sqrt(K) and M ~ 2**30.5: this shift maps it to about +-64 steps.
     shift = 31 + int(np.log2(128 * 128 * np.sqrt(reduction) / 64)) + rng.integers(-1, 2, count)
     mult = rng.integers(2**30, 2**31, count)
-    if per_channel:
+    if ties:
         # Every third channel is acc = x[first tap] + bias halved exactly (M = 2**30, s = 31):
         # half of its outputs are exact ties, which exercise the round-half-to-even rule that
         # random multipliers almost never hit.
@@ -99,15 +103,16 @@ def _case(rng, op, x_shape, w_shape, x_dtype, y_dtype, per_channel, **conv_attrs
     return node, x, w, bias, attrs
 
 
-def _check(node, x, w, bias, attrs, expected_variant):
+def _check(node, x, w, bias, attrs, expected_variant, expected_epilogue="exact"):
     kernel = schedules.schedule_for(
         node, [x.shape, w.shape, bias.shape], attrs, {"w": w, "b": bias}, [x.dtype.name, "int8", "int32"]
     )
     assert kernel is not None and kernel.variant == expected_variant
+    assert kernel.epilogue == expected_epilogue
     got = schedules.run_kernel(schedules.build_kernel(kernel), kernel, x)
     acc = (accumulate_qconv if node.op_type == "QConv" else accumulate_qgemm)(x, w, bias.astype(np.int64), attrs)
     ref = _requant_out(acc, attrs, axis=1)
-    if len(attrs["multiplier"]) > 1:
+    if expected_epilogue == "exact" and len(attrs["multiplier"]) > 1:
         assert _has_ties(acc, attrs, axis=1), "the case never hits a rounding tie"
     assert got.dtype == ref.dtype and got.shape == ref.shape
     # The outputs must not be trivially saturated, or the test proves little.
@@ -138,11 +143,36 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("x_shape, w_shape, attrs, variant", CONV_CASES)
-@pytest.mark.parametrize("x_dtype, y_dtype, per_channel", [("uint8", "uint8", True), ("int8", "int8", False)])
-def test_qconv_kernels_bit_exact(x_shape, w_shape, attrs, variant, x_dtype, y_dtype, per_channel):
-    rng = np.random.default_rng(abs(hash((x_shape, w_shape, x_dtype))) % 2**32)
-    node, x, w, bias, full = _case(rng, "QConv", x_shape, w_shape, x_dtype, y_dtype, per_channel, **attrs)
-    _check(node, x, w, bias, full, variant)
+@pytest.mark.parametrize("x_dtype, y_dtype, per_channel, ties", [
+    ("uint8", "uint8", True, True),  # tie channels: the general int64 epilogue
+    ("int8", "int8", False, False),  # random multipliers: the tie-free epilogue
+    ("uint8", "uint8", True, False),
+])
+def test_qconv_kernels_bit_exact(x_shape, w_shape, attrs, variant, x_dtype, y_dtype, per_channel, ties):
+    rng = np.random.default_rng(abs(hash((x_shape, w_shape, x_dtype, ties))) % 2**32)
+    node, x, w, bias, full = _case(rng, "QConv", x_shape, w_shape, x_dtype, y_dtype, per_channel, ties, **attrs)
+    _check(node, x, w, bias, full, variant, "exact" if ties else "tie_free")
+
+
+def test_tie_free_epilogue_decision_is_exact():
+    """The short epilogue is allowed exactly when no |v| <= bound is a rounding tie of v * M / 2**s
+    (brute force over every v), and never for s < 32, M >= 2**31 or a bound that overflows int32."""
+    from compiler.requant import requantize
+
+    for multiplier, shift in [(3 << 20, 32), (5 << 27, 40), (0x7FF00000, 33), (1 << 30, 45)]:
+        threshold = 1 << (shift - 1 - ((multiplier & -multiplier).bit_length() - 1))
+        for bound in (threshold - 1, threshold):
+            v = np.arange(-bound, bound + 1, dtype=np.int64)
+            half_up = (v * multiplier + (1 << (shift - 1))) >> shift
+            same = np.array_equal(half_up, requantize(v, multiplier, shift))
+            allowed = schedules.tie_free_epilogue(np.array([multiplier]), np.array([shift]), np.array([bound]))
+            assert allowed == (bound < threshold)
+            assert same or not allowed  # allowed => exact
+            assert bound < threshold or not same  # the first tie is at the threshold itself
+    assert not schedules.tie_free_epilogue(np.array([12345]), np.array([31]), np.array([1]))
+    assert not schedules.tie_free_epilogue(np.array([2**31]), np.array([40]), np.array([1]))
+    assert not schedules.tie_free_epilogue(np.array([12345]), np.array([60]), np.array([2**31]))
+    assert schedules.tie_free_epilogue(np.array([0, 12345]), np.array([40, 60]), np.array([2**31 - 1, 2**31 - 1]))
 
 
 @pytest.mark.parametrize("n, k, m", [(1, 1280, 1000), (1, 27, 10), (3, 64, 40)])
