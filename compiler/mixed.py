@@ -1,9 +1,12 @@
 """Mixed precision from the driver's side: sensitivity + cost model + ILP -> bits in the plan.
 
 ``allocate_bits`` is what ``edgeq compile --budget`` and ``edgeq allocate``
-run: measure each layer's sensitivity at each candidate (w_bits, a_bits),
-cost every candidate with the target's cost model, solve the ILP
-(passes/allocate.py) and write the chosen bits into the plan.
+run: measure each layer's sensitivity at each candidate (w_bits, a_bits) the
+target's cost model declares (``CostModel.bit_pairs``), cost every candidate,
+solve the ILP (passes/allocate.py) for its best few plans, export and measure
+those on held-out calibration samples, and write the most faithful one's bits
+into the plan (:class:`AllocatorOptions` says how; plan.json records it under
+``totals.allocation.allocator`` and ``totals.allocation.candidates``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +29,68 @@ from passes.allocate import (
     Allocation,
     AllocationProblem,
     allocate,
+    allocate_refined,
+    allocate_reranked,
     apply_allocation,
     pareto,
     problem_from_model,
 )
-from passes.sensitivity import candidate_choices, measured_sensitivity, proxy_sensitivity
+from passes.sensitivity import (
+    PlanDistance,
+    activation_ranges,
+    candidate_choices,
+    measured_sensitivity,
+    proxy_sensitivity,
+    with_opset_for,
+)
 
-# Candidate (weight bits, activation bits) per target. 4-bit activations are not
-# offered: onnxruntime (which measures sensitivity) fuses DQ -> MaxPool -> Q into a
-# uint4 MaxPool it then refuses. Targets may override once their lowering can do more.
-CANDIDATES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-DEFAULT_CANDIDATES = ((4, 8), (8,))
 PARETO_POINTS = 8
+
+
+@dataclass
+class AllocatorOptions:
+    """How sensitivities are measured and how the final plan is picked.
+
+    ``sensitivity``: "in-context" (each layer changed inside the base plan
+    ``context``, all other layers quantized), "single-layer" (that layer alone,
+    all else float) or "proxy" (second-moment estimate, nothing run).
+    ``rerank``: the ILP's best ``rerank`` plans are exported and the one whose
+    outputs stay closest to float (KL / relative MSE) on held-out calibration
+    samples is taken; 0 or 1 takes the ILP optimum as is.
+    ``refine``: then up to ``refine`` trust-region steps, each re-measuring the
+    sensitivities around the current plan and re-solving the ILP, a new plan
+    kept only if measured closer to float on the held-out samples
+    (passes/allocate.allocate_refined). benchmarks/mixed.md measures the
+    combinations; the defaults are the most faithful there.
+    """
+
+    sensitivity: str = "in-context"
+    rerank: int = 8
+    refine: int = 2
+    context: tuple[int, int] = (8, 8)
+    sensitivity_samples: int = 32
+    rerank_samples: int = 32
+    pairs: tuple[tuple[int, int], ...] | None = None  # None: the target cost model's bit_pairs
+
+    def __post_init__(self) -> None:
+        if self.sensitivity not in SENSITIVITY_MODES:
+            raise EdgeqError(f"unknown sensitivity mode '{self.sensitivity}' "
+                             f"(choose from {', '.join(SENSITIVITY_MODES)})")
+        if self.rerank < 0 or self.refine < 0:
+            raise EdgeqError(f"rerank and refine must be >= 0, not {self.rerank} / {self.refine}")
+
+
+SENSITIVITY_MODES = ("in-context", "single-layer", "proxy")
 
 
 @dataclass
 class MixedPrecision:
     problem: AllocationProblem
-    allocation: Allocation
+    allocation: Allocation | None = None  # None until solved
     pareto_svg: str | None = None  # the frontier along the budget's first metric, chosen point marked
+    distance: PlanDistance | None = None  # measures whole plans; None without re-ranking or refinement
+    sensitivity_around: Callable[[dict], dict] | None = None  # re-measures the table around a plan
+    record: dict = field(default_factory=dict)  # what was done: plan.totals["allocation"]["allocator"]
 
 
 def parse_pins(texts: list[str] | None, plan: QuantPlan) -> dict[str, tuple[int | None, int | None]]:
@@ -63,41 +110,130 @@ def parse_pins(texts: list[str] | None, plan: QuantPlan) -> dict[str, tuple[int 
 
 
 def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
-                  device: str | None, *, integer_only: bool, estimate: str = "measured",
-                  max_samples: int = 32, pins: list[str] | None = None) -> AllocationProblem:
-    """Sensitivities (measured or proxy) and costs of every candidate of every layer in ``plan``."""
+                  device: str | None, *, integer_only: bool, estimate: str | None = None,
+                  max_samples: int | None = None, pins: list[str] | None = None,
+                  options: AllocatorOptions | None = None) -> MixedPrecision:
+    """Sensitivities and costs of every candidate of every layer in ``plan``, and the plan measurer.
+
+    The first ``sensitivity_samples`` calibration samples measure the
+    sensitivities; the next ``rerank_samples`` (held out from them) measure
+    whole candidate plans. With too few samples to hold any out, both use the
+    same ones (recorded as ``held_out: false``).
+    """
+    options = options or AllocatorOptions()
+    if estimate == "proxy":  # the older keyword
+        options = replace(options, sensitivity="proxy")
+    if max_samples is not None:
+        options = replace(options, sensitivity_samples=max_samples)
     pinned = parse_pins(pins, plan)
-    w_bits, a_bits = CANDIDATES.get(target.name, DEFAULT_CANDIDATES)
-    choices = candidate_choices(plan, w_bits, a_bits)
-    measure = measured_sensitivity if estimate == "measured" else proxy_sensitivity
-    sensitivity = measure(model, plan, calib, choices, max_samples=max_samples)
-    return problem_from_model(model, plan, target.cost_model(device), sensitivity=sensitivity,
-                              w_bits=w_bits, a_bits=a_bits, integer_only=integer_only, pins=pinned)
+    cost_model = target.cost_model(device)
+    pairs = list(options.pairs or cost_model.bit_pairs)
+    choices = candidate_choices(plan, pairs=pairs)
+    total = len(next(iter(calib.values())))
+    n_sens = min(options.sensitivity_samples, total)
+    held_out = total > n_sens
+    used = {name: value[:n_sens + options.rerank_samples] for name, value in calib.items()}
+    a_bits = sorted({a for _, a in pairs} | {options.context[1]})
+    ranges = activation_ranges(with_opset_for(model, [4, *a_bits]), plan, used, a_bits)
+    sens_data = {name: value[:n_sens] for name, value in calib.items()}
+    context = options.context if options.context in pairs else max(pairs, key=lambda pair: (pair[0], pair[1]))
+    if options.sensitivity == "proxy":
+        sensitivity = proxy_sensitivity(model, plan, sens_data, choices, ranges=ranges, max_samples=n_sens)
+    else:
+        sensitivity = measured_sensitivity(model, plan, sens_data, choices, ranges=ranges, max_samples=n_sens,
+                                           context=context if options.sensitivity == "in-context" else None,
+                                           integer_only=integer_only)
+    problem = problem_from_model(model, plan, cost_model, sensitivity=sensitivity, pairs=pairs,
+                                 integer_only=integer_only, pins=pinned)
+    distance = around = None
+    if options.refine and options.sensitivity != "proxy":
+        def around(center: dict) -> dict:
+            return measured_sensitivity(model, plan, sens_data, choices, ranges=ranges, max_samples=n_sens,
+                                        context=center, integer_only=integer_only)
+    if options.rerank > 1 or around is not None:
+        rerank_data = ({name: value[n_sens:n_sens + options.rerank_samples] for name, value in calib.items()}
+                       if held_out else sens_data)
+        distance = PlanDistance(model, plan, rerank_data, ranges, integer_only=integer_only)
+    record = {"sensitivity": options.sensitivity, "candidates": [list(pair) for pair in pairs],
+              "sensitivity_samples": n_sens, "rerank": options.rerank,
+              "refine": options.refine if around is not None else 0}
+    if options.sensitivity == "in-context":
+        record["context"] = list(context)
+    if distance is not None:
+        record["rerank_samples"] = len(next(iter(distance.data.values())))
+        record["held_out"] = held_out
+    if problem.online_ops:
+        record["online_ops"] = problem.online_ops
+        record["fixed_costs"] = dict(problem.fixed)
+    return MixedPrecision(problem, distance=distance, sensitivity_around=around, record=record)
+
+
+def solve(mixed: MixedPrecision, budget: dict[str, float], options: AllocatorOptions | None = None) -> Allocation:
+    """The ILP optimum, or the best measured of its ``rerank`` best plans, refined around it."""
+    options = options or AllocatorOptions()
+    if mixed.distance is not None and options.rerank > 1:
+        allocation = allocate_reranked(mixed.problem, budget, mixed.distance, k=options.rerank)
+    else:
+        allocation = allocate(mixed.problem, budget)
+    if mixed.sensitivity_around is not None and mixed.distance is not None and options.refine:
+        allocation = allocate_refined(mixed.problem, budget, mixed.sensitivity_around, mixed.distance,
+                                      steps=options.refine, start=allocation)
+    return allocation
 
 
 def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
                   device: str | None, budget_text: str, *, integer_only: bool,
-                  estimate: str = "measured", pins: list[str] | None = None) -> MixedPrecision:
+                  estimate: str | None = None, pins: list[str] | None = None,
+                  options: AllocatorOptions | None = None) -> MixedPrecision:
     """Solve the ILP for ``budget_text`` and write the chosen bits into ``plan``."""
+    options = options or AllocatorOptions()
     budget = parse_budget(budget_text)
-    problem = build_problem(model, plan, calib, target, device, integer_only=integer_only, estimate=estimate,
-                            pins=pins)
-    allocation = allocate(problem, budget)
+    mixed = build_problem(model, plan, calib, target, device, integer_only=integer_only, estimate=estimate,
+                          pins=pins, options=options)
+    problem = mixed.problem
+    allocation = solve(mixed, budget, options)
     apply_allocation(plan, problem, allocation)
+    plan.totals["allocation"]["allocator"] = mixed.record
     metric = _pareto_metric(budget, target.name)
     points = pareto(problem, metric, PARETO_POINTS)
     svg = pareto_svg([(point.totals[metric], point.objective) for point in points], metric,
                      chosen=(allocation.totals[metric], allocation.objective), title=f"Pareto frontier: {metric}")
-    summary = allocation_summary(problem, allocation)
+    summary = allocation_summary(problem, allocation, mixed.record)
     summary += f"\n\n![Pareto frontier along {metric}, chosen plan in red](pareto.svg)"
     plan.totals.setdefault("report_sections", {})["Bit allocation"] = summary
-    return MixedPrecision(problem, allocation, svg)
+    mixed.allocation, mixed.pareto_svg = allocation, svg
+    return mixed
 
 
-def allocation_summary(problem: AllocationProblem, allocation: Allocation) -> str:
-    """Markdown explaining the ILP's answer: budget vs totals, and each layer's choice."""
+def allocation_summary(problem: AllocationProblem, allocation: Allocation, record: dict | None = None) -> str:
+    """Markdown explaining the ILP's answer: how it was chosen, budget vs totals, each layer's choice."""
     lines = [f"Solved by {allocation.method} ({allocation.status}) in {allocation.solve_time_s * 1e3:.1f} ms; "
              f"total sensitivity {allocation.objective:.4g}.", ""]
+    if record:
+        how = f"Sensitivities: {record['sensitivity']}"
+        if "context" in record:
+            how += f" (each layer changed inside the all-{_key(tuple(record['context']))} plan)"
+        how += f", {record['sensitivity_samples']} calibration samples; candidates " + \
+            ", ".join(_key(tuple(pair)) for pair in record["candidates"]) + "."
+        lines += [how, ""]
+        if problem.online_ops:
+            lines += [f"Float ops inserted by transforms and run online ({', '.join(problem.online_ops)}) are "
+                      "charged as fixed costs: " + ", ".join(
+                          f"{metric} {format_metric(metric, value)}" for metric, value in sorted(problem.fixed.items())
+                          if metric in allocation.totals) + ".", ""]
+    if allocation.candidates:
+        source = "held-out calibration samples" if (record or {}).get("held_out", True) else "calibration samples"
+        lines += [f"Plans measured before choosing (output distance from float of each exported plan on {source}; "
+                  "the lowest is taken): the ILP's best plans by total sensitivity (*ILP rank*), then plans "
+                  "from sensitivities re-measured around the current one (*refine step*, layers changed).", "",
+                  "| plan | total sensitivity | measured distance | chosen |", "|---|---|---|---|"]
+        for candidate in allocation.candidates:
+            label = (f"ILP rank {candidate['rank'] + 1}" if "rank" in candidate else
+                     f"refine step {candidate['step']}" + (f" ({candidate['changed']} changed)"
+                                                           if "changed" in candidate else " (start)"))
+            lines.append(f"| {label} | {candidate['objective']:.4g} | {candidate['measured']:.4g} | "
+                         f"{'yes' if candidate['chosen'] else ''} |")
+        lines.append("")
     lines += ["| metric | total | budget |", "|---|---|---|"]
     for metric, value in allocation.totals.items():
         if metric == "sensitivity":
@@ -140,7 +276,10 @@ def allocate_command(args: argparse.Namespace) -> int:
     integer_only = target.needs_integer_graph
     plan = select_layers(model, integer_only=integer_only)
     plan.model, plan.target = args.model, args.target
-    problem = build_problem(model, plan, calib, target, args.device, integer_only=integer_only, pins=args.pin)
+    options = AllocatorOptions()
+    mixed = build_problem(model, plan, calib, target, args.device, integer_only=integer_only, pins=args.pin,
+                          options=options)
+    problem = mixed.problem
     out = Path(args.output)
     with atomic_dir(out) as tmp:
         if args.pareto:
@@ -154,11 +293,12 @@ def allocate_command(args: argparse.Namespace) -> int:
                                                        metric, title=f"Pareto frontier: {metric}"))
             print(f"{len(points)} Pareto-optimal plans over {metric} written to {out}/pareto.json and pareto.svg")
         if args.budget:
-            allocation = allocate(problem, parse_budget(args.budget))
+            allocation = solve(mixed, parse_budget(args.budget), options)
             apply_allocation(plan, problem, allocation)
+            plan.totals["allocation"]["allocator"] = mixed.record
             plan.update_totals()
             plan.save(str(tmp / "plan.json"))
-            print(allocation_summary(problem, allocation))
+            print(allocation_summary(problem, allocation, mixed.record))
     return 0
 
 

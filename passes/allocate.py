@@ -20,6 +20,12 @@ buffer's bytes are the packed size at the a_bits of the layers that read it
 quantizer are tied anyway). Tie groups share a_bits through one binary per
 (group, a_bits).
 
+:func:`allocate_k_best` returns the ILP's ``k`` best distinct plans (no-good
+cuts); :func:`allocate_reranked` takes the one of them a measurement of the
+whole exported plan finds most faithful (the summed sensitivities are only
+approximately additive). Online float ops a transform inserted are charged
+as fixed costs (``CostModel.fixed_costs``).
+
 :func:`greedy` is the baseline edgeq is compared with (HAWQ-style: start at
 the highest bits, demote the layer that loses least sensitivity per unit of
 budget saved until every budget is met; or the reverse). :func:`pareto`
@@ -32,7 +38,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pulp
 
@@ -299,6 +305,11 @@ class _Program:
             result[layer.name] = best
         return result
 
+    def limit_changes(self, center: dict[str, Choice], changes: int) -> None:
+        """At most ``changes`` layers may differ from ``center`` (a trust region)."""
+        kept = [self.x[(name, choice)] for name, choice in center.items() if (name, choice) in self.x]
+        self.lp += pulp.lpSum(kept) >= len(kept) - changes, "near"
+
     def exclude(self, choices: dict[str, Choice]) -> None:
         """A no-good cut: at least one layer must differ from ``choices`` in every later solution."""
         self._cuts += 1
@@ -367,9 +378,13 @@ def allocate(
     *,
     solver: str = "cbc",
     time_limit: float | None = None,
+    near: tuple[dict[str, Choice], int] | None = None,
 ) -> Allocation:
-    """The least-sensitive choice per layer within ``budget`` (an exact ILP solution)."""
-    return allocate_k_best(problem, budget, 1, solver=solver, time_limit=time_limit)[0]
+    """The least-sensitive choice per layer within ``budget`` (an exact ILP solution).
+
+    ``near=(plan, n)``: only plans that differ from ``plan`` in at most ``n`` layers.
+    """
+    return allocate_k_best(problem, budget, 1, solver=solver, time_limit=time_limit, near=near)[0]
 
 
 def allocate_k_best(
@@ -379,6 +394,7 @@ def allocate_k_best(
     *,
     solver: str = "cbc",
     time_limit: float | None = None,
+    near: tuple[dict[str, Choice], int] | None = None,
 ) -> list[Allocation]:
     """The ``k`` best distinct allocations within ``budget``, best first (fewer when fewer exist).
 
@@ -390,6 +406,8 @@ def allocate_k_best(
     program.lp += program.objective_expr()
     for metric, limit in limits.items():
         program.constrain(metric, limit)
+    if near is not None:
+        program.limit_changes(*near)
     found: list[Allocation] = []
     for _ in range(k):
         start = time.perf_counter()
@@ -440,6 +458,61 @@ def allocate_reranked(
         for index, (candidate, value) in enumerate(zip(candidates, measured, strict=True))
     ]
     return chosen
+
+
+def allocate_refined(
+    problem: AllocationProblem,
+    budget: dict[str, float],
+    sensitivity_around: Callable[[dict[str, Choice]], dict[str, dict[Choice, float]]],
+    measure: Callable[[dict[str, Choice]], float],
+    *,
+    steps: int = 2,
+    start: Allocation | None = None,
+    solver: str = "cbc",
+) -> Allocation:
+    """The ILP optimum, then trust-region ILP steps on sensitivities re-measured around the current plan.
+
+    Errors of quantized layers interact, so a table measured around one plan
+    (``sensitivity_around(choices)``: each layer's alternatives changed inside
+    ``choices``) describes plans near it better than a table measured around
+    float or a uniform plan. Each step (``steps`` of them, one table each)
+    solves the ILP on the table measured around the current plan; a proposal
+    is kept only if ``measure`` (a distance of the whole exported plan, lower is
+    better) finds it closer to float. A rejected proposal is retried with at
+    most half as many layers changed (the table stays valid: same centre)
+    until a single change is rejected. ``candidates`` records every plan measured.
+    """
+    current = start or allocate(problem, budget, solver=solver)
+    metrics = budget_metrics(problem, budget)
+    best, best_distance = current, measure(current.choices)
+    visited = [{"step": 0, "objective": current.objective, "measured": best_distance, "chosen": True,
+                **{metric: current.totals[metric] for metric in metrics}}]
+    for step in range(1, steps + 1):
+        table = sensitivity_around(best.choices)
+        local = replace(problem, layers=[replace(layer, sensitivity=table[layer.name]) for layer in problem.layers])
+        radius: int | None = None  # the first proposal may change any number of layers
+        improved = False
+        while radius is None or radius >= 1:
+            proposal = allocate(local, budget, solver=solver, near=(best.choices, radius) if radius else None)
+            changed = sum(proposal.choices[name] != choice for name, choice in best.choices.items())
+            if changed == 0:
+                break
+            distance = measure(proposal.choices)
+            totals = evaluate(problem, proposal.choices)
+            visited.append({"step": step, "changed": changed, "objective": totals["sensitivity"],
+                            "measured": distance, "chosen": False, **{metric: totals[metric] for metric in metrics}})
+            if distance < best_distance:
+                for entry in visited:
+                    entry["chosen"] = entry is visited[-1]
+                best = Allocation(proposal.choices, totals, totals["sensitivity"], proposal.solve_time_s,
+                                  "optimal", proposal.method, dict(budget))
+                best_distance, improved = distance, True
+                break
+            radius = changed // 2
+        if not improved:
+            break
+    earlier = [{**entry, "chosen": False} for entry in current.candidates]  # e.g. a re-ranking's candidates
+    return replace(best, method=f"{current.method}-refined", status="optimal-refined", candidates=earlier + visited)
 
 
 def budget_metrics(problem: AllocationProblem, budget: dict[str, float]) -> list[str]:

@@ -2,9 +2,10 @@
 
 Requires: a canonicalized float model, a plan from ``passes/select_layers``
 (its ``layers`` are the candidates), calibration inputs.
-Guarantees: for every layer and candidate ``(w_bits, a_bits)`` a non-negative
-number, larger = the model output moves more, non-increasing in the bits
-(:func:`monotone`); the graph is not changed.
+Guarantees: for every layer and candidate ``(w_bits, a_bits)`` a number,
+larger = the model output moves more, non-increasing in the bits
+(:func:`monotone`); non-negative, except measured around a mixed plan (where
+it is relative to that plan's choice); the graph is not changed.
 
 Two estimates:
 
@@ -13,7 +14,11 @@ Two estimates:
   outputs with float on the calibration data: the mean KL divergence of the
   softmax outputs for classifier outputs ([N, C]), otherwise the output MSE
   divided by the float output's mean square (so outputs of different scale add
-  up). Runs the (layer, bits) jobs in parallel processes.
+  up). Runs the (layer, bits) jobs in parallel processes. With ``context``
+  (e.g. w8a8) the layer is changed *inside* the fully quantized base plan
+  instead, and the value is the growth of the distance over the base plan's:
+  errors of several layers do not add up, and measuring each one among the
+  others' makes the ILP's sum a closer estimate of a mixed plan.
 * :func:`proxy_sensitivity` -- no quantized model is run: for a linear layer
   ``y = W x`` with input second moment ``H = E[x x^T]`` (the layer Hessian of
   GPTQ / HAWQ-V2), weight rounding adds ``sum_o dW_o^T H dW_o`` to the output
@@ -24,7 +29,9 @@ Two estimates:
   kernel window taken as uncorrelated). Weightless layers (Add, pooling,
   Concat) get the input quantization noise-to-signal ratio.
 
-:func:`spearman` compares the two rankings (reported in BENCHMARKS.mixed.md).
+:func:`spearman` compares the two rankings (reported in benchmarks/mixed.md).
+:class:`PlanDistance` measures whole plans the same way (the allocator's
+re-ranking of its best candidates).
 """
 
 from __future__ import annotations
@@ -110,8 +117,13 @@ def single_layer_plan(plan: QuantPlan, name: str, choice: Choice) -> QuantPlan:
                      activation_signed=plan.activation_signed, layers={name: layer})
 
 
-def base_choice(plan: QuantPlan, name: str, context: Choice) -> Choice:
+Context = Choice | dict[str, Choice]  # one choice for every layer, or a whole mixed plan
+
+
+def base_choice(plan: QuantPlan, name: str, context: Context) -> Choice:
     """Layer ``name``'s choice in the base plan ``context`` (weightless layers: only its a_bits)."""
+    if isinstance(context, dict):
+        return context[name]
     return (context[0] if plan.layers[name].w_bits else None, context[1])
 
 
@@ -123,7 +135,7 @@ def plan_with_choices(plan: QuantPlan, choices: dict[str, Choice]) -> QuantPlan:
                      activation_signed=plan.activation_signed, layers=layers)
 
 
-def context_plan(plan: QuantPlan, context: Choice, name: str | None = None, choice: Choice | None = None) -> QuantPlan:
+def context_plan(plan: QuantPlan, context: Context, name: str | None = None, choice: Choice | None = None) -> QuantPlan:
     """Every layer at the base choice ``context``, except ``name`` at ``choice``."""
     choices = {other: base_choice(plan, other, context) for other in plan.layers}
     if name is not None and choice is not None:
@@ -189,7 +201,7 @@ _WORKER: dict = {}
 
 
 def _worker_init(model_bytes: bytes, plan_dict: dict, calib: dict, reference: dict,
-                 ranges: dict, batch_size: int, context: Choice | None = None, integer_only: bool = False) -> None:
+                 ranges: dict, batch_size: int, context: Context | None = None, integer_only: bool = False) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER.update(model=onnx.load_from_string(model_bytes), plan=QuantPlan.from_dict(plan_dict),
                    calib=calib, reference=reference, ranges=ranges, batch_size=batch_size,
@@ -227,7 +239,7 @@ def measured_sensitivity(
     max_samples: int = 64,
     workers: int = 2,
     batch_size: int = 32,
-    context: Choice | None = None,
+    context: Context | None = None,
     integer_only: bool = False,
 ) -> Sensitivity:
     """Output distance per layer and choice (see module docstring).
@@ -235,7 +247,9 @@ def measured_sensitivity(
     ``context=None``: that layer quantized alone, everything else float.
     ``context=(w, a)``: every layer at the base plan ``(w, a)`` and that layer at
     the choice; the value is how much the output distance grows over the base
-    plan's own (clipped at 0; the base choice itself is 0 and not run).
+    plan's own (the base choice itself is 0 and not run). ``context={layer:
+    choice}``: the same around a whole mixed plan (a local linearisation of the
+    distance there; values may be negative where a choice beats the plan's).
     Quantizing the rest changes what a layer's error does downstream, so these
     values add up to the distance of a mixed plan more closely than the
     single-layer ones (measured in benchmarks/mixed.md). ``integer_only`` is the
@@ -244,11 +258,12 @@ def measured_sensitivity(
     """
     from compiler.fidelity import run_model
 
-    all_bits = {b for options in choices.values() for c in options for b in c if b} | set(context or ()) - {None}
+    context_choices = list(context.values()) if isinstance(context, dict) else [context] if context else []
+    all_bits = {b for options in [*choices.values(), context_choices] for c in options for b in c if b}
     model = with_opset_for(model, sorted(all_bits))
     calib = {name: value[:max_samples] for name, value in calib.items()}
     if ranges is None:
-        a_bits = {c[1] for o in choices.values() for c in o} | ({context[1]} if context else set())
+        a_bits = {c[1] for o in [*choices.values(), context_choices] for c in o}
         ranges = activation_ranges(model, plan, calib, sorted(a_bits))
     batch_size = _runnable_batch(model, batch_size)
     reference = run_model(model, calib, batch_size=batch_size)
@@ -278,7 +293,7 @@ def measured_sensitivity(
                 ProcessPoolExecutor(workers, mp_context=fork, initializer=_worker_init, initargs=init_args))
             outcomes = pool.map(_worker_measure, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
         for name, choice, value in outcomes:
-            result[name][choice] = max(value - base_distance, 0.0)
+            result[name][choice] = value - base_distance if context is not None else value
     return monotone(result)
 
 
@@ -308,7 +323,7 @@ def monotone(table: Sensitivity) -> Sensitivity:
     def covers(wide: Choice, narrow: Choice) -> bool:
         return (wide[0] or 0) >= (narrow[0] or 0) and wide[1] >= narrow[1] and wide != narrow
 
-    largest = max((v for values in table.values() for v in values.values()), default=0.0)
+    largest = max((abs(v) for values in table.values() for v in values.values()), default=0.0)
     step = 1e-6 * largest if largest > 0 else 1e-12
     result: Sensitivity = {}
     for name, values in table.items():

@@ -31,6 +31,7 @@ from passes import allocate as al  # noqa: E402
 from targets.mcu.cost import cost_model  # noqa: E402
 
 SECTION = "## ILP solve time (synthetic problems)"
+TOP_K = 8  # plans compiler.mixed re-ranks by default (passes.allocate.allocate_k_best)
 
 
 def budgets(problem: al.AllocationProblem) -> dict[str, dict[str, float]]:
@@ -45,8 +46,8 @@ def budgets(problem: al.AllocationProblem) -> dict[str, dict[str, float]]:
 def run(sizes: list[int], repeat: int, greedy_up_to: int) -> list[str]:
     solvers = al.solver_names()
     rows = ["| layers | binaries | budget | " + " | ".join(f"{s} median s" for s in solvers)
-            + " | greedy s | greedy objective / ILP |",
-            "|---:|---:|---|" + "---:|" * len(solvers) + "---:|---:|"]
+            + f" | top-{TOP_K} cbc s | greedy s | greedy objective / ILP |",
+            "|---:|---:|---|" + "---:|" * len(solvers) + "---:|---:|---:|"]
     for size in sizes:
         problem = al.synthetic_problem(size, cost_model("cortex-m4"), seed=0)
         binaries = sum(len(layer.choices) for layer in problem.layers)
@@ -62,11 +63,15 @@ def run(sizes: list[int], repeat: int, greedy_up_to: int) -> list[str]:
                     objectives.append(result.objective)
                 medians.append(statistics.median(times))
             assert max(objectives) - min(objectives) <= 1e-6 * max(1.0, abs(min(objectives))), objectives
-            greedy_cells = ["-", "-"]
+            greedy_cells = ["-", "-", "-"]
             if label == "size" and size <= greedy_up_to:
                 start = time.perf_counter()
+                ranked = al.allocate_k_best(problem, budget, TOP_K)
+                greedy_cells[0] = f"{time.perf_counter() - start:.2f}"
+                assert ranked[0].objective <= min(objectives) * (1 + 1e-6) + 1e-12
+                start = time.perf_counter()
                 baseline = al.greedy(problem, budget)
-                greedy_cells = [f"{time.perf_counter() - start:.2f}", f"{baseline.objective / min(objectives):.3f}"]
+                greedy_cells[1:] = [f"{time.perf_counter() - start:.2f}", f"{baseline.objective / min(objectives):.3f}"]
             rows.append(f"| {size} | {binaries} | {label} | " + " | ".join(f"{m:.2f}" for m in medians)
                         + " | " + " | ".join(greedy_cells) + " |")
             print(rows[-1], flush=True)
@@ -100,7 +105,9 @@ def main() -> None:
         f"({__import__('os').cpu_count()} cores, shared with other jobs), PuLP {pulp.__version__}. "
         "Wall-clock of `allocate()` (building the PuLP model + solving to proven optimality), median of "
         f"{args.repeat} runs; the ILP objectives of all solvers agree. 9 choices per layer "
-        "(w 2/4/8 x a 4/8/16), residual tie groups, Cortex-M4 cost model.", "",
+        "(w 2/4/8 x a 4/8/16), residual tie groups, Cortex-M4 cost model. "
+        f"*top-{TOP_K}*: the {TOP_K} best distinct plans by successive solves with no-good cuts "
+        "(what the default allocator then re-ranks by measurement), one run.", "",
         *rows, "",
     ])
     if args.write:

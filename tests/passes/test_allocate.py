@@ -417,3 +417,51 @@ def test_online_ops_are_fixed_costs_of_the_problem():
     with pytest.raises(EdgeqError, match="smallest achievable"):
         al.allocate(problem, {"latency_s": fastest - 0.5 * online_latency})
     assert al.allocate(problem, {"latency_s": fastest}).totals["latency_s"] == pytest.approx(fastest)
+
+
+def _interacting_problem():
+    """Four equal-sized layers, w4/w8 at a8; the summed table misses that l0 and l1 at w4 together hurt."""
+    cost = mcu_cost_model("cortex-m4")
+    alone = {"l0": 1.0, "l1": 1.2, "l2": 2.0, "l3": 2.5}  # each layer at w4 alone
+    layers = []
+    for name, value in alone.items():
+        shape = LayerShape(name, "Conv", "conv", 1000, 1000, 100, 100, 10)
+        layers.append(al.layer_options(shape, cost, sensitivity={(4, 8): value, (8, 8): 0.0}, pairs=[(4, 8), (8, 8)]))
+    problem = al.AllocationProblem(layers)
+
+    def true_distance(choices):
+        at4 = {name for name, choice in choices.items() if choice[0] == 4}
+        return sum(alone[name] for name in at4) + (5.0 if {"l0", "l1"} <= at4 else 0.0)
+
+    def around(choices):  # exact local deltas of the true distance around ``choices``
+        base = true_distance(choices)
+        return {name: {c: true_distance({**choices, name: c}) - base for c in [(4, 8), (8, 8)]} for name in choices}
+
+    return problem, true_distance, around
+
+
+def test_refinement_follows_measurements_around_the_plan():
+    problem, true_distance, around = _interacting_problem()
+    budget = {"size_fraction": 0.75}  # two of the four layers must go to 4 bits
+    start = al.allocate(problem, budget)
+    assert {n for n, c in start.choices.items() if c[0] == 4} == {"l0", "l1"}  # the sum is fooled
+    refined = al.allocate_refined(problem, budget, around, true_distance, steps=3)
+    best = min(true_distance(dict(zip([layer.name for layer in problem.layers], combo, strict=True)))
+               for combo in itertools.product(*(layer.choices for layer in problem.layers))
+               if sum(c[0] == 4 for c in combo) >= 2)
+    assert true_distance(refined.choices) == best < true_distance(start.choices)
+    assert refined.totals["size_fraction"] <= 0.75 and refined.status == "optimal-refined"
+    assert refined.candidates[0]["step"] == 0 and not refined.candidates[0]["chosen"]
+    assert sum(entry["chosen"] for entry in refined.candidates) == 1
+
+
+def test_refinement_never_returns_a_plan_measured_worse_than_its_start():
+    problem, true_distance, around = _interacting_problem()
+
+    def misleading(choices):  # a table that points the wrong way
+        return {name: {c: -value for c, value in table.items()} for name, table in around(choices).items()}
+
+    budget = {"size_fraction": 0.75}
+    start = al.allocate(problem, budget)
+    refined = al.allocate_refined(problem, budget, misleading, true_distance, steps=3, start=start)
+    assert true_distance(refined.choices) <= true_distance(start.choices)
