@@ -1,9 +1,11 @@
 """Load and run the CPU library of ``out_dir/cpu/`` (TVM runtime + Relax VM).
 
 Inputs are float arrays keyed by graph input name with the sample axis first;
-each sample is quantized with :func:`compiler.requant.quantize_linear` (the
-interpreter's own function), run through the library at batch 1, and the
-integer outputs are dequantized with :func:`compiler.requant.dequantize_linear`.
+each sample is quantized -- by the library itself where the manifest's input entry
+has ``library_dtype`` (the input edge compiled in, bit-exact with the interpreter's
+:func:`compiler.requant.quantize_linear`), else with that numpy function -- run
+through the library at batch 1, and the integer outputs are dequantized with
+:func:`compiler.requant.dequantize_linear`.
 
 * :func:`run` -- float outputs, like the QDQ model's.
 * :func:`run_raw` -- integer outputs (what ``verify.json`` compares).
@@ -60,12 +62,17 @@ class CpuModule:
         return counts.pop()
 
     def quantize(self, inputs: dict[str, np.ndarray], index: int) -> list:
+        """The library's arguments for sample ``index``: the float input where the library
+        quantizes it itself (``library_dtype`` in the manifest), else the quantized input."""
         tensors = []
         for entry in self.manifest["inputs"]:
             q = entry["quant"]
             value = np.asarray(inputs[entry["name"]])[index:index + 1]
-            quantized = quantize_linear(value, q["scale"], q["zero_point"], q["qmin"], q["qmax"], q["dtype"])
-            tensors.append(self._tensor(np.ascontiguousarray(quantized), self.device))
+            if "library_dtype" in entry:
+                value = value.astype(entry["library_dtype"], copy=False)
+            else:
+                value = quantize_linear(value, q["scale"], q["zero_point"], q["qmin"], q["qmax"], q["dtype"])
+            tensors.append(self._tensor(np.ascontiguousarray(value), self.device))
         return tensors
 
     def run_sample_raw(self, inputs: dict[str, np.ndarray], index: int) -> list[np.ndarray]:

@@ -116,7 +116,8 @@ def test_compile_verify_run_and_cross_compile(tmp_path):
     assert manifest["tvm_target"]["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()
     cross = tmp_path / "cpu" / manifest["cross"][0]["library"]
     # the portable hand-written kernels only: no x86 VNNI conv for aarch64
-    assert "maxpool" in manifest["cross"][0]["kernels"] and "conv_dense" not in manifest["cross"][0]["kernels"]
+    assert {"maxpool", "quantize"} <= set(manifest["cross"][0]["kernels"])
+    assert "conv_dense" not in manifest["cross"][0]["kernels"]
     header = cross.read_bytes()[:20]
     assert header[:4] == b"\x7fELF" or cross.suffix == ".tar"
     if shutil.which(f"{triple}-gcc"):
@@ -139,7 +140,8 @@ def test_vnni_schedules_plug_in_bit_exact(tmp_path):
                                                   tmp_path / "cpu", use_schedules=True)
     # bit exact above with the hand-written kernels in use, MaxPool's too (Relax's passes used
     # to abort on its block-less PrimFunc)
-    assert {"conv_dense", "conv_depthwise", "maxpool"} <= set(manifest["kernels"]), manifest["kernels"]
+    assert {"conv_dense", "conv_depthwise", "maxpool", "quantize"} <= set(manifest["kernels"]), manifest["kernels"]
+    assert manifest["inputs"][0]["library_dtype"] == "float32"  # the library quantizes its input itself
 
 
 @pytest.mark.slow
