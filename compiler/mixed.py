@@ -26,12 +26,14 @@ from compiler.errors import EdgeqError
 from compiler.pareto_plot import pareto_svg
 from compiler.plan import QuantPlan
 from passes.allocate import (
+    PEAK_METRICS,
     Allocation,
     AllocationProblem,
     allocate,
     allocate_refined,
     allocate_reranked,
     apply_allocation,
+    layer_metric,
     pareto,
     problem_from_model,
 )
@@ -43,6 +45,7 @@ from passes.sensitivity import (
     proxy_sensitivity,
     with_opset_for,
 )
+from targets.base import LayerShape
 
 PARETO_POINTS = 8
 
@@ -112,8 +115,14 @@ def parse_pins(texts: list[str] | None, plan: QuantPlan) -> dict[str, tuple[int 
 def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
                   device: str | None, *, integer_only: bool, estimate: str | None = None,
                   max_samples: int | None = None, pins: list[str] | None = None,
-                  options: AllocatorOptions | None = None) -> MixedPrecision:
+                  options: AllocatorOptions | None = None, metrics: list[str] | None = None) -> MixedPrecision:
     """Sensitivities and costs of every candidate of every layer in ``plan``, and the plan measurer.
+
+    Candidates are the target cost model's ``bit_pairs`` (or ``options.pairs``),
+    less wider activations when none of ``metrics`` (the budgeted ones) charges
+    for activation width: then a wider activation would be free and always
+    chosen, so the user's budget would silently double every activation tensor
+    (and, on the CPU target, cost 7-60x the time).
 
     The first ``sensitivity_samples`` calibration samples measure the
     sensitivities; the next ``rerank_samples`` (held out from them) measure
@@ -128,6 +137,9 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     pinned = parse_pins(pins, plan)
     cost_model = target.cost_model(device)
     pairs = list(options.pairs or cost_model.bit_pairs)
+    dropped = []
+    if options.pairs is None and metrics is not None:
+        pairs, dropped = priced_pairs(cost_model, pairs, metrics)
     choices = candidate_choices(plan, pairs=pairs)
     total = len(next(iter(calib.values())))
     n_sens = min(options.sensitivity_samples, total)
@@ -157,6 +169,9 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     record = {"sensitivity": options.sensitivity, "candidates": [list(pair) for pair in pairs],
               "sensitivity_samples": n_sens, "rerank": options.rerank,
               "refine": options.refine if around is not None else 0}
+    if dropped:
+        record["not_offered"] = {"pairs": [list(pair) for pair in dropped],
+                                 "reason": f"no budgeted metric ({', '.join(metrics)}) depends on activation bits"}
     if options.sensitivity == "in-context":
         record["context"] = list(context)
     if distance is not None:
@@ -166,6 +181,35 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
         record["online_ops"] = problem.online_ops
         record["fixed_costs"] = dict(problem.fixed)
     return MixedPrecision(problem, distance=distance, sensitivity_around=around, record=record)
+
+
+def resolve_metric_names(budget: dict[str, float]) -> list[str]:
+    """The allocator's metric names of a parsed budget (``size_fraction`` is a weight-bytes limit)."""
+    return ["weight_bytes" if metric == "size_fraction" else metric for metric in budget]
+
+
+# A mid-sized 3x3 convolution: what "does this metric change with the activation bits" is asked of.
+_PROBE = LayerShape("probe", "Conv", "conv", macs=64 * 64 * 9 * 16 * 16, weight_params=64 * 64 * 9,
+                    input_elems=64 * 16 * 16, output_elems=64 * 16 * 16, output_channels=64)
+
+
+def priced_pairs(cost_model, pairs: list[tuple[int, int]], metrics: list[str]
+                 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(pairs offered, pairs dropped): wider activations only where a budgeted metric charges for them."""
+    narrowest = min(a for _, a in pairs)
+
+    def charges(metric: str) -> bool:
+        if metric in PEAK_METRICS:  # live activation bytes
+            return True
+        for w_bits in {w for w, _ in pairs}:
+            values = {layer_metric(cost_model.layer_cost(_PROBE, w, a), metric) for w, a in pairs if w == w_bits}
+            if len(values) > 1:
+                return True
+        return False
+
+    if any(charges(metric) for metric in metrics):
+        return pairs, []
+    return [pair for pair in pairs if pair[1] == narrowest], [pair for pair in pairs if pair[1] != narrowest]
 
 
 def solve(mixed: MixedPrecision, budget: dict[str, float], options: AllocatorOptions | None = None) -> Allocation:
@@ -189,7 +233,7 @@ def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     options = options or AllocatorOptions()
     budget = parse_budget(budget_text)
     mixed = build_problem(model, plan, calib, target, device, integer_only=integer_only, estimate=estimate,
-                          pins=pins, options=options)
+                          pins=pins, options=options, metrics=list(resolve_metric_names(budget)))
     problem = mixed.problem
     allocation = solve(mixed, budget, options)
     apply_allocation(plan, problem, allocation)
@@ -277,8 +321,11 @@ def allocate_command(args: argparse.Namespace) -> int:
     plan = select_layers(model, integer_only=integer_only)
     plan.model, plan.target = args.model, args.target
     options = AllocatorOptions()
+    metrics = resolve_metric_names(parse_budget(args.budget)) if args.budget else []
+    if args.pareto:
+        metrics.append(_pareto_metric(parse_budget(args.budget) if args.budget else {}, target.name))
     mixed = build_problem(model, plan, calib, target, args.device, integer_only=integer_only, pins=args.pin,
-                          options=options)
+                          options=options, metrics=metrics)
     problem = mixed.problem
     out = Path(args.output)
     with atomic_dir(out) as tmp:

@@ -45,6 +45,8 @@ from targets.onnx.cost import cost_model  # noqa: E402
 FRACTIONS = (0.5, 0.55, 0.6, 0.7, 0.8, 0.9)
 W_BITS = (4, 8)
 A_BITS = (8,)
+CONTEXT = (8, 8)  # the base plan in-context sensitivities are measured against
+DEFAULT_METHOD = "ilp top-{k} re-ranked + refined, in-context"  # compiler.mixed.AllocatorOptions' defaults
 
 
 def load_case(name: str, calib_samples: int):
@@ -132,31 +134,63 @@ def bench_model(name: str, args, work: Path) -> dict:
     measured = _cached(work / f"{name}_measured.json", args.fresh, timings, "measured_sensitivity_s",
                        lambda: sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges,
                                                        max_samples=args.sensitivity_samples, workers=args.workers))
+    in_context = _cached(work / f"{name}_context.json", args.fresh, timings, "context_sensitivity_s",
+                         lambda: sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges,
+                                                         max_samples=args.sensitivity_samples, workers=args.workers,
+                                                         context=CONTEXT))
     measured, proxy = sn.monotone(measured), sn.monotone(proxy)  # no-op on fresh tables; repairs old caches
     weighted = [n for n, layer in plan.layers.items() if layer.w_bits]
     agreement = {
         "all entries": sn.spearman(measured, proxy),
         "layers at w4a8": sn.spearman({n: measured[n] for n in weighted}, {n: proxy[n] for n in weighted}, (4, 8)),
         "layers at w8a8": sn.spearman({n: measured[n] for n in weighted}, {n: proxy[n] for n in weighted}, (8, 8)),
+        "single-layer vs in-context, layers at w4a8": sn.spearman(
+            {n: measured[n] for n in weighted}, {n: in_context[n] for n in weighted}, (4, 8)),
     }
-    problem = al.problem_from_model(model, plan, cost_model(), sensitivity=measured, w_bits=W_BITS, a_bits=A_BITS)
-    proxy_problem = al.problem_from_model(model, plan, cost_model(), sensitivity=proxy, w_bits=W_BITS, a_bits=A_BITS)
+
+    def problem_for(table):
+        return al.problem_from_model(model, plan, cost_model(), sensitivity=table, w_bits=W_BITS, a_bits=A_BITS)
+
+    problem, proxy_problem, context_problem = problem_for(measured), problem_for(proxy), problem_for(in_context)
+    # Re-ranking measures whole candidate plans on calibration samples the sensitivities did not use.
+    held_out = {key: value[args.sensitivity_samples:] for key, value in calib.items()}
+    distance = sn.PlanDistance(model, plan, held_out, ranges)
+    sensitivity_data = {key: value[:args.sensitivity_samples] for key, value in calib.items()}
+
+    def around(center: dict) -> dict:
+        start = time.perf_counter()
+        table = sn.measured_sensitivity(model, plan, sensitivity_data, choices, ranges=ranges,
+                                        max_samples=args.sensitivity_samples, workers=args.workers, context=center)
+        timings["refine_tables"] = timings.get("refine_tables", 0) + 1
+        timings["refine_tables_s"] = timings.get("refine_tables_s", 0.0) + time.perf_counter() - start
+        return table
 
     def evaluate(allocation: al.Allocation, label: str | None = None) -> dict:
         chosen = copy.deepcopy(plan)
         al.apply_allocation(chosen, problem, allocation)
-        qdq = quantize_model(model, chosen, ranges[8])
+        qdq = quantize_model(model, chosen, sn.ranges_for_plan(model, chosen, ranges))
         outputs = run_model(qdq, evaluation)[output_name]
-        return {"method": label or allocation.method, "weight_bytes": int(allocation.totals["weight_bytes"]),
-                "size_fraction": allocation.totals["size_fraction"], "objective": allocation.objective,
-                "solve_s": allocation.solve_time_s, **score(reference, outputs, labels)}
+        row = {"method": label or allocation.method, "weight_bytes": int(allocation.totals["weight_bytes"]),
+               "size_fraction": allocation.totals["size_fraction"], "objective": allocation.objective,
+               "solve_s": allocation.solve_time_s, **score(reference, outputs, labels)}
+        if allocation.candidates:
+            row["candidates"] = allocation.candidates
+        return row
 
     rows = [evaluate(al.uniform(problem, 8, 8)), evaluate(al.uniform(problem, 4, 8))]
     for fraction in FRACTIONS:
         budget = {"size_fraction": fraction}
-        rows.append({**evaluate(al.allocate(problem, budget)), "budget": fraction})
-        rows.append({**evaluate(al.greedy(problem, budget)), "budget": fraction})
-        rows.append({**evaluate(al.allocate(proxy_problem, budget), "ilp on proxy sensitivity"), "budget": fraction})
+        for label, table_problem in (("single-layer", problem), ("in-context", context_problem)):
+            rows.append({**evaluate(al.allocate(table_problem, budget), f"ilp, {label}"), "budget": fraction})
+            reranked = al.allocate_reranked(table_problem, budget, distance, k=args.rerank_k)
+            rows.append({**evaluate(reranked, f"ilp top-{args.rerank_k} re-ranked, {label}"), "budget": fraction})
+            if args.refine and len(reranked.candidates) > 1:  # else the budget leaves one plan only
+                refined = al.allocate_refined(table_problem, budget, around, distance, steps=args.refine,
+                                              start=reranked)
+                rows.append({**evaluate(refined, f"ilp top-{args.rerank_k} re-ranked + refined, {label}"),
+                             "budget": fraction})
+            rows.append({**evaluate(al.greedy(table_problem, budget), f"greedy, {label}"), "budget": fraction})
+        rows.append({**evaluate(al.allocate(proxy_problem, budget), "ilp, proxy"), "budget": fraction})
     ort_model = ort_int4(model_path, calib, work)
     ort_outputs = run_model(ort_model, evaluation)[output_name]
     ort_bytes = quantized_weight_bytes(ort_model)
@@ -164,7 +198,41 @@ def bench_model(name: str, args, work: Path) -> dict:
                  "size_fraction": ort_bytes / problem.int8_weight_bytes(), **score(reference, ort_outputs, labels)})
     return {"model": name, "layers": len(plan.layers), "int8_weight_bytes": problem.int8_weight_bytes(),
             "eval_samples": int(reference.shape[0]), "calib_samples": args.calib_samples,
-            "sensitivity_samples": args.sensitivity_samples, "spearman": agreement, "timings": timings, "rows": rows}
+            "sensitivity_samples": args.sensitivity_samples, "rerank_k": args.rerank_k,
+            "rerank_samples": int(len(next(iter(held_out.values())))), "spearman": agreement, "timings": timings,
+            "rows": rows}
+
+
+def _picked_rank(row: dict) -> str:
+    """Which measured candidate was taken: ``#r`` = ILP rank r, ``s`` = refinement step s."""
+    chosen = [f"#{c['rank'] + 1}" if "rank" in c else f"s{c['step']}"
+              for c in row.get("candidates", []) if c["chosen"]]
+    return f" ({chosen[0]})" if chosen else ""
+
+
+def comparison(result: dict) -> list[str]:
+    """Top-1 agreement per budget: each allocator next to greedy, and where the default falls short."""
+    rows = [row for row in result["rows"] if "budget" in row]
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    uniform4 = next(row for row in result["rows"] if row["method"] == "uniform-w4a8")
+    default_method = DEFAULT_METHOD.replace("{k}", str(result.get("rerank_k", 8)))
+    if default_method not in methods:  # results of an older run
+        default_method = "ilp top-8 re-ranked, in-context"
+    lines = ["Top-1 agreement by budget (in brackets: the measured candidate taken, #r = ILP rank r, "
+             "sN = refinement step N). "
+             f"*default* = `{default_method}`; it is compared with the best greedy plan "
+             "(either sensitivity table) and with uniform w4a8 (the only uniform plan within these budgets).", "",
+             "| budget | " + " | ".join(methods) + " | default >= greedy | default >= uniform w4a8 |",
+             "|---|" + "---|" * (len(methods) + 2)]
+    for fraction in sorted({row["budget"] for row in rows}):
+        at = {row["method"]: row for row in rows if row["budget"] == fraction}
+        cells = [f"{at[m]['top1_agreement']:.3f}{_picked_rank(at[m])}" for m in methods]
+        default = at[default_method]["top1_agreement"]
+        greedy = max(row["top1_agreement"] for method, row in at.items() if method.startswith("greedy"))
+        cells.append("yes" if default >= greedy else f"**no** ({default:.3f} < {greedy:.3f})")
+        cells.append("yes" if default >= uniform4["top1_agreement"] else "**no**")
+        lines.append(f"| {fraction:.2f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(results: list[dict], command: str) -> str:
@@ -183,6 +251,7 @@ def markdown(results: list[dict], command: str) -> str:
                   + ", ".join(f"{key} {value:.1f}" for key, value in result["timings"].items()) + ".", "",
                   "Spearman rank correlation, measured vs second-moment proxy: "
                   + ", ".join(f"{key} {value:.3f}" for key, value in result["spearman"].items()) + ".", ""]
+        lines += comparison(result) + [""]
         has_accuracy = any("accuracy" in row for row in result["rows"])
         header = ["plan", "budget", "weight bytes", "x int8", "top-1 agr.", "top-5 agr.", "KL", "SQNR dB"]
         if has_accuracy:
@@ -205,17 +274,24 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--sensitivity-samples", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rerank-k", type=int, default=8, help="ILP plans re-ranked by measured fidelity")
+    parser.add_argument("--refine", type=int, default=2, help="trust-region refinement steps after re-ranking")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeq_bench_mixed"))
     parser.add_argument("--fresh", action="store_true", help="re-measure sensitivities even if cached")
     parser.add_argument("--write", type=Path)
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="only re-render results saved with --json")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in args.models.split(","):
+    for path in args.from_json or []:
+        results += json.loads(path.read_text())
+    for name in args.models.split(",") if not args.from_json else []:
         print(f"== {name}", flush=True)
         result = bench_model(name, args, args.work)
         results.append(result)
+        if args.json:  # after every model, so a long run leaves what it finished
+            args.json.write_text(json.dumps(results, indent=1, default=str))
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}, default=str), flush=True)
         for row in result["rows"]:
             print(row, flush=True)

@@ -26,7 +26,9 @@ def test_default_allocation_reranks_held_out_and_records_how():
     record = plan.totals["allocation"]["allocator"]
     assert record["sensitivity"] == "in-context" and record["context"] == [8, 8]
     assert record["held_out"] is True and record["rerank_samples"] == 16 and record["sensitivity_samples"] == 32
-    assert [tuple(pair) for pair in record["candidates"]] == list(get_target("onnx").cost_model().bit_pairs)
+    # a size budget does not charge for activation width: 16-bit activations would be free, so not offered
+    assert [tuple(pair) for pair in record["candidates"]] == [(4, 8), (8, 8)]
+    assert record["not_offered"]["pairs"] == [[4, 16], [8, 16]]
     assert record["refine"] == 2
     candidates = plan.totals["allocation"]["candidates"]
     ranked = [c for c in candidates if "rank" in c]
@@ -63,3 +65,20 @@ def test_bad_allocator_options_are_user_errors():
         AllocatorOptions(rerank=-1)
     with pytest.raises(EdgeqError, match="refine"):
         AllocatorOptions(refine=-1)
+
+
+def test_16_bit_activations_are_offered_where_the_budget_prices_them():
+    model, plan, calib = _setup()
+    options = AllocatorOptions(rerank=0, refine=0)
+    full = allocate_bits(model, plan, calib, get_target("onnx"), None, "size=0.75", integer_only=False,
+                         options=options)
+    bitops_w8a8 = sum(layer.costs[(8, 8) if (8, 8) in layer.costs else (None, 8)].bitops
+                      for layer in full.problem.layers)
+    plan = select_layers(model)
+    mixed = allocate_bits(model, plan, calib, get_target("onnx"), None, f"size=0.75,bitops={1.2 * bitops_w8a8:.0f}",
+                          integer_only=False, options=options)
+    record = plan.totals["allocation"]["allocator"]
+    assert [tuple(pair) for pair in record["candidates"]] == list(get_target("onnx").cost_model().bit_pairs)
+    assert "not_offered" not in record
+    assert any(choice[1] == 16 for choice in mixed.allocation.choices.values())  # some room for a16 was used
+    assert mixed.allocation.totals["bitops"] <= 1.2 * bitops_w8a8
