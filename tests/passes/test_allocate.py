@@ -411,6 +411,8 @@ def test_online_ops_are_fixed_costs_of_the_problem():
     totals = al.evaluate(problem, choices)
     layer_latency = sum(problem.layer(name).costs[choice].latency_s for name, choice in choices.items())
     assert totals["latency_s"] == pytest.approx(layer_latency + online_latency)
+    assert totals["macs"] == sum(problem.layer(n).costs[c].macs for n, c in choices.items()) + sum(
+        shapes[name].macs for name in problem.online_ops)
     assert totals["weight_bytes"] == sum(problem.layer(n).costs[c].weight_bytes for n, c in choices.items()) + online_bytes
     # A latency budget between the layers alone and layers + rotation cannot be met.
     fastest = al.minimum(problem, "latency_s")
