@@ -283,14 +283,27 @@ def _loop(work: int, threshold: int):
     return T.parallel if work >= threshold else T.serial
 
 
+def _pieces(count: int) -> list[tuple[int, int]]:
+    """``count`` bytes as (offset, size) pieces of 32, 16, 8, 4, 2, 1 bytes: one vector move each."""
+    out, offset = [], 0
+    for size in (32, 16, 8, 4, 2, 1):
+        while count - offset >= size:
+            out.append((offset, size))
+            offset += size
+    return out
+
+
 def _emit_fill(buf, start, count: int, value) -> None:
     """Emit ``buf[start : start + count] = value`` (count static): 64-byte vector stores + tail."""
     if count // 64:
         with IB.serial(0, count // 64) as i:
             IB.buffer_store(buf, tirx.Broadcast(value, 64), [tirx.Ramp(start + i * 64, 1, 64)])
-    if count % 64:
-        with IB.serial(0, count % 64) as i:
-            IB.buffer_store(buf, value, [start + count // 64 * 64 + i])
+    for offset, size in _pieces(count % 64):
+        at = start + count // 64 * 64 + offset
+        if size == 1:
+            IB.buffer_store(buf, value, [at])
+        else:
+            IB.buffer_store(buf, tirx.Broadcast(value, size), [tirx.Ramp(at, 1, size)])
 
 
 def _emit_pack(xq, x, n, c, g: ConvGeometry, pp: PhasePlanes, zp_u8, signed: bool, dense: bool) -> None:
@@ -518,6 +531,166 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
                             y[n, c, oh, Wo // LANES * LANES + lane] = res[lane]
 
     return depthwise
+
+
+def _emit_pad_plane(xq, x, n, c, base, g: ConvGeometry, row_width: int, zp_u8, signed: bool) -> None:
+    """Emit the copy of channel ``c`` into its zero-point padded plane at ``xq[base:]`` (uint8 view).
+
+    Rows move as 16-byte vectors, the last one overlapping its predecessor; rows narrower
+    than 16 bytes move in 8/4/2/1-byte pieces (never a read past the row: the last row of
+    the tensor has nothing after it).
+    """
+    pt, pl = g.pads[0], g.pads[1]
+    width = g.width
+    _emit_fill(xq, base, pt * row_width, zp_u8)
+    with IB.serial(0, g.height) as h:
+        row = base + (pt + h) * row_width
+        _emit_fill(xq, row, pl, zp_u8)
+        if width >= LANES:
+            starts = [min(v * LANES, width - LANES) for v in range(math.ceil(width / LANES))]
+            for col in starts:
+                IB.buffer_store(xq, _gather_row(x, n, c, h, col, 1, signed), [tirx.Ramp(row + pl + col, 1, LANES)])
+        else:
+            for offset, size in _pieces(width):
+                if size == 1:
+                    value = _as_u8(tirx.BufferLoad(x, [n, c, h, offset]), signed)
+                    IB.buffer_store(xq, value, [row + pl + offset])
+                else:
+                    value = _as_u8(tirx.BufferLoad(x, [n, c, h, tirx.Ramp(offset, 1, size)]), signed)
+                    IB.buffer_store(xq, value, [tirx.Ramp(row + pl + offset, 1, size)])
+        _emit_fill(xq, row + pl + width, row_width - pl - width, zp_u8)
+    # the bottom padding; the slack after it is read only by lanes that are never stored
+    _emit_fill(xq, base + (pt + g.height) * row_width, g.pads[2] * row_width, zp_u8)
+
+
+def _tap_window(xq, start, lane_offsets: list[int], dilation: int) -> tirx.PrimExpr:
+    """64 bytes ``[lane i][tap j] = xq[start + lane_offsets[i] + j * dilation]`` (16 lanes x 4 taps):
+    one 64-byte load and one byte permutation (``vpermb``)."""
+    window = tirx.BufferLoad(xq, [tirx.Ramp(start, 1, 64)])
+    return tirx.Shuffle([window], [offset + j * dilation for offset in lane_offsets for j in range(4)])
+
+
+def depthwise_vnni_rows(g: ConvGeometry) -> int:
+    """Output rows per 16-lane vector of :func:`depthwise_vnni_kernel` (0: it does not apply).
+
+    One row (16 pixels per vector) when the output is at least 16 wide, else as many
+    whole rows as fit 16 lanes and a 64-byte input window (7-wide rows: 2 rows, 14 lanes).
+    """
+    (sh, sw), dw = g.strides, g.dilations[1]
+    row_width = g.width + g.pads[1] + g.pads[3]
+    if g.out_width >= LANES:
+        return 1 if (LANES - 1) * sw + 3 * dw < 64 else 0
+    rows = min(LANES // g.out_width, g.out_height)
+    while rows and (rows - 1) * sh * row_width + (g.out_width - 1) * sw + 3 * dw >= 64:
+        rows -= 1
+    return rows
+
+
+def depthwise_vnni_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requant) -> tvm.tirx.PrimFunc:
+    """group == C == O conv with ``vpdpbusd``: 4 taps of a kernel row per instruction.
+
+    Each channel is copied into a plane padded with the zero point (no phase split).
+    For the 16 output pixels of a vector and 4 horizontally adjacent taps, the 64 input
+    bytes ``[pixel][tap]`` come from one 64-byte load and one byte permutation (AVX-512
+    VBMI), and one ``vpdpbusd`` multiplies them by the 4 tap weights (packed as one int32
+    word, zero past the kernel's width) -- 3 instructions where :func:`depthwise_kernel`
+    needs 12 (widen, multiply, add per tap). A vector holds 16 pixels of one row (the last
+    vector of a row overlaps the one before, so every store is a whole vector) or, for
+    rows narrower than 16, :func:`depthwise_vnni_rows` whole rows (contiguous in ``y``).
+
+    Parameters: ``x [N,C,H,W]``, ``w [C, KH * ceil(KW/4)]`` int32 (4 taps per word, see
+    :func:`targets.cpu.schedules.pack_conv_weights`), ``bias/mult/rnd/shift [C]``,
+    ``y [N,C,Ho,Wo]``.
+    """
+    rows = depthwise_vnni_rows(g)
+    if not rows:
+        raise ValueError(f"strides {g.strides} / dilations {g.dilations} do not fit a 64-byte window")
+    signed = x_dtype == "int8"
+    zp_u8 = tirx.const(x_zero_point + (128 if signed else 0), "uint8")  # after the shift to uint8
+    N, C, H, W = g.batch, g.in_channels, g.height, g.width
+    KH, KW = g.kernel
+    (sh, sw), (dh, dw) = g.strides, g.dilations
+    Ho, Wo = g.out_height, g.out_width
+    G = math.ceil(KW / 4)  # words of 4 taps per kernel row
+    WP = W + g.pads[1] + g.pads[3]
+    wide = Wo >= LANES
+    if wide:
+        col_starts = [min(v * LANES, Wo - LANES) for v in range(math.ceil(Wo / LANES))]
+        lane_offsets = [i * sw for i in range(LANES)]
+        groups, span = Ho, 0
+    else:
+        col_starts = [0]
+        used = rows * Wo
+        lane_offsets = [(i // Wo) * sh * WP + (i % Wo) * sw if i < used else 0 for i in range(LANES)]
+        groups = math.ceil(Ho / rows)
+        span = (rows - 1) * sh * WP
+    NV = len(col_starts)
+    reach = ((Ho - 1) * sh + (KH - 1) * dh) * WP + col_starts[-1] * sw + (G - 1) * 4 * dw + 64
+    L = math.ceil(max((H + g.pads[0] + g.pads[2]) * WP, reach + span) / 64) * 64
+    channel_loop = _loop(C * Ho * Wo * KH * KW, MIN_PARALLEL_MACS)
+
+    def col_start(v):
+        """First output column of vector ``v`` of a row (the last one overlaps its predecessor)."""
+        return tirx.min(v * LANES, Wo - LANES) if wide else 0
+
+    def first_row(group):
+        """First output row of a vector group (the last group overlaps the one before)."""
+        return group if wide else tirx.min(group * rows, Ho - rows)
+
+    def store_rows(yf, n, c, oh0, value):
+        """The ``rows * Wo`` valid bytes of a narrow group's 16 results, in 8/4/2/1-byte pieces."""
+        res = IB.alloc_buffer((LANES,), rq.y_dtype, scope="local")
+        IB.buffer_store(res, value, [tirx.Ramp(0, 1, LANES)])
+        for offset, size in _pieces(rows * Wo):
+            index = ((n * C + c) * Ho + oh0) * Wo + offset
+            if size == 1:
+                IB.buffer_store(yf, tirx.BufferLoad(res, [offset]), [index])
+            else:
+                IB.buffer_store(yf, tirx.BufferLoad(res, [tirx.Ramp(offset, 1, size)]), [tirx.Ramp(index, 1, size)])
+
+    @T.prim_func
+    def depthwise_vnni(
+        x: T.Buffer((N, C, H, W), x_dtype),
+        w: T.Buffer((C, KH * G), "int32"),
+        bias: T.Buffer((C,), "int32"),
+        mult: T.Buffer((C,), "int64"),
+        rnd: T.Buffer((C,), "int64"),
+        shift: T.Buffer((C,), "int64"),
+        y: T.Buffer((N, C, Ho, Wo), rq.y_dtype),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        xq = T.alloc_buffer((C * L,), "uint8")
+        yf = T.decl_buffer((N * C * Ho * Wo,), rq.y_dtype, data=y.data)
+        for n in range(N):
+            for c in channel_loop(C):
+                _emit_pad_plane(xq, x, n, c, c * L, g, WP, zp_u8, signed)
+                for group in range(groups):
+                    acc = T.alloc_buffer((NV * LANES,), "int32", scope="local")
+                    for v in T.unroll(NV):
+                        if rq.tie_free:  # the accumulator starts at the bias
+                            acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(bias[c], LANES)
+                        else:
+                            acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                    for kh in T.unroll(KH):
+                        for gi in T.unroll(G):
+                            for v in T.unroll(NV):
+                                acc[T.ramp(v * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                                    "int32x16",
+                                    VNNI,
+                                    acc[T.ramp(v * LANES, 1, LANES)],
+                                    _tap_window(xq, c * L + (first_row(group) * sh + kh * dh) * WP
+                                                + col_start(v) * sw + gi * 4 * dw, lane_offsets, dw),
+                                    T.reinterpret("int8x64", T.broadcast(w[c, kh * G + gi], LANES)),
+                                )
+                    if wide:
+                        for v in T.unroll(NV):
+                            y[n, c, group, T.ramp(col_start(v), 1, LANES)] = requant_expr(
+                                acc[T.ramp(v * LANES, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq)
+                    else:
+                        store_rows(yf, n, c, first_row(group), requant_expr(
+                            acc[T.ramp(0, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq))
+
+    return depthwise_vnni
 
 
 def maxpool_kernel(g: ConvGeometry, x_dtype: str) -> tvm.tirx.PrimFunc:

@@ -150,13 +150,21 @@ def _u8_bias(bias: np.ndarray, weight_sums: np.ndarray, x_dtype: str) -> np.ndar
     return bias
 
 
-def pack_conv_weights(w: np.ndarray, tile_rows: int, depthwise: bool) -> np.ndarray:
+def pack_conv_weights(w: np.ndarray, tile_rows: int, depthwise: bool, taps_per_word: int = 1) -> np.ndarray:
     """OIHW int8 -> the layout :func:`targets.cpu.kernels.conv_kernel` reads (int32 words).
 
     dense: ``[O/OB, KH*KW, C/4, OB]``, each int32 holding 4 consecutive input
-    channels (little-endian bytes), zero-padded. depthwise: ``[C, KH*KW]`` int32.
+    channels (little-endian bytes), zero-padded. depthwise: ``[C, KH*KW]`` int32;
+    with ``taps_per_word=4`` (:func:`targets.cpu.kernels.depthwise_vnni_kernel`)
+    ``[C, KH * ceil(KW/4)]``, each int32 holding 4 horizontally adjacent taps as
+    bytes, zero past the kernel's width.
     """
     o, c, kh, kw = w.shape
+    if depthwise and taps_per_word == 4:
+        words = math.ceil(kw / 4)
+        padded = np.zeros((o, kh, words * 4), dtype=np.int8)
+        padded[:, :, :kw] = w[:, 0]
+        return np.ascontiguousarray(padded).view(np.int32).reshape(o, kh * words)
     if depthwise:
         return w.reshape(o, kh * kw).astype(np.int32)
     o_pad = math.ceil(o / tile_rows) * tile_rows
@@ -183,7 +191,7 @@ def pack_gemm_weights(w: np.ndarray, vectors_per_tile: int) -> np.ndarray:
 
 
 def _conv_kernel(
-    node: onnx.NodeProto, x_shape, x_dtype: str, attrs: dict, w: np.ndarray, bias: np.ndarray
+    node: onnx.NodeProto, x_shape, x_dtype: str, attrs: dict, w: np.ndarray, bias: np.ndarray, target=None
 ) -> ScheduledKernel | None:
     if len(x_shape) != 4 or w.ndim != 4:
         log.debug("%s: only 2-D convolutions have a kernel (x %s)", node.name, x_shape)
@@ -210,7 +218,14 @@ def _conv_kernel(
     # the kernel reads uint8 activations (0..255): every partial sum of acc + bias is within this
     acc_bound = np.abs(weights).sum(axis=1) * 255 + np.abs(u8_bias)
     _, rq = requant_constants(attrs, u8_bias, o, o, acc_bound)
-    built = kernels.conv_kernel(geometry, x_dtype, int(attrs.get("x_zero_point", 0)), rq, depthwise)
+    x_zero_point = int(attrs.get("x_zero_point", 0))
+    variant = "conv_depthwise" if depthwise else "conv_dense"
+    taps_per_word = 1
+    if depthwise and target_has_vbmi(target) and kernels.depthwise_vnni_rows(geometry):
+        built = kernels.depthwise_vnni_kernel(geometry, x_dtype, x_zero_point, rq), (1, 1)
+        variant, taps_per_word = "conv_depthwise_vnni", 4
+    else:
+        built = kernels.conv_kernel(geometry, x_dtype, x_zero_point, rq, depthwise)
     if built is None:
         log.debug("%s: strides %s have no kernel", node.name, geometry.strides)
         return None
@@ -218,13 +233,13 @@ def _conv_kernel(
     ob = tile[0]
     padded = o if depthwise else math.ceil(o / ob) * ob
     arrays, _ = requant_constants(attrs, u8_bias, o, padded, acc_bound)
-    packed = pack_conv_weights(w, ob, depthwise)
+    packed = pack_conv_weights(w, ob, depthwise, taps_per_word)
     return ScheduledKernel(
         func=func,
         constants=[packed, *arrays],
         out_shape=(n, o, geometry.out_height, geometry.out_width),
         out_dtype=_dtype_name(attrs.get("y_dtype", "uint8")),
-        variant="conv_depthwise" if depthwise else "conv_dense",
+        variant=variant,
         tile=tile,
         epilogue="tie_free" if rq.tie_free else "exact",
     )
@@ -286,6 +301,14 @@ def quantize_edge(node: onnx.NodeProto, shape: tuple[int, ...], attrs: dict) -> 
     qmin, qmax = int(attrs.get("y_min", info.min)), int(attrs.get("y_max", info.max))
     func = kernels.quantize_kernel(shape, float(attrs["scale"]), zero_point, qmin, qmax, dtype)
     return ScheduledKernel(func=func, constants=[], out_shape=shape, out_dtype=dtype, variant="quantize")
+
+
+def target_has_vbmi(target: tvm.target.Target | dict | None) -> bool:
+    """Whether code for ``target`` may use ``vpermb`` (AVX-512 VBMI; ``None``: this machine)."""
+    if target is None:
+        return host_has_vnni() and " avx512vbmi" in Path("/proc/cpuinfo").read_text()
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    return target.kind.name == "llvm" and bool(tvm.target.codegen.target_has_features("avx512vbmi", target))
 
 
 def target_has_vnni(target: tvm.target.Target | dict | None) -> bool:
@@ -350,8 +373,9 @@ def schedule_for(
         bias = np.asarray(initializers[node.input[2]], dtype=np.int64).reshape(-1)
     else:
         bias = np.zeros(out_channels, dtype=np.int64)
-    build = _conv_kernel if node.op_type == "QConv" else _gemm_kernel
-    return build(node, tuple(input_shapes[0]), x_dtype, attrs, w, bias)
+    if node.op_type == "QConv":
+        return _conv_kernel(node, tuple(input_shapes[0]), x_dtype, attrs, w, bias, target)
+    return _gemm_kernel(node, tuple(input_shapes[0]), x_dtype, attrs, w, bias)
 
 
 def host_target() -> tvm.target.Target:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import tvm
 
 from compiler.requant import quantize_linear, requantize
 from targets.cpu import schedules
@@ -103,13 +104,16 @@ def _case(rng, op, x_shape, w_shape, x_dtype, y_dtype, per_channel, ties=None, *
     return node, x, w, bias, attrs
 
 
-def _check(node, x, w, bias, attrs, expected_variant, expected_epilogue="exact"):
+def _check(node, x, w, bias, attrs, expected_variant, expected_epilogue="exact", target=None):
+    """The kernel ``schedule_for`` picks for ``target`` (``None``: this machine), run here."""
     kernel = schedules.schedule_for(
-        node, [x.shape, w.shape, bias.shape], attrs, {"w": w, "b": bias}, [x.dtype.name, "int8", "int32"]
+        node, [x.shape, w.shape, bias.shape], attrs, {"w": w, "b": bias}, [x.dtype.name, "int8", "int32"],
+        target=target,
     )
     assert kernel is not None and kernel.variant == expected_variant
     assert kernel.epilogue == expected_epilogue
-    got = schedules.run_kernel(schedules.build_kernel(kernel), kernel, x)
+    built = schedules.build_kernel(kernel, target and tvm.target.Target(target))
+    got = schedules.run_kernel(built, kernel, x)
     acc = (accumulate_qconv if node.op_type == "QConv" else accumulate_qgemm)(x, w, bias.astype(np.int64), attrs)
     ref = _requant_out(acc, attrs, axis=1)
     if expected_epilogue == "exact" and len(attrs["multiplier"]) > 1:
@@ -136,10 +140,22 @@ CONV_CASES = [
     ((1, 16, 9, 9), (16, 1, 5, 5), dict(group=16, pads=(2, 2, 2, 2)), "conv_depthwise"),
     ((1, 8, 7, 7), (8, 1, 3, 3), dict(group=8), "conv_depthwise"),  # no padding
     ((1, 8, 16, 16), (8, 1, 3, 3), dict(group=8, strides=(3, 3), pads=(1, 1, 1, 1)), "conv_depthwise"),
+    # narrow rows: several output rows per vector (7 wide: 2 rows), the 14-wide row, 3 wide x 5 rows
+    ((1, 16, 7, 7), (16, 1, 3, 3), dict(group=16, pads=(1, 1, 1, 1)), "conv_depthwise"),
+    ((1, 16, 14, 14), (16, 1, 3, 3), dict(group=16, strides=(2, 2), pads=(1, 1, 1, 1)), "conv_depthwise"),
+    ((1, 8, 5, 3), (8, 1, 3, 3), dict(group=8, pads=(1, 1, 1, 1)), "conv_depthwise"),
+    # rows of 37: the last vector overlaps its predecessor; 7 taps wide with dilation: 2 words of taps
+    ((1, 8, 30, 37), (8, 1, 3, 3), dict(group=8, pads=(1, 1, 1, 1)), "conv_depthwise"),
+    ((1, 8, 11, 11), (8, 1, 3, 7), dict(group=8, pads=(1, 3, 1, 3), dilations=(1, 2)), "conv_depthwise"),
     # Big enough for the parallel loops (pack, tiles, compaction; depthwise channels).
     ((1, 32, 48, 48), (32, 32, 3, 3), dict(pads=(1, 1, 1, 1)), "conv_dense"),
     ((1, 64, 28, 28), (64, 1, 3, 3), dict(group=64, pads=(1, 1, 1, 1)), "conv_depthwise"),
 ]
+DEPTHWISE_CASES = [case for case in CONV_CASES if case[3] == "conv_depthwise"]
+# The depthwise kernel this machine gets: 4 taps per vpdpbusd where AVX-512 VBMI (vpermb) is there.
+HOST_DEPTHWISE = "conv_depthwise_vnni" if schedules.target_has_vbmi(None) else "conv_depthwise"
+# AVX-512 VNNI without VBMI: the depthwise kernel with one tap per int32 multiply-add.
+NO_VBMI = {"kind": "llvm", "mcpu": "cascadelake"}
 
 
 @pytest.mark.parametrize("x_shape, w_shape, attrs, variant", CONV_CASES)
@@ -151,7 +167,20 @@ CONV_CASES = [
 def test_qconv_kernels_bit_exact(x_shape, w_shape, attrs, variant, x_dtype, y_dtype, per_channel, ties):
     rng = np.random.default_rng(abs(hash((x_shape, w_shape, x_dtype, ties))) % 2**32)
     node, x, w, bias, full = _case(rng, "QConv", x_shape, w_shape, x_dtype, y_dtype, per_channel, ties, **attrs)
+    variant = HOST_DEPTHWISE if variant == "conv_depthwise" else variant
     _check(node, x, w, bias, full, variant, "exact" if ties else "tie_free")
+
+
+@pytest.mark.parametrize("x_shape, w_shape, attrs, variant", DEPTHWISE_CASES)
+@pytest.mark.parametrize("x_dtype, y_dtype, per_channel, ties", [("uint8", "uint8", True, True),
+                                                                 ("int8", "int8", False, False)])
+def test_depthwise_kernel_without_vbmi_bit_exact(x_shape, w_shape, attrs, variant, x_dtype, y_dtype, per_channel,
+                                                 ties):
+    """The depthwise kernel for VNNI CPUs without VBMI (e.g. Cascade Lake), run on this one."""
+    assert not schedules.target_has_vbmi(NO_VBMI) and schedules.target_has_vnni(NO_VBMI)
+    rng = np.random.default_rng(abs(hash((x_shape, w_shape, x_dtype, ties))) % 2**32)
+    node, x, w, bias, full = _case(rng, "QConv", x_shape, w_shape, x_dtype, y_dtype, per_channel, ties, **attrs)
+    _check(node, x, w, bias, full, "conv_depthwise", "exact" if ties else "tie_free", target=NO_VBMI)
 
 
 def test_tie_free_epilogue_decision_is_exact():
