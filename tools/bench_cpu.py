@@ -11,8 +11,9 @@ tool
 3. measures, at 1 and 2 threads, in a fresh process per thread count
    (``TVM_NUM_THREADS`` is read once per process): (a) onnxruntime float,
    (b) onnxruntime on its u8s8 QDQ model, (c) onnxruntime on edgeq's QDQ model,
-   (d) the edgeq library (quantize + integer core + dequantize of one sample), and
-   the integer core alone; at 1 thread also each kernel of the integer graph alone.
+   (d) the edgeq library (float in, float out: the library quantizes its input
+   itself, the runner dequantizes the output), and the library call alone on an
+   input already in a TVM tensor; at 1 thread also each kernel of the library alone.
 
 Timing: after warm-up, rounds of 10 runs per engine in turn (so every engine
 sees the same background load), at least ``--runs`` runs each; the median per
@@ -181,7 +182,8 @@ def _ort_runner(path: Path, threads: int, feed: dict[str, np.ndarray]):
 
 
 def _edgeq_runners(out_dir: Path, feed: dict[str, np.ndarray]):
-    """(whole: float in -> float out, core: the integer library on already-quantized inputs)."""
+    """(whole: float in -> float out, core: the library call alone, its arguments already in TVM
+    tensors -- the float input where the library quantizes it, else the quantized input)."""
     from targets.cpu import runner
 
     module = runner.load(out_dir)
@@ -205,13 +207,17 @@ def kernel_breakdown(int_model_path: Path, repeat: int = 15) -> dict[str, float]
     rng = np.random.default_rng(0)
     device = tvm.cpu()
     totals: dict[str, float] = {}
-    for kernel in node_kernels(model, types):
-        node = kernel.node
-        scheduled = lower._scheduled(kernel, types, model)
+    edges = [node for node in model.graph.node if node.op_type == "Quantize"]
+    for kernel in [*edges, *node_kernels(model, types)]:
+        node = kernel if isinstance(kernel, onnx.NodeProto) else kernel.node
+        scheduled = lower.scheduled_kernel(node, types, model)
+        if scheduled is None and kernel is node:
+            continue  # an input edge the library does not compile in
         if scheduled is not None:
             func, family = scheduled.func, scheduled.variant
             shape, dtype = types[node.input[0]]
-            arrays = [rng.integers(0, 100, shape).astype(dtype), *scheduled.constants]
+            sample = rng.standard_normal(shape) if dtype.startswith("float") else rng.integers(0, 100, shape)
+            arrays = [sample.astype(dtype), *scheduled.constants]
         else:
             func, family = lower.parallelize(kernel.func), f"generic_{node.op_type}"
             arrays = []
@@ -294,7 +300,8 @@ def write_report(path: Path, prep: dict, timings: dict, runs: int, load: str) ->
         f"Machine: {cpu_name()}, {os.cpu_count()} cores visible, LLVM mcpu "
         f"`{tvm.target.codegen.llvm_get_system_cpu()}`; onnxruntime {onnxruntime.__version__}, "
         f"apache-tvm {tvm.__version__}. Batch 1, float input to float output for every engine "
-        f"(edgeq: numpy quantize of the input + integer library + dequantize). Median of >= {runs} "
+        f"(edgeq: the library, which quantizes its input itself, + numpy dequantize of the output). "
+        f"Median of >= {runs} "
         f"runs after warm-up, engines interleaved in rounds of 10; the minimum in brackets. "
         f"Load average while timing: {load} on {os.cpu_count()} cores (a shared machine: the medians "
         "measure the contention as much as the code; the minimum is the closest to the quiet "
@@ -317,8 +324,8 @@ def write_report(path: Path, prep: dict, timings: dict, runs: int, load: str) ->
             lines.append(f"| {model_name} | {threads} | {cell(ort_f)} | {cell(ort_q)} | "
                          f"{cell(row.get('ort_edgeq_qdq'))} | {cell(edgeq)} | {cell(row.get('edgeq_core'))} | "
                          f"{ratio} | {speedup} |")
-    lines += ["", "Ratios: by median (by minimum in brackets). edgeq core = the integer library alone on an "
-              "already-quantized input (the runner quantizes the input and dequantizes the output in numpy).",
+    lines += ["", "Ratios: by median (by minimum in brackets). edgeq core = the library call alone, its input "
+              "already in a TVM tensor (no dequantize of the output, no Python around it).",
               "", "Time per kernel family, each kernel of the integer graph timed alone at 1 thread "
               "(min of 15, microseconds; sums, so caches are warmer than in the whole network):", ""]
     for model_name in prep:

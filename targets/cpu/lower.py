@@ -172,16 +172,11 @@ def as_opaque_callee(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return func.with_attr("op_pattern", OPAQUE_PATTERN)
 
 
-def _scheduled(kernel: NodeKernel, types: Types, int_model: onnx.ModelProto,
-               target: dict[str, Any] | None = None):
-    """The hand-written kernel for ``kernel.node`` from targets.cpu.schedules for ``target``
-    (``None``: this machine), or None."""
-    return _scheduled_node(kernel.node, types, int_model, target)
-
-
-def _scheduled_node(node: onnx.NodeProto, types: Types, int_model: onnx.ModelProto,
-                    target: dict[str, Any] | None = None):
-    """The same for one node of the graph, the float input edge (``Quantize``) included."""
+def scheduled_kernel(node: onnx.NodeProto, types: Types, int_model: onnx.ModelProto,
+                     target: dict[str, Any] | None = None):
+    """The hand-written kernel (:mod:`targets.cpu.schedules`) for ``node`` -- an op of
+    ``SCHEDULED_OPS`` or the float input edge (``Quantize``) -- on ``target`` (``None``: this
+    machine), or None."""
     from targets.cpu import schedules
 
     x_shape, x_dtype = types[node.input[0]]
@@ -204,7 +199,7 @@ def build_relax_module(int_model: onnx.ModelProto, types: Types | None = None, u
     if use_schedules:
         for node in int_model.graph.node:
             if node.op_type == "Quantize":
-                scheduled = _scheduled_node(node, types, int_model, target)
+                scheduled = scheduled_kernel(node, types, int_model, target)
                 if scheduled is not None:
                     edges[node.output[0]] = scheduled
     for entry in sig.inputs:
@@ -231,7 +226,7 @@ def build_relax_module(int_model: onnx.ModelProto, types: Types | None = None, u
             for index, kernel in enumerate(node_kernels(int_model, types)):
                 node = kernel.node
                 out_shape, out_dtype = types[node.output[0]]
-                scheduled = _scheduled(kernel, types, int_model, target) if use_schedules else None
+                scheduled = scheduled_kernel(kernel.node, types, int_model, target) if use_schedules else None
                 if scheduled is not None:
                     func = as_opaque_callee(scheduled.func)
                     args = [env[node.input[0]], *[relax.const(c, str(c.dtype)) for c in scheduled.constants]]
