@@ -13,7 +13,11 @@ One definition, used by ``passes/insert_qdq`` (nearest rounding), by
   convention (opset 21), GPTQ's "group size", onnxruntime's MatMulNBits
   ``block_size``.  A block scale array has the weight's rank, with
   ``ceil(dim / block_size)`` on ``axis`` (the last block may be shorter);
-* ``scale = max|w_channel or block| / qmax`` with ``qmax = 2**(bits-1) - 1``, so the
+* block-wise grids are asymmetric: each block also gets a zero point (in the
+  signed storage range), so its ``2**bits`` levels span ``[min, max]`` of the
+  block rather than ``[-max|w|, max|w|]`` (as onnxruntime's MatMulNBits and
+  GPTQ do); ``search_weight_grid`` fits them by a clipping-ratio search;
+* per channel: ``scale = max|w_channel| / qmax`` with ``qmax = 2**(bits-1) - 1``, so the
   grid is ``[-qmax, qmax]`` (the asymmetric extra value ``-2**(bits-1)`` is
   never produced by nearest rounding, but is allowed by the clip so a
   rounding pass may use it);
@@ -101,41 +105,96 @@ def _element_scale(scale: np.ndarray, shape: tuple[int, ...], axis: int | None, 
 
 
 def quantize_weight(
-    weight: np.ndarray, scale: np.ndarray, axis: int | None, bits: int, block_size: int | None = None
+    weight: np.ndarray, scale: np.ndarray, axis: int | None, bits: int, block_size: int | None = None,
+    zero_point: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Integer weights ``clip(round_half_even(w / scale))``; int8 for bits <= 8, else int32."""
+    """Integer weights ``clip(round_half_even(w / scale) + zero_point)``; int8 for bits <= 8, else int32."""
     weight = np.asarray(weight, dtype=np.float32)
     lo, hi = int_range(bits, signed=True)
     q = np.round(weight / _element_scale(scale, weight.shape, axis, block_size))
+    if zero_point is not None:
+        q = q + _element_scale(zero_point, weight.shape, axis, block_size)
     return np.clip(q, lo, hi).astype(np.int8 if bits <= 8 else np.int32)
 
 
 def dequantize_weight(
-    q: np.ndarray, scale: np.ndarray, axis: int | None, block_size: int | None = None
+    q: np.ndarray, scale: np.ndarray, axis: int | None, block_size: int | None = None,
+    zero_point: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Float32 value of integer weights ``q * scale``."""
-    return (q.astype(np.float32) * _element_scale(scale, q.shape, axis, block_size)).astype(np.float32)
+    """Float32 value of integer weights ``(q - zero_point) * scale``."""
+    values = q.astype(np.float32)
+    if zero_point is not None:
+        values = values - _element_scale(zero_point, q.shape, axis, block_size)
+    return (values * _element_scale(scale, q.shape, axis, block_size)).astype(np.float32)
 
 
 def fake_quantize_weight(
     weight: np.ndarray, axis: int | None, bits: int, scale: np.ndarray | None = None,
-    block_size: int | None = None,
+    block_size: int | None = None, zero_point: np.ndarray | None = None,
 ) -> np.ndarray:
     """The float32 value the quantized weight will have (``scale`` defaults to :func:`weight_scale`)."""
     if scale is None:
         scale = weight_scale(weight, axis, bits, block_size)
-    return dequantize_weight(quantize_weight(weight, scale, axis, bits, block_size), scale, axis, block_size)
+    q = quantize_weight(weight, scale, axis, bits, block_size, zero_point)
+    return dequantize_weight(q, scale, axis, block_size, zero_point)
+
+
+def search_weight_grid(
+    weight: np.ndarray, importance: np.ndarray | None, bits: int, block_size: int | None = None, *,
+    asymmetric: bool = False, grid: int = 20, lowest: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales (and zero points) of rows of ``weight`` [..., K], per row or per block of ``block_size``
+    along K, clipping the range by the ratio in ``[lowest, 1]`` that minimises the squared error
+    weighted by ``importance`` [..., K] (e.g. the layer Hessian's diagonal; None: plain MSE).
+
+    Symmetric: ``r * max|w| / qmax``; asymmetric: ``r * (max - min) / (2**bits - 1)`` with the
+    zero point that puts ``r * min`` on the lowest level. Returns (scale, zero point or None),
+    shaped [...] per row or [..., ceil(K / block_size)] per block; float32 / int32.
+    """
+    lo, hi = int_range(bits, signed=True)
+    size = block_size or weight.shape[-1]
+    blocks = block_view(np.asarray(weight, dtype=np.float64), -1, size)  # [..., nb, B], zero-padded
+    weights = (np.ones(blocks.shape[-2:]) if importance is None
+               else block_view(np.asarray(importance, dtype=np.float64), -1, size)[..., None, :, :])
+    if asymmetric:
+        low, high = np.minimum(blocks.min(-1), 0.0), np.maximum(blocks.max(-1), 0.0)
+    else:
+        high = np.max(np.abs(blocks), axis=-1)
+        low = -high
+    best_scale = np.ones(blocks.shape[:-1])
+    best_zero = np.zeros(blocks.shape[:-1])
+    best_error = np.full(blocks.shape[:-1], np.inf)
+    for ratio in np.linspace(1.0, lowest, grid):
+        if asymmetric:
+            scale = ((high - low) * ratio / (hi - lo)).astype(np.float32).astype(np.float64)
+            scale[~(scale > 0)] = 1.0
+            zero = np.clip(np.round(lo - low * ratio / scale), lo, hi)
+        else:
+            scale = (high * ratio / hi).astype(np.float32).astype(np.float64)
+            scale[~(scale > 0)] = 1.0
+            zero = np.zeros_like(scale)
+        q = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], lo, hi)
+        error = np.sum(((q - zero[..., None]) * scale[..., None] - blocks) ** 2 * weights, axis=-1)
+        better = error < best_error
+        best_scale[better], best_zero[better], best_error[better] = scale[better], zero[better], error[better]
+    best_scale, best_zero = best_scale.astype(np.float32), best_zero.astype(np.int32)
+    if not block_size:
+        best_scale, best_zero = best_scale[..., 0], best_zero[..., 0]
+    return best_scale, (best_zero if asymmetric else None)
 
 
 def weight_tensor_quant(
     name: str, weight: np.ndarray, axis: int | None, bits: int, scale: np.ndarray | None = None,
-    block_size: int | None = None,
+    block_size: int | None = None, zero_point: np.ndarray | None = None,
 ) -> TensorQuant:
-    """The plan entry for a weight quantized on this grid (``scale`` defaults to :func:`weight_scale`)."""
+    """The plan entry for a weight quantized on this grid (``scale`` defaults to :func:`weight_scale`;
+    ``zero_point`` to zeros, the symmetric grid)."""
     if scale is None:
         scale = weight_scale(weight, axis, bits, block_size)
     scale = np.asarray(scale, dtype=np.float32)
     scale_shape = [int(d) for d in scale.shape] if block_size else None
+    zeros = (np.zeros(scale.size, dtype=np.int64) if zero_point is None
+             else np.asarray(zero_point, dtype=np.int64).reshape(scale.shape).reshape(-1))
     scale = scale.reshape(-1)
     absmax = float(np.max(np.abs(weight))) if np.size(weight) else 0.0
     return TensorQuant(
@@ -144,7 +203,7 @@ def weight_tensor_quant(
         bits=bits,
         signed=True,
         scale=[float(s) for s in scale],
-        zero_point=[0] * scale.size,
+        zero_point=[int(z) for z in zeros],
         axis=None if axis is None else int(axis) % np.ndim(weight),
         block_size=int(block_size) if block_size else None,
         scale_shape=scale_shape,
@@ -217,6 +276,8 @@ def planned_weight_scale(
     if entry.block_wise:
         if entry.bits != bits:
             raise ValueError(f"plan entry for weight {name} has bits={entry.bits}, layer wants bits={bits}")
+        if any(entry.zero_point):
+            raise ValueError(f"plan entry for weight {name} has zero points: use planned_fake_quantize")
         return expand_block_scale(entry.scale_array(), np.shape(weight), entry.axis, entry.block_size)
     entry_axis = None if entry.axis is None else entry.axis % np.ndim(weight)
     wanted_axis = None if axis is None else axis % np.ndim(weight)
@@ -225,6 +286,28 @@ def planned_weight_scale(
             f"plan entry for weight {name} has bits={entry.bits} axis={entry.axis}, layer wants bits={bits} axis={axis}"
         )
     return entry.scale_array()
+
+
+def planned_fake_quantize(
+    tensors: dict[str, TensorQuant], name: str, weight: np.ndarray, axis: int | None, bits: int
+) -> np.ndarray:
+    """The float32 value QDQ insertion will give weight ``name``: its plan entry (any granularity,
+    zero points included), else the shared per-channel grid on ``axis`` (the output axis)."""
+    entry = tensors.get(name)
+    if entry is None or not entry.block_wise:
+        return fake_quantize_weight(weight, axis, bits, planned_weight_scale(tensors, name, weight, axis, bits))
+    if entry.bits != bits:
+        raise ValueError(f"plan entry for weight {name} has bits={entry.bits}, layer wants bits={bits}")
+    return fake_quantize_weight(weight, entry.axis, bits, entry.scale_array(), entry.block_size,
+                                entry.zero_point_array())
+
+
+def block_weight_quant(name: str, weight: np.ndarray, axis: int, bits: int, block_size: int) -> TensorQuant:
+    """The plan entry of a block-wise weight fitted without data: asymmetric blocks, MSE-searched clipping."""
+    moved = np.moveaxis(np.asarray(weight, dtype=np.float32), axis, -1)  # blocks along the last axis
+    scale, zero = search_weight_grid(moved, None, bits, block_size, asymmetric=True)
+    return weight_tensor_quant(name, weight, axis, bits, np.moveaxis(scale, -1, axis), block_size,
+                               np.moveaxis(zero, -1, axis))
 
 
 def fake_quantize_activation(

@@ -43,7 +43,7 @@ from compiler.linear_layers import (
     planned_layers,
 )
 from compiler.plan import QuantPlan
-from compiler.quantizers import fake_quantize_weight, planned_weight_scale
+from compiler.quantizers import planned_fake_quantize
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,7 @@ def _quantized_weights(model: onnx.ModelProto, plan: QuantPlan, layers) -> dict[
     quantized = {}
     for layer, bits in layers:
         weight = layer.weight_array(model).astype(np.float32)
-        scale = planned_weight_scale(plan.tensors, layer.weight, weight, layer.out_axis, bits)
-        quantized[layer.weight] = fake_quantize_weight(weight, layer.out_axis, bits, scale)
+        quantized[layer.weight] = planned_fake_quantize(plan.tensors, layer.weight, weight, layer.out_axis, bits)
     return quantized
 
 

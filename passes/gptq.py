@@ -45,9 +45,8 @@ from compiler.linear_layers import (
 )
 from compiler.plan import QuantPlan, int_range
 from compiler.quantizers import (
-    block_view,
     expand_block_scale,
-    qmax_for,
+    search_weight_grid,
     weight_block_size,
     weight_scale,
     weight_tensor_quant,
@@ -58,32 +57,21 @@ log = logging.getLogger(__name__)
 PASS_NAME = "gptq"
 
 
-def _quantize(values: np.ndarray, scale: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    return np.clip(np.round(values / scale), lo, hi) * scale
+def _quantize(values: np.ndarray, scale: np.ndarray, lo: int, hi: int, zero: np.ndarray | None = None) -> np.ndarray:
+    if zero is None:
+        return np.clip(np.round(values / scale), lo, hi) * scale
+    return (np.clip(np.round(values / scale) + zero, lo, hi) - zero) * scale
 
 
 def search_scale(weight: np.ndarray, hessian_diag: np.ndarray, bits: int, grid: int = 20, lowest: float = 0.5,
                  block_size: int | None = None) -> np.ndarray:
-    """Per-row (or per-block) scale ``r * max|w| / qmax``, ``r`` in ``[lowest, 1]``, minimising the
-    H-diagonal-weighted squared error.
+    """Symmetric per-row (or per-block) scale ``r * max|w| / qmax``, ``r`` in ``[lowest, 1]``, minimising
+    the H-diagonal-weighted squared error (``compiler.quantizers.search_weight_grid``).
 
     ``weight`` [G, R, K], ``hessian_diag`` [G, K]; returns [G, R] float32, or
     [G, R, ceil(K / block_size)] with ``block_size`` (blocks along K).
     """
-    lo, hi = int_range(bits, signed=True)
-    size = block_size or weight.shape[-1]
-    blocks = block_view(weight, -1, size)  # [G, R, nb, B], the last block zero-padded
-    importance = block_view(hessian_diag, -1, size)[:, None]  # [G, 1, nb, B]
-    base = weight_scale(blocks.reshape(-1, size), 0, bits).reshape(blocks.shape[:3]).astype(np.float64)
-    best = base.copy()
-    best_error = np.full(base.shape, np.inf)
-    for ratio in np.linspace(1.0, lowest, grid):
-        scale = base * ratio
-        error = np.sum((blocks - _quantize(blocks, scale[..., None], lo, hi)) ** 2 * importance, axis=-1)
-        better = error < best_error
-        best[better], best_error[better] = scale[better], error[better]
-    best = best.astype(np.float32)
-    return best if block_size else best[..., 0]
+    return search_weight_grid(weight, hessian_diag, bits, block_size, grid=grid, lowest=lowest)[0]
 
 
 def _inverse_hessian_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
@@ -107,6 +95,7 @@ def gptq_round(
     scale: np.ndarray,
     bits: int,
     *,
+    zero: np.ndarray | None = None,
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
@@ -114,7 +103,8 @@ def gptq_round(
     """Round ``weight`` [G, R, K] onto ``scale`` with GPTQ error feedback; returns float64 on grid.
 
     ``scale`` is [G, R] (one per row) or [G, R, K] (one per element: block
-    scales expanded); ``hessian`` [G, K, K] is ``E[x x^T]`` of each group's input.
+    scales expanded), ``zero`` (asymmetric grids) the zero points shaped like
+    ``scale``; ``hessian`` [G, K, K] is ``E[x x^T]`` of each group's input.
     """
     lo, hi = int_range(bits, signed=True)
     weight = weight.astype(np.float64).copy()
@@ -134,6 +124,8 @@ def gptq_round(
     column_scales = scale.ndim == 3
     if column_scales:  # the scales travel with their columns
         scale = np.take_along_axis(scale, order[:, None, :], axis=-1)
+        if zero is not None:
+            zero = np.take_along_axis(zero.astype(np.float64), order[:, None, :], axis=-1)
     rounded = np.zeros_like(weight)
     for start in range(0, size, block_size):
         stop = min(start + block_size, size)
@@ -142,7 +134,10 @@ def gptq_round(
         factor = upper[:, start:stop, start:stop]
         for i in range(stop - start):
             column = block[:, :, i]
-            q = _quantize(column, scale[:, :, start + i] if column_scales else scale, lo, hi)
+            if column_scales:
+                q = _quantize(column, scale[:, :, start + i], lo, hi, None if zero is None else zero[:, :, start + i])
+            else:
+                q = _quantize(column, scale, lo, hi, zero)
             rounded[:, :, start + i] = q
             error = (column - q) / factor[:, i, i][:, None]
             block[:, :, i:] -= error[:, :, None] * factor[:, None, i, i:]
@@ -177,40 +172,47 @@ def _round_layer(result: onnx.ModelProto, plan: QuantPlan, layer: LinearLayer, b
         hessian = hessian if hessian.ndim == 3 else hessian[None]
         if hessian.shape[-1] != weight.shape[-1]:
             hessian = None
-    if options["scale_search"]:
+    zero = None
+    if block_size:  # asymmetric blocks (a zero point each), searched or min-max
+        diag = np.diagonal(hessian, axis1=-2, axis2=-1) if hessian is not None and options["scale_search"] else None
+        block_scale, block_zero = search_weight_grid(weight, diag, bits, block_size, asymmetric=True,
+                                                     grid=20 if options["scale_search"] else 1)
+        scale = expand_block_scale(block_scale, weight.shape, -1, block_size)
+        zero = expand_block_scale(block_zero, weight.shape, -1, block_size).astype(np.float64)
+    elif options["scale_search"]:
         diag = (np.diagonal(hessian, axis1=-2, axis2=-1) if hessian is not None
                 else np.ones(weight.shape[::2]))
-        scale = search_scale(weight, diag, bits, block_size=block_size)
-    elif block_size:
-        scale = weight_scale(weight, -1, bits, block_size)
+        scale = search_scale(weight, diag, bits)
     else:
         scale = weight_scale(weight.reshape(-1, weight.shape[-1]), 0, bits).reshape(weight.shape[:2])
-    block_scale = scale
-    if block_size:  # one scale per element from here on
-        scale = expand_block_scale(scale, weight.shape, -1, block_size)
     if hessian is not None:
-        rounded = gptq_round(weight, hessian, scale, bits, block_size=options["block_size"],
+        rounded = gptq_round(weight, hessian, scale, bits, zero=zero, block_size=options["block_size"],
                              damp=options["damp"], act_order=options["act_order"])
         method = "gptq"
     else:
         lo, hi = int_range(bits, signed=True)
-        rounded = _quantize(weight, (scale if block_size else scale[..., None]).astype(np.float64), lo, hi)
+        rounded = _quantize(weight, (scale if block_size else scale[..., None]).astype(np.float64), lo, hi, zero)
         method = options.get("fallback", "nearest")
         log.info("gptq: %s: %s", layer.name, method)
-    # [R, K] matrix of each element's scale (rows: output channels of every group)
-    element_scale = (scale.reshape(-1, weight.shape[-1]) if block_size
-                     else np.repeat(scale.reshape(-1, 1), weight.shape[-1], axis=1)).astype(np.float32)
-    # q * scale in float32 is the grid value QuantizeLinear maps back to q exactly.
-    integers = np.clip(np.round(rounded.reshape(-1, weight.shape[-1]) / element_scale.astype(np.float64)),
-                       -qmax_for(bits) - 1, qmax_for(bits))
-    on_grid = (integers.astype(np.float32) * element_scale).astype(np.float32)
+    # [R, K] matrices of each element's scale and zero point (rows: output channels of every group)
+    columns = weight.shape[-1]
+    element_scale = (scale.reshape(-1, columns) if block_size
+                     else np.repeat(scale.reshape(-1, 1), columns, axis=1)).astype(np.float32)
+    element_zero = zero.reshape(-1, columns) if zero is not None else 0.0
+    lo, hi = int_range(bits, signed=True)
+    # (q - z) * scale in float32 is the grid value QuantizeLinear maps back to q exactly.
+    integers = np.clip(np.round(rounded.reshape(-1, columns) / element_scale.astype(np.float64)) + element_zero,
+                       lo, hi)
+    on_grid = ((integers - element_zero).astype(np.float32) * element_scale).astype(np.float32)
     new_weight = layer.from_matrix(result, on_grid)
     set_initializer(result, layer.weight, new_weight)
-    if block_size:  # the [R, blocks] scale in the weight's layout: blocks along its reduction axis
+    if block_size:  # [R, blocks] in the weight's layout: blocks along its reduction axis
         block_scale = block_scale.reshape(-1, block_scale.shape[-1])
+        block_zero = block_zero.reshape(-1, block_zero.shape[-1])
         axis = 1 - layer.out_axis % 2
+        layout = (lambda array: array) if axis == 1 else np.transpose
         plan.tensors[layer.weight] = weight_tensor_quant(
-            layer.weight, new_weight, axis, bits, block_scale if axis == 1 else block_scale.T, block_size)
+            layer.weight, new_weight, axis, bits, layout(block_scale), block_size, layout(block_zero))
     else:
         plan.tensors[layer.weight] = weight_tensor_quant(layer.weight, new_weight, layer.out_axis, bits,
                                                          element_scale[:, 0])

@@ -10,7 +10,8 @@ kernels (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, ...):
   * with ``plan.weight_block_size``, sub-8-bit MatMul/Gemm weights feed a
     block-wise DequantizeLinear instead (``axis`` = the reduction axis,
     ``block_size``, opset 21; ``compiler.quantizers.layer_weight_grid`` says
-    which layers); their bias stays float, since no single ``sx * sw`` exists
+    which layers), with a zero point per block (asymmetric, MSE-fitted unless a
+    rounding pass already recorded the grid); their bias stays float, since no single ``sx * sw`` exists
     (onnxruntime runs such a layer as DequantizeLinear + float MatMul);
   * each quantized activation gets one Q -> DQ pair; tensors that must share a
     quantizer (Concat inputs and output, data-movement ops, max pooling) get
@@ -47,6 +48,7 @@ from compiler.graph import (
 )
 from compiler.plan import LayerPlan, QuantPlan, TensorQuant, int_range
 from compiler.quantizers import (
+    block_weight_quant,
     dequantize_weight,
     layer_weight_grid,
     quantize_weight,
@@ -237,7 +239,10 @@ def _weight_quant(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPlan) -> 
     weight = initializer_array(model, layer.weight)
     out_axis = weight_output_axis(layer.op_type, weight.ndim, attribute(_layer_node(model, layer), "transB", 0))
     axis, block_size = layer_weight_grid(plan.weight_block_size, layer.op_type, weight.shape, layer.w_bits, out_axis)
-    tq = weight_tensor_quant(layer.weight, weight, axis, layer.w_bits, block_size=block_size)
+    if block_size:
+        tq = block_weight_quant(layer.weight, weight, axis, layer.w_bits, block_size)
+    else:
+        tq = weight_tensor_quant(layer.weight, weight, axis, layer.w_bits)
     plan.tensors[layer.weight] = tq
     return tq
 
@@ -276,7 +281,8 @@ def _quantize_weight_and_bias(model: onnx.ModelProto, plan: QuantPlan, layer: La
         input_quant = None  # one scale per output channel is needed for an int32 bias: it stays float
     if input_quant is not None and bias is not None:
         _widen_scales_for_int32_bias(tq, bias, float(input_quant.scale[0]))
-    q_weight = quantize_weight(weight, tq.scale_array(), tq.axis, tq.bits, tq.block_size)
+    q_weight = quantize_weight(weight, tq.scale_array(), tq.axis, tq.bits, tq.block_size,
+                               tq.zero_point_array() if tq.block_wise else None)
     node.input[1] = _dequantized_initializer(model, layer.weight, q_weight, tq, new_name)
 
     if input_quant is None or bias is None:
@@ -323,7 +329,7 @@ def _dequantized_initializer(model, name: str, q_value: np.ndarray, tq: TensorQu
     per_channel = tq.axis is not None and (len(tq.scale) > 1 or tq.block_wise)
     scale = tq.scale_array() if per_channel else np.float32(tq.scale[0])
     set_initializer(model, scale_name, scale)
-    zero = np.zeros(scale.shape, dtype=np.int64)
+    zero = tq.zero_point_array() if tq.block_wise else np.zeros(scale.shape, dtype=np.int64)
     model.graph.initializer.append(
         helper.make_tensor(zp_name, elem_type, zero.shape, zero.flatten().tolist()))
     attrs = {"axis": tq.axis} if per_channel else {}
@@ -396,7 +402,8 @@ def dequantized_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
             axis = attribute(node, "axis", 1)
             block_size = attribute(node, "block_size", 0)
             if block_size:
-                return dequantize_weight(q, scale, axis, block_size)
+                zero = initializer_array(model, node.input[2]) if len(node.input) > 2 else None
+                return dequantize_weight(q, scale, axis, block_size, zero)
             if scale.ndim == 1 and q.ndim > 1:
                 shape = [1] * q.ndim
                 shape[axis] = -1

@@ -186,3 +186,22 @@ def test_which_layers_get_blocks():
     assert layer_weight_grid(32, "Conv", (16, 8, 3, 3), 4, 0) == (0, None)
     assert layer_weight_grid(32, "MatMul", (32, 64), 4, 1) == (1, None)  # one block = per channel
     assert layer_weight_grid(None, "MatMul", (384, 64), 4, 1) == (1, None)
+
+
+def test_asymmetric_block_grid_fits_skewed_blocks_better():
+    """A zero point per block spends all 16 levels on [min, max]; the clipping search only helps."""
+    from compiler.quantizers import block_weight_quant, search_weight_grid
+
+    rng = np.random.default_rng(10)
+    w = (rng.gamma(2.0, size=(8, 256)) - 0.5).astype(np.float32)  # mostly positive, skewed
+    errors = {}
+    for name, asymmetric, grid in (("symmetric", False, 20), ("asymmetric minmax", True, 1),
+                                   ("asymmetric", True, 20)):
+        scale, zero = search_weight_grid(w, None, 4, 32, asymmetric=asymmetric, grid=grid)
+        assert scale.shape == (8, 8) and (zero is None) != asymmetric
+        errors[name] = np.sum((fake_quantize_weight(w, 1, 4, scale, 32, zero) - w) ** 2)
+    assert errors["asymmetric"] <= errors["asymmetric minmax"] < 0.7 * errors["symmetric"]
+    tq = block_weight_quant("w", w.T, 0, 4, 32)  # the same weight as a MatMul [K, N]: blocks along axis 0
+    assert tq.scale_shape == [8, 8] and tq.zero_point_array().shape == (8, 8)
+    fitted = fake_quantize_weight(w.T, 0, 4, tq.scale_array(), 32, tq.zero_point_array())
+    np.testing.assert_allclose(np.sum((fitted - w.T) ** 2), errors["asymmetric"], rtol=1e-5)

@@ -106,9 +106,12 @@ def test_block_wise_weights_land_on_the_recorded_block_grid():
         weight = initializer_array(result, layer.weight)
         reduction = weight.shape[0]  # MatMul weights [K, N]: blocks along K (axis 0)
         assert entry.block_size == 8 and entry.axis == 0 and entry.scale_shape == [reduction // 8, weight.shape[1]]
-        q = quantize_weight(weight, entry.scale_array(), entry.axis, 4, entry.block_size)
-        assert np.abs(q).max() <= 8
-        np.testing.assert_array_equal(dequantize_weight(q, entry.scale_array(), entry.axis, entry.block_size), weight)
+        zero = entry.zero_point_array()
+        assert zero.min() >= -8 and zero.max() <= 7 and np.any(zero != 0)  # asymmetric blocks
+        q = quantize_weight(weight, entry.scale_array(), entry.axis, 4, entry.block_size, zero)
+        assert q.min() >= -8 and q.max() <= 7
+        np.testing.assert_array_equal(dequantize_weight(q, entry.scale_array(), entry.axis, entry.block_size, zero),
+                                      weight)
 
 
 def test_block_wise_gptq_follows_a_block_entry_already_in_the_plan():

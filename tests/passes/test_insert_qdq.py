@@ -200,6 +200,7 @@ def test_block_wise_weights_are_exported_as_blocked_dequantize_linear():
         assert attribute(node, "block_size", 0) == 8 and attribute(node, "axis", 1) == axis
         assert tq.block_size == 8 and tq.axis == axis and tq.scale_shape == list(scale_shape)
         assert initializer_array(qdq, node.input[1]).shape == scale_shape
+        np.testing.assert_array_equal(initializer_array(qdq, node.input[2]), tq.zero_point_array())
         assert next(i for i in qdq.graph.initializer if i.name == node.input[0]).data_type == TensorProto.INT4
         assert plan.layers[layer_name].info["weight_block_size"] == 8
     gemm = next(node for node in qdq.graph.node if node.name == "fc1")
@@ -218,7 +219,8 @@ def test_block_wise_qdq_model_matches_numpy_block_dequantization():
     for layer_name, node in _weight_dequantizers(qdq).items():
         tq = plan.tensors[plan.layers[layer_name].weight]
         float_weight = initializer_array(model, plan.layers[layer_name].weight)
-        numpy_value = fake_quantize_weight(float_weight, tq.axis, 4, block_size=tq.block_size)
+        numpy_value = fake_quantize_weight(float_weight, tq.axis, 4, tq.scale_array(), tq.block_size,
+                                           tq.zero_point_array())
         np.testing.assert_array_equal(dequantized_value(qdq, node.output[0]), numpy_value)
         reference.graph.node.remove(node)
         reference.graph.initializer.append(numpy_helper.from_array(numpy_value, node.output[0]))
