@@ -13,6 +13,14 @@ neural-compressor can be imported.
 
     python tools/bench_transforms.py                                  # everything
     python tools/bench_transforms.py --models mobilenetv2 --bits w4a8 --configs none full
+    python tools/bench_transforms.py --models minilm --bits w4a8 --weight-blocks channel 32 64 128 \
+        --configs "full (transformer recipe)" --no-ort --output /tmp/blocks.md   # block-wise int4 weights
+
+``--weight-blocks`` repeats every sub-8-bit configuration with each weight
+granularity (``--weight-block`` of ``edgeq compile``: ``channel``, a block size,
+or ``recipe`` for the recipe's own choice, the default); each row then also
+reports the packed weight bytes and the bytes of the weight scales and zero
+points (fp32 scales: one per output channel, or one per block).
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ CONFIGS = {
         "smooth + gptq": ["smooth", GPTQ],
         "rotate + smooth + gptq": [("rotate", {"online": True}), "smooth", GPTQ],
         "full (transformer recipe)": "transformer",
+        "full (transformer_rotate recipe)": "transformer_rotate",
     },
 }
 
@@ -104,7 +113,19 @@ def _ort_rows(case: Case, model_path: Path, calib, eval_inputs, labels, referenc
     return rows
 
 
-def bench_model(case: Case, bits_list: list[str], only: list[str] | None, work: Path, with_ort: bool) -> dict:
+def _granularities(bits: str, weight_blocks: list[str]) -> list[str]:
+    """The ``--weight-block`` values to run at ``bits`` (blocks only matter below 8-bit weights)."""
+    return weight_blocks if not bits.startswith("w8") else ["recipe"]
+
+
+def _label(name: str, block: str, weight_blocks: list[str]) -> str:
+    if weight_blocks == ["recipe"]:
+        return name
+    return f"{name} [{'recipe granularity' if block == 'recipe' else 'per channel' if block == 'channel' else f'block {block}'}]"
+
+
+def bench_model(case: Case, bits_list: list[str], only: list[str] | None, work: Path, with_ort: bool,
+                weight_blocks: list[str] | None = None) -> dict:
     print(f"== {case.name}", file=sys.stderr, flush=True)
     model_path = case.model_path()
     calib = case.calib()
@@ -118,38 +139,49 @@ def bench_model(case: Case, bits_list: list[str], only: list[str] | None, work: 
               "eval_samples": int(next(iter(eval_inputs.values())).shape[0]), "bits": {}}
     if labels is not None:
         result["float"] = {"accuracy": float(np.mean(reference.argmax(1) == labels))}
+    weight_blocks = weight_blocks or ["recipe"]
     for bits in bits_list:
         rows = []
         for name, steps in configs.items():
             if only and name not in only:
                 continue
-            recipe_path = work / f"{case.name}_{bits}_{len(rows)}.toml"
-            recipe_path.write_text(recipe_text(name, steps))
-            recipe = load_recipe(str(recipe_path))  # validate before spending minutes
-            start = time.perf_counter()
-            try:
-                compiled = compile_model(CompileOptions(
-                    model=str(model_path), calib_data=calib, eval_inputs=eval_inputs, bits=bits,
-                    recipe=str(recipe_path), out_dir=str(work / f"{case.name}_{bits}_{len(rows)}"),
-                    progress=False))
-            except Exception as error:  # noqa: BLE001 - one failing configuration must not stop the table
-                rows.append({"config": name, "error": f"{type(error).__name__}: {error}"[:200]})
-                print(f"   {bits} {name}: FAILED {error}", file=sys.stderr, flush=True)
-                continue
-            quantized = run_model(compiled.qdq_model, eval_inputs)[output]
-            row = {"config": name, "steps": [step.pass_name for step in recipe.steps],
-                   **score(case, reference, quantized, labels),
-                   "seconds": round(time.perf_counter() - start, 1),
-                   "transform_s": round(compiled.timings.get("transforms", 0.0), 1),
-                   "rounding_s": round(compiled.timings.get("rounding", 0.0), 1)}
-            rows.append(row)
-            print(f"   {bits} {json.dumps(row)}", file=sys.stderr, flush=True)
+            for block in _granularities(bits, weight_blocks):
+                rows.append(_bench_config(case, model_path, calib, eval_inputs, labels, reference, output, bits,
+                                          _label(name, block, weight_blocks), name, steps, block, work, len(rows)))
         if with_ort and (not only or "onnxruntime" in only):
             rows += _ort_rows(case, model_path, calib, eval_inputs, labels, reference, output, bits, work)
             for row in rows[-3:]:
                 print(f"   {bits} {json.dumps(row)}", file=sys.stderr, flush=True)
         result["bits"][bits] = rows
     return result
+
+
+def _bench_config(case: Case, model_path: Path, calib, eval_inputs, labels, reference, output, bits: str,
+                  label: str, name: str, steps, block: str, work: Path, index: int) -> dict:
+    """One row: compile with the recipe made of ``steps`` at ``bits`` / weight granularity ``block``."""
+    recipe_path = work / f"{case.name}_{bits}_{index}.toml"
+    recipe_path.write_text(recipe_text(name, steps))
+    recipe = load_recipe(str(recipe_path))  # validate before spending minutes
+    start = time.perf_counter()
+    try:
+        compiled = compile_model(CompileOptions(
+            model=str(model_path), calib_data=calib, eval_inputs=eval_inputs, bits=bits,
+            weight_block=None if block == "recipe" else block,
+            recipe=str(recipe_path), out_dir=str(work / f"{case.name}_{bits}_{index}"), progress=False))
+    except Exception as error:  # noqa: BLE001 - one failing configuration must not stop the table
+        print(f"   {bits} {label}: FAILED {error}", file=sys.stderr, flush=True)
+        return {"config": label, "error": f"{type(error).__name__}: {error}"[:200]}
+    quantized = run_model(compiled.qdq_model, eval_inputs)[output]
+    totals = compiled.plan.totals
+    row = {"config": label, "steps": [step.pass_name for step in recipe.steps],
+           **score(case, reference, quantized, labels),
+           "weight_bytes": int(totals["weight_bytes"]), "scale_bytes": int(totals["weight_scale_bytes"]),
+           "weight_block_size": compiled.plan.weight_block_size,
+           "seconds": round(time.perf_counter() - start, 1),
+           "transform_s": round(compiled.timings.get("transforms", 0.0), 1),
+           "rounding_s": round(compiled.timings.get("rounding", 0.0), 1)}
+    print(f"   {bits} {json.dumps(row)}", file=sys.stderr, flush=True)
+    return row
 
 
 def _fmt(value) -> str:
@@ -169,7 +201,8 @@ def write_markdown(results: list[dict], path: Path, command: str) -> None:
             lines.append(f"Float accuracy: {result['float']['accuracy']:.4f}.")
         lines.append("")
         for bits, rows in result["bits"].items():
-            metrics = next(([k for k in row if k not in ("config", "steps", "seconds", "transform_s", "rounding_s")]
+            metrics = next(([k for k in row if k not in ("config", "steps", "seconds", "transform_s", "rounding_s",
+                                                         "weight_block_size")]
                             for row in rows if "error" not in row), [])
             lines += [f"**{bits.upper()}**", "", "| config | " + " | ".join(metrics) + " | compile s (transforms / rounding) |",
                       "|---|" + "---|" * (len(metrics) + 1)]
@@ -178,7 +211,7 @@ def write_markdown(results: list[dict], path: Path, command: str) -> None:
                     lines.append(f"| {row['config']} | failed: {row['error']} |" + " |" * len(metrics))
                     continue
                 timing = (f"{row['seconds']} ({row['transform_s']} / {row['rounding_s']})" if "seconds" in row else "-")
-                lines.append(f"| {row['config']} | " + " | ".join(_fmt(row[k]) for k in metrics) + f" | {timing} |")
+                lines.append(f"| {row['config']} | " + " | ".join(_fmt(row.get(k, "-")) for k in metrics) + f" | {timing} |")
             lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
@@ -190,12 +223,14 @@ def main() -> int:
     parser.add_argument("--configs", nargs="+", default=None, help="config names as in CONFIGS; "
                         "'onnxruntime' for the onnxruntime rows")
     parser.add_argument("--no-ort", action="store_true", help="skip the onnxruntime rows")
+    parser.add_argument("--weight-blocks", nargs="+", default=["recipe"], metavar="B",
+                        help="weight granularities for sub-8-bit weights: recipe, channel, or block sizes")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--output", default=str(ROOT / "benchmarks/transforms.md"))
     args = parser.parse_args()
     command = "python tools/bench_transforms.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
-        results = [bench_model(case, args.bits, args.configs, Path(tmp), not args.no_ort)
+        results = [bench_model(case, args.bits, args.configs, Path(tmp), not args.no_ort, args.weight_blocks)
                    for case in cases(args.models, args.calib_samples)]
     output = Path(args.output)
     write_markdown(results, output, command.strip())
