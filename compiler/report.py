@@ -37,8 +37,8 @@ def _weight_granularity(plan: QuantPlan) -> str:
     if not blocks:
         return "weights per channel (symmetric)"
     sizes = "/".join(str(size) for size in blocks)
-    return (f"weights symmetric: sub-8-bit MatMul/Gemm weights in blocks of {sizes} along the reduction axis "
-            f"({plan.recipe.get('weight_block_source', 'plan')}), the others per channel")
+    return (f"sub-8-bit MatMul/Gemm weights in blocks of {sizes} along the reduction axis with a zero point "
+            f"per block ({plan.recipe.get('weight_block_source', 'plan')}), the other weights per channel (symmetric)")
 
 
 def render_report(plan: QuantPlan) -> str:
