@@ -227,11 +227,12 @@ def test_uncovered_nodes_fall_back_to_generic():
     assert schedules.schedule_for(add, [(1, 4), (1, 4)], {}, {}, ["uint8", "uint8"]) is None
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 20, 21), (1, 3, 64, 67)])  # a tail of 12; 3 chunks + 3 vectors
 @pytest.mark.parametrize("dtype, zero_point, qmin, qmax", [("uint8", 117, 0, 255), ("int8", -3, -127, 127)])
-def test_quantize_edge_matches_quantize_linear(dtype, zero_point, qmin, qmax):
+def test_quantize_edge_matches_quantize_linear(dtype, zero_point, qmin, qmax, shape):
     scale = 0.0173
     rng = np.random.default_rng(1)
-    x = (rng.standard_normal((1, 3, 20, 21)) * 2).astype(np.float32)
+    x = (rng.standard_normal(shape) * 2).astype(np.float32)
     flat = x.reshape(-1)
     # exact halves (ties: round half to even), extremes, signed zero, tiny values
     flat[:400] = (np.arange(400) - 200).astype(np.float32) * np.float32(scale) * np.float32(0.5)
