@@ -51,6 +51,9 @@ MIN_PARALLEL_BYTES = 64 * 1024
 # tile's accumulator array becomes a (pooled) workspace allocation; still measured faster than
 # the 15-accumulator tiles that would fit on the stack.
 MAX_ACCUMULATORS = 16
+# Up to this many valid lanes in a partial output vector are requantized one by one; more
+# take one vector epilogue and 8/4/2/1-byte stores (measured: 1 lane scalar, 4 lanes vector).
+SCALAR_TAIL = 2
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,18 @@ def _pieces(count: int) -> list[tuple[int, int]]:
     return out
 
 
+def _emit_store_lanes(dst, start, value: tirx.PrimExpr, count: int, dtype: str) -> None:
+    """Emit ``dst[start : start + count] = value[:count]`` (``value``: 16 lanes, ``count`` static)
+    through a local vector, in 8/4/2/1-byte pieces instead of ``count`` scalar stores."""
+    res = IB.alloc_buffer((LANES,), dtype, scope="local")
+    IB.buffer_store(res, value, [tirx.Ramp(0, 1, LANES)])
+    for offset, size in _pieces(count):
+        if size == 1:
+            IB.buffer_store(dst, tirx.BufferLoad(res, [offset]), [start + offset])
+        else:
+            IB.buffer_store(dst, tirx.BufferLoad(res, [tirx.Ramp(offset, 1, size)]), [tirx.Ramp(start + offset, 1, size)])
+
+
 def _emit_fill(buf, start, count: int, value) -> None:
     """Emit ``buf[start : start + count] = value`` (count static): 64-byte vector stores + tail."""
     if count // 64:
@@ -446,9 +461,16 @@ def dense_kernel(
                                     acc[T.ramp((i * PV + v) * LANES, 1, LANES)],
                                     bias[(t // NQT) * OB + i], mult[(t // NQT) * OB + i],
                                     rnd[(t // NQT) * OB + i], shift[(t // NQT) * OB + i], rq)
-                            else:
-                                for lane in range(LANES):
-                                    if (t % NQT) * TP + v * LANES + lane < GRID:
+                            elif (t % NQT) * TP + v * LANES < GRID:  # the grid's one partial vector
+                                if GRID % LANES > SCALAR_TAIL:
+                                    _emit_store_lanes(
+                                        yf, ((n * OC + (t // NQT) * OB + i) * GRID) + (t % NQT) * TP + v * LANES,
+                                        requant_expr(acc[T.ramp((i * PV + v) * LANES, 1, LANES)],
+                                                     bias[(t // NQT) * OB + i], mult[(t // NQT) * OB + i],
+                                                     rnd[(t // NQT) * OB + i], shift[(t // NQT) * OB + i], rq),
+                                        GRID % LANES, rq.y_dtype)
+                                else:
+                                    for lane in range(GRID % LANES):
                                         yf[((n * OC + (t // NQT) * OB + i) * GRID) + (t % NQT) * TP + v * LANES + lane] = requant_expr(
                                             acc[(i * PV + v) * LANES + lane],
                                             bias[(t // NQT) * OB + i], mult[(t // NQT) * OB + i],
@@ -637,17 +659,6 @@ def depthwise_vnni_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: 
         """First output row of a vector group (the last group overlaps the one before)."""
         return group if wide else tirx.min(group * rows, Ho - rows)
 
-    def store_rows(yf, n, c, oh0, value):
-        """The ``rows * Wo`` valid bytes of a narrow group's 16 results, in 8/4/2/1-byte pieces."""
-        res = IB.alloc_buffer((LANES,), rq.y_dtype, scope="local")
-        IB.buffer_store(res, value, [tirx.Ramp(0, 1, LANES)])
-        for offset, size in _pieces(rows * Wo):
-            index = ((n * C + c) * Ho + oh0) * Wo + offset
-            if size == 1:
-                IB.buffer_store(yf, tirx.BufferLoad(res, [offset]), [index])
-            else:
-                IB.buffer_store(yf, tirx.BufferLoad(res, [tirx.Ramp(offset, 1, size)]), [tirx.Ramp(index, 1, size)])
-
     @T.prim_func
     def depthwise_vnni(
         x: T.Buffer((N, C, H, W), x_dtype),
@@ -687,8 +698,8 @@ def depthwise_vnni_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: 
                             y[n, c, group, T.ramp(col_start(v), 1, LANES)] = requant_expr(
                                 acc[T.ramp(v * LANES, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq)
                     else:
-                        store_rows(yf, n, c, first_row(group), requant_expr(
-                            acc[T.ramp(0, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq))
+                        _emit_store_lanes(yf, ((n * C + c) * Ho + first_row(group)) * Wo, requant_expr(
+                            acc[T.ramp(0, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq), rows * Wo, rq.y_dtype)
 
     return depthwise_vnni
 
