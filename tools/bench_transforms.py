@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -113,6 +114,33 @@ def _ort_rows(case: Case, model_path: Path, calib, eval_inputs, labels, referenc
     return rows
 
 
+def _ort_block_rows(case: Case, model_path: Path, eval_inputs, labels, reference, output, blocks: list[str],
+                    work: Path) -> list[dict]:
+    """onnxruntime's own block-wise int4 weights: MatMulNBits, round-to-nearest, asymmetric blocks,
+    weight-only (activations stay float), one row per block size."""
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    except ImportError as error:  # needs the onnx-ir package
+        return [{"config": "onnxruntime MatMulNBits (int4 blocks, weight-only)", "error": str(error)[:160]}]
+    rows = []
+    for block in (int(b) for b in blocks if b.isdigit()):
+        label = f"onnxruntime MatMulNBits int4 block {block} (weight-only RTN, float activations)"
+        try:
+            quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), bits=4, block_size=block, is_symmetric=False)
+            quantizer.process()
+            path = work / f"{case.name}_nbits_{block}.onnx"
+            quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+            quantized = run_model(onnx.load(str(path)), eval_inputs)[output]
+        except Exception as error:  # noqa: BLE001 - a configuration onnxruntime cannot do is reported
+            rows.append({"config": label, "error": str(error).strip().splitlines()[-1][:160]})
+            continue
+        rows.append({"config": label, **score(case, reference, quantized, labels)})
+        print(f"   {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    return rows
+
+
 def _granularities(bits: str, weight_blocks: list[str]) -> list[str]:
     """The ``--weight-block`` values to run at ``bits`` (blocks only matter below 8-bit weights)."""
     return weight_blocks if not bits.startswith("w8") else ["recipe"]
@@ -152,6 +180,8 @@ def bench_model(case: Case, bits_list: list[str], only: list[str] | None, work: 
             rows += _ort_rows(case, model_path, calib, eval_inputs, labels, reference, output, bits, work)
             for row in rows[-3:]:
                 print(f"   {bits} {json.dumps(row)}", file=sys.stderr, flush=True)
+        if (with_ort or (only and "onnxruntime blocks" in only)) and bits.startswith("w4"):
+            rows += _ort_block_rows(case, model_path, eval_inputs, labels, reference, output, weight_blocks, work)
         result["bits"][bits] = rows
     return result
 
@@ -221,7 +251,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["fashion_cnn", "mobilenetv2", "efficientnet_lite0", "minilm"])
     parser.add_argument("--bits", nargs="+", default=["w8a8", "w4a8"])
     parser.add_argument("--configs", nargs="+", default=None, help="config names as in CONFIGS; "
-                        "'onnxruntime' for the onnxruntime rows")
+                        "'onnxruntime' for the onnxruntime rows, 'onnxruntime blocks' for its MatMulNBits rows")
     parser.add_argument("--no-ort", action="store_true", help="skip the onnxruntime rows")
     parser.add_argument("--weight-blocks", nargs="+", default=["recipe"], metavar="B",
                         help="weight granularities for sub-8-bit weights: recipe, channel, or block sizes")
