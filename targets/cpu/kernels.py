@@ -229,10 +229,20 @@ def _requant_tie_free(acc: tirx.PrimExpr, mult, rnd, shift, rq: Requant) -> tirx
     """
     lanes = _lanes(acc)
     m32 = tirx.Cast("int32", mult)  # < 2**31 (checked): tells LLVM the product is 32 x 32 bits
-    s32 = tirx.Cast("int32", shift)
+    # s - 32 in [0, 30], said explicitly: TVM's bound analysis of ``x >> (int32(s) - 32)`` with s
+    # unknown overflows and then drops the clamp below as if it could never apply (seen: -171
+    # came out as int8 85).
+    low_shift = tirx.max(tirx.min(tirx.Cast("int32", shift - tirx.const(32, "int64")), tirx.const(30, "int32")),
+                         tirx.const(0, "int32"))
+
+    def const(value):
+        c = tirx.const(value, "int32")
+        return c if lanes == 1 else tirx.Broadcast(c, lanes)
+
     if lanes == 1:
-        value = tirx.shift_right(tirx.Cast("int64", acc) * tirx.Cast("int64", m32) + rnd, tirx.Cast("int64", s32))
-        value = tirx.Cast("int32", value)
+        product = tirx.Cast("int64", acc) * tirx.Cast("int64", m32) + rnd
+        value = tirx.Cast("int32", tirx.shift_right(product, tirx.const(32, "int64")))
+        value = tirx.shift_right(value, low_shift)
     else:
         half = lanes // 2
         i64 = f"int64x{half}"
@@ -247,13 +257,7 @@ def _requant_tie_free(acc: tirx.PrimExpr, mult, rnd, shift, rq: Requant) -> tirx
         even, odd = low * m64 + r64, high * m64 + r64
         merged = tirx.bitwise_or(tirx.bitwise_and(tirx.shift_right(even, pair(32)), pair(0xFFFFFFFF)),
                                  tirx.bitwise_and(odd, pair(-(1 << 32))))
-        value = tirx.shift_right(tirx.reinterpret(f"int32x{lanes}", merged),
-                                 tirx.Broadcast(s32 - tirx.const(32, "int32"), lanes))
-
-    def const(value):
-        c = tirx.const(value, "int32")
-        return c if lanes == 1 else tirx.Broadcast(c, lanes)
-
+        value = tirx.shift_right(tirx.reinterpret(f"int32x{lanes}", merged), tirx.Broadcast(low_shift, lanes))
     value = tirx.min(tirx.max(value + const(rq.y_zero_point), const(rq.y_min)), const(rq.y_max))
     return tirx.Cast(rq.y_dtype if lanes == 1 else f"{rq.y_dtype}x{lanes}", value)
 

@@ -7,6 +7,8 @@ packing tricks, so a miscompiled or mis-packed kernel fails here.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import onnx
 import pytest
@@ -64,6 +66,11 @@ def _has_ties(acc: np.ndarray, attrs: dict, axis: int) -> bool:
     product = acc * mult
     half = np.left_shift(np.int64(1), shift - 1)
     return bool(np.any(np.bitwise_and(product, 2 * half - 1) == half))
+
+
+def _rng(*key) -> np.random.Generator:
+    """A generator seeded by the test case (``hash`` of a str changes from run to run)."""
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
 def _case(rng, op, x_shape, w_shape, x_dtype, y_dtype, per_channel, ties=None, **conv_attrs):
@@ -166,10 +173,26 @@ NO_VBMI = {"kind": "llvm", "mcpu": "cascadelake"}
     ("uint8", "uint8", True, False),
 ])
 def test_qconv_kernels_bit_exact(x_shape, w_shape, attrs, variant, x_dtype, y_dtype, per_channel, ties):
-    rng = np.random.default_rng(abs(hash((x_shape, w_shape, x_dtype, ties))) % 2**32)
+    rng = _rng(x_shape, w_shape, x_dtype, ties)
     node, x, w, bias, full = _case(rng, "QConv", x_shape, w_shape, x_dtype, y_dtype, per_channel, ties, **attrs)
     variant = HOST_DEPTHWISE if variant == "conv_depthwise" else variant
     _check(node, x, w, bias, full, variant, "exact" if ties else "tie_free")
+
+
+@pytest.mark.parametrize("x_shape, w_shape, attrs, variant", [CONV_CASES[0], DEPTHWISE_CASES[0]])
+@pytest.mark.parametrize("shifts", [(32,), (32, 33, 40)])
+def test_tie_free_epilogue_at_the_smallest_shift(x_shape, w_shape, attrs, variant, shifts):
+    """s == 32 (no right shift left after taking the products' high halves), alone and mixed."""
+    rng = _rng(x_shape, w_shape, shifts)
+    node, x, w, bias, full = _case(rng, "QConv", x_shape, w_shape, "uint8", "uint8", False, False, **attrs)
+    channels = w_shape[0]
+    shift = np.resize(np.array(shifts), channels if len(shifts) > 1 else 1)
+    reduction = int(np.prod(w_shape[1:]))
+    # the same output range as _case's multipliers (about +-64 steps), odd: no ties possible
+    scale = 64 / (128 * 128 * np.sqrt(reduction))
+    full["multiplier"] = (np.round(scale * 2.0 ** shift) // 2 * 2 + 1).astype(np.int64).tolist()
+    full["shift"] = shift.tolist()
+    _check(node, x, w, bias, full, HOST_DEPTHWISE if variant == "conv_depthwise" else variant, "tie_free")
 
 
 @pytest.mark.parametrize("x_shape, w_shape, attrs, variant", DEPTHWISE_CASES)
@@ -179,7 +202,7 @@ def test_depthwise_kernel_without_vbmi_bit_exact(x_shape, w_shape, attrs, varian
                                                  ties):
     """The depthwise kernel for VNNI CPUs without VBMI (e.g. Cascade Lake), run on this one."""
     assert not schedules.target_has_vbmi(NO_VBMI) and schedules.target_has_vnni(NO_VBMI)
-    rng = np.random.default_rng(abs(hash((x_shape, w_shape, x_dtype, ties))) % 2**32)
+    rng = _rng(x_shape, w_shape, x_dtype, ties)
     node, x, w, bias, full = _case(rng, "QConv", x_shape, w_shape, x_dtype, y_dtype, per_channel, ties, **attrs)
     _check(node, x, w, bias, full, "conv_depthwise", "exact" if ties else "tie_free", target=NO_VBMI)
 
