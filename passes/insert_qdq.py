@@ -200,6 +200,7 @@ def quantize_model(
     """The QDQ model for ``plan`` (see the module docstring)."""
     if ranges is not None:
         fit_activation_quantizers(model, plan, ranges, integer_only=integer_only)
+    plan_weight_grids(model, plan)  # which weights are block-wise decides the opset
     qdq = _with_opset(model, plan)
     new_name = NameAllocator(qdq)
     for layer in plan.layers.values():
@@ -383,7 +384,7 @@ def _with_opset(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     widths = [layer.w_bits for layer in plan.layers.values() if layer.w_bits] + \
         [layer.a_bits for layer in plan.layers.values()]
     needed = max([_OPSET_FOR_BITS.get(bits, 21) for bits in widths] + [13])
-    if plan.weight_block_size or any(tq.block_wise for tq in plan.tensors.values()):
+    if any(tq.block_wise for tq in plan.tensors.values()):
         needed = max(needed, _OPSET_FOR_BLOCKS)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)

@@ -250,3 +250,17 @@ def test_plan_weight_grids_records_blocks_before_rounding():
     eight.weight_block_size = 8
     assert plan_weight_grids(model, eight) == 0  # int8 weights keep onnxruntime's integer kernels
     assert isinstance(eight, QuantPlan)
+
+
+def test_opset_is_lifted_only_when_a_weight_is_block_wise():
+    """A recipe's block size must not touch W8A8 models (MiniLM's transformer recipe sets one)."""
+    from compiler.graph import opset_version
+    from tests.passes.tiny_models import linear_pair
+
+    model = canonicalize(linear_pair())
+    plan = select_layers(model, w_bits=8, a_bits=8)
+    plan.weight_block_size = 8
+    calib = {"x": np.random.default_rng(3).normal(size=(16, 12)).astype(np.float32)}
+    qdq = quantize_model(model, plan, collect_ranges(model, calib, tensors_to_calibrate(model, plan), progress=False))
+    assert opset_version(qdq) == opset_version(model) < 21
+    assert not any(tq.block_wise for tq in plan.tensors.values())
