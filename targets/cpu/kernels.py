@@ -13,10 +13,16 @@ re-packs its input into a scratch buffer that suits the instructions:
   and accumulates into 16 int32 lanes: no im2col. The output is computed on the
   plane grid ``H_out x W_plane`` (columns past ``W_out`` are garbage lanes and
   are not stored), which keeps every vector load contiguous.
-* **depthwise conv**: same phase planes without the channel interleave, int32
-  multiply-accumulate over 16 pixels per tap.
+* **depthwise conv** with AVX-512 VBMI (:func:`depthwise_vnni_kernel`): one
+  zero-point padded plane per channel; a 64-byte load and a ``vpermb`` give
+  16 pixels x 4 horizontally adjacent taps, and one ``vpdpbusd`` does 4 taps;
+  rows narrower than 16 share a vector (7-wide: 2 rows). Without VBMI
+  (:func:`depthwise_kernel`): the phase planes without the channel interleave,
+  int32 multiply-accumulate over 16 pixels per tap.
 * **gemm** (``QGemm``): lanes are output features; weights are pre-packed as
   ``[M/16, K/4, 16, 4]`` and 4 activation bytes are broadcast.
+* **max pool** and the float input edge (**quantize**): plain vector code, no
+  VNNI (portable: the cross builds get them too).
 
 Padding and plane slack hold the input zero point, so the spec's "padding
 reads x_zero_point" holds and the folded bias stays exact. int8 activations are
@@ -25,7 +31,12 @@ is moved into the bias by :mod:`targets.cpu.schedules`.
 
 Every kernel ends with the fused epilogue of :mod:`compiler.intgraph`:
 ``y = clip(requant(acc, M, s) + y_zp)`` in int64 with
-:mod:`compiler.requant`'s rounding (half to even), per channel.
+:mod:`compiler.requant`'s rounding (half to even), per channel -- or, where
+:func:`targets.cpu.schedules.tie_free_epilogue` proves it exact (every layer of
+the real models so far), the short form of :class:`Requant` ``tie_free``: the
+accumulator starts at the bias, rounding half up, int32 after the products' high
+halves (half the instructions; the epilogue was half the time of the small-C
+1x1 convs and the depthwise convs).
 Threads come from TVM's runtime pool (``TVM_NUM_THREADS``): the outer tile loop
 is ``parallel``.
 """

@@ -22,9 +22,10 @@ Also, without VNNI: :func:`quantize_edge` for the float input edge
 took 3 ms of ResNet-18's 9 ms).
 
 Covered: QConv 2-D with ``group == 1`` (any kernel, stride, dilation, padding)
-or depthwise (``group == C == O``), QGemm; uint8 or int8 activations; int8
+or depthwise (``group == C == O``; variant ``conv_depthwise_vnni`` where the target
+has AVX-512 VBMI, else ``conv_depthwise``), QGemm; uint8 or int8 activations; int8
 weights (any ``w_bits <= 8``); uint8/int8 outputs; per-tensor or per-channel
-requantization.
+requantization (``ScheduledKernel.epilogue``: ``exact`` or ``tie_free``).
 """
 
 from __future__ import annotations
