@@ -20,9 +20,11 @@ def _setup(samples: int = 48):
     return model, plan, calib
 
 
-def test_default_allocation_reranks_held_out_and_records_how():
+def test_reranked_and_refined_allocation_measures_held_out_and_records_how():
     model, plan, calib = _setup()
-    mixed = allocate_bits(model, plan, calib, get_target("onnx"), None, "size=0.7", integer_only=False)
+    options = AllocatorOptions(sensitivity="in-context", rerank=8, refine=2)
+    mixed = allocate_bits(model, plan, calib, get_target("onnx"), None, "size=0.7", integer_only=False,
+                          options=options)
     record = plan.totals["allocation"]["allocator"]
     assert record["sensitivity"] == "in-context" and record["context"] == [8, 8]
     assert record["held_out"] is True and record["rerank_samples"] == 16 and record["sensitivity_samples"] == 32
