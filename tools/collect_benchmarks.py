@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["summary", "compare_ort", "models", "calibration", "transforms", "mixed", "integer-core", "cpu",
-         "mcu", "tflm"]
+ORDER = ["summary", "compare_ort", "models", "calibration", "transforms", "ort_smoothquant", "mixed",
+         "integer-core", "cpu", "mcu", "tflm"]
 
 
 def main() -> int:

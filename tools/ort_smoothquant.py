@@ -24,6 +24,7 @@ It pip-installs, so it is a benchmark tool only, never part of the test suite.
 
     python tools/ort_smoothquant.py                            # -> benchmarks/ort_smoothquant.md
     python tools/ort_smoothquant.py --alphas 0.5 --bits w8a8 --no-edgeq
+    python tools/ort_smoothquant.py --bits w4a8b32 --alphas 0.5 auto    # onnxruntime's block-wise int4
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -62,10 +64,23 @@ def parse_alpha(text: str) -> float | str:
     return value
 
 
+BITS_PATTERN = re.compile(r"^w(4|8)a8(?:b(\d+))?$")
+
+
 def parse_bits(text: str) -> str:
-    if text not in ("w8a8", "w4a8"):
-        raise argparse.ArgumentTypeError(f"bits {text}: onnxruntime's reference runs w8a8 or w4a8")
+    """w8a8, w4a8 (per-channel int4 weights) or w4a8b<N> (onnxruntime's block-wise int4, BlockSize N)."""
+    match = BITS_PATTERN.match(text)
+    if not match or (match.group(2) and (match.group(1) != "4" or int(match.group(2)) < 16)):
+        raise argparse.ArgumentTypeError(f"bits {text}: onnxruntime's reference runs w8a8, w4a8 or w4a8b<N>, N >= 16")
     return text
+
+
+def weight_options(bits: str) -> tuple[str, int | None, dict]:
+    """(onnxruntime weight type, opset, extra options) for a --bits value."""
+    match = BITS_PATTERN.match(bits)
+    if match.group(1) == "8":
+        return "QInt8", None, {}
+    return "QInt4", 21, ({"BlockSize": int(match.group(2))} if match.group(2) else {})
 
 
 def jobs_for(alphas: list[float | str], folding_alphas: list[float | str], op_sets: list[str],
@@ -95,11 +110,16 @@ def jobs_for(alphas: list[float | str], folding_alphas: list[float | str], op_se
 
 
 def smoothed_float_model(model_path: Path, calib: dict, alpha: float | str, out_path: Path) -> None:
-    """neural-compressor's SmoothQuant transform alone, as quantize_static calls it, without folding."""
+    """neural-compressor's SmoothQuant transform alone, as quantize_static calls it, without folding.
+
+    The calibration samples come from a generator, as in quantize_static: it is used up by the
+    range collection, so alpha="auto" finds no data left for its per-layer loss and keeps the
+    first candidate (0.3) everywhere -- which is what onnxruntime's "auto" does too.
+    """
     from neural_compressor.adaptor.ox_utils.smooth_quant import ORTSmoothQuant
 
     count = next(iter(calib.values())).shape[0]
-    samples = [({name: value[i:i + 1] for name, value in calib.items()}, None) for i in range(count)]
+    samples = (({name: value[i:i + 1] for name, value in calib.items()}, None) for i in range(count))
     ORTSmoothQuant(str(model_path), samples, False).transform(alpha, False).save(str(out_path))
 
 
@@ -116,17 +136,16 @@ def worker(jobs_path: Path) -> int:
     results = []
     for job in spec["jobs"]:
         out_path = work / f"{job['name']}.onnx"
-        four_bit = job["bits"] == "w4a8"
-        extra = None if job["alpha"] is None else {"SmoothQuant": True, "SmoothQuantAlpha": job["alpha"],
-                                                   "SmoothQuantFolding": job["folding"]}
+        weight_type, opset, extra = weight_options(job["bits"]) if job["bits"] != "float" else (None, None, {})
+        if job["alpha"] is not None:
+            extra.update({"SmoothQuant": True, "SmoothQuantAlpha": job["alpha"], "SmoothQuantFolding": job["folding"]})
         start = time.perf_counter()
         try:
             if job["bits"] == "float":
                 smoothed_float_model(Path(spec["model"]), calib, job["alpha"], out_path)
             else:
-                ort_quantize(Path(spec["model"]), calib, out_path, weight_type="QInt4" if four_bit else "QInt8",
-                             opset=21 if four_bit else None, op_types=OP_SETS[job["op_set"]],
-                             extra_options=extra)
+                ort_quantize(Path(spec["model"]), calib, out_path, weight_type=weight_type, opset=opset,
+                             op_types=OP_SETS[job["op_set"]], extra_options=extra)
             outcome = {"path": str(out_path)}
         except Exception as error:  # noqa: BLE001 - a configuration onnxruntime cannot do is reported
             cause = error.__cause__ or error
@@ -136,7 +155,7 @@ def worker(jobs_path: Path) -> int:
         outcome["seconds"] = round(time.perf_counter() - start, 1)
         results.append({**job, **outcome})
         print(f"   {job['name']}: {outcome.get('error', 'ok')} ({outcome['seconds']} s)", file=sys.stderr, flush=True)
-    (work / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (work / "results.json").write_text(json.dumps(results, indent=1) + "\n")  # partial results survive
     return 0
 
 
@@ -186,17 +205,22 @@ def edgeq_rows(case, model_path: Path, calib, eval_inputs, reference, output: st
     from compiler.pipeline import CompileOptions, compile_model
 
     rows = []
-    for bits in bits_list:
+    for bits in dict.fromkeys(bits[:4] for bits in bits_list):  # edgeq's recipe picks its own granularity
         for recipe in recipes:
             start = time.perf_counter()
-            compiled = compile_model(CompileOptions(model=str(model_path), calib_data=calib, eval_inputs=eval_inputs,
-                                                    bits=bits, recipe=recipe,
-                                                    out_dir=str(work / f"edgeq_{bits}_{recipe}"), progress=False))
+            try:
+                compiled = compile_model(CompileOptions(
+                    model=str(model_path), calib_data=calib, eval_inputs=eval_inputs, bits=bits, recipe=recipe,
+                    out_dir=str(work / f"edgeq_{bits}_{recipe}"), progress=False))
+            except Exception as error:  # noqa: BLE001 - reported in the table; the onnxruntime rows still count
+                rows.append({"bits": bits, "recipe": recipe, "error": f"{type(error).__name__}: {error}"[:200]})
+                continue
             quantized = run_model(compiled.qdq_model, eval_inputs)[output]
             w_bits = int(bits[1])
             steps = [step["pass"] for step in compiled.plan.recipe.get("steps", [])  # the steps that ran
                      if step.get("max_w_bits") is None or w_bits <= step["max_w_bits"]]
             row = {"bits": bits, "recipe": compiled.plan.recipe.get("name", recipe), "steps": steps,
+                   "weight_block_size": compiled.plan.recipe.get("weight_block_size") if w_bits < 8 else None,
                    **score(case, reference, quantized, None), "seconds": round(time.perf_counter() - start, 1)}
             rows.append(row)
             print(f"   edgeq {json.dumps(row)}", file=sys.stderr, flush=True)
@@ -281,7 +305,8 @@ def write_markdown(result: dict, path: Path, command: str) -> None:
     lines += [f"Venv versions: {', '.join(f'{name} {version}' for name, version in versions.items())}.",
               "Every onnxruntime row is `tools/ort_reference.ort_quantize` (QDQ, per-channel weights, uint8 "
               "activations, MinMax, after `quant_pre_process`); W4A8 = int4 weights (`QInt4`, model converted "
-              "to opset 21). SmoothQuant's inserted Mul nodes are left in float (onnxruntime excludes them); "
+              "to opset 21), per channel; W4A8B<N> = onnxruntime's block-wise int4 (`BlockSize` N: its blocks run "
+              "along the weight's output-channel axis, N output channels per input row). SmoothQuant's inserted Mul nodes are left in float (onnxruntime excludes them); "
               "\"Muls left\" counts the ones neural-compressor could not fold into a producer.",
               f"Metric: mean embedding cosine with the float model on {result['eval_samples']} held-out sentences; "
               f"calibration: {result['calib_samples']} sentences (both as in `tools/compare_ort.py`).", ""]
@@ -296,9 +321,13 @@ def write_markdown(result: dict, path: Path, command: str) -> None:
                 lines.append(f"{head} failed: {row['error']} | - | {row['seconds']} |")
             else:
                 lines.append(f"{head} {row['cosine']:.4f} | {row['smooth_muls_left']} | {row['seconds']} |")
-        for row in (row for row in result.get("edgeq", []) if row["bits"] == bits):
-            lines.append(f"| **edgeq** `{row['recipe']}` recipe ({' + '.join(row['steps']) or 'no passes'}) | "
-                         f"its own | - | {row['cosine']:.4f} | - | {row['seconds']} |")
+        for row in (row for row in result.get("edgeq", []) if row["bits"] == bits[:4]):
+            if "error" in row:
+                lines.append(f"| **edgeq** `{row['recipe']}` recipe | its own | - | failed: {row['error']} | - | - |")
+                continue
+            blocks = f", int4 blocks of {row['weight_block_size']}" if row.get("weight_block_size") else ""
+            lines.append(f"| **edgeq** `{row['recipe']}` recipe ({' + '.join(row['steps']) or 'no passes'}{blocks}) "
+                         f"| its own | - | {row['cosine']:.4f} | - | {row['seconds']} |")
         lines.append("")
     float_rows = [row for row in rows if row["bits"] == "float"]
     if float_rows:
@@ -316,8 +345,9 @@ def write_markdown(result: dict, path: Path, command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--alphas", nargs="+", type=parse_alpha, default=[0.3, 0.5, 0.7, 0.8, "auto"],
-                        help="SmoothQuantAlpha values (0..1 or auto); a run without SmoothQuant is always added")
+    parser.add_argument("--alphas", nargs="+", type=parse_alpha, default=[0.3, 0.5, 0.7, 0.8],
+                        help="SmoothQuantAlpha values (0..1, or auto: minutes per run, and inside quantize_static "
+                        "it ends up at 0.3, see smoothed_float_model); a run without SmoothQuant is always added")
     parser.add_argument("--folding-alphas", nargs="*", type=parse_alpha, default=[0.5],
                         help="alphas also run with SmoothQuantFolding on (onnxruntime's default)")
     parser.add_argument("--op-sets", nargs="+", choices=sorted(OP_SETS), default=["matmul", "all"])

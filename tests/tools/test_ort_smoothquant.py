@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.ort_smoothquant import build_parser, jobs_for, write_markdown
+from tools.ort_smoothquant import build_parser, jobs_for, weight_options, write_markdown
 
 
 def test_parser_reads_alphas_and_rejects_out_of_range() -> None:
@@ -14,8 +14,15 @@ def test_parser_reads_alphas_and_rejects_out_of_range() -> None:
     assert args.edgeq_recipes == []
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--alphas", "1.5"])
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["--bits", "w2a8"])
+    for bad in ("w2a8", "w8a8b32", "w4a8b4"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--bits", bad])
+
+
+def test_weight_options_map_bits_to_onnxruntime_settings() -> None:
+    assert weight_options("w8a8") == ("QInt8", None, {})
+    assert weight_options("w4a8") == ("QInt4", 21, {})  # int4 types need opset 21
+    assert weight_options("w4a8b32") == ("QInt4", 21, {"BlockSize": 32})
 
 
 def test_jobs_cover_every_combination_once() -> None:
