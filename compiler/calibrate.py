@@ -245,7 +245,7 @@ def collect_ranges(
     tensor_names: list[str],
     *,
     method: str = "minmax",
-    bits: int = 8,
+    bits: int | dict[str, int] = 8,
     signed: bool = False,
     symmetric: bool = False,
     batch_size: int = 32,
@@ -256,13 +256,18 @@ def collect_ranges(
 ) -> dict[str, tuple[float, float]]:
     """The float range ``(min, max)`` to quantize each tensor to (contains 0).
 
+    ``bits`` is one width for all tensors or a width per tensor name: a clipping
+    observer (MSE, percentile) clips less for a wider quantizer.
     A tensor that never held a finite value gets ``(0.0, 0.0)``.
     """
     observers = collect_observers(
         model, data, tensor_names, method=method, batch_size=batch_size, progress=progress,
         method_overrides=method_overrides, observer_options=observer_options, threads=threads,
     )
-    return {name: observer_range(observer, bits, signed, symmetric) for name, observer in observers.items()}
+    def width(name: str) -> int:
+        return bits[name] if isinstance(bits, dict) else bits
+
+    return {name: observer_range(observer, width(name), signed, symmetric) for name, observer in observers.items()}
 
 
 def observer_range(observer: Observer, bits: int, signed: bool, symmetric: bool) -> Range:

@@ -42,7 +42,12 @@ from compiler.recipe import (
     resolve_recipe,
 )
 from passes.canonicalize import canonicalize
-from passes.insert_qdq import plan_weight_grids, quantize_model, tensors_to_calibrate
+from passes.insert_qdq import (
+    activation_groups,
+    plan_weight_grids,
+    quantize_model,
+    tensors_to_calibrate,
+)
 from passes.select_layers import select_layers
 from targets.base import CompileContext, get_target
 
@@ -263,7 +268,11 @@ def _calibrate(options: CompileOptions, model: onnx.ModelProto, plan: QuantPlan,
         # range so the largest logit is never clipped.
         method = "mse"
         overrides = {name: "minmax" for name in graph_output_names(model) if name in names}
-    return collect_ranges(model, calib, names, method=method, bits=plan.a_bits,
+    # Each quantizer's range is fitted for its own width (16-bit layers of a mixed plan).
+    widths = {name: plan.a_bits for name in names}
+    for group in activation_groups(model, plan, integer_only=integer_only):
+        widths.update({name: group.bits for name in group.tensors if name in widths})
+    return collect_ranges(model, calib, names, method=method, bits=widths,
                           signed=plan.activation_signed, batch_size=options.batch_size,
                           progress=options.progress, method_overrides=overrides)
 

@@ -48,3 +48,30 @@ def test_parse_bits(text, expected):
 def test_parse_bits_rejects(text):
     with pytest.raises(EdgeqError, match="--bits"):
         parse_bits(text)
+
+
+def test_calibration_fits_each_quantizer_at_its_own_width():
+    """A 16-bit layer's input range is MSE-fitted for 16 bits, not clipped as for 8."""
+    from compiler.calibrate import collect_ranges
+    from compiler.pipeline import _calibrate
+    from passes.insert_qdq import activation_groups
+    from passes.select_layers import select_layers
+    from tests.passes.tiny_models import conv_data, conv_net
+
+    model, data = conv_net(), conv_data()
+    plan = select_layers(model)
+    wide_layer = next(iter(plan.layers.values()))
+    wide_layer.a_bits = 16
+    ranges = _calibrate(CompileOptions(progress=False), model, plan, data, integer_only=False)
+
+    groups = {name: group.bits for group in activation_groups(model, plan) for name in group.tensors}
+    wide_input = wide_layer.inputs[0]
+    assert groups[wide_input] == 16
+    by_width = {bits: collect_ranges(model, data, [wide_input], method="mse", bits=bits, progress=False)[wide_input]
+                for bits in (8, 16)}
+    assert by_width[8] != by_width[16]  # the data clips differently at the two widths
+    assert ranges[wide_input] == by_width[16]
+    narrow = [name for name, bits in groups.items() if bits == 8 and name in ranges]
+    assert narrow, "the other quantizers stay 8-bit"
+    for name in narrow:
+        assert ranges[name] == collect_ranges(model, data, [name], method="mse", bits=8, progress=False)[name]
