@@ -57,6 +57,15 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pin", action="append", metavar="LAYER=w8a8",
                         help="fix a layer's bits in the bit allocation (repeatable; LAYER=w8 pins weights only)")
     parser.add_argument("--recipe", help="transform recipe name or TOML file (default: by model family)")
+    allocator = parser.add_argument_group("bit allocation (with --budget / --pareto)")
+    allocator.add_argument("--sensitivity", default="single-layer", choices=["single-layer", "in-context", "proxy"],
+                           help="layer sensitivity: each layer quantized alone (default), inside the all-w8a8 plan, "
+                                "or the second-moment proxy (nothing run)")
+    allocator.add_argument("--rerank", type=int, default=0, metavar="K",
+                           help="export the ILP's K best plans and keep the one closest to float on held-out "
+                                "calibration samples")
+    allocator.add_argument("--refine", type=int, default=0, metavar="N",
+                           help="up to N steps re-measuring sensitivities around the plan and re-solving")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from compiler.mixed import allocator_options
     from compiler.pipeline import CompileOptions, compile_model
 
     options = CompileOptions(
@@ -107,6 +117,7 @@ def _compile(args: argparse.Namespace) -> int:
         device=args.device, target_triple=args.target_triple, bits=args.bits, weight_block=args.weight_block,
         activation_type=args.activation_type, calibrate_method=args.calibrate_method,
         budget=args.budget, pins=args.pin, recipe=args.recipe, out_dir=args.output, progress=not args.quiet,
+        allocator=allocator_options(args),
     )
     result = compile_model(options)
     fidelity = result.plan.fidelity

@@ -91,6 +91,11 @@ class AllocatorOptions:
 SENSITIVITY_MODES = ("in-context", "single-layer", "proxy")
 
 
+def allocator_options(args: argparse.Namespace) -> AllocatorOptions:
+    """The allocator options of ``edgeq compile`` / ``edgeq allocate`` (--sensitivity, --rerank, --refine)."""
+    return AllocatorOptions(sensitivity=args.sensitivity, rerank=args.rerank, refine=args.refine)
+
+
 @dataclass
 class MixedPrecision:
     problem: AllocationProblem
@@ -325,7 +330,7 @@ def allocate_command(args: argparse.Namespace) -> int:
     integer_only = target.needs_integer_graph
     plan = select_layers(model, integer_only=integer_only)
     plan.model, plan.target = args.model, args.target
-    options = AllocatorOptions()
+    options = allocator_options(args)
     metrics = resolve_metric_names(parse_budget(args.budget)) if args.budget else []
     if args.pareto:
         metrics.append(_pareto_metric(parse_budget(args.budget) if args.budget else {}, target.name))

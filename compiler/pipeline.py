@@ -84,6 +84,7 @@ class CompileOptions:
     budget: str | None = None
     pins: list[str] | None = None  # "LAYER=w8a8": bits the allocator must keep
     recipe: str | None = None
+    allocator: Any = None  # compiler.mixed.AllocatorOptions; None: its defaults
     out_dir: str = "out"
     batch_size: int = 32
     progress: bool = True
@@ -179,7 +180,8 @@ def compile_model(options: CompileOptions) -> CompileResult:
         from compiler.mixed import allocate_bits
 
         mixed = stage("allocate", lambda: allocate_bits(model, plan, calib, target, options.device, options.budget,
-                                                        integer_only=integer_only, pins=options.pins))
+                                                        integer_only=integer_only, pins=options.pins,
+                                                        options=options.allocator))
 
     ranges = stage("calibrate", lambda: _calibrate(options, model, plan, calib, integer_only))
     transformed = model  # same function as float_model; its tensors are what the QDQ model approximates

@@ -224,3 +224,15 @@ def test_weight_block_flag_exports_block_wise_int4_weights(workspace, capsys):
     assert len(blocked) == 1
     session = ort.InferenceSession(str(out / "model.qdq.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {"input": random_inputs((3, 16, 16), 2)})[0].shape == (2, 10)
+
+
+def test_allocator_options_reach_the_plan(workspace, capsys):
+    code, _, _ = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                         "--budget", "size=0.85", "--sensitivity", "proxy", "--rerank", "2", "-o", workspace / "out",
+                         "-q")
+    assert code == 0
+    allocator = json.loads((workspace / "out" / "plan.json").read_text())["totals"]["allocation"]["allocator"]
+    assert allocator["sensitivity"] == "proxy" and allocator["rerank"] == 2
+    code, _, stderr = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                              "--budget", "size=0.85", "--rerank", "-1", "-o", workspace / "alloc", "-q")
+    assert code == 2 and "rerank" in stderr and stderr.count("\n") == 1
