@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("-o", "--output", help="write the outputs to this .npz")
     run_cmd.add_argument("--repeat", type=int, default=0, help="time N runs of one sample")
     run_cmd.add_argument("--json", action="store_true", help="print the latency as JSON")
-    run_cmd.add_argument("--threads", type=int, help="CPU threads")
+    run_cmd.add_argument("--threads", type=int, help="CPU threads (default: every CPU this process may use)")
     run_cmd.add_argument("--on", default=None, help="where to run (mcu: qemu or host)")
     return parser
 
@@ -159,7 +159,7 @@ def _run(args: argparse.Namespace) -> int:
         raise EdgeqError(f"{args.artifact} is not an edgeq output folder (no plan.json)")
     target = get_target(QuantPlan.load(str(plan_path)).target)
     inputs = _load_npz(args.inputs)
-    options = {key: value for key, value in (("threads", args.threads), ("on", args.on)) if value}
+    options = {key: value for key, value in (("threads", args.threads), ("on", args.on)) if value is not None}
     outputs = target.run(Path(args.artifact), inputs, **options)
     if args.output:
         import io

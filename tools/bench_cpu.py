@@ -15,10 +15,15 @@ tool
    itself, the runner dequantizes the output), and the library call alone on an
    input already in a TVM tensor; at 1 thread also each kernel of the library alone.
 
-Timing: after warm-up, rounds of 10 runs per engine in turn (so every engine
-sees the same background load), at least ``--runs`` runs each; the median per
-run is reported together with the minimum (a hint of the noise: on a shared
-machine the minimum is closer to the quiet speed). Calibration uses random
+Timing: each engine runs alone in a process of its own (as a deployment
+runs it), 20 warm-up runs, then consecutive runs; two such processes per
+engine and thread count, in the order A..E E..A so that a drift of the
+background load hits every engine alike; at least ``--runs`` runs in all. The
+median per run is reported together with the minimum (on a shared machine the
+minimum is closer to the quiet speed). Not interleaved in one process: with 2
+threads on 2 cores, one engine's thread pool still spinning slows the next
+(rounds of 10 interleaved had put onnxruntime's 2-thread medians at 4-5x its
+minimum, while alone it runs within 15% of it). Calibration uses random
 normal data (timing does not depend on it); random calibration is noted.
 
     python tools/bench_cpu.py                      # all models, writes benchmarks/cpu.md
@@ -237,40 +242,42 @@ def kernel_breakdown(int_model_path: Path, repeat: int = 15) -> dict[str, float]
     return totals
 
 
-def child(spec_path: Path, threads: int, runs: int, breakdown: bool = False) -> dict:
-    """Time every engine of every model in ``spec`` at ``threads`` threads (interleaved rounds)."""
+ENGINES = ("ort_float", "ort_u8s8_qdq", "ort_edgeq_qdq", "edgeq_cpu", "edgeq_core")
+
+
+def child(spec_path: Path, engine: str, threads: int, runs: int, breakdown: bool = False) -> dict:
+    """Per-run seconds of ``engine`` on every model in ``spec`` at ``threads`` threads (this process
+    runs nothing else: a deployment runs one engine)."""
     spec = json.loads(spec_path.read_text())
     results: dict[str, dict] = {}
     for model_name, entry in spec.items():
         feed = {k: np.load(v) for k, v in entry["feed"].items()}
-        runners = {}
-        if entry.get("float"):
-            runners["ort_float"] = _ort_runner(Path(entry["float"]), threads, feed)
-        if entry.get("ort_qdq"):
-            runners["ort_u8s8_qdq"] = _ort_runner(Path(entry["ort_qdq"]), threads, feed)
-        if entry.get("edgeq_qdq"):
-            runners["ort_edgeq_qdq"] = _ort_runner(Path(entry["edgeq_qdq"]), threads, feed)
-        if entry.get("edgeq_out"):
-            runners["edgeq_cpu"], runners["edgeq_core"] = _edgeq_runners(Path(entry["edgeq_out"]), feed)
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        for run in runners.values():  # warm-up
-            for _ in range(5):
-                run()
-        rounds = max(1, -(-runs // 10))
-        for _ in range(rounds):
-            for name, run in runners.items():
-                for _ in range(10):
-                    start = time.perf_counter()
-                    run()
-                    times[name].append(time.perf_counter() - start)
-        results[model_name] = {
-            name: {"median_ms": float(np.median(t) * 1e3), "p10_ms": float(np.percentile(t, 10) * 1e3),
-                   "min_ms": float(np.min(t) * 1e3), "runs": len(t)}
-            for name, t in times.items()
-        }
+        if engine.startswith("edgeq"):
+            if not entry.get("edgeq_out"):
+                continue
+            whole, core = _edgeq_runners(Path(entry["edgeq_out"]), feed)
+            run = whole if engine == "edgeq_cpu" else core
+        else:
+            path = entry.get({"ort_float": "float", "ort_u8s8_qdq": "ort_qdq", "ort_edgeq_qdq": "edgeq_qdq"}[engine])
+            if not path:
+                continue
+            run = _ort_runner(Path(path), threads, feed)
+        for _ in range(20):  # warm-up: thread pools started, caches and branch predictors warm
+            run()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        results[model_name] = {"seconds": times}
         if breakdown and entry.get("edgeq_out"):
             results[model_name]["kernels_us"] = kernel_breakdown(Path(entry["edgeq_out"]) / "model.int.onnx")
     return results
+
+
+def _summary(times: list[float]) -> dict:
+    return {"median_ms": float(np.median(times) * 1e3), "p10_ms": float(np.percentile(times, 10) * 1e3),
+            "min_ms": float(np.min(times) * 1e3), "runs": len(times)}
 
 
 # ---------------------------------------------------------------- report
@@ -302,7 +309,7 @@ def write_report(path: Path, prep: dict, timings: dict, runs: int, load: str) ->
         f"apache-tvm {tvm.__version__}. Batch 1, float input to float output for every engine "
         f"(edgeq: the library, which quantizes its input itself, + numpy dequantize of the output). "
         f"Median of >= {runs} "
-        f"runs after warm-up, engines interleaved in rounds of 10; the minimum in brackets. "
+        f"runs after warm-up, each engine alone in its own processes (two per engine, order A..E E..A); the minimum in brackets. "
         f"Load average while timing: {load} on {os.cpu_count()} cores (a shared machine: the medians "
         "measure the contention as much as the code; the minimum is the closest to the quiet "
         "speed). Calibration on random data (timing only).",
@@ -357,9 +364,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse the models and edgeq artifacts already in --work (timing only)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(Path(args.child), args.threads, args.runs, breakdown=args.threads == 1)))
+        breakdown = args.threads == 1 and args.engine == "edgeq_cpu"
+        print(json.dumps(child(Path(args.child), args.engine, args.threads, args.runs, breakdown=breakdown)))
         return 0
 
     work = Path(args.work or tempfile.mkdtemp(prefix="edgeq_bench_cpu_"))
@@ -401,14 +410,22 @@ def main(argv: list[str] | None = None) -> int:
     for threads in THREADS:
         env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
         print(f"timing at {threads} thread(s) ...", flush=True)
-        loads.append(os.getloadavg()[0])
-        proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path), "--threads", str(threads),
-                               "--runs", str(args.runs)], env=env, capture_output=True, text=True, check=False)
-        loads.append(os.getloadavg()[0])
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return 1
-        timings[str(threads)] = json.loads(proc.stdout.strip().splitlines()[-1])
+        seconds: dict[str, dict[str, list[float]]] = {}
+        per_block = max(1, -(-args.runs // 2))
+        for engine in [*ENGINES, *reversed(ENGINES)]:  # A..E E..A: a drift of the load hits all alike
+            loads.append(os.getloadavg()[0])
+            proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path), "--threads", str(threads),
+                                   "--engine", engine, "--runs", str(per_block)],
+                                  env=env, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            for model_name, result in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+                row = timings.setdefault(str(threads), {}).setdefault(model_name, {})
+                seconds.setdefault(model_name, {}).setdefault(engine, []).extend(result["seconds"])
+                row[engine] = _summary(seconds[model_name][engine])
+                if "kernels_us" in result:
+                    row.setdefault("kernels_us", result["kernels_us"])
     (work / "timings.json").write_text(json.dumps({"prep": prep, "timings": timings}, indent=1))
     write_report(Path(args.report), prep, timings, args.runs, f"{min(loads):.1f}-{max(loads):.1f}")
     print(Path(args.report).read_text())

@@ -83,6 +83,7 @@ class CpuTarget(Target):
     def run(self, out_dir: Path, inputs: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
         from targets.cpu import runner
 
+        runner.configure_threads(options.get("threads"))
         return runner.run(Path(out_dir), inputs)
 
     def run_raw(self, out_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -94,7 +95,9 @@ class CpuTarget(Target):
                   **options: Any) -> dict[str, Any]:
         from targets.cpu import runner
 
-        return runner.benchmark(Path(out_dir), inputs, repeat=repeat, warmup=int(options.get("warmup", 5)))
+        threads = runner.configure_threads(options.get("threads"))
+        result = runner.benchmark(Path(out_dir), inputs, repeat=repeat, warmup=int(options.get("warmup", 5)))
+        return {**result, "threads": threads}
 
 
 TARGET = CpuTarget()

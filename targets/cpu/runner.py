@@ -11,13 +11,17 @@ through the library at batch 1, and the integer outputs are dequantized with
 * :func:`run_raw` -- integer outputs (what ``verify.json`` compares).
 * :func:`benchmark` -- median latency per sample (quantize + library +
   dequantize of one sample, after warm-up; loading excluded), as
-  :func:`targets.base.latency_summary` JSON. Threads: TVM's pool, set with
-  ``TVM_NUM_THREADS`` before the first run in the process.
+  :func:`targets.base.latency_summary` JSON.
+
+Threads: TVM's pool reads ``TVM_NUM_THREADS`` once, at the first parallel run in
+the process; unset, TVM takes half the CPUs on x86 (it assumes hyper-threading),
+which is one thread on a 2-core machine. :func:`configure_threads` sets it first.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,18 @@ from compiler.errors import EdgeqError
 from compiler.requant import dequantize_linear, quantize_linear
 from targets.base import latency_summary
 from targets.cpu.lower import MANIFEST
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Threads for TVM's pool: ``threads`` when given, else ``TVM_NUM_THREADS`` as set, else
+    every CPU this process may use. Takes effect only before the first run in the process."""
+    if threads is not None:
+        if threads < 1:
+            raise EdgeqError(f"--threads must be >= 1, not {threads}")
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    else:
+        os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    return int(os.environ["TVM_NUM_THREADS"])
 
 
 class CpuModule:

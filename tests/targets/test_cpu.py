@@ -168,3 +168,19 @@ def test_bundled_fashion_cnn_is_bit_exact_on_real_images(tmp_path):
     qdq = quantize_qdq(model, [{"input": calib[i:i + 1]} for i in range(0, 256, 8)])
     test_images = {"input": bundled.test_data()[0]["input"][:32]}
     assert_library_matches_interpreter(integerize(qdq), test_images, tmp_path / "cpu", use_schedules=True)
+
+
+def test_thread_count_defaults_to_every_usable_cpu(monkeypatch):
+    """TVM alone would take half the CPUs on x86 (one thread on a 2-core machine)."""
+    import os
+
+    from compiler.errors import EdgeqError
+    from targets.cpu.runner import configure_threads
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    assert configure_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    assert configure_threads() == 1  # the user's setting stays
+    assert configure_threads(3) == 3 and os.environ["TVM_NUM_THREADS"] == "3"
+    with pytest.raises(EdgeqError, match="threads"):
+        configure_threads(0)
