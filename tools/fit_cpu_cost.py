@@ -12,7 +12,9 @@ The fit is non-negative least squares of
 ``latency = overhead + seconds_per_mac[kind][w,a] * macs + seconds_per_byte * bytes``
 over all measurements; the table (with the host, the measurements and the
 fit's relative errors) is written to targets/cpu/cost_table.json, which
-targets/cpu/cost.py reads. 4-bit weights are stored as int8 in the integer
+targets/cpu/cost.py reads. Single-thread latencies (``TVM_NUM_THREADS=1`` unless
+set): with 2 threads on this 2-vCPU VM some single-layer libraries stall ~4 ms per
+run waking TVM's worker, which no linear model of the code can fit. 4-bit weights are stored as int8 in the integer
 graph (passes/integerize.py), so the CPU kernels -- and their times -- are
 those of 8-bit weights: the table says so rather than measuring them twice.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -34,6 +37,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TVM_NUM_THREADS", "1")  # before TVM's pool starts: see the docstring
 
 from compiler.layers import layer_shapes  # noqa: E402
 from targets.cost_common import traffic_bytes  # noqa: E402
