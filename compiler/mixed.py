@@ -15,7 +15,7 @@ import argparse
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -123,8 +123,7 @@ def parse_pins(texts: list[str] | None, plan: QuantPlan) -> dict[str, tuple[int 
 
 
 def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
-                  device: str | None, *, integer_only: bool, estimate: str | None = None,
-                  max_samples: int | None = None, pins: list[str] | None = None,
+                  device: str | None, *, integer_only: bool, pins: list[str] | None = None,
                   options: AllocatorOptions | None = None, metrics: list[str] | None = None) -> MixedPrecision:
     """Sensitivities and costs of every candidate of every layer in ``plan``, and the plan measurer.
 
@@ -140,10 +139,6 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     same ones (recorded as ``held_out: false``).
     """
     options = options or AllocatorOptions()
-    if estimate == "proxy":  # the older keyword
-        options = replace(options, sensitivity="proxy")
-    if max_samples is not None:
-        options = replace(options, sensitivity_samples=max_samples)
     pinned = parse_pins(pins, plan)
     cost_model = target.cost_model(device)
     pairs = list(options.pairs or cost_model.bit_pairs)
@@ -235,19 +230,25 @@ def solve(mixed: MixedPrecision, budget: dict[str, float], options: AllocatorOpt
     return allocation
 
 
+def solve_into_plan(mixed: MixedPrecision, plan: QuantPlan, budget: dict[str, float],
+                    options: AllocatorOptions) -> Allocation:
+    """:func:`solve`, then the chosen bits and how they were chosen written into ``plan``."""
+    allocation = solve(mixed, budget, options)
+    apply_allocation(plan, mixed.problem, allocation)
+    plan.totals["allocation"]["allocator"] = mixed.record
+    return allocation
+
+
 def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
                   device: str | None, budget_text: str, *, integer_only: bool,
-                  estimate: str | None = None, pins: list[str] | None = None,
-                  options: AllocatorOptions | None = None) -> MixedPrecision:
+                  pins: list[str] | None = None, options: AllocatorOptions | None = None) -> MixedPrecision:
     """Solve the ILP for ``budget_text`` and write the chosen bits into ``plan``."""
     options = options or AllocatorOptions()
     budget = parse_budget(budget_text)
-    mixed = build_problem(model, plan, calib, target, device, integer_only=integer_only, estimate=estimate,
-                          pins=pins, options=options, metrics=list(resolve_metric_names(budget)))
+    mixed = build_problem(model, plan, calib, target, device, integer_only=integer_only,
+                          pins=pins, options=options, metrics=resolve_metric_names(budget))
     problem = mixed.problem
-    allocation = solve(mixed, budget, options)
-    apply_allocation(plan, problem, allocation)
-    plan.totals["allocation"]["allocator"] = mixed.record
+    allocation = solve_into_plan(mixed, plan, budget, options)
     metric = _pareto_metric(budget, target.name)
     points = pareto(problem, metric, PARETO_POINTS)
     svg = pareto_svg([(point.totals[metric], point.objective) for point in points], metric,
@@ -331,16 +332,18 @@ def allocate_command(args: argparse.Namespace) -> int:
     plan = select_layers(model, integer_only=integer_only)
     plan.model, plan.target = args.model, args.target
     options = allocator_options(args)
-    metrics = resolve_metric_names(parse_budget(args.budget)) if args.budget else []
+    budget = parse_budget(args.budget) if args.budget else {}
+    metrics = resolve_metric_names(budget)
+    pareto_metric = _pareto_metric(budget, target.name)
     if args.pareto:
-        metrics.append(_pareto_metric(parse_budget(args.budget) if args.budget else {}, target.name))
+        metrics.append(pareto_metric)
     mixed = build_problem(model, plan, calib, target, args.device, integer_only=integer_only, pins=args.pin,
                           options=options, metrics=metrics)
     problem = mixed.problem
     out = Path(args.output)
     with atomic_dir(out) as tmp:
         if args.pareto:
-            metric = _pareto_metric(parse_budget(args.budget) if args.budget else {}, target.name)
+            metric = pareto_metric
             points = pareto(problem, metric)
             rows = [{"budget": point.totals[metric], "sensitivity": point.objective,
                      "choices": {name: list(choice) for name, choice in point.choices.items()}}
@@ -350,9 +353,7 @@ def allocate_command(args: argparse.Namespace) -> int:
                                                        metric, title=f"Pareto frontier: {metric}"))
             print(f"{len(points)} Pareto-optimal plans over {metric} written to {out}/pareto.json and pareto.svg")
         if args.budget:
-            allocation = solve(mixed, parse_budget(args.budget), options)
-            apply_allocation(plan, problem, allocation)
-            plan.totals["allocation"]["allocator"] = mixed.record
+            allocation = solve_into_plan(mixed, plan, budget, options)
             plan.update_totals()
             plan.save(str(tmp / "plan.json"))
             print(allocation_summary(problem, allocation, mixed.record))

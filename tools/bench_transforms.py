@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from compare_ort import Case, cases, score  # noqa: E402
+from compare_ort import Case, cases, format_cell, score  # noqa: E402
 from ort_reference import ort_quantize  # noqa: E402
 
 from compiler.fidelity import run_model  # noqa: E402
@@ -214,10 +214,6 @@ def _bench_config(case: Case, model_path: Path, calib, eval_inputs, labels, refe
     return row
 
 
-def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 def write_markdown(results: list[dict], path: Path, command: str) -> None:
     lines = ["## Transform ablation (equalization, smoothing, rotation, GPTQ, bias correction)", "",
              f"Command: `{command}`. onnxruntime {ort.__version__}. Every edgeq row is the full pipeline "
@@ -241,7 +237,7 @@ def write_markdown(results: list[dict], path: Path, command: str) -> None:
                     lines.append(f"| {row['config']} | failed: {row['error']} |" + " |" * len(metrics))
                     continue
                 timing = (f"{row['seconds']} ({row['transform_s']} / {row['rounding_s']})" if "seconds" in row else "-")
-                lines.append(f"| {row['config']} | " + " | ".join(_fmt(row.get(k, "-")) for k in metrics) + f" | {timing} |")
+                lines.append(f"| {row['config']} | " + " | ".join(format_cell(row.get(k, "-")) for k in metrics) + f" | {timing} |")
             lines.append("")
     path.write_text("\n".join(lines) + "\n")
 

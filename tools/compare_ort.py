@@ -181,7 +181,8 @@ def compare(case: Case, work: Path, runs: int) -> dict:
     return result
 
 
-def _fmt(value) -> str:
+def format_cell(value) -> str:
+    """A metric as a table cell (floats to 4 decimals)."""
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -197,14 +198,14 @@ def write_markdown(results: list[dict], path: Path, command: str) -> None:
         metrics = [key for key in result["edgeq"]]
         lines += ["| quantizer | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
         if "float" in result:
-            lines.append("| float | " + " | ".join(_fmt(result["float"].get(k, "-")) for k in metrics) + " |")
-        lines.append("| **edgeq** | " + " | ".join(_fmt(result["edgeq"][k]) for k in metrics) + " |")
+            lines.append("| float | " + " | ".join(format_cell(result["float"].get(k, "-")) for k in metrics) + " |")
+        lines.append("| **edgeq** | " + " | ".join(format_cell(result["edgeq"][k]) for k in metrics) + " |")
         for entry in result["ort_all"]:
             best = " (best)" if entry is result["ort_best"] or entry.get("config") == result["ort_best"]["config"] else ""
             if "error" in entry:
                 lines.append(f"| ort {entry['config']} | failed: {entry['error']} |" + " |" * (len(metrics) - 1))
             else:
-                lines.append(f"| ort {entry['config']}{best} | " + " | ".join(_fmt(entry[k]) for k in metrics) + " |")
+                lines.append(f"| ort {entry['config']}{best} | " + " | ".join(format_cell(entry[k]) for k in metrics) + " |")
         latency = result["latency_ms"]
         lines += ["", f"Latency (ms): float {latency['float']:.3f}, onnxruntime best {latency['ort_best']:.3f}, "
                   f"edgeq {latency['edgeq']:.3f}.", ""]
