@@ -21,6 +21,14 @@ One definition, used by ``passes/insert_qdq`` (nearest rounding), by
   grid is ``[-qmax, qmax]`` (the asymmetric extra value ``-2**(bits-1)`` is
   never produced by nearest rounding, but is allowed by the clip so a
   rounding pass may use it);
+* 2-bit weights use the same code paths as int4 -- per channel symmetric (zero
+  point 0, so the int32 bias at ``sx * sw`` and onnxruntime's integer kernels
+  need no weight zero point), block-wise asymmetric (the block's 4 levels
+  span its range) -- but their per-channel grid ``{-2, -1, 0, 1} * scale`` is
+  too coarse for a min-max scale: ``max|w|`` would round most of a channel to
+  zero (relative squared error ~0.7 on Gaussian weights). Their scales are
+  always fitted by :func:`search_weight_grid` (clipping ratio down to 0.1;
+  error ~0.15, within 2% of an asymmetric 4-level grid on Gaussian weights);
 * round half to even (``np.round``), as ONNX QuantizeLinear does;
 * a channel that is all zeros gets scale 1.0 (any positive value represents
   it exactly; 1.0 keeps later requantization multipliers finite).
@@ -33,6 +41,21 @@ from __future__ import annotations
 import numpy as np
 
 from compiler.plan import TensorQuant, int_range
+
+# Weight widths the grid and the QDQ export produce (2-bit: see passes/insert_qdq for its storage).
+WEIGHT_BITS = (2, 4, 8)
+# Widths whose symmetric scales are always fitted by search_weight_grid rather than min-max.
+SEARCHED_SCALE_MAX_BITS = 2
+
+
+def clip_search_range(bits: int) -> tuple[float, int]:
+    """(lowest clipping ratio, number of ratios) :func:`search_weight_grid` tries at ``bits``.
+
+    A 2-bit grid's best ratio is far below the wider grids' (about 0.3 of
+    ``max|w|`` for Gaussian, 0.25 for Laplacian weights, against 0.7-1 at 4
+    bits), so its search reaches 0.1 in steps of 0.02.
+    """
+    return (0.1, 46) if bits <= SEARCHED_SCALE_MAX_BITS else (0.5, 20)
 
 
 def qmax_for(bits: int) -> int:
@@ -87,8 +110,11 @@ def expand_block_scale(scale: np.ndarray, shape: tuple[int, ...], axis: int, blo
 
 def weight_scale(weight: np.ndarray, axis: int | None, bits: int, block_size: int | None = None) -> np.ndarray:
     """Symmetric scale ``max|w| / qmax``: per channel on ``axis`` (1-D), per tensor (shape [1]),
-    or, with ``block_size``, per block along ``axis`` (the weight's rank, see the module docstring)."""
+    or, with ``block_size``, per block along ``axis`` (the weight's rank, see the module docstring).
+    At 2 bits the clipped ``r * max|w| / qmax`` with the least squared error instead."""
     weight = np.asarray(weight, dtype=np.float32)
+    if bits <= SEARCHED_SCALE_MAX_BITS and weight.size:
+        return _searched_scale(weight, axis, bits, block_size)
     if block_size:
         absmax = np.max(np.abs(block_view(weight, axis, block_size)), axis=axis % weight.ndim + 1)
     else:
@@ -96,6 +122,16 @@ def weight_scale(weight: np.ndarray, axis: int | None, bits: int, block_size: in
     scale = (absmax / np.float32(qmax_for(bits))).astype(np.float32)
     scale[~(scale > 0)] = np.float32(1.0)  # all-zero channel or block: any scale is exact
     return scale
+
+
+def _searched_scale(weight: np.ndarray, axis: int | None, bits: int, block_size: int | None) -> np.ndarray:
+    """:func:`weight_scale`'s shapes, each scale fitted by :func:`search_weight_grid` (symmetric)."""
+    if block_size:  # blocks along ``axis``: search along the last axis, then put it back
+        scale, _ = search_weight_grid(np.moveaxis(weight, axis, -1), None, bits, block_size)
+        return np.moveaxis(scale, -1, axis % weight.ndim)
+    rows = (weight.reshape(1, -1) if axis is None
+            else np.moveaxis(weight, axis % weight.ndim, 0).reshape(weight.shape[axis % weight.ndim], -1))
+    return search_weight_grid(rows, None, bits)[0].reshape(-1)
 
 
 def _element_scale(scale: np.ndarray, shape: tuple[int, ...], axis: int | None, block_size: int | None) -> np.ndarray:
@@ -141,16 +177,20 @@ def fake_quantize_weight(
 
 def search_weight_grid(
     weight: np.ndarray, importance: np.ndarray | None, bits: int, block_size: int | None = None, *,
-    asymmetric: bool = False, grid: int = 20, lowest: float = 0.5,
+    asymmetric: bool = False, grid: int | None = None, lowest: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Scales (and zero points) of rows of ``weight`` [..., K], per row or per block of ``block_size``
     along K, clipping the range by the ratio in ``[lowest, 1]`` that minimises the squared error
     weighted by ``importance`` [..., K] (e.g. the layer Hessian's diagonal; None: plain MSE).
+    ``grid`` ratios are tried; both default to :func:`clip_search_range` of ``bits``.
 
     Symmetric: ``r * max|w| / qmax``; asymmetric: ``r * (max - min) / (2**bits - 1)`` with the
     zero point that puts ``r * min`` on the lowest level. Returns (scale, zero point or None),
     shaped [...] per row or [..., ceil(K / block_size)] per block; float32 / int32.
     """
+    default_lowest, default_grid = clip_search_range(bits)
+    lowest = default_lowest if lowest is None else lowest
+    grid = default_grid if grid is None else grid
     lo, hi = int_range(bits, signed=True)
     size = block_size or weight.shape[-1]
     blocks = block_view(np.asarray(weight, dtype=np.float64), -1, size)  # [..., nb, B], zero-padded

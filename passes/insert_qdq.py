@@ -7,6 +7,10 @@ describes and loads in onnxruntime, which fuses the pairs into its integer
 kernels (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, ...):
   * weights are stored as integers (int8, or int4 with opset 21) feeding a
     per-channel DequantizeLinear; biases as int32 with scale ``sx * sw``;
+  * 2-bit weights are stored as INT2 (opset 25) where onnxruntime runs an INT2
+    DequantizeLinear feeding that layer (:func:`int2_runs_in_onnxruntime`),
+    otherwise as an INT4 tensor holding the same 2-bit values with the same
+    scales ("int4 container"); ``layer.info["weight_storage"]`` says which;
   * with ``plan.weight_block_size``, sub-8-bit MatMul/Gemm weights feed a
     block-wise DequantizeLinear instead (``axis`` = the reduction axis,
     ``block_size``, opset 21; ``compiler.quantizers.layer_weight_grid`` says
@@ -30,6 +34,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -67,11 +72,42 @@ _ONNX_INT_TYPES = {
     (4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
     (32, True): TensorProto.INT32,
 }
+_ONNX_INT_TYPES.update({(2, True): TensorProto.INT2, (2, False): TensorProto.UINT2})
+# Sub-byte element types, stored packed (raw_data) through ml_dtypes arrays.
+_SUB_BYTE_DTYPES = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4,
+                    (2, True): ml_dtypes.int2, (2, False): ml_dtypes.uint2}
 # Opset that introduced the element types QuantizeLinear/DequantizeLinear need.
-# No INT2: onnxruntime 1.31 loads INT2 DequantizeLinear at opset 25, but fuses
-# DQ(int2) -> Conv -> Q into a QLinearConv that then refuses the int2 weight.
-_OPSET_FOR_BITS = {8: 13, 32: 13, 16: 21, 4: 21}
+_OPSET_FOR_BITS = {8: 13, 32: 13, 16: 21, 4: 21, 2: 25}
 _OPSET_FOR_BLOCKS = 21  # DequantizeLinear's block_size attribute
+# The element type 2-bit weights are stored in where INT2 cannot be.
+INT2_CONTAINER_BITS = 4
+
+# onnxruntime 1.31 (CPU) fuses DequantizeLinear -> op (-> QuantizeLinear) into an integer kernel
+# (QLinearConv, QGemm, QLinearMatMul, MatMulIntegerToFloat) when the op's input comes out of an
+# 8-bit DequantizeLinear and its output is float or goes into an 8-bit QuantizeLinear (Conv: only
+# the latter). The fusion accepts an INT2 weight and the fused kernel then refuses it: the session
+# does not load. (INT4 weights are not fused: they run as DequantizeLinear + the float op.) Key:
+# (op type, block-wise weight); value: the output quantizer widths (None: float output) that, with
+# an 8-bit input, trigger the fusion. Ops missing here (ConvTranspose, block-wise Gemm) are never
+# fused. tests/passes/test_insert_qdq_int2.py probes onnxruntime for every op, granularity and
+# activation context and fails when this table stops being exactly what onnxruntime does.
+_ORT_INT8_FUSION_OUTPUTS: dict[tuple[str, bool], frozenset[int | None]] = {
+    ("Conv", False): frozenset({8}),
+    ("Gemm", False): frozenset({8, None}),
+    ("MatMul", False): frozenset({8, None}),
+    ("MatMul", True): frozenset({8, None}),
+}
+
+
+def int2_runs_in_onnxruntime(op_type: str, block_wise: bool, input_bits: int | None,
+                             output_bits: int | None) -> bool:
+    """Whether onnxruntime runs a model where an INT2 DequantizeLinear feeds this layer's weight.
+
+    ``input_bits`` / ``output_bits``: width of the quantizer on the layer's
+    input / (post-activation) output, None where that tensor stays float.
+    """
+    fused_outputs = _ORT_INT8_FUSION_OUTPUTS.get((op_type, bool(block_wise)), frozenset())
+    return not (input_bits == 8 and output_bits in fused_outputs)
 
 
 @dataclass
@@ -201,13 +237,14 @@ def quantize_model(
     if ranges is not None:
         fit_activation_quantizers(model, plan, ranges, integer_only=integer_only)
     plan_weight_grids(model, plan)  # which weights are block-wise decides the opset
-    qdq = _with_opset(model, plan)
+    storage = {name: weight_storage_bits(model, plan, layer) for name, layer in plan.layers.items() if layer.w_bits}
+    qdq = _with_opset(model, plan, storage)
     new_name = NameAllocator(qdq)
     for layer in plan.layers.values():
         _fuse_activation(qdq, plan, layer)
-    for layer in plan.layers.values():
+    for name, layer in plan.layers.items():
         if layer.w_bits:
-            _quantize_weight_and_bias(qdq, plan, layer, new_name)
+            _quantize_weight_and_bias(qdq, plan, layer, new_name, storage[name])
     for tq in list(plan.tensors.values()):
         if tq.role == "activation":
             _insert_activation_pair(qdq, tq, new_name)
@@ -248,6 +285,31 @@ def _weight_quant(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPlan) -> 
     return tq
 
 
+def _quantizer_bits(plan: QuantPlan, name: str | None) -> int | None:
+    tq = plan.tensors.get(name) if name else None
+    return tq.bits if tq is not None and tq.role == "activation" else None
+
+
+def weight_storage_bits(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPlan) -> int:
+    """Width of the element type the layer's weight is exported as: ``w_bits``, except for 2-bit
+    weights onnxruntime cannot run as INT2 in this layer's context, which go into an INT4 container.
+
+    Needs the plan's activation quantizers (they decide onnxruntime's fusions);
+    records the choice for 2-bit weights in ``layer.info["weight_storage"]``.
+    """
+    if layer.w_bits != 2:
+        return layer.w_bits
+    block_wise = _weight_quant(model, plan, layer).block_wise
+    input_bits = _quantizer_bits(plan, layer.inputs[0] if layer.inputs else None)
+    output_bits = _quantizer_bits(plan, _layer_output(model, layer))
+    if int2_runs_in_onnxruntime(layer.op_type, block_wise, input_bits, output_bits):
+        layer.info["weight_storage"] = "int2"
+        return 2
+    layer.info["weight_storage"] = f"int{INT2_CONTAINER_BITS} container (onnxruntime fuses {layer.op_type} with " \
+        f"8-bit activations into a kernel that refuses int2)"
+    return INT2_CONTAINER_BITS
+
+
 def plan_weight_grids(model: onnx.ModelProto, plan: QuantPlan) -> int:
     """Record a block-wise quantizer for every layer that gets one; returns how many.
 
@@ -271,7 +333,8 @@ def plan_weight_grids(model: onnx.ModelProto, plan: QuantPlan) -> int:
     return count
 
 
-def _quantize_weight_and_bias(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPlan, new_name) -> None:
+def _quantize_weight_and_bias(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPlan, new_name,
+                              storage_bits: int) -> None:
     node = _layer_node(model, layer)
     weight = initializer_array(model, layer.weight)
     tq = _weight_quant(model, plan, layer)
@@ -284,7 +347,7 @@ def _quantize_weight_and_bias(model: onnx.ModelProto, plan: QuantPlan, layer: La
         _widen_scales_for_int32_bias(tq, bias, float(input_quant.scale[0]))
     q_weight = quantize_weight(weight, tq.scale_array(), tq.axis, tq.bits, tq.block_size,
                                tq.zero_point_array() if tq.block_wise else None)
-    node.input[1] = _dequantized_initializer(model, layer.weight, q_weight, tq, new_name)
+    node.input[1] = _dequantized_initializer(model, layer.weight, q_weight, tq, new_name, storage_bits)
 
     if input_quant is None or bias is None:
         return  # no bias, the input stays float, or block-wise weights: the bias stays float too
@@ -317,22 +380,34 @@ def _widen_scales_for_int32_bias(weight_quant: TensorQuant, bias: np.ndarray, in
         weight_quant.scale = [float(np.float32(value)) for value in widened]
 
 
-def _dequantized_initializer(model, name: str, q_value: np.ndarray, tq: TensorQuant, new_name) -> str:
-    """Store ``q_value`` as an integer initializer behind a DequantizeLinear; return its output."""
-    elem_type = _ONNX_INT_TYPES[(tq.bits, tq.signed)]
+def _integer_initializer(name: str, values: np.ndarray, bits: int, signed: bool) -> onnx.TensorProto:
+    """``values`` as an ONNX tensor of the ``bits``-wide integer type (sub-byte types packed in raw_data)."""
+    sub_byte = _SUB_BYTE_DTYPES.get((bits, signed))
+    if sub_byte is not None:
+        return numpy_helper.from_array(np.asarray(values).astype(sub_byte), name)
+    return helper.make_tensor(name, _ONNX_INT_TYPES[(bits, signed)], np.shape(values),
+                              np.asarray(values).flatten().tolist())
+
+
+def _dequantized_initializer(model, name: str, q_value: np.ndarray, tq: TensorQuant, new_name,
+                             storage_bits: int | None = None) -> str:
+    """Store ``q_value`` as an integer initializer behind a DequantizeLinear; return its output.
+
+    ``storage_bits``: width of the stored element type (default ``tq.bits``;
+    wider for 2-bit values in an int4 container).
+    """
+    storage_bits = storage_bits or tq.bits
     q_name = new_name(f"{name}_quantized")
     scale_name, zp_name, out_name = new_name(f"{name}_scale"), new_name(f"{name}_zero_point"), new_name(f"{name}_dequantized")
-    if tq.bits == 4:  # make_tensor packs sub-byte values two per byte
-        model.graph.initializer.append(
-            helper.make_tensor(q_name, elem_type, q_value.shape, q_value.astype(np.int8).flatten().tolist()))
+    if (storage_bits, tq.signed) in _SUB_BYTE_DTYPES:
+        model.graph.initializer.append(_integer_initializer(q_name, q_value, storage_bits, tq.signed))
     else:
         set_initializer(model, q_name, q_value)
     per_channel = tq.axis is not None and (len(tq.scale) > 1 or tq.block_wise)
     scale = tq.scale_array() if per_channel else np.float32(tq.scale[0])
     set_initializer(model, scale_name, scale)
     zero = tq.zero_point_array() if tq.block_wise else np.zeros(scale.shape, dtype=np.int64)
-    model.graph.initializer.append(
-        helper.make_tensor(zp_name, elem_type, zero.shape, zero.flatten().tolist()))
+    model.graph.initializer.append(_integer_initializer(zp_name, zero.reshape(scale.shape), storage_bits, tq.signed))
     attrs = {"axis": tq.axis} if per_channel else {}
     if tq.block_wise:
         attrs["block_size"] = tq.block_size
@@ -379,10 +454,10 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(kept)
 
 
-def _with_opset(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
-    """A copy of ``model`` at an opset whose Q/DQ ops accept every element type the plan uses."""
-    widths = [layer.w_bits for layer in plan.layers.values() if layer.w_bits] + \
-        [layer.a_bits for layer in plan.layers.values()]
+def _with_opset(model: onnx.ModelProto, plan: QuantPlan, weight_storage: dict[str, int]) -> onnx.ModelProto:
+    """A copy of ``model`` at an opset whose Q/DQ ops accept every element type the plan uses
+    (``weight_storage``: the stored width of each layer's weight, by layer name)."""
+    widths = list(weight_storage.values()) + [layer.a_bits for layer in plan.layers.values()]
     needed = max([_OPSET_FOR_BITS.get(bits, 21) for bits in widths] + [13])
     if any(tq.block_wise for tq in plan.tensors.values()):
         needed = max(needed, _OPSET_FOR_BLOCKS)

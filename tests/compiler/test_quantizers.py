@@ -37,7 +37,7 @@ def test_quantize_rounds_half_to_even_and_hits_the_extremes():
     assert np.all(np.abs(qw).reshape(5, -1).max(axis=1) == 7)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [4, 8])  # 2-bit scales clip on purpose: test_two_bit_* below
 def test_fake_quant_error_is_at_most_half_a_step(bits):
     rng = np.random.default_rng(bits)
     w = rng.normal(size=(16, 8, 3, 3)).astype(np.float32) * rng.uniform(0.01, 10, size=(16, 1, 1, 1))
@@ -205,3 +205,54 @@ def test_asymmetric_block_grid_fits_skewed_blocks_better():
     assert tq.scale_shape == [8, 8] and tq.zero_point_array().shape == (8, 8)
     fitted = fake_quantize_weight(w.T, 0, 4, tq.scale_array(), 32, tq.zero_point_array())
     np.testing.assert_allclose(np.sum((fitted - w.T) ** 2), errors["asymmetric"], rtol=1e-5)
+
+
+def _relative_error(approx: np.ndarray, w: np.ndarray, axis: int = 0) -> np.ndarray:
+    reduce = tuple(a for a in range(w.ndim) if a != axis)
+    return np.sum((approx - w) ** 2, axis=reduce) / np.sum(w**2, axis=reduce)
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 8, 3, 3), 0), ((32, 12), 1)])
+def test_two_bit_per_channel_scales_are_searched_not_min_max(shape, axis):
+    """A min-max ternary scale rounds most weights to 0; the searched scale clips the tails instead."""
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=shape).astype(np.float32)
+    scale = weight_scale(w, axis, 2)
+    reduce = tuple(a for a in range(w.ndim) if a != axis)
+    absmax = np.max(np.abs(w), axis=reduce)
+    assert scale.shape == (shape[axis],) and np.all(scale < absmax)  # clipped below max|w| / qmax
+    q = quantize_weight(w, scale, axis, 2)
+    assert q.min() >= -2 and q.max() <= 1 and len(np.unique(q)) == 4
+    searched = _relative_error(fake_quantize_weight(w, axis, 2), w, axis)
+    min_max = _relative_error(fake_quantize_weight(w, axis, 2, absmax.astype(np.float32)), w, axis)
+    assert np.all(searched < min_max) and np.mean(searched) < 0.5 * np.mean(min_max)
+    # No clipping ratio on a finer grid does much better: the search found the optimum's neighbourhood.
+    for ratio in np.linspace(0.1, 1.0, 181):
+        finer = _relative_error(fake_quantize_weight(w, axis, 2, (absmax * ratio).astype(np.float32)), w, axis)
+        assert np.all(searched <= finer + 0.01)
+
+
+def test_two_bit_per_tensor_and_block_scales_have_the_int4_shapes():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(24, 40)).astype(np.float32)
+    assert weight_scale(w, None, 2).shape == weight_scale(w, None, 4).shape == (1,)
+    assert weight_scale(w, 1, 2, block_size=16).shape == weight_scale(w, 1, 4, block_size=16).shape == (24, 3)
+    blocked = fake_quantize_weight(w, 1, 2, block_size=16)
+    per_channel = fake_quantize_weight(w, 0, 2)
+    assert np.sum((blocked - w) ** 2) < np.sum((per_channel - w) ** 2)  # more scales, less error
+
+
+def test_two_bit_block_grid_is_asymmetric_with_zero_points_in_range():
+    from compiler.quantizers import block_weight_quant
+
+    rng = np.random.default_rng(4)
+    w = (rng.normal(size=(64, 12)) + 0.5).astype(np.float32)  # MatMul [K, N], shifted: asymmetric blocks help
+    tq = block_weight_quant("w", w, 0, 2, 16)
+    assert tq.bits == 2 and tq.block_size == 16 and tq.scale_shape == [4, 12]
+    zero = tq.zero_point_array()
+    assert zero.min() >= -2 and zero.max() <= 1 and np.any(zero != 0)
+    asymmetric = fake_quantize_weight(w, 0, 2, tq.scale_array(), 16, zero)
+    symmetric = fake_quantize_weight(w, 0, 2, block_size=16)
+    assert np.sum((asymmetric - w) ** 2) <= np.sum((symmetric - w) ** 2)
+    q = quantize_weight(w, tq.scale_array(), 0, 2, 16, zero)
+    assert q.min() >= -2 and q.max() <= 1
