@@ -240,11 +240,32 @@ class _Program:
                     terms.append((self.x[(layer.name, choice)], float(value)))
         return pulp.LpAffineExpression(terms) + self.problem.fixed.get(metric, 0.0)
 
-    def objective_expr(self) -> pulp.LpAffineExpression:
+    def objective_expr(self, table: dict[str, dict[Choice, float]] | None = None) -> pulp.LpAffineExpression:
+        """Total sensitivity of the chosen plan, from the problem's table or from ``table``."""
+        def value(layer: LayerOptions, choice: Choice) -> float:
+            source = layer.sensitivity if table is None else table.get(layer.name, {})
+            return float(source.get(choice, 0.0))
+
         return pulp.LpAffineExpression(
-            [(self.x[(layer.name, c)], float(layer.sensitivity.get(c, 0.0)))
+            [(self.x[(layer.name, c)], value(layer, c))
              for layer in self.problem.layers for c in self.allowed[layer.name]]
         )
+
+    def tail_mean_expr(self, scenarios: Sequence[dict[str, dict[Choice, float]]], tail: float
+                       ) -> pulp.LpAffineExpression:
+        """The mean of the worst ``tail`` fraction of the plan's totals over ``scenarios`` (CVaR, linear).
+
+        Rockafellar-Uryasev: minimising ``t + sum_r max(total_r - t, 0) / (tail R)``
+        over ``t`` gives the mean of the largest ``tail * R`` scenario totals.
+        """
+        threshold = _variable(self.lp, "cvar_t")
+        excess = []
+        for index, table in enumerate(scenarios):
+            above = _variable(self.lp, f"cvar_u_{index}")
+            self.lp += above >= self.objective_expr(table) - threshold, f"cvar_{index}"
+            self.lp += above >= 0, f"cvar_pos_{index}"
+            excess.append(above)
+        return threshold + pulp.lpSum(excess) * (1.0 / (tail * len(scenarios)))
 
     def buffer_expr(self, index: int) -> pulp.LpAffineExpression | float:
         """Bytes of buffer ``index``: linear in the reader's choice, or an upper-bounding variable."""
@@ -380,12 +401,20 @@ def allocate(
     solver: str = "cbc",
     time_limit: float | None = None,
     near: tuple[dict[str, Choice], int] | None = None,
+    scenarios: Sequence[dict[str, dict[Choice, float]]] | None = None,
+    tail: float = 0.2,
 ) -> Allocation:
     """The least-sensitive choice per layer within ``budget`` (an exact ILP solution).
 
     ``near=(plan, n)``: only plans that differ from ``plan`` in at most ``n`` layers.
+    ``scenarios``: other draws of the sensitivity table (e.g. bootstrap resamples
+    of the calibration data, passes/sensitivity.bootstrap_tables): the plan
+    minimises the mean of its ``tail`` worst totals over them (CVaR) instead of
+    its total on the problem's table -- a plan that is good on most draws of
+    the data rather than one that only the draw at hand favours.
     """
-    return allocate_k_best(problem, budget, 1, solver=solver, time_limit=time_limit, near=near)[0]
+    return allocate_k_best(problem, budget, 1, solver=solver, time_limit=time_limit, near=near,
+                           scenarios=scenarios, tail=tail)[0]
 
 
 def allocate_k_best(
@@ -396,15 +425,20 @@ def allocate_k_best(
     solver: str = "cbc",
     time_limit: float | None = None,
     near: tuple[dict[str, Choice], int] | None = None,
+    scenarios: Sequence[dict[str, dict[Choice, float]]] | None = None,
+    tail: float = 0.2,
 ) -> list[Allocation]:
     """The ``k`` best distinct allocations within ``budget``, best first (fewer when fewer exist).
 
     Each one is an exact optimum of the ILP with the earlier answers cut off
-    (no-good cuts), so the list is the true top ``k`` by total sensitivity.
+    (no-good cuts), so the list is the true top ``k`` by total sensitivity
+    (with ``scenarios``, by the tail mean of :func:`allocate`).
     """
+    if scenarios is not None and not (scenarios and 0 < tail <= 1):
+        raise ValueError(f"scenarios need at least one table and 0 < tail <= 1 (got {len(scenarios)}, {tail})")
     limits = resolve_budget(problem, budget)
     program = _Program(problem)
-    program.lp += program.objective_expr()
+    program.lp += program.objective_expr() if scenarios is None else program.tail_mean_expr(scenarios, tail)
     for metric, limit in limits.items():
         program.constrain(metric, limit)
     if near is not None:
@@ -423,8 +457,8 @@ def allocate_k_best(
         choices = program.chosen()
         totals = evaluate(problem, choices)
         _check_within(totals, limits)
-        found.append(Allocation(choices, totals, totals["sensitivity"], elapsed, "optimal", f"ilp-{solver}",
-                                dict(budget)))
+        method = f"ilp-{solver}" if scenarios is None else f"ilp-{solver}-cvar{tail:g}x{len(scenarios)}"
+        found.append(Allocation(choices, totals, totals["sensitivity"], elapsed, "optimal", method, dict(budget)))
         program.exclude(choices)
     return found
 

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 Choice = tuple[int | None, int]
 Sensitivity = dict[str, dict[Choice, float]]
+SampleSensitivity = dict[str, dict[Choice, np.ndarray]]  # per calibration sample, [N] each
 
 
 def layer_choices(weighted: bool, pairs: Sequence[tuple[int, int]]) -> list[Choice]:
@@ -170,19 +171,30 @@ def ranges_for_plan(
 
 def output_distance(reference: dict[str, np.ndarray], quantized: dict[str, np.ndarray]) -> float:
     """Sum over outputs: mean softmax KL for [N, C] classifier outputs, else relative MSE."""
+    return max(float(np.mean(sample_distances(reference, quantized))), 0.0)
+
+
+def sample_distances(reference: dict[str, np.ndarray], quantized: dict[str, np.ndarray]) -> np.ndarray:
+    """:func:`output_distance` per sample ([N]): its mean over the samples is the distance.
+
+    Classifier outputs: each sample's softmax KL; others: each sample's squared
+    error over the float output's mean square (over all samples, so that the
+    per-sample values average to the relative MSE).
+    """
     from compiler.fidelity import softmax
 
-    total = 0.0
+    total = None
     for name, ref in reference.items():
         ref64 = np.asarray(ref, dtype=np.float64)
         q64 = np.asarray(quantized[name], dtype=np.float64)
         if ref64.ndim == 2 and ref64.shape[1] >= 2:
             p, q = softmax(ref64), softmax(q64)
-            total += float(np.mean(np.sum(p * (np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12))), axis=1)))
+            per_sample = np.sum(p * (np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12))), axis=1)
         else:
             power = float(np.mean(ref64**2)) or 1.0
-            total += float(np.mean((ref64 - q64) ** 2)) / power
-    return max(total, 0.0)
+            per_sample = np.mean(((ref64 - q64) ** 2).reshape(len(ref64), -1), axis=1) / power
+        total = per_sample if total is None else total + per_sample
+    return total if total is not None else np.zeros(0)
 
 
 def _runnable_batch(model: onnx.ModelProto, batch_size: int) -> int:
@@ -208,7 +220,7 @@ def _worker_init(model_bytes: bytes, plan_dict: dict, calib: dict, reference: di
                    context=context, integer_only=integer_only)
 
 
-def _worker_measure(job: tuple[str, Choice]) -> tuple[str, Choice, float]:
+def _worker_measure(job: tuple[str, Choice]) -> tuple[str, Choice, np.ndarray]:
     from compiler.fidelity import run_model
     from passes.insert_qdq import quantize_model
 
@@ -226,7 +238,7 @@ def _worker_measure(job: tuple[str, Choice]) -> tuple[str, Choice, float]:
             for tensor in quantized.layers[name].inputs if tensor in state["ranges"][choice[1]]}}
     qdq = quantize_model(state["model"], quantized, ranges, integer_only=integer_only)
     outputs = run_model(qdq, state["calib"], batch_size=state["batch_size"])
-    return name, choice, output_distance(state["reference"], outputs)
+    return name, choice, sample_distances(state["reference"], outputs)
 
 
 def measured_sensitivity(
@@ -236,7 +248,7 @@ def measured_sensitivity(
     choices: dict[str, list[Choice]],
     *,
     ranges: dict[int, dict[str, tuple[float, float]]] | None = None,
-    max_samples: int = 64,
+    max_samples: int | None = 64,
     workers: int = 2,
     batch_size: int = 32,
     context: Context | None = None,
@@ -254,14 +266,41 @@ def measured_sensitivity(
     values add up to the distance of a mixed plan more closely than the
     single-layer ones (measured in benchmarks/mixed.md). ``integer_only`` is the
     export used in context mode (single-layer runs always quantize the layer's
-    output, near-float, at OUTPUT_BITS).
+    output, near-float, at OUTPUT_BITS). ``max_samples=None`` measures on every
+    calibration sample.
+    """
+    return monotone(mean_table(measured_sample_sensitivity(
+        model, plan, calib, choices, ranges=ranges, max_samples=max_samples, workers=workers,
+        batch_size=batch_size, context=context, integer_only=integer_only)))
+
+
+def measured_sample_sensitivity(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    calib: dict[str, np.ndarray],
+    choices: dict[str, list[Choice]],
+    *,
+    ranges: dict[int, dict[str, tuple[float, float]]] | None = None,
+    max_samples: int | None = 64,
+    workers: int = 2,
+    batch_size: int = 32,
+    context: Context | None = None,
+    integer_only: bool = False,
+) -> SampleSensitivity:
+    """:func:`measured_sensitivity` per calibration sample, before :func:`monotone`.
+
+    Each entry is the [N] vector of per-sample distances (:func:`sample_distances`;
+    in context mode each sample's growth over the base plan's); its mean is the
+    table entry. Kept per sample so that the sampling noise of the table and of a
+    plan's total can be bootstrapped (:func:`bootstrap_tables`) without
+    re-running anything.
     """
     from compiler.fidelity import run_model
 
     context_choices = list(context.values()) if isinstance(context, dict) else [context] if context else []
     all_bits = {b for options in [*choices.values(), context_choices] for c in options for b in c if b}
     model = with_opset_for(model, sorted(all_bits))
-    calib = {name: value[:max_samples] for name, value in calib.items()}
+    calib = {name: value[:max_samples] for name, value in calib.items()}  # None: all
     if ranges is None:
         a_bits = {c[1] for o in [*choices.values(), context_choices] for c in o}
         ranges = activation_ranges(model, plan, calib, sorted(a_bits))
@@ -271,14 +310,14 @@ def measured_sensitivity(
             if context is None or choice != base_choice(plan, name, context)]
     init_args = (model.SerializeToString(), plan.to_dict(), calib, reference, ranges, batch_size,
                  context, integer_only)
-    result: Sensitivity = {name: {} for name in choices}
-    base_distance = 0.0
+    result: SampleSensitivity = {name: {} for name in choices}
+    base_distance: np.ndarray | float = 0.0
     if context is not None:
         _worker_init(*init_args)
         base_distance = _worker_measure_plan(context_plan(plan, context))
         for name, options in choices.items():
             if base_choice(plan, name, context) in options:
-                result[name][base_choice(plan, name, context)] = 0.0
+                result[name][base_choice(plan, name, context)] = np.zeros(len(base_distance))
     with ExitStack() as stack:
         if workers <= 1:
             _worker_init(*init_args)
@@ -294,18 +333,54 @@ def measured_sensitivity(
             outcomes = pool.map(_worker_measure, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
         for name, choice, value in outcomes:
             result[name][choice] = value - base_distance if context is not None else value
-    return monotone(result)
+    return result
 
 
-def _worker_measure_plan(quantized: QuantPlan) -> float:
-    """Output distance of the whole ``quantized`` plan, in this process (the context's base)."""
+
+def mean_table(samples: SampleSensitivity, rows: np.ndarray | slice | None = None) -> Sensitivity:
+    """The sensitivity table of per-sample values: each entry's mean over ``rows`` (default all samples)."""
+    pick = slice(None) if rows is None else rows
+    return {name: {choice: float(np.mean(values[pick])) for choice, values in table.items()}
+            for name, table in samples.items()}
+
+
+def bootstrap_tables(samples: SampleSensitivity, replicates: int, *, seed: int = 0,
+                     groups: Sequence[int] | np.ndarray | None = None) -> list[Sensitivity]:
+    """``replicates`` tables, each the mean over one resampling (with replacement) of the samples.
+
+    The same resampled rows for every entry of one replicate, so that the
+    correlation between layers (an image hard for one layer is often hard for
+    the others) stays in the spread of a plan's total. ``groups`` (one label
+    per sample, e.g. the source photo of each crop) resamples whole groups:
+    crops of one photo are not independent draws.
+    """
+    count = len(next(iter(next(iter(samples.values())).values())))
+    labels = np.arange(count) if groups is None else np.asarray(groups)
+    if len(labels) != count:
+        raise ValueError(f"{len(labels)} group labels for {count} samples")
+    members = [np.flatnonzero(labels == label) for label in np.unique(labels)]
+    rng = np.random.default_rng(seed)
+    tables = []
+    for _ in range(replicates):
+        picked = rng.integers(0, len(members), len(members))
+        tables.append(mean_table(samples, np.concatenate([members[index] for index in picked])))
+    return tables
+
+
+def sample_rows(samples: SampleSensitivity, rows: np.ndarray | slice) -> SampleSensitivity:
+    """The per-sample table restricted to ``rows`` (e.g. one fold of the calibration data)."""
+    return {name: {choice: values[rows] for choice, values in table.items()} for name, table in samples.items()}
+
+
+def _worker_measure_plan(quantized: QuantPlan) -> np.ndarray:
+    """Per-sample output distances of the whole ``quantized`` plan, in this process (the context's base)."""
     from compiler.fidelity import run_model
     from passes.insert_qdq import quantize_model
 
     state = _WORKER
     ranges = ranges_for_plan(state["model"], quantized, state["ranges"], integer_only=state["integer_only"])
     qdq = quantize_model(state["model"], quantized, ranges, integer_only=state["integer_only"])
-    return output_distance(state["reference"], run_model(qdq, state["calib"], batch_size=state["batch_size"]))
+    return sample_distances(state["reference"], run_model(qdq, state["calib"], batch_size=state["batch_size"]))
 
 
 def monotone(table: Sensitivity) -> Sensitivity:

@@ -54,8 +54,11 @@ def _independent_peak(problem: al.AllocationProblem, choices: dict) -> int:
     return peak
 
 
-def _brute_force(problem: al.AllocationProblem, limits: dict[str, float]):
-    """Best objective over every complete choice honouring pins, ties and limits (None if none)."""
+def _brute_force(problem: al.AllocationProblem, limits: dict[str, float], objective_of=None):
+    """Best objective over every complete choice honouring pins, ties and limits (None if none).
+
+    ``objective_of(choices)``: the objective (default: the summed sensitivities).
+    """
     names = [layer.name for layer in problem.layers]
     best = None
     for combo in itertools.product(*(layer.choices for layer in problem.layers)):
@@ -71,7 +74,8 @@ def _brute_force(problem: al.AllocationProblem, limits: dict[str, float]):
         }
         if any(usage[m] > limit for m, limit in limits.items()):
             continue
-        objective = sum(problem.layer(n).sensitivity[c] for n, c in choices.items())
+        objective = (objective_of(choices) if objective_of is not None else
+                     sum(problem.layer(n).sensitivity[c] for n, c in choices.items()))
         if best is None or objective < best[0] - 1e-12:
             best = (objective, choices, usage)
     return best
@@ -99,6 +103,44 @@ def test_ilp_matches_brute_force(solver, fractions):
         assert result.totals[metric] <= limit * (1 + 1e-9)
     assert result.choices["l0"][0] == 8  # pinned
     assert result.choices["l2"][1] == result.choices["l4"][1]  # tied
+
+
+def _scenarios(problem: al.AllocationProblem, count: int, seed: int = 1) -> list[dict]:
+    """Noisy draws of the problem's table: each entry scaled by a log-normal factor, per draw."""
+    rng = np.random.default_rng(seed)
+    return [{layer.name: {c: v * float(rng.lognormal(0, 0.5)) for c, v in layer.sensitivity.items()}
+             for layer in problem.layers} for _ in range(count)]
+
+
+@pytest.mark.parametrize("tail", [0.3, 1.0])
+def test_noise_aware_ilp_minimises_the_tail_mean_over_scenarios(tail):
+    """With scenarios, the optimum is the plan whose worst tail of totals is smallest (brute force)."""
+    problem = _small_problem()
+    scenarios = _scenarios(problem, 10)
+    worst = round(tail * len(scenarios))
+
+    def tail_mean(choices: dict) -> float:
+        totals = sorted((sum(table[n][c] for n, c in choices.items()) for table in scenarios), reverse=True)
+        return float(np.mean(totals[:worst]))
+
+    full = sum(layer.costs[(8, 16)].weight_bytes for layer in problem.layers)
+    limits = {"weight_bytes": 0.7 * full}
+    expected = _brute_force(problem, limits, tail_mean)
+    result = al.allocate(problem, limits, scenarios=scenarios, tail=tail)
+    assert tail_mean(result.choices) == pytest.approx(expected[0], rel=1e-7)
+    assert result.totals["weight_bytes"] <= limits["weight_bytes"]
+    assert "cvar" in result.method
+    # the reported objective stays the total on the problem's own table
+    assert result.objective == pytest.approx(sum(problem.layer(n).sensitivity[c] for n, c in result.choices.items()))
+
+
+def test_noise_aware_ilp_on_one_scenario_is_the_plain_ilp():
+    problem = _small_problem(seed=3)
+    limits = {"weight_bytes": 0.75 * sum(layer.costs[(8, 16)].weight_bytes for layer in problem.layers)}
+    table = {layer.name: dict(layer.sensitivity) for layer in problem.layers}
+    assert al.allocate(problem, limits, scenarios=[table], tail=1.0).choices == al.allocate(problem, limits).choices
+    with pytest.raises(ValueError):
+        al.allocate(problem, limits, scenarios=[table], tail=0.0)
 
 
 @pytest.mark.parametrize("metric", ["weight_bytes", "sram_bytes"])

@@ -136,3 +136,47 @@ def test_candidate_pairs_give_weightless_layers_their_activation_widths():
     for name, layer in plan.layers.items():
         expected = [(4, 8), (8, 8), (8, 16)] if layer.w_bits else [(None, 8), (None, 16)]
         assert choices[name] == expected
+
+
+def test_per_sample_distances_average_to_the_distance():
+    rng = np.random.default_rng(2)
+    logits = {"y": rng.standard_normal((12, 5))}
+    noisy = {"y": logits["y"] + 0.3 * rng.standard_normal((12, 5))}
+    per_sample = sn.sample_distances(logits, noisy)
+    assert per_sample.shape == (12,) and np.all(per_sample >= 0)
+    assert float(np.mean(per_sample)) == pytest.approx(sn.output_distance(logits, noisy))
+    # a non-classifier output: per-sample squared error over the mean square of the whole output
+    images = {"z": rng.standard_normal((6, 2, 3))}
+    shifted = {"z": images["z"] + 0.1 * rng.standard_normal((6, 2, 3))}
+    expected = np.mean((images["z"] - shifted["z"]) ** 2) / np.mean(images["z"] ** 2)
+    assert float(np.mean(sn.sample_distances(images, shifted))) == pytest.approx(expected)
+
+
+def test_per_sample_table_averages_to_the_measured_table():
+    model, plan, calib = _conv_setup()
+    choices = sn.candidate_choices(plan, pairs=[(4, 8), (8, 8)])
+    ranges = sn.activation_ranges(model, plan, calib, (8,))
+    samples = sn.measured_sample_sensitivity(model, plan, calib, choices, ranges=ranges, workers=1, max_samples=None)
+    assert all(values.shape == (24,) for table in samples.values() for values in table.values())
+    table = sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges, workers=1, max_samples=None)
+    assert sn.monotone(sn.mean_table(samples)) == table
+    first_half = sn.mean_table(samples, slice(0, 12))
+    assert first_half == sn.mean_table(sn.sample_rows(samples, np.arange(12)))
+    direct = sn.measured_sensitivity(model, plan, {k: v[:12] for k, v in calib.items()}, choices, ranges=ranges,
+                                     workers=1)
+    for name, entries in sn.monotone(first_half).items():
+        assert entries == pytest.approx(direct[name], rel=1e-9)
+
+
+def test_bootstrap_resamples_whole_groups():
+    """With two groups of constant values, every replicate is a mean of whole groups."""
+    values = np.array([1.0, 1.0, 1.0, 5.0, 5.0, 5.0])
+    samples = {"a": {(4, 8): values, (8, 8): values / 10}}
+    tables = sn.bootstrap_tables(samples, 40, groups=[0, 0, 0, 1, 1, 1], seed=3)
+    seen = {round(table["a"][(4, 8)], 9) for table in tables}
+    assert seen <= {1.0, 3.0, 5.0} and len(seen) > 1
+    assert all(table["a"][(8, 8)] == pytest.approx(table["a"][(4, 8)] / 10) for table in tables)  # same rows
+    by_sample = {round(table["a"][(4, 8)], 9) for table in sn.bootstrap_tables(samples, 40, seed=3)}
+    assert by_sample - {1.0, 3.0, 5.0}  # resampling single samples mixes the groups
+    with pytest.raises(ValueError):
+        sn.bootstrap_tables(samples, 2, groups=[0, 1])
