@@ -54,14 +54,21 @@ from tvm.script.ir_builder import tirx as IB
 
 LANES = 16  # int32 lanes of one zmm register
 VNNI = "llvm.x86.avx512.vpdpbusd.512"
-# Work below which a loop stays serial: waking TVM's thread pool costs microseconds
-# (far more on a loaded machine), more than small layers take on one core.
+# Work below which a loop stays serial: waking TVM's thread pool costs ~0.8 us here (far
+# more on a loaded machine), more than small layers take on one core. Packing below 32 KiB
+# stays serial: split across threads, the halves of a small packed input then cross cores
+# (measured on MobileNetV2: 64 KiB -> 32 KiB sped up the 7x7 1x1 convs 13-20%, 8 KiB slowed
+# the 28x28 ones 8%).
 MIN_PARALLEL_MACS = 300_000
-MIN_PARALLEL_BYTES = 64 * 1024
-# zmm accumulators per register tile. 16 x 64 B is exactly TVM's 1 KiB stack limit, so the
-# tile's accumulator array becomes a (pooled) workspace allocation; still measured faster than
-# the 15-accumulator tiles that would fit on the stack.
-MAX_ACCUMULATORS = 16
+MIN_PARALLEL_BYTES = 32 * 1024
+# Per-tile scratch (accumulators, partial-vector staging) must be "global" scope and under
+# TVM's 1 KiB stack limit: only such allocations become stack allocas, which LLVM promotes
+# to registers. "local" scope, or 1 KiB and more, becomes a TVMBackendAllocWorkspace call per
+# tile and accumulators that live in memory (measured: the 16-accumulator tiles and "local"
+# scope had made MobileNetV2's kernels 1.2x slower, its 7x7 depthwise convs 2.4x).
+SCRATCH_SCOPE = "global"
+# zmm accumulators per register tile: 15 x 64 B is the most under the stack limit above.
+MAX_ACCUMULATORS = 15
 # Up to this many valid lanes in a partial output vector are requantized one by one; more
 # take one vector epilogue and 8/4/2/1-byte stores (measured: 1 lane scalar, 4 lanes vector).
 SCALAR_TAIL = 2
@@ -273,13 +280,14 @@ def _requant_tie_free(acc: tirx.PrimExpr, mult, rnd, shift, rq: Requant) -> tirx
     return tirx.Cast(rq.y_dtype if lanes == 1 else f"{rq.y_dtype}x{lanes}", value)
 
 
-def choose_tile(rows: int, vectors: int, max_acc: int = MAX_ACCUMULATORS) -> tuple[int, int]:
+def choose_tile(rows: int, vectors: int, max_acc: int | None = None) -> tuple[int, int]:
     """Register tile (output rows, 16-pixel vectors) that minimises padded work per load.
 
     Cost = padded MACs x (1 + loads per vpdpbusd, a weight broadcast counting half an
     activation load: measured, (8, 2) and (4, 4) beat (2, 7) and (3, 5)); a tile count below
     4 is penalised so that two threads both get work.
     """
+    max_acc = max_acc or MAX_ACCUMULATORS
     best = None
     for ob in range(1, 9):
         for pv in range(1, 9):
@@ -314,7 +322,7 @@ def _pieces(count: int) -> list[tuple[int, int]]:
 def _emit_store_lanes(dst, start, value: tirx.PrimExpr, count: int, dtype: str) -> None:
     """Emit ``dst[start : start + count] = value[:count]`` (``value``: 16 lanes, ``count`` static)
     through a local vector, in 8/4/2/1-byte pieces instead of ``count`` scalar stores."""
-    res = IB.alloc_buffer((LANES,), dtype, scope="local")
+    res = IB.alloc_buffer((LANES,), dtype, scope=SCRATCH_SCOPE)
     IB.buffer_store(res, value, [tirx.Ramp(0, 1, LANES)])
     for offset, size in _pieces(count):
         if size == 1:
@@ -455,7 +463,7 @@ def dense_kernel(
             # 16-32 output channels by channel block: every thread read all of xq, and 2
             # threads ran such layers 1.5x slower than 1).
             for t in tile_loop(NOT * NQT):
-                acc = T.alloc_buffer((OB * TP,), "int32", scope="local")
+                acc = T.alloc_buffer((OB * TP,), "int32", scope=SCRATCH_SCOPE)
                 for i in T.unroll(OB * PV):
                     if rq.tie_free:  # the accumulator starts at the bias
                         acc[T.ramp(i * LANES, 1, LANES)] = T.broadcast(bias[(t % NOT) * OB + i // PV], LANES)
@@ -547,7 +555,7 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
             for c in channel_loop(C):
                 _emit_pack(xq, x, n, c, g, pp, zp_u8, signed, False)
                 for oh in range(Ho):
-                    acc = T.alloc_buffer((NVR * LANES,), "int32", scope="local")
+                    acc = T.alloc_buffer((NVR * LANES,), "int32", scope=SCRATCH_SCOPE)
                     for v in T.unroll(NVR):
                         if rq.tie_free:  # the accumulator starts at the bias
                             acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(bias[c], LANES)
@@ -565,7 +573,7 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
                         y[n, c, oh, T.ramp(v * LANES, 1, LANES)] = requant_expr(
                             acc[T.ramp(v * LANES, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq)
                     if Wo % LANES > 0:
-                        res = T.alloc_buffer((LANES,), rq.y_dtype, scope="local")
+                        res = T.alloc_buffer((LANES,), rq.y_dtype, scope=SCRATCH_SCOPE)
                         res[T.ramp(0, 1, LANES)] = requant_expr(
                             acc[T.ramp(Wo // LANES * LANES, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq)
                         for lane in range(Wo % LANES):
@@ -695,7 +703,7 @@ def depthwise_vnni_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: 
             for c in channel_loop(C):
                 _emit_pad_plane(xq, x, n, c, c * L, g, WP, zp_u8, signed)
                 for group in range(groups):
-                    acc = T.alloc_buffer((NV * LANES,), "int32", scope="local")
+                    acc = T.alloc_buffer((NV * LANES,), "int32", scope=SCRATCH_SCOPE)
                     for v in T.unroll(NV):
                         if rq.tie_free:  # the accumulator starts at the bias
                             acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(bias[c], LANES)
@@ -757,7 +765,7 @@ def maxpool_kernel(g: ConvGeometry, x_dtype: str) -> tvm.tirx.PrimFunc:
             for c in channel_loop(C):
                 _emit_pack(xq, x, n, c, g, pp, low, signed, False)
                 for oh in range(Ho):
-                    acc = T.alloc_buffer((NVR * LANES,), "uint8", scope="local")
+                    acc = T.alloc_buffer((NVR * LANES,), "uint8", scope=SCRATCH_SCOPE)
                     for v in T.unroll(NVR):
                         acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(low, LANES)
                     for kh, kw in T.grid(KH, KW):
@@ -811,8 +819,8 @@ def gemm_kernel(
             xs[n, kk] = T.if_then_else(kk < k, _as_u8(x[n, T.min(kk, k - 1)], x_signed), T.uint8(0))
         for n in range(N):
             for t in tile_loop(NMT):
-                acc = T.alloc_buffer((MV * LANES,), "int32", scope="local")
-                res = T.alloc_buffer((LANES,), rq.y_dtype, scope="local")
+                acc = T.alloc_buffer((MV * LANES,), "int32", scope=SCRATCH_SCOPE)
+                res = T.alloc_buffer((LANES,), rq.y_dtype, scope=SCRATCH_SCOPE)
                 for v in T.unroll(MV):
                     acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
                 for k4 in range(K4):

@@ -179,6 +179,26 @@ def test_qconv_kernels_bit_exact(x_shape, w_shape, attrs, variant, x_dtype, y_dt
     _check(node, x, w, bias, full, variant, "exact" if ties else "tie_free")
 
 
+@pytest.mark.parametrize("x_shape, w_shape, attrs, variant, heap_buffers", [
+    ((1, 40, 7, 7), (24, 40, 1, 1), {}, "conv_dense", 1),  # the packed input (a flat grid: no y staging)
+    ((1, 3, 17, 17), (32, 3, 3, 3), dict(strides=(2, 2), pads=(1, 1, 1, 1)), "conv_dense", 2),  # + the y grid
+    ((1, 16, 7, 7), (16, 1, 3, 3), dict(group=16, pads=(1, 1, 1, 1)), "conv_depthwise", 1),  # the padded planes
+    ((1, 1280), (1280, 40), {}, "gemm", 1),  # the shifted input (1280 bytes: over the stack limit)
+])
+def test_tile_scratch_is_not_heap_allocated(x_shape, w_shape, attrs, variant, heap_buffers):
+    """Per-tile accumulators and staging are stack allocas (registers, once LLVM promotes them):
+    only the kernel-wide buffers call TVMBackendAllocWorkspace. A "local"-scope or 1 KiB tile
+    buffer becomes a workspace call per tile with accumulators kept in memory (1.2-2.4x slower)."""
+    op = "QGemm" if variant == "gemm" else "QConv"
+    node, x, w, bias, full = _case(_rng(x_shape, w_shape), op, x_shape, w_shape, "uint8", "uint8", False, False,
+                                   **attrs)
+    kernel = schedules.schedule_for(node, [x.shape, w.shape, bias.shape], full, {"w": w, "b": bias},
+                                    ["uint8", "int8", "int32"])
+    assert kernel is not None and kernel.variant == (HOST_DEPTHWISE if variant == "conv_depthwise" else variant)
+    llvm_ir = schedules.build_kernel(kernel).inspect_source("ll")
+    assert llvm_ir.count("load ptr, ptr @__TVMBackendAllocWorkspace") == heap_buffers
+
+
 @pytest.mark.parametrize("x_shape, w_shape, attrs, variant", [CONV_CASES[0], DEPTHWISE_CASES[0]])
 @pytest.mark.parametrize("shifts", [(32,), (32, 33, 40)])
 def test_tie_free_epilogue_at_the_smallest_shift(x_shape, w_shape, attrs, variant, shifts):
