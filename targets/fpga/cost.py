@@ -6,9 +6,13 @@ so resources add up over layers and a layer takes ``macs / parallelism`` cycles.
 
 Per multiplier, by (weight bits, activation bits):
 
-* both operands <= 4 bits: built from LUTs, about ``w * a`` LUT6 for the product
-  plus one LUT per accumulator bit (carry chain); no DSP. (Small multipliers map
-  to LUTs in FINN; Umuroglu et al., "FINN-R", ACM TRETS 2018.)
+* a partial-product array of at most 16 bits (``w * a <= 16``: 4x4, and 2x8 --
+  a 2-bit weight times an 8-bit activation is a select of 0, +-a, -2a and one
+  add): built from LUTs, about ``w * a`` LUT6 for the product plus one LUT per
+  accumulator bit (carry chain); no DSP. (Small multipliers map to LUTs in
+  FINN; Umuroglu et al., "FINN-R", ACM TRETS 2018, whose LUT cost grows with
+  ``w * a``.) A dataflow engine stores its weights at their own width, so
+  2-bit weights take 2 bits of BRAM each.
 * both <= 8 bits on a DSP48E2 (UltraScale+): two int8 products share one DSP
   (Xilinx WP486, "Deep Learning with INT8 Optimization on Xilinx Devices") ->
   0.5 DSP; on a 7-series DSP48E1 (25x18, no 27-bit pre-adder) one per DSP.
@@ -33,6 +37,8 @@ BRAM36_BITS = 36 * 1024
 DSP_GLUE_LUTS = 8
 # Accumulator width beyond w + a bits: log2 of a typical reduction length (~1k).
 ACCUMULATOR_HEADROOM_BITS = 10
+# Largest partial-product array (w_bits * a_bits) built from LUTs rather than a DSP slice.
+LUT_MULTIPLIER_MAX_PRODUCT_BITS = 16
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ DEFAULT_DEVICE = "zcu104"
 def multiplier_resources(w_bits: int, a_bits: int, int8_per_dsp: int) -> dict[str, float]:
     """LUTs and DSPs of one w_bits x a_bits multiply-accumulate unit."""
     accumulator_luts = w_bits + a_bits + ACCUMULATOR_HEADROOM_BITS
-    if w_bits <= 4 and a_bits <= 4:
+    if w_bits * a_bits <= LUT_MULTIPLIER_MAX_PRODUCT_BITS:
         return {"lut": w_bits * a_bits + accumulator_luts, "dsp": 0.0}
     if w_bits <= 8 and a_bits <= 8:
         return {"lut": DSP_GLUE_LUTS, "dsp": 1.0 / int8_per_dsp}
@@ -65,8 +71,8 @@ def multiplier_resources(w_bits: int, a_bits: int, int8_per_dsp: int) -> dict[st
 
 
 class FpgaCostModel(CostModel):
-    # A 16-bit operand takes a whole DSP per multiplier (multiplier_resources).
-    bit_pairs = ((4, 8), (8, 8), (4, 16), (8, 16))
+    # A 16-bit operand takes a whole DSP per multiplier, a 2x8 one only LUTs (multiplier_resources).
+    bit_pairs = ((2, 8), (4, 8), (8, 8), (4, 16), (8, 16))
 
     def __init__(self, preset: FpgaPreset, parallelism: int = 32) -> None:
         self.preset = preset

@@ -118,7 +118,8 @@ _ACTIVATION_WIDTHS = (4, 8, 16)
 
 class McuCostModel(CostModel):
     # 8-bit activations only: the MCU lowering of 16-bit activations is not tested in qemu
-    # yet (the cycle table above prices them for when it is).
+    # yet (the cycle table above prices them for when it is). No 2-bit weights either: the
+    # integer-only graph the MCU code is generated from holds int4/int8 weights only.
     bit_pairs = ((4, 8), (8, 8))
 
     def __init__(self, preset: McuPreset) -> None:

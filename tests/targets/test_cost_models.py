@@ -38,7 +38,8 @@ def test_bytes_and_bitops_are_the_same_on_every_target(model):
     w8, w4, w2 = (model.layer_cost(CONV, w, 8) for w in (8, 4, 2))
     assert w8.weight_bytes == CONV.weight_params
     assert w4.weight_bytes == (CONV.weight_params + 1) // 2  # two int4 per byte
-    assert w2.weight_bytes == (CONV.weight_params + 3) // 4
+    if not isinstance(model, onnx_cost.OnnxCostModel):  # the QDQ export may store 2 bits in int4: below
+        assert w2.weight_bytes == (CONV.weight_params + 3) // 4
     assert w8.bitops == CONV.macs * 64 and w4.bitops == CONV.macs * 32
     assert model.layer_cost(CONV, 8, 16).activation_bytes == 2 * w8.activation_bytes
     weightless = model.layer_cost(ADD, None, 8)
@@ -134,7 +135,9 @@ def test_every_declared_bit_pair_is_costed(model):
     assert (8, 8) in model.bit_pairs and (4, 8) in model.bit_pairs
     for w_bits, a_bits in model.bit_pairs:
         cost = model.layer_cost(CONV, w_bits, a_bits)
-        assert cost.weight_bytes == (CONV.weight_params * w_bits + 7) // 8
+        stored = (onnx_cost.stored_weight_bits(CONV.op_type, w_bits, a_bits)
+                  if isinstance(model, onnx_cost.OnnxCostModel) else w_bits)
+        assert cost.weight_bytes == (CONV.weight_params * stored + 7) // 8
         assert cost.bitops == CONV.macs * w_bits * a_bits
 
 
@@ -203,3 +206,59 @@ def test_online_ops_are_fixed_costs(model):
     if cost.latency_s is not None:
         assert with_op["latency_s"] == pytest.approx(without.get("latency_s", 0.0) + cost.latency_s)
         assert cost.latency_s >= model.layer_cost(rotation, 8, 8).latency_s
+
+
+def test_two_bit_weights_are_offered_only_where_the_lowering_realises_them():
+    """onnx exports them (INT2 or int4 containers) and an FPGA dataflow engine builds 2x8 multipliers;
+    the integer-only graph behind cpu / gpu / mcu holds int4 and int8 weights only."""
+    assert (2, 8) in onnx_cost.cost_model().bit_pairs
+    assert (2, 8) in fpga_cost.cost_model().bit_pairs
+    for model in (cpu_cost.cost_model(), gpu_cost.cost_model(), mcu_cost.cost_model()):
+        assert all(w != 2 for w, _ in model.bit_pairs), model.name
+
+
+def test_onnx_two_bit_bytes_are_the_stored_element_type():
+    """0.5 byte per weight where the export needs an int4 container, 0.25 where it stores INT2."""
+    model = onnx_cost.cost_model()
+    deconv = LayerShape("up", "ConvTranspose", "conv", CONV.macs, CONV.weight_params, CONV.input_elems,
+                        CONV.output_elems, 64)
+    int4_bytes, int2_bytes = (CONV.weight_params + 1) // 2, (CONV.weight_params + 3) // 4
+    assert model.layer_cost(CONV, 2, 8).weight_bytes == int4_bytes == model.layer_cost(CONV, 4, 8).weight_bytes
+    assert model.layer_cost(FC, 2, 8).weight_bytes == (FC.weight_params + 1) // 2
+    assert model.layer_cost(CONV, 2, 16).weight_bytes == int2_bytes  # no 8-bit fusion: INT2
+    assert model.layer_cost(deconv, 2, 8).weight_bytes == int2_bytes
+    assert model.layer_cost(CONV, 2, 8).bitops == CONV.macs * 2 * 8  # the arithmetic is still 2-bit
+
+
+@pytest.mark.parametrize("a_bits", [8, 16])
+def test_onnx_weight_bytes_match_the_exported_model(a_bits):
+    """The cost model's weight bytes of every layer are the bytes of its weight initializer in the QDQ model."""
+    import numpy as np
+
+    from compiler.calibrate import collect_ranges
+    from compiler.layers import layer_shapes
+    from passes.insert_qdq import quantize_model, tensors_to_calibrate
+    from passes.select_layers import select_layers
+    from tests.passes.test_insert_qdq_int2 import _all_ops_net, _weight_dequantizers
+
+    model = _all_ops_net()
+    plan = select_layers(model, w_bits=2, a_bits=a_bits)
+    calib = {"x": np.random.default_rng(1).normal(size=(8, 3, 8, 8)).astype(np.float32)}
+    qdq = quantize_model(model, plan, collect_ranges(model, calib, tensors_to_calibrate(model, plan), progress=False))
+    shapes = layer_shapes(model, list(plan.layers))
+    initializers = {init.name: init for init in qdq.graph.initializer}
+    cost_model = onnx_cost.cost_model()
+    stored = {name: len(initializers[node.input[0]].raw_data) for name, node in _weight_dequantizers(qdq, plan).items()}
+    assert set(stored) == {"conv", "deconv", "fc", "mm"}
+    for name, size in stored.items():
+        assert cost_model.layer_cost(shapes[name], 2, a_bits).weight_bytes == size, name
+
+
+def test_fpga_two_bit_weights_use_lut_multipliers_and_quarter_bram():
+    zcu = fpga_cost.cost_model("zcu104")
+    w2a8, w4a8, w4a4 = (zcu.layer_cost(CONV, w, a) for w, a in ((2, 8), (4, 8), (4, 4)))
+    assert w2a8.resources["dsp"] == 0 and w4a8.resources["dsp"] > 0  # 2x8 products fit in LUTs, 4x8 do not
+    lanes = zcu.parallelism
+    # the same 16-bit partial-product array as 4x4, with a 2-bit wider accumulator (w + a = 10, not 8)
+    assert w2a8.resources["lut"] == w4a4.resources["lut"] + 2 * lanes
+    assert w2a8.resources["bram"] == pytest.approx(w4a8.resources["bram"] / 2)
