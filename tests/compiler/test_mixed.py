@@ -29,7 +29,7 @@ def test_reranked_and_refined_allocation_measures_held_out_and_records_how():
     assert record["sensitivity"] == "in-context" and record["context"] == [8, 8]
     assert record["held_out"] is True and record["rerank_samples"] == 16 and record["sensitivity_samples"] == 32
     # a size budget does not charge for activation width: 16-bit activations would be free, so not offered
-    assert [tuple(pair) for pair in record["candidates"]] == [(4, 8), (8, 8)]
+    assert [tuple(pair) for pair in record["candidates"]] == [(2, 8), (4, 8), (8, 8)]  # onnx cost model bit_pairs, a8
     assert record["not_offered"]["pairs"] == [[4, 16], [8, 16]]
     assert record["refine"] == 2
     candidates = plan.totals["allocation"]["candidates"]
