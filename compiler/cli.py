@@ -50,7 +50,8 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--target", default="onnx", choices=target_names())
     parser.add_argument("--device", help="device preset of the target (e.g. cortex-m4)")
-    parser.add_argument("--bits", default="w8a8", help="default weight/activation bits, e.g. w8a8, w4a8, w8a16")
+    parser.add_argument("--bits", default="w8a8",
+                        help="default weight/activation bits, e.g. w8a8, w4a8, w8a16, w2a8 (target onnx)")
     parser.add_argument("--activation-type", default="uint8", choices=["uint8", "int8"],
                         help="8-bit activation type (uint8 is ~3x faster in onnxruntime on x86)")
     parser.add_argument("--budget", help="bit allocation budget, e.g. size=0.5, flash=512KB,sram=128KB, latency=1.5ms")
@@ -68,6 +69,14 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
                            help="up to N steps re-measuring sensitivities around the plan and re-solving")
 
 
+def _add_weight_block_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weight-block", metavar="N|channel",
+                        help="sub-8-bit MatMul/Gemm weights: one scale per N input channels per output channel "
+                             "(block_size of DequantizeLinear / MatMulNBits, e.g. 32, 64, 128), or 'channel' "
+                             "for per-output-channel scales (default: the recipe's choice; convolutions and "
+                             "int8 weights are always per channel)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgeq", description="ONNX quantizing compiler for edge hardware")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each stage")
@@ -79,11 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_options(compile_cmd)
     compile_cmd.add_argument("--eval", dest="eval_data", metavar="PATH",
                              help="held-out data for the fidelity report (same formats as --calib)")
-    compile_cmd.add_argument("--weight-block", metavar="N|channel",
-                             help="sub-8-bit MatMul/Gemm weights: one scale per N input channels per output channel "
-                                  "(block_size of DequantizeLinear / MatMulNBits, e.g. 32, 64, 128), or 'channel' "
-                                  "for per-output-channel scales (default: the recipe's choice; convolutions and "
-                                  "int8 weights are always per channel)")
+    _add_weight_block_option(compile_cmd)
     compile_cmd.add_argument("--target-triple", help="cross-compile, e.g. aarch64-linux-gnu")
     compile_cmd.add_argument("-o", "--output", default="out", help="output folder (default: out)")
     compile_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -92,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     allocate_cmd.add_argument("model", help="float .onnx model")
     _add_data_options(allocate_cmd)
     _add_target_options(allocate_cmd)
+    _add_weight_block_option(allocate_cmd)
     allocate_cmd.add_argument("--pareto", action="store_true", help="sweep the budget: the whole frontier")
     allocate_cmd.add_argument("-o", "--output", default="out")
     allocate_cmd.add_argument("-q", "--quiet", action="store_true")
@@ -135,7 +141,9 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _allocate(args: argparse.Namespace) -> int:
     from compiler import mixed
+    from compiler.pipeline import parse_weight_block
 
+    parse_weight_block(args.weight_block)  # a bad value is a one-line error before any work
     return mixed.allocate_command(args)
 
 

@@ -236,3 +236,47 @@ def test_allocator_options_reach_the_plan(workspace, capsys):
     code, _, stderr = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
                               "--budget", "size=0.85", "--rerank", "-1", "-o", workspace / "alloc", "-q")
     assert code == 2 and "rerank" in stderr and stderr.count("\n") == 1
+
+
+def test_pinned_two_bit_layers_export_and_run(workspace, capsys):
+    """--pin LAYER=w2a8 on the onnx target: plan.json and report.md show w_bits 2 like 4, the QDQ model
+    stores each weight as the plan's weight_storage says and onnxruntime runs it."""
+    import onnxruntime as ort
+
+    out = workspace / "out"
+    code, _, _ = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                         "--budget", "size=0.85", "--pin", "conv2=w2a8", "--pin", "fc=w2a8", "-o", out, "-q")
+    assert code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    layers = {layer["node"]: layer for layer in plan["layers"]}
+    tensors = {entry["name"]: entry for entry in plan["tensors"]}
+    report = (out / "report.md").read_text()
+    qdq = onnx.load(str(out / "model.qdq.onnx"))
+    initializers = {init.name: init for init in qdq.graph.initializer}
+    weight_inputs = {node.name: node.input[1] for node in qdq.graph.node if node.name in ("conv2", "fc")}
+    dequantizers = {node.output[0]: node for node in qdq.graph.node if node.op_type == "DequantizeLinear"}
+    for name, op in (("conv2", "Conv"), ("fc", "Gemm")):
+        layer = layers[name]
+        assert (layer["w_bits"], layer["a_bits"]) == (2, 8) and layer["info"]["pinned"] == [2, 8]
+        assert tensors[layer["weight"]]["bits"] == 2
+        assert f"| `{name}` | {op} | 2 | 8 |" in report
+        stored = initializers[dequantizers[weight_inputs[name]].input[0]]
+        # with 8-bit activations onnxruntime would fuse both into kernels that refuse INT2
+        assert layer["info"]["weight_storage"].startswith("int4 container")
+        assert stored.data_type == onnx.TensorProto.INT4
+    session = ort.InferenceSession(str(out / "model.qdq.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": random_inputs((3, 16, 16), 2)})[0].shape == (2, 10)
+
+
+def test_allocate_takes_the_weight_block_option_of_compile(workspace, capsys):
+    from compiler.cli import build_parser
+
+    for command in ("compile", "allocate"):
+        assert build_parser().parse_args([command, "m.onnx", "--weight-block", "32"]).weight_block == "32"
+    code, _, stderr = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                              "--budget", "size=0.85", "--weight-block", "1", "-o", workspace / "alloc", "-q")
+    assert code == 2 and "--weight-block" in stderr and stderr.count("\n") == 1
+    assert not (workspace / "alloc").exists()
+    code, _, _ = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                         "--budget", "size=0.85", "--weight-block", "channel", "-o", workspace / "alloc", "-q")
+    assert code == 0 and (workspace / "alloc" / "plan.json").exists()
