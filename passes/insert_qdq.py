@@ -294,8 +294,9 @@ def weight_storage_bits(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPla
     """Width of the element type the layer's weight is exported as: ``w_bits``, except for 2-bit
     weights onnxruntime cannot run as INT2 in this layer's context, which go into an INT4 container.
 
-    Needs the plan's activation quantizers (they decide onnxruntime's fusions);
-    records the choice for 2-bit weights in ``layer.info["weight_storage"]``.
+    Needs the plan's activation quantizers (they decide onnxruntime's fusions).
+    For 2-bit weights records the choice in ``layer.info``: ``weight_storage``
+    (what and why) and ``weight_storage_bits`` (what the stored bytes count).
     """
     if layer.w_bits != 2:
         return layer.w_bits
@@ -303,10 +304,11 @@ def weight_storage_bits(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPla
     input_bits = _quantizer_bits(plan, layer.inputs[0] if layer.inputs else None)
     output_bits = _quantizer_bits(plan, _layer_output(model, layer))
     if int2_runs_in_onnxruntime(layer.op_type, block_wise, input_bits, output_bits):
-        layer.info["weight_storage"] = "int2"
+        layer.info.update(weight_storage="int2", weight_storage_bits=2)
         return 2
-    layer.info["weight_storage"] = f"int{INT2_CONTAINER_BITS} container (onnxruntime fuses {layer.op_type} with " \
-        f"8-bit activations into a kernel that refuses int2)"
+    layer.info.update(weight_storage=f"int{INT2_CONTAINER_BITS} container (onnxruntime fuses {layer.op_type} with "
+                                     f"8-bit activations into a kernel that refuses int2)",
+                      weight_storage_bits=INT2_CONTAINER_BITS)
     return INT2_CONTAINER_BITS
 
 

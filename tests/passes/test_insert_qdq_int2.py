@@ -203,6 +203,7 @@ def test_two_bit_export_loads_in_onnxruntime_and_matches_numpy(case):
         assert stored.data_type == {2: TensorProto.INT2, 4: TensorProto.INT4}[storage[name]], name
         assert inits[node.input[2]].data_type == stored.data_type
         assert layer.info["weight_storage"].startswith(f"int{storage[name]}")
+        assert layer.info["weight_storage_bits"] == storage[name]
         assert len(stored.raw_data) == (int(np.prod(stored.dims)) * storage[name] + 7) // 8  # packed
         assert bool(attribute(node, "block_size", 0)) == (name == "fc" and block is not None or
                                                           name == "mm" and block is not None)
