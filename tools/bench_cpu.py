@@ -16,14 +16,17 @@ tool
    input already in a TVM tensor; at 1 thread also each kernel of the library alone.
 
 Timing: each engine runs alone in a process of its own (as a deployment
-runs it), 20 warm-up runs, then consecutive runs; two such processes per
-engine and thread count, in the order A..E E..A so that a drift of the
-background load hits every engine alike; at least ``--runs`` runs in all. The
-median per run is reported together with the minimum (on a shared machine the
-minimum is closer to the quiet speed). Not interleaved in one process: with 2
-threads on 2 cores, one engine's thread pool still spinning slows the next
-(rounds of 10 interleaved had put onnxruntime's 2-thread medians at 4-5x its
-minimum, while alone it runs within 15% of it). Calibration uses random
+runs it; one process per engine and thread count, all alive together, 20
+warm-up runs each). The parent takes turns: a burst of 10 runs (after 3
+untimed ones that wake the pool) of each engine on each model, the engine
+order reversed every round, until ``--runs`` runs per engine. This host's
+slow phases last seconds (seen: the same library at 1.3 ms for 250 calls,
+then 2.4 ms; no steal or run-queue wait shows inside the VM), so engines timed one after the other
+(the earlier method: two processes per engine, A..E E..A) caught different
+phases and the ratios moved by up to 50% between runs; in turns, every
+engine samples the same phases. Not interleaved in one process: with 2
+threads on 2 cores, one engine's thread pool still spinning slows the next.
+The median per run is reported together with the minimum. Calibration uses random
 normal data (timing does not depend on it); random calibration is noted.
 
     python tools/bench_cpu.py                      # all models, writes benchmarks/cpu.md
@@ -245,34 +248,73 @@ def kernel_breakdown(int_model_path: Path, repeat: int = 15) -> dict[str, float]
 ENGINES = ("ort_float", "ort_u8s8_qdq", "ort_edgeq_qdq", "edgeq_cpu", "edgeq_core")
 
 
-def child(spec_path: Path, engine: str, threads: int, runs: int, breakdown: bool = False) -> dict:
-    """Per-run seconds of ``engine`` on every model in ``spec`` at ``threads`` threads (this process
-    runs nothing else: a deployment runs one engine)."""
+def _runner(engine: str, entry: dict, threads: int):
+    """A callable running one batch-1 inference of ``engine`` on one model, or None."""
+    feed = {k: np.load(v) for k, v in entry["feed"].items()}
+    if engine.startswith("edgeq"):
+        if not entry.get("edgeq_out"):
+            return None
+        whole, core = _edgeq_runners(Path(entry["edgeq_out"]), feed)
+        return whole if engine == "edgeq_cpu" else core
+    path = entry.get({"ort_float": "float", "ort_u8s8_qdq": "ort_qdq", "ort_edgeq_qdq": "edgeq_qdq"}[engine])
+    return _ort_runner(Path(path), threads, feed) if path else None
+
+
+def serve(spec_path: Path, engine: str, threads: int) -> None:
+    """Child process: hold ``engine``'s sessions of every model and time bursts on request.
+
+    Reads ``run MODEL N`` (3 untimed runs -- the pool wakes from its idle sleep -- then N timed
+    ones: prints their seconds as JSON), ``breakdown MODEL`` (kernel families, JSON) or ``quit``
+    on stdin. The engine is alone in this process, as a deployment runs it; the parent keeps every
+    engine's process alive and takes turns, so that all engines sample the same machine states.
+    """
     spec = json.loads(spec_path.read_text())
-    results: dict[str, dict] = {}
-    for model_name, entry in spec.items():
-        feed = {k: np.load(v) for k, v in entry["feed"].items()}
-        if engine.startswith("edgeq"):
-            if not entry.get("edgeq_out"):
-                continue
-            whole, core = _edgeq_runners(Path(entry["edgeq_out"]), feed)
-            run = whole if engine == "edgeq_cpu" else core
-        else:
-            path = entry.get({"ort_float": "float", "ort_u8s8_qdq": "ort_qdq", "ort_edgeq_qdq": "edgeq_qdq"}[engine])
-            if not path:
-                continue
-            run = _ort_runner(Path(path), threads, feed)
-        for _ in range(20):  # warm-up: thread pools started, caches and branch predictors warm
+    runners = {name: _runner(engine, entry, threads) for name, entry in spec.items()}
+    for run in runners.values():
+        for _ in range(20 if run else 0):  # warm-up: thread pools started, caches and predictors warm
             run()
-        times = []
-        for _ in range(runs):
+    print(json.dumps(sorted(name for name, run in runners.items() if run)), flush=True)
+    for line in sys.stdin:
+        command, *rest = line.split()
+        if command == "quit":
+            return
+        if command == "breakdown":
+            print(json.dumps(kernel_breakdown(Path(spec[rest[0]]["edgeq_out"]) / "model.int.onnx")), flush=True)
+            continue
+        run, times = runners[rest[0]], []
+        for _ in range(3):
+            run()
+        for _ in range(int(rest[1])):
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
-        results[model_name] = {"seconds": times}
-        if breakdown and entry.get("edgeq_out"):
-            results[model_name]["kernels_us"] = kernel_breakdown(Path(entry["edgeq_out"]) / "model.int.onnx")
-    return results
+        print(json.dumps(times), flush=True)
+
+
+class EngineProcess:
+    """The parent's handle on one :func:`serve` child."""
+
+    def __init__(self, spec_path: Path, engine: str, threads: int, env: dict) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--child", str(spec_path), "--threads", str(threads),
+                                      "--engine", engine], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.models = self._reply()
+
+    def _reply(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"engine process exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask(self, command: str):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def _summary(times: list[float]) -> dict:
@@ -309,7 +351,7 @@ def write_report(path: Path, prep: dict, timings: dict, runs: int, load: str) ->
         f"apache-tvm {tvm.__version__}. Batch 1, float input to float output for every engine "
         f"(edgeq: the library, which quantizes its input itself, + numpy dequantize of the output). "
         f"Median of >= {runs} "
-        f"runs after warm-up, each engine alone in its own processes (two per engine, order A..E E..A); the minimum in brackets. "
+        f"runs after warm-up, each engine alone in its own process, the engines taking turns in bursts of 10 runs; the minimum in brackets. "
         f"Load average while timing: {load} on {os.cpu_count()} cores (a shared machine: the medians "
         "measure the contention as much as the code; the minimum is the closest to the quiet "
         "speed). Calibration on random data (timing only).",
@@ -367,8 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        breakdown = args.threads == 1 and args.engine == "edgeq_cpu"
-        print(json.dumps(child(Path(args.child), args.engine, args.threads, args.runs, breakdown=breakdown)))
+        serve(Path(args.child), args.engine, args.threads)
         return 0
 
     work = Path(args.work or tempfile.mkdtemp(prefix="edgeq_bench_cpu_"))
@@ -405,27 +446,39 @@ def main(argv: list[str] | None = None) -> int:
     (work / "prep.json").write_text(json.dumps(prep))
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    timings = {}
+    timings: dict[str, dict] = {}
     loads = []
+    burst = 10
     for threads in THREADS:
         env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
         print(f"timing at {threads} thread(s) ...", flush=True)
+        engines = {engine: EngineProcess(spec_path, engine, threads, env) for engine in ENGINES}
         seconds: dict[str, dict[str, list[float]]] = {}
-        per_block = max(1, -(-args.runs // 2))
-        for engine in [*ENGINES, *reversed(ENGINES)]:  # A..E E..A: a drift of the load hits all alike
-            loads.append(os.getloadavg()[0])
-            proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path), "--threads", str(threads),
-                                   "--engine", engine, "--runs", str(per_block)],
-                                  env=env, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return 1
-            for model_name, result in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        try:
+            for round_index in range(max(1, -(-args.runs // burst))):
+                loads.append(os.getloadavg()[0])
+                # Turns of `burst` runs, the order reversed every round: slow phases of a shared host
+                # (they last seconds) fall on every engine alike.
+                order = ENGINES if round_index % 2 == 0 else tuple(reversed(ENGINES))
+                for model_name in spec:
+                    for engine in order:
+                        if model_name not in engines[engine].models:
+                            continue
+                        times = engines[engine].ask(f"run {model_name} {burst}")
+                        seconds.setdefault(model_name, {}).setdefault(engine, []).extend(times)
+                        # Let the last engine's pool go to sleep: TVM's workers spin for up to ~160 ms
+                        # after a run (TVM_THREAD_POOL_SPIN_COUNT, default 300000), on the CPU the next
+                        # engine's pinned worker needs.
+                        time.sleep(0.25)
+            for model_name, by_engine in seconds.items():
                 row = timings.setdefault(str(threads), {}).setdefault(model_name, {})
-                seconds.setdefault(model_name, {}).setdefault(engine, []).extend(result["seconds"])
-                row[engine] = _summary(seconds[model_name][engine])
-                if "kernels_us" in result:
-                    row.setdefault("kernels_us", result["kernels_us"])
+                for engine, times in by_engine.items():
+                    row[engine] = _summary(times)
+                if threads == 1 and model_name in engines["edgeq_cpu"].models:
+                    row["kernels_us"] = engines["edgeq_cpu"].ask(f"breakdown {model_name}")
+        finally:
+            for process in engines.values():
+                process.close()
     (work / "timings.json").write_text(json.dumps({"prep": prep, "timings": timings}, indent=1))
     write_report(Path(args.report), prep, timings, args.runs, f"{min(loads):.1f}-{max(loads):.1f}")
     print(Path(args.report).read_text())
