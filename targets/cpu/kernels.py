@@ -596,7 +596,8 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
 def _emit_pad_plane(xq, x, n, c, base, g: ConvGeometry, row_width: int, zp_u8, signed: bool) -> None:
     """Emit the copy of channel ``c`` into its zero-point padded plane at ``xq[base:]`` (uint8 view).
 
-    Rows move as 16-byte vectors, the last one overlapping its predecessor; rows narrower
+    Rows move as 64-, 32- or 16-byte vectors (the widest that fits), the last one overlapping
+    its predecessor; rows narrower
     than 16 bytes move in 8/4/2/1-byte pieces (never a read past the row: the last row of
     the tensor has nothing after it).
     """
@@ -607,9 +608,10 @@ def _emit_pad_plane(xq, x, n, c, base, g: ConvGeometry, row_width: int, zp_u8, s
         row = base + (pt + h) * row_width
         _emit_fill(xq, row, pl, zp_u8)
         if width >= LANES:
-            starts = [min(v * LANES, width - LANES) for v in range(math.ceil(width / LANES))]
-            for col in starts:
-                IB.buffer_store(xq, _gather_row(x, n, c, h, col, 1, signed), [tirx.Ramp(row + pl + col, 1, LANES)])
+            chunk = max(size for size in (64, 32, LANES) if size <= width)  # zmm/ymm/xmm moves
+            for col in [min(v * chunk, width - chunk) for v in range(math.ceil(width / chunk))]:
+                value = _as_u8(tirx.BufferLoad(x, [n, c, h, tirx.Ramp(col, 1, chunk)]), signed)
+                IB.buffer_store(xq, value, [tirx.Ramp(row + pl + col, 1, chunk)])
         else:
             for offset, size in _pieces(width):
                 if size == 1:
