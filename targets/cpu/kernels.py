@@ -597,9 +597,8 @@ def _emit_pad_plane(xq, x, n, c, base, g: ConvGeometry, row_width: int, zp_u8, s
     """Emit the copy of channel ``c`` into its zero-point padded plane at ``xq[base:]`` (uint8 view).
 
     Rows move as 64-, 32- or 16-byte vectors (the widest that fits), the last one overlapping
-    its predecessor; rows narrower
-    than 16 bytes move in 8/4/2/1-byte pieces (never a read past the row: the last row of
-    the tensor has nothing after it).
+    its predecessor; rows narrower than 16 bytes move in 8/4/2/1-byte pieces (never a read
+    past the row: the last row of the tensor has nothing after it).
     """
     pt, pl = g.pads[0], g.pads[1]
     width = g.width
