@@ -136,6 +136,8 @@ CONV_CASES = [
     ((1, 24, 14, 14), (144, 24, 1, 1), {}, "conv_dense"),  # pointwise expand
     ((1, 32, 7, 9), (20, 32, 1, 1), {}, "conv_dense"),  # O not a multiple of the tile, odd width
     ((1, 40, 7, 7), (24, 40, 1, 1), {}, "conv_dense"),  # 49 outputs per channel: a 1-lane partial vector
+    ((2, 12, 5, 5), (8, 12, 1, 1), {}, "conv_dense"),  # 1x1 flat pack, batch 2, overlapping last vector
+    ((1, 8, 3, 3), (8, 8, 1, 1), {}, "conv_dense"),  # 9 pixels: row pack, 2 + 1-pixel pieces
     ((1, 3, 17, 17), (32, 3, 3, 3), dict(strides=(2, 2), pads=(1, 1, 1, 1)), "conv_dense"),  # stem, C=3
     ((1, 16, 12, 12), (16, 16, 3, 3), dict(pads=(1, 1, 1, 1)), "conv_dense"),  # ResNet 3x3
     ((1, 8, 15, 15), (24, 8, 7, 7), dict(strides=(2, 2), pads=(3, 3, 3, 3)), "conv_dense"),  # 7x7 stem
