@@ -70,9 +70,9 @@ _ONNX_INT_TYPES = {
     (8, True): TensorProto.INT8, (8, False): TensorProto.UINT8,
     (16, True): TensorProto.INT16, (16, False): TensorProto.UINT16,
     (4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
+    (2, True): TensorProto.INT2, (2, False): TensorProto.UINT2,
     (32, True): TensorProto.INT32,
 }
-_ONNX_INT_TYPES.update({(2, True): TensorProto.INT2, (2, False): TensorProto.UINT2})
 # Sub-byte element types, stored packed (raw_data) through ml_dtypes arrays.
 _SUB_BYTE_DTYPES = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4,
                     (2, True): ml_dtypes.int2, (2, False): ml_dtypes.uint2}
