@@ -223,9 +223,12 @@ def kernel_breakdown(int_model_path: Path, repeat: int = 15) -> dict[str, float]
             continue  # an input edge the library does not compile in
         if scheduled is not None:
             func, family = scheduled.func, scheduled.variant
-            shape, dtype = types[node.input[0]]
-            sample = rng.standard_normal(shape) if dtype.startswith("float") else rng.integers(0, 100, shape)
-            arrays = [sample.astype(dtype), *scheduled.constants]
+            arrays = []
+            for name in node.input[:scheduled.inputs]:
+                shape, dtype = types[name]
+                sample = rng.standard_normal(shape) if dtype.startswith("float") else rng.integers(0, 100, shape)
+                arrays.append(sample.astype(dtype))
+            arrays += scheduled.constants
         else:
             func, family = lower.parallelize(kernel.func), f"generic_{node.op_type}"
             arrays = []

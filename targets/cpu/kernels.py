@@ -226,11 +226,23 @@ def requant_expr(acc: tirx.PrimExpr, bias, mult, rnd, shift, rq: Requant) -> tir
         return c if lanes == 1 else tirx.Broadcast(c, lanes)
 
     product = (tirx.Cast(i64, acc) + wide(bias)) * wide(mult)
-    shift_by = wide(shift)
-    # round_half_even(p / 2**s) == (p + half - 1 + bit_s(p)) >> s: the bit of weight 2**s
-    # breaks exact ties toward the even neighbour (compiler.requant's rule), in 5 ops.
+    return _shift_clip(product, wide(shift), wide(rnd) - const(1), rq)
+
+
+def _shift_clip(product: tirx.PrimExpr, shift_by, rnd_minus_one, rq: Requant) -> tirx.PrimExpr:
+    """``clip(round_half_even(product / 2**s) + y_zp)`` of int64 ``product``, cast to the y dtype.
+
+    round_half_even(p / 2**s) == (p + half - 1 + bit_s(p)) >> s: the bit of weight 2**s breaks
+    exact ties toward the even neighbour (compiler.requant's rule), in 5 ops.
+    """
+    lanes = _lanes(product)
+
+    def const(value):
+        c = tirx.const(value, "int64")
+        return c if lanes == 1 else tirx.Broadcast(c, lanes)
+
     odd = tirx.bitwise_and(tirx.shift_right(product, shift_by), const(1))
-    value = tirx.shift_right(product + (wide(rnd) - const(1)) + odd, shift_by)
+    value = tirx.shift_right(product + rnd_minus_one + odd, shift_by)
     value = tirx.min(tirx.max(value + const(rq.y_zero_point), const(rq.y_min)), const(rq.y_max))
     return tirx.Cast(rq.y_dtype if lanes == 1 else f"{rq.y_dtype}x{lanes}", value)
 
@@ -888,6 +900,50 @@ def gemm_kernel(
 
     return gemm, MV
 
+
+
+def qadd_kernel(
+    shape: tuple[int, ...], a_dtype: str, b_dtype: str, a_zero_point: int, b_zero_point: int,
+    a_multiplier: int, b_multiplier: int, shift: int, rq: Requant, chunk: int = 4096,
+) -> tvm.tirx.PrimFunc:
+    """QAdd of two activations of the same shape (the residual add), as compiler.intgraph says:
+    ``y = clip(requant((a - a_zp) * a_M + (b - b_zp) * b_M, 1, shift) + y_zp)`` in int64.
+
+    Explicit 16-lane vectors, parallel over chunks (the generic TE compute ran it element by
+    element). Parameters: ``a shape a_dtype``, ``b shape b_dtype``, ``y shape rq.y_dtype``.
+    """
+    size = math.prod(shape)
+    vectors, tail = divmod(size, LANES)
+    per_chunk = max(chunk // LANES, 1)  # vectors per parallel iteration
+    chunks = math.ceil(vectors / per_chunk)
+    chunk_loop = _loop(size if chunks > 1 else 0, MIN_PARALLEL_BYTES)
+
+    def add(va, vb):
+        lanes = _lanes(va)
+        i64 = "int64" if lanes == 1 else f"int64x{lanes}"
+
+        def const(value):
+            c = tirx.const(value, "int64")
+            return c if lanes == 1 else tirx.Broadcast(c, lanes)
+
+        acc = ((tirx.Cast(i64, va) - const(a_zero_point)) * const(a_multiplier)
+               + (tirx.Cast(i64, vb) - const(b_zero_point)) * const(b_multiplier))
+        return _shift_clip(acc, const(shift), const((1 << (shift - 1)) - 1), rq)
+
+    @T.prim_func
+    def qadd(as_: T.Buffer(shape, a_dtype), bs: T.Buffer(shape, b_dtype), ys: T.Buffer(shape, rq.y_dtype)):
+        T.func_attr({"tirx.noalias": True})
+        a = T.decl_buffer((size,), a_dtype, data=as_.data)
+        b = T.decl_buffer((size,), b_dtype, data=bs.data)
+        y = T.decl_buffer((size,), rq.y_dtype, data=ys.data)
+        for t in chunk_loop(chunks):
+            for i in range(T.min(per_chunk, vectors - t * per_chunk)):
+                y[T.ramp((t * per_chunk + i) * LANES, 1, LANES)] = add(
+                    a[T.ramp((t * per_chunk + i) * LANES, 1, LANES)], b[T.ramp((t * per_chunk + i) * LANES, 1, LANES)])
+        for i in range(tail):
+            y[vectors * LANES + i] = add(a[vectors * LANES + i], b[vectors * LANES + i])
+
+    return qadd
 
 
 def quantize_kernel(

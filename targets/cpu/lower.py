@@ -153,7 +153,7 @@ def parallelize(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 # OpPatternKind::kOpaque of Relax: FuseOps leaves a function with this op_pattern alone.
 OPAQUE_PATTERN = 8
-SCHEDULED_OPS = ("QConv", "QGemm", "MaxPool")
+SCHEDULED_OPS = ("QConv", "QGemm", "MaxPool", "QAdd")
 
 
 def as_opaque_callee(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -182,8 +182,11 @@ def scheduled_kernel(node: onnx.NodeProto, types: Types, int_model: onnx.ModelPr
     x_shape, x_dtype = types[node.input[0]]
     if node.op_type not in SCHEDULED_OPS and not (node.op_type == "Quantize" and x_dtype == "float32"):
         return None
-    initializers = {name: initializer_array(int_model, name) for name in node.input[1:] if name}
-    return schedules.schedule_for(node, [x_shape], None, initializers, [x_dtype], target=target)
+    constants = {name: initializer_array(int_model, name) for name in node.input if name}
+    initializers = {name: value for name, value in constants.items() if value is not None}
+    operands = [name for name in node.input if name in types]
+    return schedules.schedule_for(node, [types[name][0] for name in operands], None, initializers,
+                                  [types[name][1] for name in operands], target=target)
 
 
 def build_relax_module(int_model: onnx.ModelProto, types: Types | None = None, use_schedules: bool = True,
@@ -229,7 +232,8 @@ def build_relax_module(int_model: onnx.ModelProto, types: Types | None = None, u
                 scheduled = scheduled_kernel(kernel.node, types, int_model, target) if use_schedules else None
                 if scheduled is not None:
                     func = as_opaque_callee(scheduled.func)
-                    args = [env[node.input[0]], *[relax.const(c, str(c.dtype)) for c in scheduled.constants]]
+                    args = [*(env[name] for name in node.input[:scheduled.inputs]),
+                            *[relax.const(c, str(c.dtype)) for c in scheduled.constants]]
                     counts[scheduled.variant] = counts.get(scheduled.variant, 0) + 1
                 else:
                     func = parallelize(kernel.func)

@@ -10,7 +10,7 @@ lowering then uses its generic TE compute.
 
 Call convention of the returned PrimFunc::
 
-    func(x, *kernel.constants, y)
+    func(x, *kernel.constants, y)        # QAdd: func(a, b, y) (kernel.inputs == 2)
 
 with ``x`` the node's activation input in its graph layout/dtype and ``y`` the
 node's output (``kernel.out_shape``, ``kernel.out_dtype``). The kernels need
@@ -18,8 +18,8 @@ AVX-512 VNNI (``vpdpbusd``); :func:`host_has_vnni` tells whether this machine
 has it, and the target must be built with an ``mcpu`` that has it.
 
 Also, without VNNI: :func:`quantize_edge` for the float input edge
-(``Quantize``) and ONNX ``MaxPool`` on 8-bit tensors (the generic TE max pool
-took 3 ms of ResNet-18's 9 ms).
+(``Quantize``), ONNX ``MaxPool`` on 8-bit tensors (the generic TE max pool
+took 3 ms of ResNet-18's 9 ms) and ``QAdd`` of two same-shape activations.
 
 Covered: QConv 2-D with ``group == 1`` (any kernel, stride, dilation, padding)
 or depthwise (``group == C == O``; variant ``conv_depthwise_vnni`` where the target
@@ -59,6 +59,7 @@ class ScheduledKernel:
     variant: str  # "conv_dense" / "conv_depthwise" / "gemm": names the kernel family
     tile: tuple[int, ...] = field(default=())
     epilogue: str = "exact"  # or "tie_free": the short requantization (kernels.Requant.tie_free)
+    inputs: int = 1  # leading node inputs passed as activations (QAdd: 2), before the constants
 
 
 @functools.cache
@@ -304,6 +305,29 @@ def quantize_edge(node: onnx.NodeProto, shape: tuple[int, ...], attrs: dict) -> 
     return ScheduledKernel(func=func, constants=[], out_shape=shape, out_dtype=dtype, variant="quantize")
 
 
+def _qadd_kernel(node: onnx.NodeProto, input_shapes: list[tuple[int, ...]], input_dtypes: list[str],
+                 attrs: dict, initializers: dict[str, np.ndarray]) -> ScheduledKernel | None:
+    """QAdd of two activations of one shape (a residual add); broadcasting or a constant
+    operand stays with the generic compute."""
+    if len(node.input) != 2 or any(name in initializers for name in node.input):
+        log.debug("%s: an operand is a constant", node.name)
+        return None
+    if len(input_shapes) != 2 or tuple(input_shapes[0]) != tuple(input_shapes[1]):
+        log.debug("%s: operand shapes %s differ (broadcast)", node.name, input_shapes)
+        return None
+    dtypes = [np.dtype(d).name for d in input_dtypes]
+    y_dtype = _dtype_name(attrs.get("y_dtype", "uint8"))
+    if any(d not in Y_DTYPES for d in dtypes) or y_dtype not in Y_DTYPES:
+        log.debug("%s: dtypes %s -> %s have no kernel", node.name, dtypes, y_dtype)
+        return None
+    rq = Requant(int(attrs.get("y_zero_point", 0)), int(attrs["y_min"]), int(attrs["y_max"]), y_dtype)
+    shape = tuple(input_shapes[0])
+    func = kernels.qadd_kernel(shape, dtypes[0], dtypes[1], int(attrs.get("a_zero_point", 0)),
+                               int(attrs.get("b_zero_point", 0)), int(attrs["a_multiplier"]),
+                               int(attrs["b_multiplier"]), int(attrs["shift"]), rq)
+    return ScheduledKernel(func=func, constants=[], out_shape=shape, out_dtype=y_dtype, variant="qadd", inputs=2)
+
+
 def target_has_vbmi(target: tvm.target.Target | dict | None) -> bool:
     """Whether code for ``target`` may use ``vpermb`` (AVX-512 VBMI; ``None``: this machine)."""
     if target is None:
@@ -348,6 +372,8 @@ def schedule_for(
         return quantize_edge(node, tuple(input_shapes[0]), attrs)
     if node.op_type == "MaxPool":
         return _maxpool_kernel(node, tuple(input_shapes[0]), (input_dtypes or ["uint8"])[0], attrs)
+    if node.op_type == "QAdd":
+        return _qadd_kernel(node, input_shapes, input_dtypes or ["uint8", "uint8"], attrs, initializers)
     if not target_has_vnni(target):
         return None
     if node.op_type not in ("QConv", "QGemm"):
@@ -389,10 +415,10 @@ def build_kernel(kernel: ScheduledKernel, target: tvm.target.Target | None = Non
     return tvm.tirx.build(kernel.func, target=target or host_target())
 
 
-def run_kernel(module, kernel: ScheduledKernel, x: np.ndarray) -> np.ndarray:
-    """Run a module from :func:`build_kernel` on ``x``; returns y."""
+def run_kernel(module, kernel: ScheduledKernel, *inputs: np.ndarray) -> np.ndarray:
+    """Run a module from :func:`build_kernel` on its activation inputs; returns y."""
     device = tvm.cpu()
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in (x, *kernel.constants)]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in (*inputs, *kernel.constants)]
     y = tvm.runtime.tensor(np.zeros(kernel.out_shape, dtype=kernel.out_dtype), device)
     module(*args, y)
     return y.numpy()

@@ -316,8 +316,46 @@ def test_maxpool_kernel_matches_onnxruntime(dtype, shape, attrs):
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("a_dtype, b_dtype, y_dtype", [("uint8", "uint8", "uint8"), ("int8", "uint8", "int8")])
+@pytest.mark.parametrize("shape, ties", [
+    ((1, 24, 9, 9), True),  # a_M = b_M = 2**30, s = 31: half the outputs are exact ties
+    ((1, 24, 9, 9), False),  # 1944 values: 121 vectors and a 8-value scalar tail
+    ((2, 64, 28, 28), False),  # several parallel chunks
+])
+def test_qadd_kernel_bit_exact(shape, ties, a_dtype, b_dtype, y_dtype):
+    rng = _rng(shape, ties, a_dtype)
+    a = rng.integers(np.iinfo(a_dtype).min, np.iinfo(a_dtype).max + 1, shape).astype(a_dtype)
+    b = rng.integers(np.iinfo(b_dtype).min, np.iinfo(b_dtype).max + 1, shape).astype(b_dtype)
+    if ties:
+        a_mult, b_mult, shift = 2**30, 2**30, 31
+    else:
+        a_mult, b_mult, shift = int(rng.integers(2**30, 2**31)), int(rng.integers(2**27, 2**31)), int(rng.integers(31, 34))
+    lo, hi = np.iinfo(y_dtype).min, np.iinfo(y_dtype).max
+    attrs = dict(a_zero_point=int(rng.integers(0, 40)), b_zero_point=int(rng.integers(-20, 20)), a_multiplier=a_mult,
+                 b_multiplier=b_mult, shift=shift, y_zero_point=int(rng.integers(lo // 2, hi // 2)), y_min=int(lo) + 2,
+                 y_max=int(hi), y_dtype=y_dtype)
+    node = onnx.helper.make_node("QAdd", ["a", "b"], ["y"], domain="edgeq", **attrs)
+    kernel = schedules.schedule_for(node, [shape, shape], None, {}, [a_dtype, b_dtype])
+    assert kernel is not None and kernel.variant == "qadd" and kernel.inputs == 2
+    got = schedules.run_kernel(schedules.build_kernel(kernel), kernel, a, b)
+    acc = ((a.astype(np.int64) - attrs["a_zero_point"]) * a_mult + (b.astype(np.int64) - attrs["b_zero_point"]) * b_mult)
+    if ties:
+        assert np.any(acc % 2**shift == 2 ** (shift - 1)), "the case never hits a rounding tie"
+    ref = np.clip(requantize(acc, np.int64(1), np.int64(shift)) + attrs["y_zero_point"], lo + 2, hi).astype(y_dtype)
+    assert len(np.unique(ref)) > 32
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_qadd_broadcast_or_constant_operand_stays_generic():
+    node = onnx.helper.make_node("QAdd", ["a", "b"], ["y"], domain="edgeq", a_multiplier=2**30, b_multiplier=2**30,
+                                 shift=31, y_min=0, y_max=255, y_dtype="uint8")
+    assert schedules.schedule_for(node, [(1, 8, 4, 4), (1, 8, 1, 1)], None, {}, ["uint8", "uint8"]) is None
+    constant = {"b": np.zeros((1, 8, 4, 4), np.uint8)}
+    assert schedules.schedule_for(node, [(1, 8, 4, 4), (1, 8, 4, 4)], None, constant, ["uint8", "uint8"]) is None
+
+
 def test_cross_targets_get_only_portable_kernels():
-    """The VNNI kernels are x86-only (LLVM aborts on them for aarch64); MaxPool and the
+    """The VNNI kernels are x86-only (LLVM aborts on them for aarch64); MaxPool, QAdd and the
     Quantize edge are plain TIR and build for aarch64 too."""
     import tvm
 
@@ -332,7 +370,10 @@ def test_cross_targets_get_only_portable_kernels():
     pool = onnx.helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     quant = onnx.helper.make_node("Quantize", ["x"], ["y"], domain="edgeq", scale=0.1, y_zero_point=3,
                                   y_min=0, y_max=255, y_dtype="uint8")
-    for portable, dtype in ((pool, "int8"), (quant, "float32")):
-        kernel = schedules.schedule_for(portable, [(1, 8, 20, 20)], None, {}, [dtype], target=aarch64)
+    add = onnx.helper.make_node("QAdd", ["a", "b"], ["y"], domain="edgeq", a_multiplier=2**30, b_multiplier=2**29,
+                                shift=31, y_min=0, y_max=255, y_dtype="uint8")
+    for portable, dtype in ((pool, "int8"), (quant, "float32"), (add, "uint8")):
+        kernel = schedules.schedule_for(portable, [(1, 8, 20, 20)] * len(portable.input), None, {},
+                                        [dtype] * len(portable.input), target=aarch64)
         assert kernel is not None
         tvm.tirx.build(kernel.func, target=aarch64)  # object code only: it cannot run here
