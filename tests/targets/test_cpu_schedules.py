@@ -268,9 +268,9 @@ def test_uncovered_nodes_fall_back_to_generic():
     # strides above 3 (phase planes are not worth it)
     node, x, w, bias, attrs = _case(rng, "QConv", (1, 8, 16, 16), (8, 8, 4, 4), "uint8", "uint8", True, strides=(4, 4))
     assert schedules.schedule_for(node, [x.shape], attrs, {"w": w, "b": bias}, ["uint8"]) is None
-    # QAdd has no kernel here
-    add = onnx.helper.make_node("QAdd", ["a", "b"], ["y"], domain="edgeq")
-    assert schedules.schedule_for(add, [(1, 4), (1, 4)], {}, {}, ["uint8", "uint8"]) is None
+    # QMul has no kernel here
+    mul = onnx.helper.make_node("QMul", ["a", "b"], ["y"], domain="edgeq")
+    assert schedules.schedule_for(mul, [(1, 4), (1, 4)], {}, {}, ["uint8", "uint8"]) is None
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 20, 21), (1, 3, 64, 67)])  # a tail of 12; 3 chunks + 3 vectors
