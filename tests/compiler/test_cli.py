@@ -1,5 +1,6 @@
 """The CLI's promises: exit 0 with outputs on success, exit 2 with one line and nothing written on user errors."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import onnx
 import pytest
 from onnx import helper
 
+from compiler import mixed, pipeline
 from compiler.cli import main
 from tests.tiny_models import random_inputs, tiny_cnn
 
@@ -280,3 +282,38 @@ def test_allocate_takes_the_weight_block_option_of_compile(workspace, capsys):
     code, _, _ = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
                          "--budget", "size=0.85", "--weight-block", "channel", "-o", workspace / "alloc", "-q")
     assert code == 0 and (workspace / "alloc" / "plan.json").exists()
+
+
+# The next two tests wait for changes outside this helper's files (asked of the lead): compiler/pipeline.py
+# taking WEIGHT_BITS from compiler.quantizers and refusing widths a target does not lower, and
+# compiler/mixed.allocate_command applying --weight-block. They run as soon as those are in.
+_PIPELINE_TAKES_W2 = 2 in pipeline.WEIGHT_BITS
+_ALLOCATE_APPLIES_WEIGHT_BLOCK = "weight_block" in inspect.getsource(mixed.allocate_command)
+
+
+@pytest.mark.skipif(not _PIPELINE_TAKES_W2, reason="compiler/pipeline.py WEIGHT_BITS lacks 2")
+def test_compile_bits_w2a8_on_onnx_and_refused_where_not_lowered(workspace, capsys):
+    import onnxruntime as ort
+
+    out = workspace / "out"
+    code, _, _ = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                         "--bits", "w2a8", "-o", out, "-q")
+    assert code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    weighted = [layer for layer in plan["layers"] if layer["w_bits"]]
+    assert weighted and all(layer["w_bits"] == 2 and "weight_storage" in layer["info"] for layer in weighted)
+    session = ort.InferenceSession(str(out / "model.qdq.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": random_inputs((3, 16, 16), 2)})[0].shape == (2, 10)
+    for target in ("cpu", "mcu"):
+        code, _, stderr = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                                  "--bits", "w2a8", "--target", target, "-o", workspace / target, "-q")
+        assert code == 2 and "2-bit" in stderr and stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not _ALLOCATE_APPLIES_WEIGHT_BLOCK, reason="compiler/mixed.allocate_command ignores --weight-block")
+def test_allocate_records_the_weight_block(workspace, capsys):
+    code, _, _ = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                         "--budget", "size=0.85", "--weight-block", "4", "-o", workspace / "alloc", "-q")
+    assert code == 0
+    plan = json.loads((workspace / "alloc" / "plan.json").read_text())
+    assert plan["weight_block_size"] == 4 and plan["recipe"]["weight_block_source"] == "--weight-block"
