@@ -33,6 +33,7 @@ from compiler.errors import EdgeqError
 from compiler.loader import load_model
 from compiler.ort_kernels import kernel_usage
 from compiler.plan import QuantPlan
+from compiler.quantizers import WEIGHT_BITS
 from compiler.recipe import (
     MIN_WEIGHT_BLOCK,
     Recipe,
@@ -54,7 +55,6 @@ from targets.base import CompileContext, get_target
 log = logging.getLogger(__name__)
 
 BITS_PATTERN = re.compile(r"^w(\d+)a(\d+)$")
-WEIGHT_BITS = (4, 8)  # int2: see passes/insert_qdq._OPSET_FOR_BITS
 ACTIVATION_BITS = (8, 16)
 TENSOR_SQNR_SAMPLES = 32
 
@@ -159,6 +159,10 @@ def compile_model(options: CompileOptions) -> CompileResult:
 
     w_bits, a_bits = parse_bits(options.bits)
     target = get_target(options.target)
+    lowered_widths = {w for w, _ in target.cost_model(options.device).bit_pairs}
+    if w_bits not in lowered_widths:
+        raise EdgeqError(f"--bits {options.bits}: target {options.target} does not lower {w_bits}-bit weights "
+                         f"(its weight widths: {', '.join(str(w) for w in sorted(lowered_widths))})")
     integer_only = target.needs_integer_graph
     model_path, source_model = stage("load", lambda: _load(options))
     float_model = stage("canonicalize", lambda: canonicalize(source_model))

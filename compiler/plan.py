@@ -111,10 +111,11 @@ class LayerPlan:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the weight at ``w_bits`` with sub-byte values packed."""
+        """Bytes of the weight as exported, sub-byte values packed: at ``w_bits``, or at the wider element
+        type the QDQ export stored it in (``info["weight_storage_bits"]``: 2-bit values in an int4 container)."""
         if not self.w_bits:
             return 0
-        return (self.weight_params * self.w_bits + 7) // 8
+        return (self.weight_params * self.info.get("weight_storage_bits", self.w_bits) + 7) // 8
 
 
 @dataclass

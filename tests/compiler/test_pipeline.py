@@ -39,12 +39,12 @@ def test_plan_json_lists_every_layer_with_bits_and_scales(bundled):
     assert plan["totals"]["weight_bytes"] == sum(layer["weight_params"] for layer in layers.values())
 
 
-@pytest.mark.parametrize("text,expected", [("w8a8", (8, 8)), ("W4A8", (4, 8)), ("w8a16", (8, 16))])
+@pytest.mark.parametrize("text,expected", [("w8a8", (8, 8)), ("W4A8", (4, 8)), ("w8a16", (8, 16)), ("w2a8", (2, 8))])
 def test_parse_bits(text, expected):
     assert parse_bits(text) == expected
 
 
-@pytest.mark.parametrize("text", ["8", "w8", "w5a8", "w2a8", "w8a4", "a8w8"])
+@pytest.mark.parametrize("text", ["8", "w8", "w5a8", "w1a8", "w8a4", "a8w8"])
 def test_parse_bits_rejects(text):
     with pytest.raises(EdgeqError, match="--bits"):
         parse_bits(text)
