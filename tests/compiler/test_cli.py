@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from compiler import mixed, pipeline
+from compiler import mixed
 from compiler.cli import main
 from tests.tiny_models import random_inputs, tiny_cnn
 
