@@ -380,9 +380,6 @@ def _emit_pack(xq, x, n, c, g: ConvGeometry, pp: PhasePlanes, zp_u8, signed: boo
     sh, sw = g.strides
     pt, pl = g.pads[0], g.pads[1]
     pw, plane = pp.plane_w, pp.plane_len
-    if dense and g.kernel == (1, 1) and g.strides == (1, 1) and not any(g.pads) and g.height * g.width >= LANES:
-        _emit_pack_flat(xq, x, n, c, g, plane, zp_u8, signed)
-        return
     for a, b in pp.used:
         h_lo, h_hi, w_lo, w_hi = pp.valid[(a, b)]
         full = _full_vectors(w_lo, w_hi, b - pl, sw, g.width)
@@ -431,18 +428,28 @@ def _emit_pack(xq, x, n, c, g: ConvGeometry, pp: PhasePlanes, zp_u8, signed: boo
         _emit_fill(xq, base + h_hi * pw * width, (plane - h_hi * pw) * width, zp_u8)
 
 
-def _emit_pack_flat(xq, x, n, c, g: ConvGeometry, plane: int, zp_u8, signed: bool) -> None:
-    """The pack of a 1x1, stride-1, unpadded conv: its plane is the image flattened, so the
-    channel group moves as one run of 16-pixel vectors (the last overlapping its predecessor)
-    instead of row by row with a byte-by-byte tail (the pack had been half the time of
-    MobileNetV2's 1x1 convs on 14x14 and 7x7 maps)."""
+def _packs_flat(g: ConvGeometry) -> bool:
+    """1x1, stride 1, no padding: the dense pack's plane is the image flattened."""
+    return g.kernel == (1, 1) and g.strides == (1, 1) and not any(g.pads) and g.height * g.width >= LANES
+
+
+def _emit_pack_flat(xq, x, n, tile, tile_pixels: int, g: ConvGeometry, plane: int, signed: bool) -> None:
+    """Pack pixel tile ``tile`` (``tile_pixels`` pixels) of every channel group of a
+    :func:`_packs_flat` conv: runs of 16-pixel vectors (the image's last one overlapping its
+    predecessor) instead of row by row with a byte-by-byte tail (the pack had been half the
+    time of MobileNetV2's 1x1 convs on 14x14 and 7x7 maps). Split by pixel tiles as the tile
+    loop is, each thread packs what its own tiles read (split by channel group, 2 threads had
+    each read half their input from the other core, and a 3-channel image did not split)."""
     pixels = g.height * g.width
-    base = c * plane * 4
-    for start in [min(v * LANES, pixels - LANES) for v in range(math.ceil(pixels / LANES))]:
-        # x[n, c, 0, start + i]: the flattened address of pixel start + i of channel c
-        value = _interleave4(x, n, c * 4, g.in_channels, 0, start, 1, signed)
-        IB.buffer_store(xq, value, [tirx.Ramp(base + start * 4, 1, LANES * 4)])
-    _emit_fill(xq, base + pixels * 4, (plane - pixels) * 4, zp_u8)
+    with IB.serial(0, math.ceil(g.in_channels / 4)) as c4:
+        for v in range(tile_pixels // LANES):
+            first = tile * tile_pixels + v * LANES
+            with IB.If(first < pixels):
+                with IB.Then():
+                    # x[n, c, 0, start + i]: the flattened address of pixel start + i of channel c
+                    start = tirx.min(first, pixels - LANES)
+                    value = _interleave4(x, n, c4 * 4, g.in_channels, 0, start, 1, signed)
+                    IB.buffer_store(xq, value, [tirx.Ramp((c4 * plane + start) * 4, 1, LANES * 4)])
 
 
 def conv_kernel(
@@ -494,6 +501,7 @@ def dense_kernel(
         return (c4 * NPH + a * sw + b) * L * 4
 
     pack_loop = _loop(C4 * len(pp.used) * L * 4, MIN_PARALLEL_BYTES)
+    packs_flat = _packs_flat(g)
     tile_loop = _loop(OC * GRID * C * taps if NOT * NQT > 1 else 0, MIN_PARALLEL_MACS)
     copy_loop = _loop(OC * Ho * Wo, MIN_PARALLEL_BYTES)
 
@@ -512,8 +520,14 @@ def dense_kernel(
         ygrid = T.alloc_buffer((1 if flat else OC * NQT * TP,), rq.y_dtype)
         yf = T.decl_buffer((N * OC * Ho * Wo,), rq.y_dtype, data=y.data)
         for n in range(N):
-            for c4 in pack_loop(C4):
-                _emit_pack(xq, x, n, c4, g, pp, zp_u8, signed, True)
+            if packs_flat:
+                for t in pack_loop(NQT):
+                    _emit_pack_flat(xq, x, n, t, TP, g, L, signed)
+                for c4 in range(C4):  # the slack past the image: read only by lanes never stored
+                    _emit_fill(xq, (c4 * L + H * W) * 4, (L - H * W) * 4, zp_u8)
+            else:
+                for c4 in pack_loop(C4):
+                    _emit_pack(xq, x, n, c4, g, pp, zp_u8, signed, True)
             # Tile t = pixel tile t // NOT, channel block t % NOT: pixel-major, so each thread
             # reads only its share of the packed input (channel-major split a 1x1 conv with
             # 16-32 output channels by channel block: every thread read all of xq, and 2
