@@ -70,13 +70,23 @@ class AllocatorOptions:
     the plain ILP on single-layer sensitivities -- the held-out differences
     between near-optimal plans are smaller than the sampling noise -- so that
     is the default; the others stay available as options.
+    ``sensitivity_samples``: calibration samples the sensitivities are measured
+    on (the first ones; all when fewer). 128, not 32: bootstrapping the
+    calibration sources (benchmarks/mixed.md), a layer's entry varies by ~20-30 %
+    of its value with 32 samples and ~13-17 % with 128 (less gained where the
+    samples are crops of few photos); the table's time grows about linearly
+    (MobileNetV2 with --budget compiles in about 4 min on 2 busy cores). On the
+    three benchmark models the ILP picks the same plans with either, and it
+    still is not ahead of greedy at every budget on the evaluation photos --
+    there the calibration data itself rates the ILP plan at least as faithful
+    at every point it loses (benchmarks/mixed.md).
     """
 
     sensitivity: str = "single-layer"
     rerank: int = 0
     refine: int = 0
     context: tuple[int, int] = (8, 8)
-    sensitivity_samples: int = 32
+    sensitivity_samples: int = 128
     rerank_samples: int = 32
     pairs: tuple[tuple[int, int], ...] | None = None  # None: the target cost model's bit_pairs
 

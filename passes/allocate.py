@@ -23,8 +23,11 @@ quantizer are tied anyway). Tie groups share a_bits through one binary per
 :func:`allocate_k_best` returns the ILP's ``k`` best distinct plans (no-good
 cuts); :func:`allocate_reranked` takes the one of them a measurement of the
 whole exported plan finds most faithful (the summed sensitivities are only
-approximately additive). Online float ops a transform inserted are charged
-as fixed costs (``CostModel.fixed_costs``).
+approximately additive). With ``scenarios`` (bootstrap draws of the table,
+passes/sensitivity.bootstrap_tables) :func:`allocate` minimises the mean of
+the plan's worst ``tail`` totals over them instead (CVaR, still one ILP).
+Online float ops a transform inserted are charged as fixed costs
+(``CostModel.fixed_costs``).
 
 :func:`greedy` is the baseline edgeq is compared with (HAWQ-style: start at
 the highest bits, demote the layer that loses least sensitivity per unit of

@@ -29,6 +29,10 @@ Two estimates:
   kernel window taken as uncorrelated). Weightless layers (Add, pooling,
   Concat) get the input quantization noise-to-signal ratio.
 
+:func:`measured_sample_sensitivity` keeps the measured distances per
+calibration sample: :func:`mean_table` averages any subset of them and
+:func:`bootstrap_tables` resamples them (by source, e.g. photo), which gives
+the sampling noise of every entry and of a plan's total without re-running.
 :func:`spearman` compares the two rankings (reported in benchmarks/mixed.md).
 :class:`PlanDistance` measures whole plans the same way (the allocator's
 re-ranking of its best candidates).

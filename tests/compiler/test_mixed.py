@@ -22,7 +22,7 @@ def _setup(samples: int = 48):
 
 def test_reranked_and_refined_allocation_measures_held_out_and_records_how():
     model, plan, calib = _setup()
-    options = AllocatorOptions(sensitivity="in-context", rerank=8, refine=2)
+    options = AllocatorOptions(sensitivity="in-context", rerank=8, refine=2, sensitivity_samples=32)
     mixed = allocate_bits(model, plan, calib, get_target("onnx"), None, "size=0.7", integer_only=False,
                           options=options)
     record = plan.totals["allocation"]["allocator"]
@@ -51,7 +51,7 @@ def test_reranked_and_refined_allocation_measures_held_out_and_records_how():
 
 
 def test_single_layer_without_reranking_is_the_plain_ilp_optimum():
-    model, plan, calib = _setup(24)  # fewer samples than the sensitivity wants: nothing held out
+    model, plan, calib = _setup(24)  # fewer samples than the sensitivity wants (128): nothing held out
     options = AllocatorOptions(sensitivity="single-layer", rerank=0, refine=0, pairs=((4, 8), (8, 8)))
     mixed = allocate_bits(model, plan, calib, get_target("onnx"), None, "size=0.7", integer_only=False,
                           options=options)
