@@ -159,6 +159,7 @@ CONV_CASES = [
     ((1, 8, 11, 11), (8, 1, 3, 7), dict(group=8, pads=(1, 3, 1, 3), dilations=(1, 2)), "conv_depthwise"),
     # Big enough for the parallel loops (pack, tiles, compaction; depthwise channels).
     ((1, 32, 48, 48), (32, 32, 3, 3), dict(pads=(1, 1, 1, 1)), "conv_dense"),
+    ((1, 16, 56, 56), (24, 16, 1, 1), {}, "conv_dense"),  # 1x1: the flat pack split by pixel tiles
     ((1, 64, 28, 28), (64, 1, 3, 3), dict(group=64, pads=(1, 1, 1, 1)), "conv_depthwise"),
 ]
 DEPTHWISE_CASES = [case for case in CONV_CASES if case[3] == "conv_depthwise"]
