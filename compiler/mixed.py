@@ -96,14 +96,19 @@ class AllocatorOptions:
                              f"(choose from {', '.join(SENSITIVITY_MODES)})")
         if self.rerank < 0 or self.refine < 0:
             raise EdgeqError(f"rerank and refine must be >= 0, not {self.rerank} / {self.refine}")
+        if self.sensitivity_samples < 1:
+            raise EdgeqError(f"sensitivity samples must be >= 1, not {self.sensitivity_samples}")
 
 
 SENSITIVITY_MODES = ("in-context", "single-layer", "proxy")
 
 
 def allocator_options(args: argparse.Namespace) -> AllocatorOptions:
-    """The allocator options of ``edgeq compile`` / ``edgeq allocate`` (--sensitivity, --rerank, --refine)."""
-    return AllocatorOptions(sensitivity=args.sensitivity, rerank=args.rerank, refine=args.refine)
+    """The allocator options of ``edgeq compile`` / ``edgeq allocate`` (--sensitivity, --rerank, --refine,
+    and --sensitivity-samples where the CLI defines it)."""
+    samples = getattr(args, "sensitivity_samples", None)
+    extra = {"sensitivity_samples": samples} if samples is not None else {}
+    return AllocatorOptions(sensitivity=args.sensitivity, rerank=args.rerank, refine=args.refine, **extra)
 
 
 @dataclass

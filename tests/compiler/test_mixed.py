@@ -67,6 +67,18 @@ def test_bad_allocator_options_are_user_errors():
         AllocatorOptions(rerank=-1)
     with pytest.raises(EdgeqError, match="refine"):
         AllocatorOptions(refine=-1)
+    with pytest.raises(EdgeqError, match="sensitivity samples"):
+        AllocatorOptions(sensitivity_samples=0)
+
+
+def test_cli_options_take_sensitivity_samples_when_the_cli_defines_it():
+    import argparse
+
+    from compiler.mixed import allocator_options
+
+    base = {"sensitivity": "single-layer", "rerank": 0, "refine": 0}
+    assert allocator_options(argparse.Namespace(**base)).sensitivity_samples == AllocatorOptions().sensitivity_samples
+    assert allocator_options(argparse.Namespace(**base, sensitivity_samples=40)).sensitivity_samples == 40
 
 
 def test_16_bit_activations_are_offered_where_the_budget_prices_them():
