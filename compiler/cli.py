@@ -62,6 +62,8 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
     allocator.add_argument("--sensitivity", default="single-layer", choices=["single-layer", "in-context", "proxy"],
                            help="layer sensitivity: each layer quantized alone (default), inside the all-w8a8 plan, "
                                 "or the second-moment proxy (nothing run)")
+    allocator.add_argument("--sensitivity-samples", type=int, default=None, metavar="N",
+                           help="calibration samples the sensitivities are measured on (default 128)")
     allocator.add_argument("--rerank", type=int, default=0, metavar="K",
                            help="export the ILP's K best plans and keep the one closest to float on held-out "
                                 "calibration samples")

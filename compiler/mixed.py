@@ -331,6 +331,8 @@ def allocate_command(args: argparse.Namespace) -> int:
     from compiler.atomic import atomic_dir
     from compiler.data import load_calibration
     from compiler.loader import load_model
+    from compiler.pipeline import choose_weight_block
+    from compiler.recipe import resolve_recipe
     from passes.canonicalize import canonicalize
     from passes.select_layers import select_layers
     from targets.base import get_target
@@ -346,6 +348,8 @@ def allocate_command(args: argparse.Namespace) -> int:
     integer_only = target.needs_integer_graph
     plan = select_layers(model, integer_only=integer_only)
     plan.model, plan.target = args.model, args.target
+    plan.weight_block_size, plan.recipe["weight_block_source"] = choose_weight_block(
+        args.weight_block, resolve_recipe(args.recipe, model), args.target, integer_only)
     options = allocator_options(args)
     budget = parse_budget(args.budget) if args.budget else {}
     metrics = resolve_metric_names(budget)
