@@ -238,14 +238,10 @@ def _shift_clip(product: tirx.PrimExpr, shift_by, rnd_minus_one, rq: Requant) ->
     exact ties toward the even neighbour (compiler.requant's rule), in 5 ops.
     """
     lanes = _lanes(product)
-
-    def const(value):
-        c = tirx.const(value, "int64")
-        return c if lanes == 1 else tirx.Broadcast(c, lanes)
-
-    odd = tirx.bitwise_and(tirx.shift_right(product, shift_by), const(1))
+    odd = tirx.bitwise_and(tirx.shift_right(product, shift_by), _splat(1, "int64", lanes))
     value = tirx.shift_right(product + rnd_minus_one + odd, shift_by)
-    value = tirx.min(tirx.max(value + const(rq.y_zero_point), const(rq.y_min)), const(rq.y_max))
+    value = tirx.min(tirx.max(value + _splat(rq.y_zero_point, "int64", lanes), _splat(rq.y_min, "int64", lanes)),
+                     _splat(rq.y_max, "int64", lanes))
     return tirx.Cast(rq.y_dtype if lanes == 1 else f"{rq.y_dtype}x{lanes}", value)
 
 
@@ -1031,6 +1027,30 @@ def gemm_kernel(
 
 
 
+def _splat(value, dtype: str, lanes: int) -> tirx.PrimExpr:
+    """The constant ``value`` of ``dtype``: a scalar, or broadcast to ``lanes`` lanes."""
+    constant = tirx.const(value, dtype)
+    return constant if lanes == 1 else tirx.Broadcast(constant, lanes)
+
+
+def _emit_elementwise(y, inputs: list, size: int, chunk: int, value_of) -> None:
+    """Emit ``y[i] = value_of(inputs[0][i], ...)`` over ``size`` flat elements: explicit
+    16-lane ramps, parallel over chunks of about ``chunk`` elements, a scalar tail. (A loop
+    that LLVM had to vectorize itself came out as gathers and byte-by-byte scatters, 4x
+    slower than numpy.)"""
+    vectors, tail = divmod(size, LANES)
+    per_chunk = max(chunk // LANES, 1)  # vectors per parallel iteration
+    chunks = math.ceil(vectors / per_chunk)
+    loop = IB.parallel if chunks > 1 and size >= MIN_PARALLEL_BYTES else IB.serial
+    with loop(0, chunks) as t:
+        with IB.serial(0, tirx.min(per_chunk, vectors - t * per_chunk)) as i:
+            lanes = tirx.Ramp((t * per_chunk + i) * LANES, 1, LANES)
+            IB.buffer_store(y, value_of(*(tirx.BufferLoad(x, [lanes]) for x in inputs)), [lanes])
+    for i in range(tail):
+        index = vectors * LANES + i
+        IB.buffer_store(y, value_of(*(tirx.BufferLoad(x, [index]) for x in inputs)), [index])
+
+
 def qadd_kernel(
     shape: tuple[int, ...], a_dtype: str, b_dtype: str, a_zero_point: int, b_zero_point: int,
     a_multiplier: int, b_multiplier: int, shift: int, rq: Requant, chunk: int = 4096,
@@ -1042,22 +1062,13 @@ def qadd_kernel(
     element). Parameters: ``a shape a_dtype``, ``b shape b_dtype``, ``y shape rq.y_dtype``.
     """
     size = math.prod(shape)
-    vectors, tail = divmod(size, LANES)
-    per_chunk = max(chunk // LANES, 1)  # vectors per parallel iteration
-    chunks = math.ceil(vectors / per_chunk)
-    chunk_loop = _loop(size if chunks > 1 else 0, MIN_PARALLEL_BYTES)
 
     def add(va, vb):
         lanes = _lanes(va)
         i64 = "int64" if lanes == 1 else f"int64x{lanes}"
-
-        def const(value):
-            c = tirx.const(value, "int64")
-            return c if lanes == 1 else tirx.Broadcast(c, lanes)
-
-        acc = ((tirx.Cast(i64, va) - const(a_zero_point)) * const(a_multiplier)
-               + (tirx.Cast(i64, vb) - const(b_zero_point)) * const(b_multiplier))
-        return _shift_clip(acc, const(shift), const((1 << (shift - 1)) - 1), rq)
+        acc = ((tirx.Cast(i64, va) - _splat(a_zero_point, "int64", lanes)) * _splat(a_multiplier, "int64", lanes)
+               + (tirx.Cast(i64, vb) - _splat(b_zero_point, "int64", lanes)) * _splat(b_multiplier, "int64", lanes))
+        return _shift_clip(acc, _splat(shift, "int64", lanes), _splat((1 << (shift - 1)) - 1, "int64", lanes), rq)
 
     @T.prim_func
     def qadd(as_: T.Buffer(shape, a_dtype), bs: T.Buffer(shape, b_dtype), ys: T.Buffer(shape, rq.y_dtype)):
@@ -1065,12 +1076,7 @@ def qadd_kernel(
         a = T.decl_buffer((size,), a_dtype, data=as_.data)
         b = T.decl_buffer((size,), b_dtype, data=bs.data)
         y = T.decl_buffer((size,), rq.y_dtype, data=ys.data)
-        for t in chunk_loop(chunks):
-            for i in range(T.min(per_chunk, vectors - t * per_chunk)):
-                y[T.ramp((t * per_chunk + i) * LANES, 1, LANES)] = add(
-                    a[T.ramp((t * per_chunk + i) * LANES, 1, LANES)], b[T.ramp((t * per_chunk + i) * LANES, 1, LANES)])
-        for i in range(tail):
-            y[vectors * LANES + i] = add(a[vectors * LANES + i], b[vectors * LANES + i])
+        _emit_elementwise(y, [a, b], size, chunk, add)
 
     return qadd
 
@@ -1087,36 +1093,19 @@ def quantize_kernel(
     Parameters: ``x shape float32``, ``y shape dtype``.
     """
     size = math.prod(shape)
-    vectors, tail = divmod(size, LANES)
-    per_chunk = max(chunk // LANES, 1)  # vectors per parallel iteration
-    chunks = math.ceil(vectors / per_chunk)
-    chunk_loop = _loop(size if chunks > 1 else 0, MIN_PARALLEL_BYTES)
-    scale_c = tirx.const(scale, "float32")
 
     def quantize(value):
         lanes = _lanes(value)
-
-        def const(v):
-            c = tirx.const(float(v), "float32")
-            return c if lanes == 1 else tirx.Broadcast(c, lanes)
-
-        rounded = tirx.nearbyint(value / (scale_c if lanes == 1 else tirx.Broadcast(scale_c, lanes))) + const(zero_point)
-        clipped = tirx.min(tirx.max(rounded, const(qmin)), const(qmax))
+        rounded = tirx.nearbyint(value / _splat(scale, "float32", lanes)) + _splat(float(zero_point), "float32", lanes)
+        clipped = tirx.min(tirx.max(rounded, _splat(float(qmin), "float32", lanes)), _splat(float(qmax), "float32", lanes))
         as_int = tirx.Cast("int32" if lanes == 1 else f"int32x{lanes}", clipped)
         return tirx.Cast(dtype if lanes == 1 else f"{dtype}x{lanes}", as_int)
 
-    # Explicit 16-lane ramps: a loop that LLVM had to vectorize itself came out as gathers
-    # and byte-by-byte scatters (4x slower than numpy).
     @T.prim_func
     def quantize_edge(xs: T.Buffer(shape, "float32"), ys: T.Buffer(shape, dtype)):
         T.func_attr({"tirx.noalias": True})
         x = T.decl_buffer((size,), "float32", data=xs.data)
         y = T.decl_buffer((size,), dtype, data=ys.data)
-        for t in chunk_loop(chunks):
-            for i in range(T.min(per_chunk, vectors - t * per_chunk)):
-                y[T.ramp((t * per_chunk + i) * LANES, 1, LANES)] = quantize(
-                    x[T.ramp((t * per_chunk + i) * LANES, 1, LANES)])
-        for i in range(tail):
-            y[vectors * LANES + i] = quantize(x[vectors * LANES + i])
+        _emit_elementwise(y, [x], size, chunk, quantize)
 
     return quantize_edge
