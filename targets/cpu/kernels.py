@@ -695,8 +695,21 @@ class DirectWindows:
     def __init__(self, g: ConvGeometry, rows: int, col_starts: list[int]) -> None:
         self.g, self.rows, self.col_starts = g, rows, col_starts
         self.wide = g.out_width >= LANES
-        self.fits = True  # every window's input bytes lie within 64 bytes of its start
-        self.max_start = 0  # largest load start within a channel (for the tail channels)
+        self._plans: dict[tuple, tuple[int, list[int], int] | None] = {}  # (start, indices, span)
+        # Every window the kernel emits, planned once: wide rows one by one (and the interior
+        # loop's, None), narrow rows by groups of ``rows`` (the last overlapping its predecessor).
+        row_groups = ([*range(g.out_height), None] if self.wide
+                      else sorted({min(k * rows, g.out_height - rows) for k in range(math.ceil(g.out_height / rows))}))
+        for oh0 in row_groups:
+            for v in range(len(col_starts)):
+                for kh in range(g.kernel[0]):
+                    for gi in range(math.ceil(g.kernel[1] / 4)):
+                        self.plan(v, kh, gi, oh0)
+        windows = [(key[3], window) for key, window in self._plans.items() if window is not None]
+        self.fits = all(span < 64 for _, (_, _, span) in windows)  # each window's bytes in one 64-byte load
+        # the largest load start within a channel (decides the tail channels)
+        self.max_start = max((oh0 * g.strides[0] * g.width + start for oh0, (start, _, _) in windows
+                              if oh0 is not None), default=0)
 
     def lanes(self, v: int) -> list[tuple[int, int] | None]:
         """(output row offset, output column) of each lane of vector ``v``; None: unused lane."""
@@ -709,6 +722,13 @@ class DirectWindows:
         """(start relative to row ``oh0 * stride_h`` of the channel, byte indices into
         [load | zero points]) of one window, or None when every lane reads padding.
         ``oh0`` None: an interior row group, where every tap row is inside the image."""
+        key = (v, kh, gi, oh0)
+        if key not in self._plans:
+            self._plans[key] = self._plan(v, kh, gi, oh0)
+        window = self._plans[key]
+        return None if window is None else window[:2]
+
+    def _plan(self, v: int, kh: int, gi: int, oh0: int | None) -> tuple[int, list[int], int] | None:
         g = self.g
         (sh, sw), (dh, dw) = g.strides, g.dilations
         positions = []
@@ -728,11 +748,7 @@ class DirectWindows:
         if not valid:
             return None
         start = min(valid)
-        if max(valid) - start >= 64:
-            self.fits = False
-        if oh0 is not None:
-            self.max_start = max(self.max_start, oh0 * sh * g.width + start)
-        return start, [64 if p is None else p - start for p in positions]
+        return start, [64 if p is None else p - start for p in positions], max(valid) - start
 
 
 def _emit_depthwise_direct(x, w, bias, mult, rnd, shift, y, yf, n, c, g: ConvGeometry, windows: DirectWindows,
@@ -848,11 +864,6 @@ def depthwise_vnni_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: 
     # all but the last few, whose 64-byte loads could run past the end of x; those, or every
     # channel when some window spans more than 64 bytes, take the padded plane.
     windows = DirectWindows(g, rows, col_starts)
-    for v in range(NV):
-        for kh in range(KH):
-            for gi in range(G):
-                for oh0 in range(Ho) if wide else sorted({min(k * rows, Ho - rows) for k in range(groups)}):
-                    windows.plan(v, kh, gi, oh0)
     tail = math.ceil((windows.max_start + 64 - H * W) / (H * W)) if windows.fits else C
     direct = max(0, C - max(tail, 0))
 
