@@ -155,13 +155,10 @@ def _label(name: str, block: str, weight_blocks: list[str]) -> str:
 def bench_model(case: Case, bits_list: list[str], only: list[str] | None, work: Path, with_ort: bool,
                 weight_blocks: list[str] | None = None) -> dict:
     print(f"== {case.name}", file=sys.stderr, flush=True)
-    model_path = case.model_path()
-    calib = case.calib()
-    eval_inputs, labels = case.evaluation()
-    float_model = onnx.load(str(model_path))
-    output = float_model.graph.output[0].name
-    reference = run_model(float_model, eval_inputs)[output]
-    family = model_family(float_model)
+    ready = case.prepare()
+    model_path, calib, eval_inputs, labels = ready.model_path, ready.calib, ready.eval_inputs, ready.labels
+    output, reference = ready.output, ready.reference
+    family = model_family(ready.float_model)
     configs = CONFIGS["transformer" if family == "transformer" else "cnn"]
     result = {"model": case.name, "family": family, "calib_samples": int(next(iter(calib.values())).shape[0]),
               "eval_samples": int(next(iter(eval_inputs.values())).shape[0]), "bits": {}}

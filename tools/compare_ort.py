@@ -49,6 +49,29 @@ class Case:
     kind: str  # "accuracy", "classifier", "embedding"
     ort_configs: tuple[tuple[str, tuple[str, ...] | None], ...] = (("all ops", None),)
 
+    def prepare(self) -> Prepared:
+        """Build the model, load its data and run the float model on the evaluation inputs."""
+        model_path = self.model_path()
+        calib = self.calib()
+        eval_inputs, labels = self.evaluation()
+        float_model = onnx.load(str(model_path))
+        output = float_model.graph.output[0].name
+        reference = run_model(float_model, eval_inputs)[output]
+        return Prepared(model_path, float_model, calib, eval_inputs, labels, output, reference)
+
+
+@dataclass
+class Prepared:
+    """A :class:`Case` ready to score: its float model, data and the float model's outputs."""
+
+    model_path: Path
+    float_model: onnx.ModelProto
+    calib: dict[str, np.ndarray]
+    eval_inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    output: str  # the scored output's name
+    reference: np.ndarray  # the float model's output on eval_inputs
+
 
 def _image_case(name: str, calib_samples: int) -> Case:
     from models import photos, zoo
@@ -137,12 +160,9 @@ def latencies_ms(paths: dict[str, Path], sample: dict[str, np.ndarray], runs: in
 
 def compare(case: Case, work: Path, runs: int) -> dict:
     print(f"== {case.name}", file=sys.stderr, flush=True)
-    model_path = case.model_path()
-    calib = case.calib()
-    eval_inputs, labels = case.evaluation()
-    float_model = onnx.load(str(model_path))
-    output = float_model.graph.output[0].name
-    reference = run_model(float_model, eval_inputs)[output]
+    ready = case.prepare()
+    model_path, calib, eval_inputs, labels = ready.model_path, ready.calib, ready.eval_inputs, ready.labels
+    output, reference = ready.output, ready.reference
     result: dict = {"model": case.name, "calib_samples": int(next(iter(calib.values())).shape[0]),
                     "eval_samples": int(next(iter(eval_inputs.values())).shape[0])}
     if labels is not None:

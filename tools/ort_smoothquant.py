@@ -248,12 +248,9 @@ def run(args: argparse.Namespace) -> dict:
     result["versions"] = venv_versions(python)
 
     case = cases(["minilm"], args.calib_samples)[0]
-    model_path = case.model_path()
-    calib = case.calib()
-    eval_inputs, _ = case.evaluation()
-    float_model = onnx.load(str(model_path))
-    output = float_model.graph.output[0].name
-    reference = run_model(float_model, eval_inputs)[output]
+    ready = case.prepare()
+    model_path, calib, eval_inputs = ready.model_path, ready.calib, ready.eval_inputs
+    output, reference = ready.output, ready.reference
     result["calib_samples"] = int(next(iter(calib.values())).shape[0])
     result["eval_samples"] = int(next(iter(eval_inputs.values())).shape[0])
 
