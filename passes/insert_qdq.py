@@ -8,9 +8,13 @@ kernels (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, ...):
   * weights are stored as integers (int8, or int4 with opset 21) feeding a
     per-channel DequantizeLinear; biases as int32 with scale ``sx * sw``;
   * 2-bit weights are stored as INT2 (opset 25) where onnxruntime runs an INT2
-    DequantizeLinear feeding that layer (:func:`int2_runs_in_onnxruntime`),
-    otherwise as an INT4 tensor holding the same 2-bit values with the same
-    scales ("int4 container"); ``layer.info["weight_storage"]`` says which;
+    DequantizeLinear feeding that layer (:func:`int2_weight_form`): as the
+    grid's own DequantizeLinear, or, for a per-channel Gemm weight between
+    8-bit activations, as a block-wise one with one block per output channel
+    (same scales; onnxruntime fuses only the per-axis form, into a kernel that
+    refuses INT2); otherwise as an INT4 tensor holding the same 2-bit values
+    with the same scales ("int4 container"); ``layer.info["weight_storage"]``
+    says which;
   * with ``plan.weight_block_size``, sub-8-bit MatMul/Gemm weights feed a
     block-wise DequantizeLinear instead (``axis`` = the reduction axis,
     ``block_size``, opset 21; ``compiler.quantizers.layer_weight_grid`` says
@@ -108,6 +112,33 @@ def int2_runs_in_onnxruntime(op_type: str, block_wise: bool, input_bits: int | N
     """
     fused_outputs = _ORT_INT8_FUSION_OUTPUTS.get((op_type, bool(block_wise)), frozenset())
     return not (input_bits == 8 and output_bits in fused_outputs)
+
+
+# Ops whose weight is always a matrix, so a per-channel grid is also a block-wise one with a
+# single block spanning the reduction axis (scale shape [N, 1] or [1, N]: the same scales).
+# Not Conv: onnxruntime fuses a Conv whose weight DequantizeLinear is block-wise as readily as a
+# per-axis one (tests/passes/test_insert_qdq_int2.py probes both).
+ONE_BLOCK_OPS = frozenset({"Gemm"})
+INT2 = "int2"
+INT2_ONE_BLOCK = "int2 one block"
+INT2_CONTAINER = "container"
+
+
+def int2_weight_form(op_type: str, block_wise: bool, input_bits: int | None, output_bits: int | None) -> str:
+    """How the QDQ export stores a 2-bit weight of this layer so that onnxruntime runs it.
+
+    :data:`INT2` (the grid's own DequantizeLinear), :data:`INT2_ONE_BLOCK` (a
+    per-channel grid written as a block-wise DequantizeLinear with one block
+    per output channel: onnxruntime fuses the per-axis form into a kernel that
+    refuses INT2 but runs the block-wise form as DequantizeLinear + the float
+    op) or :data:`INT2_CONTAINER` (the 2-bit values in an INT4 tensor).
+    """
+    if int2_runs_in_onnxruntime(op_type, block_wise, input_bits, output_bits):
+        return INT2
+    if not block_wise and op_type in ONE_BLOCK_OPS and int2_runs_in_onnxruntime(op_type, True, input_bits,
+                                                                                output_bits):
+        return INT2_ONE_BLOCK
+    return INT2_CONTAINER
 
 
 @dataclass
@@ -303,8 +334,15 @@ def weight_storage_bits(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPla
     block_wise = _weight_quant(model, plan, layer).block_wise
     input_bits = _quantizer_bits(plan, layer.inputs[0] if layer.inputs else None)
     output_bits = _quantizer_bits(plan, _layer_output(model, layer))
-    if int2_runs_in_onnxruntime(layer.op_type, block_wise, input_bits, output_bits):
+    form = int2_weight_form(layer.op_type, block_wise, input_bits, output_bits)
+    if form == INT2:
         layer.info.update(weight_storage="int2", weight_storage_bits=2)
+        return 2
+    if form == INT2_ONE_BLOCK:
+        layer.info.update(weight_storage=f"int2, one DequantizeLinear block per output channel (onnxruntime fuses "
+                                         f"{layer.op_type} with a per-axis weight and 8-bit activations into a "
+                                         f"kernel that refuses int2, not with a block-wise one)",
+                          weight_storage_bits=2, weight_one_block=True)
         return 2
     layer.info.update(weight_storage=f"int{INT2_CONTAINER_BITS} container (onnxruntime fuses {layer.op_type} with "
                                      f"8-bit activations into a kernel that refuses int2)",
@@ -349,7 +387,9 @@ def _quantize_weight_and_bias(model: onnx.ModelProto, plan: QuantPlan, layer: La
         _widen_scales_for_int32_bias(tq, bias, float(input_quant.scale[0]))
     q_weight = quantize_weight(weight, tq.scale_array(), tq.axis, tq.bits, tq.block_size,
                                tq.zero_point_array() if tq.block_wise else None)
-    node.input[1] = _dequantized_initializer(model, layer.weight, q_weight, tq, new_name, storage_bits)
+    one_block_axis = 1 - tq.axis if layer.info.get("weight_one_block") else None
+    node.input[1] = _dequantized_initializer(model, layer.weight, q_weight, tq, new_name, storage_bits,
+                                             one_block_axis)
 
     if input_quant is None or bias is None:
         return  # no bias, the input stays float, or block-wise weights: the bias stays float too
@@ -392,11 +432,13 @@ def _integer_initializer(name: str, values: np.ndarray, bits: int, signed: bool)
 
 
 def _dequantized_initializer(model, name: str, q_value: np.ndarray, tq: TensorQuant, new_name,
-                             storage_bits: int | None = None) -> str:
+                             storage_bits: int | None = None, one_block_axis: int | None = None) -> str:
     """Store ``q_value`` as an integer initializer behind a DequantizeLinear; return its output.
 
     ``storage_bits``: width of the stored element type (default ``tq.bits``;
-    wider for 2-bit values in an int4 container).
+    wider for 2-bit values in an int4 container). ``one_block_axis``: write the
+    per-channel grid of a matrix as block-wise along this (reduction) axis, one
+    block spanning it (:data:`INT2_ONE_BLOCK`).
     """
     storage_bits = storage_bits or tq.bits
     q_name = new_name(f"{name}_quantized")
@@ -407,12 +449,18 @@ def _dequantized_initializer(model, name: str, q_value: np.ndarray, tq: TensorQu
         set_initializer(model, q_name, q_value)
     per_channel = tq.axis is not None and (len(tq.scale) > 1 or tq.block_wise)
     scale = tq.scale_array() if per_channel else np.float32(tq.scale[0])
-    set_initializer(model, scale_name, scale)
-    zero = tq.zero_point_array() if tq.block_wise else np.zeros(scale.shape, dtype=np.int64)
-    model.graph.initializer.append(_integer_initializer(zp_name, zero.reshape(scale.shape), storage_bits, tq.signed))
     attrs = {"axis": tq.axis} if per_channel else {}
     if tq.block_wise:
         attrs["block_size"] = tq.block_size
+    elif one_block_axis is not None:
+        block_shape = list(q_value.shape)
+        block_shape[one_block_axis] = 1
+        scale = np.broadcast_to(scale.reshape([-1 if axis == tq.axis else 1 for axis in range(q_value.ndim)]),
+                                block_shape).astype(np.float32)
+        attrs = {"axis": one_block_axis, "block_size": q_value.shape[one_block_axis]}
+    set_initializer(model, scale_name, scale)
+    zero = tq.zero_point_array() if tq.block_wise else np.zeros(scale.shape, dtype=np.int64)
+    model.graph.initializer.append(_integer_initializer(zp_name, zero.reshape(scale.shape), storage_bits, tq.signed))
     model.graph.node.append(helper.make_node(
         "DequantizeLinear", [q_name, scale_name, zp_name], [out_name], name=new_name(f"{name}_DequantizeLinear"), **attrs))
     return out_name

@@ -6,14 +6,15 @@ stay None; a latency or energy budget for this target is refused by the
 allocator with a message naming the metric.
 
 Weight bytes are those of the element type the QDQ export stores: 2-bit
-weights are INT2 (0.25 byte each) only where onnxruntime runs an INT2
-DequantizeLinear for the layer, else int4 containers (0.5 byte each) --
+weights are INT2 (0.25 byte each) where onnxruntime runs an INT2
+DequantizeLinear for the layer (per-channel Gemm weights written as one
+block per channel included), else int4 containers (0.5 byte each) --
 :func:`stored_weight_bits`.
 """
 
 from __future__ import annotations
 
-from passes.insert_qdq import INT2_CONTAINER_BITS, int2_runs_in_onnxruntime
+from passes.insert_qdq import INT2_CONTAINER, INT2_CONTAINER_BITS, int2_weight_form
 from targets.base import CostModel, LayerCost, LayerShape, packed_bytes
 from targets.cost_common import base_layer_cost
 
@@ -24,12 +25,13 @@ def stored_weight_bits(op_type: str, w_bits: int, a_bits: int) -> int:
     The cost model sees neither the weight's granularity nor whether the
     layer's output is quantized, so it assumes the usual context: per-channel
     weights between an input and an output quantized at ``a_bits``. Where the
-    export can do better (a last layer with a float output, block-wise Gemm
-    weights: INT2) the cost is an upper bound.
+    export can do better (e.g. a last Conv with a float output: INT2) the cost
+    is an upper bound.
     """
     if w_bits != 2:
         return w_bits
-    return 2 if int2_runs_in_onnxruntime(op_type, False, a_bits, a_bits) else INT2_CONTAINER_BITS
+    form = int2_weight_form(op_type, False, a_bits, a_bits)
+    return INT2_CONTAINER_BITS if form == INT2_CONTAINER else 2
 
 
 class OnnxCostModel(CostModel):

@@ -23,9 +23,13 @@ from compiler.graph import attribute, initializer_array, opset_version
 from compiler.quantizers import fake_quantize_weight
 from passes.canonicalize import canonicalize
 from passes.insert_qdq import (
+    INT2,
+    INT2_CONTAINER,
     INT2_CONTAINER_BITS,
+    INT2_ONE_BLOCK,
     dequantized_value,
     int2_runs_in_onnxruntime,
+    int2_weight_form,
     quantize_model,
     tensors_to_calibrate,
 )
@@ -39,6 +43,13 @@ PROBE_OPS = {
     "ConvTranspose": ([3, 4, 3, 3], [1, 3, 6, 6], 1, None, {}),
     "Gemm": ([4, 16], [2, 16], 0, 1, {"transB": 1}),
     "MatMul": ([16, 4], [2, 16], 1, 0, {}),
+}
+# The same for a per-channel grid written as one block per output channel (block axis = the whole
+# reduction axis): a 1x1 convolution's weight is a matrix too.
+ONE_BLOCK_PROBE_OPS = {
+    "Conv": ([4, 16, 1, 1], [1, 16, 5, 5], 0, 1, {}),
+    "Gemm": PROBE_OPS["Gemm"],
+    "MatMul": PROBE_OPS["MatMul"],
 }
 
 
@@ -60,17 +71,20 @@ def _qdq_pair(tensor: str, activation: str, nodes: list, inits: list) -> str:
     return f"{tensor}_d"
 
 
-def _probe_model(op: str, block_wise: bool, storage_bits: int, input_type, output_type):
+def _probe_model(op: str, block_wise: bool, storage_bits: int, input_type, output_type, one_block: bool = False):
     """input -> [Q/DQ] -> op(DQ(weight of 2-bit values stored at storage_bits)) -> [Q/DQ], and the same
-    graph with the weight as a float initializer (the numpy dequantization)."""
-    weight_shape, input_shape, axis, block_axis, attrs = PROBE_OPS[op]
+    graph with the weight as a float initializer (the numpy dequantization). ``one_block``: block-wise
+    with one block spanning the reduction axis."""
+    weight_shape, input_shape, axis, block_axis, attrs = (ONE_BLOCK_PROBE_OPS if one_block else PROBE_OPS)[op]
     rng = np.random.default_rng(0)
     q = rng.integers(-2, 2, weight_shape)
+    block_wise = block_wise or one_block
+    block_size = weight_shape[block_axis] if one_block else 8
     if block_wise:
         axis = block_axis
         scale_shape = list(weight_shape)
-        scale_shape[axis] //= 8
-        dq_attrs = {"axis": axis, "block_size": 8}
+        scale_shape[axis] //= block_size
+        dq_attrs = {"axis": axis, "block_size": block_size}
     else:
         scale_shape = [weight_shape[axis]]
         dq_attrs = {"axis": axis}
@@ -88,8 +102,8 @@ def _probe_model(op: str, block_wise: bool, storage_bits: int, input_type, outpu
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)])
     model.ir_version = 10
     if block_wise:
-        full_scale = np.repeat(scale, 8, axis=axis)
-        full_zero = np.repeat(zero, 8, axis=axis)
+        full_scale = np.repeat(scale, block_size, axis=axis)
+        full_zero = np.repeat(zero, block_size, axis=axis)
     else:
         shape = [1] * len(weight_shape)
         shape[axis] = -1
@@ -136,6 +150,31 @@ def test_int2_rule_is_what_onnxruntime_does(op, block_wise, input_type, output_t
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=tolerance)
 
 
+def _contexts():
+    for input_type, output_type in itertools.product(("uint8", "int8", "uint16", None), ("uint8", "uint16", None)):
+        yield input_type, ("int8" if input_type == "int8" and output_type == "uint8" else output_type)
+
+
+@pytest.mark.parametrize("op", list(ONE_BLOCK_PROBE_OPS))
+def test_one_block_int2_form_is_what_onnxruntime_does(op):
+    """Where the rule writes a per-channel INT2 weight as one block per channel, onnxruntime runs it
+    (and matches numpy); where it falls back to an int4 container, the one-block form does not load."""
+    for input_type, output_type in _contexts():
+        form = int2_weight_form(op, False, _bits(input_type), _bits(output_type))
+        if form == INT2:
+            continue  # the per-axis form runs: test_int2_rule_is_what_onnxruntime_does
+        model, reference, x = _probe_model(op, False, 2, input_type, output_type, one_block=True)
+        context = f"{op} between {input_type} and {output_type}"
+        try:
+            session = _session(model)
+        except Exception as error:  # noqa: BLE001 - onnxruntime's refusal is the probe's answer
+            assert form == INT2_CONTAINER, f"{context}: one-block INT2 refused: {error}"
+            continue
+        assert form == INT2_ONE_BLOCK, f"{context}: one-block INT2 runs, the rule stores a container"
+        np.testing.assert_allclose(session.run(None, {"x": x})[0],
+                                   _session(reference, optimize=False).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
 def _all_ops_net(seed: int = 0) -> onnx.ModelProto:
     """Conv -> Relu -> ConvTranspose -> Relu -> GAP -> Flatten -> Gemm -> Relu -> MatMul (float output)."""
     rng = np.random.default_rng(seed)
@@ -177,11 +216,12 @@ def _weight_dequantizers(qdq: onnx.ModelProto, plan) -> dict[str, onnx.NodeProto
     return {name: by_output[layers[name].input[1]] for name, layer in plan.layers.items() if layer.w_bits}
 
 
-# Storage the rule gives each layer of _all_ops_net: with 8-bit activations Conv (8-bit input and output),
-# Gemm and MatMul per channel (8-bit input) would be fused -> int4 containers; ConvTranspose never is;
-# block-wise Gemm is not fused, block-wise MatMul is; 16-bit activations are never fused.
+# Storage the rule gives each layer of _all_ops_net: with 8-bit activations Conv (8-bit input and output)
+# and MatMul per channel (8-bit input) would be fused -> int4 containers; ConvTranspose never is;
+# per-channel Gemm is written as one block per channel, which is not fused; block-wise Gemm is not
+# fused, block-wise MatMul is; 16-bit activations are never fused.
 CASES = {
-    "w2a8": (8, None, {"conv": 4, "deconv": 2, "fc": 4, "mm": 4}),
+    "w2a8": (8, None, {"conv": 4, "deconv": 2, "fc": 2, "mm": 4}),
     "w2a8 blocks of 8": (8, 8, {"conv": 4, "deconv": 2, "fc": 2, "mm": 4}),
     "w2a16": (16, None, {"conv": 2, "deconv": 2, "fc": 2, "mm": 2}),
 }
@@ -205,8 +245,12 @@ def test_two_bit_export_loads_in_onnxruntime_and_matches_numpy(case):
         assert layer.info["weight_storage"].startswith(f"int{storage[name]}")
         assert layer.info["weight_storage_bits"] == storage[name]
         assert len(stored.raw_data) == (int(np.prod(stored.dims)) * storage[name] + 7) // 8  # packed
-        assert bool(attribute(node, "block_size", 0)) == (name == "fc" and block is not None or
-                                                          name == "mm" and block is not None)
+        one_block = layer.info.get("weight_one_block", False)
+        assert one_block == (name == "fc" and a_bits == 8 and block is None)
+        assert bool(attribute(node, "block_size", 0)) == (name in ("fc", "mm") and block is not None or one_block)
+        if one_block:  # the per-channel scales, one block spanning the reduction axis
+            assert attribute(node, "block_size", 0) == stored.dims[attribute(node, "axis", 1)]
+            np.testing.assert_array_equal(numpy_helper.to_array(inits[node.input[1]]).reshape(-1), tq.scale_array())
         values = numpy_helper.to_array(stored).astype(np.int8)
         assert values.min() >= -2 and values.max() <= 1  # 2-bit values, whatever the container
         numpy_value = fake_quantize_weight(initializer_array(model, layer.weight), tq.axis, 2, tq.scale_array(),

@@ -224,7 +224,7 @@ def test_onnx_two_bit_bytes_are_the_stored_element_type():
                         CONV.output_elems, 64)
     int4_bytes, int2_bytes = (CONV.weight_params + 1) // 2, (CONV.weight_params + 3) // 4
     assert model.layer_cost(CONV, 2, 8).weight_bytes == int4_bytes == model.layer_cost(CONV, 4, 8).weight_bytes
-    assert model.layer_cost(FC, 2, 8).weight_bytes == (FC.weight_params + 1) // 2
+    assert model.layer_cost(FC, 2, 8).weight_bytes == (FC.weight_params + 3) // 4  # INT2 in one block per row
     assert model.layer_cost(CONV, 2, 16).weight_bytes == int2_bytes  # no 8-bit fusion: INT2
     assert model.layer_cost(deconv, 2, 8).weight_bytes == int2_bytes
     assert model.layer_cost(CONV, 2, 8).bitops == CONV.macs * 2 * 8  # the arithmetic is still 2-bit
