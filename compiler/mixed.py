@@ -33,6 +33,7 @@ from passes.allocate import (
     allocate_refined,
     allocate_reranked,
     apply_allocation,
+    drop_dominated_choices,
     layer_metric,
     pareto,
     problem_from_model,
@@ -40,7 +41,6 @@ from passes.allocate import (
 from passes.sensitivity import (
     PlanDistance,
     activation_ranges,
-    candidate_choices,
     measured_sensitivity,
     proxy_sensitivity,
     with_opset_for,
@@ -146,7 +146,9 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     less wider activations when none of ``metrics`` (the budgeted ones) charges
     for activation width: then a wider activation would be free and always
     chosen, so the user's budget would silently double every activation tensor
-    (and, on the CPU target, cost 7-60x the time).
+    (and, on the CPU target, cost 7-60x the time). Per layer, a choice that one
+    with more weight bits costs no more of on every budgeted metric is dropped
+    before measuring (:func:`passes.allocate.drop_dominated_choices`).
 
     The first ``sensitivity_samples`` calibration samples measure the
     sensitivities; the next ``rerank_samples`` (held out from them) measure
@@ -160,7 +162,10 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     dropped = []
     if options.pairs is None and metrics is not None:
         pairs, dropped = priced_pairs(cost_model, pairs, metrics)
-    choices = candidate_choices(plan, pairs=pairs)
+    # Costs first: choices a budgeted metric cannot tell from one with more bits are not measured.
+    problem = problem_from_model(model, plan, cost_model, pairs=pairs, integer_only=integer_only, pins=pinned)
+    dominated = drop_dominated_choices(problem, metrics) if metrics else {}
+    choices = {layer.name: list(layer.choices) for layer in problem.layers}
     total = len(next(iter(calib.values())))
     n_sens = min(options.sensitivity_samples, total)
     held_out = total > n_sens
@@ -175,8 +180,8 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
         sensitivity = measured_sensitivity(model, plan, sens_data, choices, ranges=ranges, max_samples=n_sens,
                                            context=context if options.sensitivity == "in-context" else None,
                                            integer_only=integer_only)
-    problem = problem_from_model(model, plan, cost_model, sensitivity=sensitivity, pairs=pairs,
-                                 integer_only=integer_only, pins=pinned)
+    for layer in problem.layers:
+        layer.sensitivity = {choice: sensitivity[layer.name][choice] for choice in layer.choices}
     distance = around = None
     if options.refine and options.sensitivity != "proxy":
         def around(center: dict) -> dict:
@@ -192,6 +197,11 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     if dropped:
         record["not_offered"] = {"pairs": [list(pair) for pair in dropped],
                                  "reason": f"no budgeted metric ({', '.join(metrics)}) depends on activation bits"}
+    if dominated:
+        record["not_measured"] = {"choices": sum(len(lost) for lost in dominated.values()),
+                                  "layers": len(dominated),
+                                  "reason": "another choice of the layer with more weight bits costs no more "
+                                            f"({', '.join(metrics)})"}
     if options.sensitivity == "in-context":
         record["context"] = list(context)
     if distance is not None:
@@ -285,6 +295,10 @@ def allocation_summary(problem: AllocationProblem, allocation: Allocation, recor
             how += f" (each layer changed inside the all-{_key(tuple(record['context']))} plan)"
         how += f", {record['sensitivity_samples']} calibration samples; candidates " + \
             ", ".join(_key(tuple(pair)) for pair in record["candidates"]) + "."
+        if "not_measured" in record:
+            skipped = record["not_measured"]
+            how += (f" Not measured: {skipped['choices']} choices of {skipped['layers']} layers, for which "
+                    f"{skipped['reason']}.")
         lines += [how, ""]
         if problem.online_ops:
             lines += [f"Float ops inserted by transforms and run online ({', '.join(problem.online_ops)}) are "

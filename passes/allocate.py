@@ -146,6 +146,43 @@ def layer_metric(cost: LayerCost, metric: str) -> float | None:
     return cost.resources.get(metric)
 
 
+def _costs_no_more(layer: LayerOptions, better: Choice, worse: Choice, metrics: Sequence[str]) -> bool:
+    """``better`` has more weight bits than ``worse``, the same activation bits, and no more of any metric."""
+    if better[1] != worse[1] or better[0] is None or worse[0] is None or better[0] <= worse[0]:
+        return False
+    for metric in metrics:
+        values = [layer.costs[choice].activation_bytes if metric in PEAK_METRICS
+                  else layer_metric(layer.costs[choice], metric) for choice in (better, worse)]
+        if values[0] is None or values[1] is None or values[0] > values[1]:
+            return False
+    return True
+
+
+def drop_dominated_choices(problem: AllocationProblem, metrics: Sequence[str]) -> dict[str, list[Choice]]:
+    """Remove, per layer, each choice that another choice with more weight bits (same activation bits)
+    costs no more of on every one of ``metrics``; returns what was removed, by layer.
+
+    Fewer bits are never more faithful (sensitivities are monotone in the bits),
+    so such a choice could only win a tie, yet measuring its sensitivity costs as
+    much as any other: e.g. 2-bit weights stored in int4 containers (the onnx
+    target, where onnxruntime refuses INT2) under a size budget. Choices stay
+    where a metric is unknown for them or the layer is pinned; activation bits
+    are never dropped, so tie groups keep their common widths.
+    """
+    dropped: dict[str, list[Choice]] = {}
+    for layer in problem.layers:
+        if layer.name in problem.pins:
+            continue
+        losers = [choice for choice in layer.choices
+                  if any(_costs_no_more(layer, other, choice, metrics) for other in layer.choices)]
+        if losers:
+            dropped[layer.name] = losers
+            layer.choices = [choice for choice in layer.choices if choice not in losers]
+            layer.costs = {choice: cost for choice, cost in layer.costs.items() if choice in layer.choices}
+            layer.sensitivity = {choice: v for choice, v in layer.sensitivity.items() if choice in layer.choices}
+    return dropped
+
+
 def buffer_bytes(buffer: ActivationBuffer, choices: dict[str, Choice]) -> int:
     bits = [choices[reader][1] for reader in buffer.readers if reader in choices]
     return packed_bytes(buffer.elems, max(bits) if bits else buffer.fixed_bits)

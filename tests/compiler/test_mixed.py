@@ -31,6 +31,10 @@ def test_reranked_and_refined_allocation_measures_held_out_and_records_how():
     # a size budget does not charge for activation width: 16-bit activations would be free, so not offered
     assert [tuple(pair) for pair in record["candidates"]] == [(2, 8), (4, 8), (8, 8)]  # onnx cost model bit_pairs, a8
     assert record["not_offered"]["pairs"] == [[4, 16], [8, 16]]
+    # 2-bit conv weights go in int4 containers (as many bytes as 4-bit ones): not worth measuring
+    convs = [name for name, layer in plan.layers.items() if layer.op_type == "Conv" and layer.w_bits]
+    assert convs and record["not_measured"]["layers"] == record["not_measured"]["choices"] == len(convs)
+    assert all((2, 8) not in mixed.problem.layer(name).choices for name in convs)
     assert record["refine"] == 2
     candidates = plan.totals["allocation"]["candidates"]
     ranked = [c for c in candidates if "rank" in c]
@@ -46,6 +50,7 @@ def test_reranked_and_refined_allocation_measures_held_out_and_records_how():
     assert again == pytest.approx(chosen["measured"], rel=1e-6)
     section = plan.totals["report_sections"]["Bit allocation"]
     assert "ILP rank 1" in section and "refine step 0" in section and "in-context" in section
+    assert f"Not measured: {len(convs)} choices of {len(convs)} layers" in section
     for name, layer in plan.layers.items():
         assert (layer.w_bits, layer.a_bits) == mixed.allocation.choices[name]
 
@@ -94,5 +99,6 @@ def test_16_bit_activations_are_offered_where_the_budget_prices_them():
     record = plan.totals["allocation"]["allocator"]
     assert [tuple(pair) for pair in record["candidates"]] == list(get_target("onnx").cost_model().bit_pairs)
     assert "not_offered" not in record
+    assert "not_measured" not in record  # 2-bit arithmetic is cheaper in bit-operations
     assert any(choice[1] == 16 for choice in mixed.allocation.choices.values())  # some room for a16 was used
     assert mixed.allocation.totals["bitops"] <= 1.2 * bitops_w8a8

@@ -509,3 +509,29 @@ def test_refinement_never_returns_a_plan_measured_worse_than_its_start():
     start = al.allocate(problem, budget)
     refined = al.allocate_refined(problem, budget, misleading, true_distance, steps=3, start=start)
     assert true_distance(refined.choices) <= true_distance(start.choices)
+
+
+def test_choices_no_cheaper_than_one_with_more_bits_are_dropped_before_measuring():
+    """On the onnx target 2-bit conv weights go in int4 containers: under a size budget w2a8 costs what
+    w4a8 does and is dropped; the Gemm's w2a8 is real INT2 and stays, as does everything under bitops
+    (2-bit arithmetic is cheaper) and on a pinned layer."""
+    from targets.onnx.cost import cost_model as onnx_cost_model
+
+    cost = onnx_cost_model()
+    pairs = [(2, 8), (4, 8), (8, 8)]
+    conv = LayerShape("conv", "Conv", "conv", 64 * 32 * 256 * 9, 64 * 32 * 9, 32 * 256, 64 * 256, 64)
+    fc = LayerShape("fc", "Gemm", "gemm", 1280 * 1000, 1280 * 1000, 1280, 1000, 1000)
+
+    def problem(pins=None) -> al.AllocationProblem:
+        layers = [al.layer_options(shape, cost, pairs=pairs, sensitivity={p: 1.0 / p[0] for p in pairs})
+                  for shape in (conv, fc)]
+        return al.AllocationProblem(layers, pins=pins or {})
+
+    sized = problem()
+    assert al.drop_dominated_choices(sized, ["weight_bytes"]) == {"conv": [(2, 8)]}
+    assert sized.layer("conv").choices == [(4, 8), (8, 8)] and (2, 8) not in sized.layer("conv").costs
+    assert sized.layer("fc").choices == pairs
+    assert al.allocate(sized, {"size_fraction": 0.3}).choices["fc"] == (2, 8)  # the problem still solves
+    assert al.drop_dominated_choices(problem(), ["bitops"]) == {}
+    assert al.drop_dominated_choices(problem(), ["weight_bytes", "bitops"]) == {}
+    assert al.drop_dominated_choices(problem({"conv": (2, 8)}), ["weight_bytes"]) == {}
