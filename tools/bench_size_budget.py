@@ -8,7 +8,8 @@ first ``--calib-samples`` calibration crops, then the exported QDQ model
 against the float model in onnxruntime on the evaluation photos (disjoint
 from the calibration photos): top-1 / top-5 agreement and softmax KL; also
 the compile's own fidelity on the calibration crops (plan.json) and the
-compile time. Plans and models stay under ``--work``.
+compile time. Plans and models stay under ``--work`` (``--reuse`` keeps
+the rows of compiles already there).
 
     python tools/bench_size_budget.py --write benchmarks/size_budget.md
 """
@@ -60,6 +61,10 @@ def bench_model(name: str, args) -> list[dict]:
     for fraction in args.fractions:
         for sensitivity in args.sensitivity:
             out = args.work / f"{name}_{fraction}_{sensitivity}"
+            saved = out / "bench_row.json"
+            if args.reuse and saved.exists():
+                rows.append(json.loads(saved.read_text()))
+                continue
             seconds = compile_once(model_path, calib_dir, out, fraction, sensitivity)
             plan = json.loads((out / "plan.json").read_text())
             on_calib = next(iter(plan["fidelity"]["outputs"].values()))
@@ -70,6 +75,7 @@ def bench_model(name: str, args) -> list[dict]:
                    "calib": {metric: on_calib[metric] for metric in METRICS},
                    "eval": classifier_agreement(reference, only_output(out / "model.qdq.onnx", evaluation))}
             print(json.dumps(row), flush=True)
+            saved.write_text(json.dumps(row))
             rows.append(row)
     return rows
 
@@ -98,6 +104,7 @@ def main() -> None:
     parser.add_argument("--sensitivity", type=lambda text: text.split(","), default=["single-layer", "in-context"])
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeq_bench_size_budget"))
+    parser.add_argument("--reuse", action="store_true", help="keep the rows of compiles already in --work")
     parser.add_argument("--write", type=Path, help="write the markdown table here (benchmarks/size_budget.md)")
     args = parser.parse_args()
     rows = [row for name in args.models.split(",") for row in bench_model(name, args)]
