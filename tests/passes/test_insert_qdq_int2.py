@@ -281,3 +281,33 @@ def test_int4_weights_are_stored_packed_and_unchanged_in_value():
                                                            tq.axis, 4, tq.scale_array()))
         assert "weight_storage" not in plan.layers[name].info
     _session(qdq).run(None, {"x": calib["x"][:2]})
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_one_block_gemm_weight_runs_exactly_either_layout(trans_b):
+    """A Gemm weight [K, N] (transB 0) blocks along axis 0, one [N, K] along axis 1; both dequantize to
+    the per-channel grid and onnxruntime's output equals the float graph with that weight."""
+    rng = np.random.default_rng(trans_b)
+    weight = rng.normal(0, 0.3, (32, 24) if trans_b == 0 else (24, 32)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=trans_b)], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 24])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model = canonicalize(model)
+    plan = select_layers(model, w_bits=2, a_bits=8)
+    x = rng.normal(size=(16, 32)).astype(np.float32)
+    qdq = quantize_model(model, plan, collect_ranges(model, {"x": x}, tensors_to_calibrate(model, plan),
+                                                     progress=False))
+    node = _weight_dequantizers(qdq, plan)["fc"]
+    tq = plan.tensors[plan.layers["fc"].weight]
+    assert plan.layers["fc"].info["weight_one_block"] and attribute(node, "axis", 1) == 1 - tq.axis
+    numpy_value = fake_quantize_weight(weight, tq.axis, 2, tq.scale_array())
+    np.testing.assert_array_equal(dequantized_value(qdq, node.output[0]), numpy_value)
+    reference = onnx.ModelProto()
+    reference.CopyFrom(qdq)
+    reference.graph.node.remove(next(n for n in reference.graph.node if n.output[0] == node.output[0]))
+    reference.graph.initializer.append(numpy_helper.from_array(numpy_value, node.output[0]))
+    np.testing.assert_array_equal(_session(qdq).run(None, {"x": x})[0],
+                                  _session(reference, optimize=False).run(None, {"x": x})[0])
