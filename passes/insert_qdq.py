@@ -452,11 +452,8 @@ def _dequantized_initializer(model, name: str, q_value: np.ndarray, tq: TensorQu
     attrs = {"axis": tq.axis} if per_channel else {}
     if tq.block_wise:
         attrs["block_size"] = tq.block_size
-    elif one_block_axis is not None:
-        block_shape = list(q_value.shape)
-        block_shape[one_block_axis] = 1
-        scale = np.broadcast_to(scale.reshape([-1 if axis == tq.axis else 1 for axis in range(q_value.ndim)]),
-                                block_shape).astype(np.float32)
+    elif one_block_axis is not None:  # the per-channel scales along tq.axis, size 1 on the blocked axis
+        scale = scale.reshape([-1 if axis == tq.axis else 1 for axis in range(q_value.ndim)])
         attrs = {"axis": one_block_axis, "block_size": q_value.shape[one_block_axis]}
     set_initializer(model, scale_name, scale)
     zero = tq.zero_point_array() if tq.block_wise else np.zeros(scale.shape, dtype=np.int64)
