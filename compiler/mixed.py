@@ -25,6 +25,7 @@ from compiler.budget import format_metric, parse_budget
 from compiler.errors import EdgeqError
 from compiler.pareto_plot import pareto_svg
 from compiler.plan import QuantPlan
+from compiler.recipe import Recipe, gptq_rounding
 from passes.allocate import (
     PEAK_METRICS,
     Allocation,
@@ -139,7 +140,8 @@ def parse_pins(texts: list[str] | None, plan: QuantPlan) -> dict[str, tuple[int 
 
 def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
                   device: str | None, *, integer_only: bool, pins: list[str] | None = None,
-                  options: AllocatorOptions | None = None, metrics: list[str] | None = None) -> MixedPrecision:
+                  options: AllocatorOptions | None = None, metrics: list[str] | None = None,
+                  recipe: Recipe | None = None) -> MixedPrecision:
     """Sensitivities and costs of every candidate of every layer in ``plan``, and the plan measurer.
 
     Candidates are the target cost model's ``bit_pairs`` (or ``options.pairs``),
@@ -154,6 +156,10 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     sensitivities; the next ``rerank_samples`` (held out from them) measure
     whole candidate plans. With too few samples to hold any out, both use the
     same ones (recorded as ``held_out: false``).
+
+    When ``recipe`` GPTQ-rounds narrow weights, candidates at those widths are
+    measured with the weights GPTQ gives them (:func:`passes.gptq.gptq_candidates`),
+    not nearest-rounded: the table then prices what will be exported.
     """
     options = options or AllocatorOptions()
     pinned = parse_pins(pins, plan)
@@ -174,26 +180,33 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     ranges = activation_ranges(with_opset_for(model, [4, *a_bits]), plan, used, a_bits)
     sens_data = {name: value[:n_sens] for name, value in calib.items()}
     context = options.context if options.context in pairs else max(pairs, key=lambda pair: (pair[0], pair[1]))
+    gptq_widths, gptq_options = gptq_rounding(recipe, [w for w, _ in pairs]) if recipe else ([], {})
+    rounded = None
+    if gptq_widths and options.sensitivity != "proxy":
+        from passes.gptq import gptq_candidates
+
+        rounded = gptq_candidates(model, plan, sens_data, gptq_widths, **gptq_options)
     if options.sensitivity == "proxy":
         sensitivity = proxy_sensitivity(model, plan, sens_data, choices, ranges=ranges, max_samples=n_sens)
     else:
         sensitivity = measured_sensitivity(model, plan, sens_data, choices, ranges=ranges, max_samples=n_sens,
                                            context=context if options.sensitivity == "in-context" else None,
-                                           integer_only=integer_only)
+                                           integer_only=integer_only, rounded=rounded)
     for layer in problem.layers:
         layer.sensitivity = {choice: sensitivity[layer.name][choice] for choice in layer.choices}
     distance = around = None
     if options.refine and options.sensitivity != "proxy":
         def around(center: dict) -> dict:
             return measured_sensitivity(model, plan, sens_data, choices, ranges=ranges, max_samples=n_sens,
-                                        context=center, integer_only=integer_only)
+                                        context=center, integer_only=integer_only, rounded=rounded)
     if options.rerank > 1 or around is not None:
         rerank_data = ({name: value[n_sens:n_sens + options.rerank_samples] for name, value in calib.items()}
                        if held_out else sens_data)
-        distance = PlanDistance(model, plan, rerank_data, ranges, integer_only=integer_only)
+        distance = PlanDistance(model, plan, rerank_data, ranges, integer_only=integer_only, rounded=rounded)
     record = {"sensitivity": options.sensitivity, "candidates": [list(pair) for pair in pairs],
               "sensitivity_samples": n_sens, "rerank": options.rerank,
-              "refine": options.refine if around is not None else 0}
+              "refine": options.refine if around is not None else 0,
+              "rounding": {"gptq": gptq_widths} if rounded else "nearest"}
     if dropped:
         record["not_offered"] = {"pairs": [list(pair) for pair in dropped],
                                  "reason": f"no budgeted metric ({', '.join(metrics)}) depends on activation bits"}
@@ -266,12 +279,13 @@ def solve_into_plan(mixed: MixedPrecision, plan: QuantPlan, budget: dict[str, fl
 
 def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
                   device: str | None, budget_text: str, *, integer_only: bool,
-                  pins: list[str] | None = None, options: AllocatorOptions | None = None) -> MixedPrecision:
+                  pins: list[str] | None = None, options: AllocatorOptions | None = None,
+                  recipe: Recipe | None = None) -> MixedPrecision:
     """Solve the ILP for ``budget_text`` and write the chosen bits into ``plan``."""
     options = options or AllocatorOptions()
     budget = parse_budget(budget_text)
     mixed = build_problem(model, plan, calib, target, device, integer_only=integer_only,
-                          pins=pins, options=options, metrics=resolve_metric_names(budget))
+                          pins=pins, options=options, metrics=resolve_metric_names(budget), recipe=recipe)
     problem = mixed.problem
     allocation = solve_into_plan(mixed, plan, budget, options)
     metric = _pareto_metric(budget, target.name)
@@ -293,6 +307,10 @@ def allocation_summary(problem: AllocationProblem, allocation: Allocation, recor
         how = f"Sensitivities: {record['sensitivity']}"
         if "context" in record:
             how += f" (each layer changed inside the all-{_key(tuple(record['context']))} plan)"
+        rounding = record.get("rounding")
+        if isinstance(rounding, dict) and rounding.get("gptq"):
+            how += (", weights at " + ", ".join(f"{bits}" for bits in rounding["gptq"]) +
+                    " bits rounded by GPTQ as the recipe will export them")
         how += f", {record['sensitivity_samples']} calibration samples; candidates " + \
             ", ".join(_key(tuple(pair)) for pair in record["candidates"]) + "."
         if "not_measured" in record:
@@ -362,8 +380,9 @@ def allocate_command(args: argparse.Namespace) -> int:
     integer_only = target.needs_integer_graph
     plan = select_layers(model, integer_only=integer_only)
     plan.model, plan.target = args.model, args.target
+    recipe = resolve_recipe(args.recipe, model)
     plan.weight_block_size, plan.recipe["weight_block_source"] = choose_weight_block(
-        args.weight_block, resolve_recipe(args.recipe, model), args.target, integer_only)
+        args.weight_block, recipe, args.target, integer_only)
     options = allocator_options(args)
     budget = parse_budget(args.budget) if args.budget else {}
     metrics = resolve_metric_names(budget)
@@ -371,7 +390,7 @@ def allocate_command(args: argparse.Namespace) -> int:
     if args.pareto:
         metrics.append(pareto_metric)
     mixed = build_problem(model, plan, calib, target, args.device, integer_only=integer_only, pins=args.pin,
-                          options=options, metrics=metrics)
+                          options=options, metrics=metrics, recipe=recipe)
     problem = mixed.problem
     out = Path(args.output)
     with atomic_dir(out) as tmp:

@@ -185,7 +185,7 @@ def compile_model(options: CompileOptions) -> CompileResult:
 
         mixed = stage("allocate", lambda: allocate_bits(model, plan, calib, target, options.device, options.budget,
                                                         integer_only=integer_only, pins=options.pins,
-                                                        options=options.allocator))
+                                                        options=options.allocator, recipe=recipe))
 
     ranges = stage("calibrate", lambda: _calibrate(options, model, plan, calib, integer_only))
     transformed = model  # same function as float_model; its tensors are what the QDQ model approximates

@@ -227,5 +227,15 @@ def apply_rounding(recipe: Recipe, model: onnx.ModelProto, plan: QuantPlan, data
     return model, plan
 
 
+def gptq_rounding(recipe: Recipe, widths: list[int]) -> tuple[list[int], dict[str, Any]]:
+    """(weight widths GPTQ would round, its options) when the recipe GPTQ-rounds a plan narrowest at
+    ``min(widths)``; ``([], {})`` when it would not (the allocator then measures nearest rounding)."""
+    for step in recipe.steps:
+        if step.pass_name == "gptq" and step.applies(min(widths)):
+            max_bits = step.options.get("max_bits", step.max_w_bits or 8)
+            return sorted(w for w in set(widths) if w <= max_bits), dict(step.options)
+    return [], {}
+
+
 def record_recipe(plan: QuantPlan, recipe: Recipe) -> None:
     plan.recipe.update(recipe.to_dict())

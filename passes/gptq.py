@@ -34,7 +34,7 @@ import onnx
 from tqdm import tqdm
 
 from compiler.calibrate import ConvPatches, collect_second_moment
-from compiler.graph import set_initializer
+from compiler.graph import initializer_array, set_initializer
 from compiler.linear_layers import (
     LinearLayer,
     conv_patches,
@@ -43,7 +43,7 @@ from compiler.linear_layers import (
     mark_applied,
     planned_layers,
 )
-from compiler.plan import QuantPlan, int_range
+from compiler.plan import QuantPlan, TensorQuant, int_range
 from compiler.quantizers import (
     expand_block_scale,
     search_weight_grid,
@@ -318,3 +318,50 @@ def gptq(
                 bar.update(1)
     mark_applied(result, PASS_NAME, layers=len(targets), sequential=sequential)
     return result, plan
+
+
+RoundedWeights = dict[int, dict[str, tuple[np.ndarray, TensorQuant]]]
+
+
+def gptq_candidates(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    data: dict[str, np.ndarray],
+    widths: list[int],
+    *,
+    batch_size: int = 32,
+    **options,
+) -> RoundedWeights:
+    """Each weighted layer of ``plan`` GPTQ-rounded at each of ``widths``: {bits: {layer: (weight, grid)}}.
+
+    What the allocator measures candidates with, so that a layer's sensitivity at
+    4 bits is that of the weights the rounding pass will really export, not of
+    nearest rounding (GPTQ roughly halves the output error of a 4-bit layer, and
+    more for some layers than others). The Hessians come from one run of the
+    float model (not sequential: which upstream layers will be rounded is what
+    is being decided); ``options`` are :func:`gptq`'s rounding options
+    (``damp``, ``act_order``, ``scale_search``, ``block_size``).  ``weight`` is
+    the on-grid array to put in place of the layer's initializer, ``grid`` its
+    TensorQuant for ``plan.tensors``; the model and plan are not changed.
+    """
+    settings = {"block_size": 128, "damp": 0.01, "act_order": True, "scale_search": True}
+    settings.update({key: value for key, value in options.items() if key in settings})
+    layers = [layer for layer, _ in planned_layers(model, plan)]
+    if not layers:
+        return {bits: {} for bits in widths}
+    hessians = _hessians(model, [(layer, 0) for layer in layers], data, batch_size, False)
+    result: RoundedWeights = {}
+    for bits in widths:
+        scratch_model = copy_model(model)
+        scratch_plan = QuantPlan.from_dict(plan.to_dict())
+        for entry in scratch_plan.layers.values():
+            if entry.w_bits:
+                entry.w_bits = bits
+        rounded = {}
+        for layer in layers:
+            _round_layer(scratch_model, scratch_plan, layer, bits, hessians.get(layer.name),
+                         {**settings, "fallback": "nearest (no Hessian)"})
+            rounded[layer.name] = (initializer_array(scratch_model, layer.weight),
+                                   scratch_plan.tensors[layer.weight])
+        result[bits] = rounded
+    return result

@@ -19,6 +19,10 @@ Two estimates:
   instead, and the value is the growth of the distance over the base plan's:
   errors of several layers do not add up, and measuring each one among the
   others' makes the ILP's sum a closer estimate of a mixed plan.
+  With ``rounded`` (:func:`passes.gptq.gptq_candidates`) a layer at a width
+  gets the weights the rounding pass would give it there instead of nearest
+  rounding (:func:`rounded_weights`): a 4-bit layer GPTQ can repair is then
+  priced as exported, not as nearest rounding leaves it.
 * :func:`proxy_sensitivity` -- no quantized model is run: for a linear layer
   ``y = W x`` with input second moment ``H = E[x x^T]`` (the layer Hessian of
   GPTQ / HAWQ-V2), weight rounding adds ``sum_o dW_o^T H dW_o`` to the output
@@ -45,20 +49,21 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 
 import numpy as np
 import onnx
 
 from compiler.graph import attribute, initializer_array
-from compiler.plan import QuantPlan
+from compiler.plan import QuantPlan, TensorQuant
 from compiler.quantizers import fake_quantize_weight, weight_output_axis
 
 log = logging.getLogger(__name__)
 
 Choice = tuple[int | None, int]
 Sensitivity = dict[str, dict[Choice, float]]
+RoundedWeights = dict[int, dict[str, tuple[np.ndarray, "TensorQuant"]]]  # passes.gptq.gptq_candidates
 SampleSensitivity = dict[str, dict[Choice, np.ndarray]]  # per calibration sample, [N] each
 
 
@@ -123,6 +128,34 @@ def single_layer_plan(plan: QuantPlan, name: str, choice: Choice) -> QuantPlan:
 
 
 Context = Choice | dict[str, Choice]  # one choice for every layer, or a whole mixed plan
+
+
+@contextmanager
+def rounded_weights(model: onnx.ModelProto, quantized: QuantPlan, rounded: RoundedWeights | None):
+    """``model`` with each layer of ``quantized`` holding its weight as rounded at its width, restored after.
+
+    The rounded weight's grid goes into ``quantized.tensors``, so QDQ insertion
+    exports exactly those integers. Layers or widths ``rounded`` lacks keep the
+    float weight (nearest rounding at export).
+    """
+    from compiler.graph import set_initializer
+
+    originals = {}
+    for name, layer in quantized.layers.items():
+        weight = (rounded or {}).get(layer.w_bits, {}).get(name) if layer.w_bits and layer.weight else None
+        if weight is None:
+            continue
+        original = next(init for init in model.graph.initializer if init.name == layer.weight)
+        originals[layer.weight] = onnx.TensorProto()
+        originals[layer.weight].CopyFrom(original)
+        set_initializer(model, layer.weight, weight[0])
+        quantized.tensors[layer.weight] = weight[1]
+    try:
+        yield model
+    finally:
+        for init in model.graph.initializer:
+            if init.name in originals:
+                init.CopyFrom(originals[init.name])
 
 
 def base_choice(plan: QuantPlan, name: str, context: Context) -> Choice:
@@ -217,11 +250,12 @@ _WORKER: dict = {}
 
 
 def _worker_init(model_bytes: bytes, plan_dict: dict, calib: dict, reference: dict,
-                 ranges: dict, batch_size: int, context: Context | None = None, integer_only: bool = False) -> None:
+                 ranges: dict, batch_size: int, context: Context | None = None, integer_only: bool = False,
+                 rounded: RoundedWeights | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER.update(model=onnx.load_from_string(model_bytes), plan=QuantPlan.from_dict(plan_dict),
                    calib=calib, reference=reference, ranges=ranges, batch_size=batch_size,
-                   context=context, integer_only=integer_only)
+                   context=context, integer_only=integer_only, rounded=rounded)
 
 
 def _worker_measure(job: tuple[str, Choice]) -> tuple[str, Choice, np.ndarray]:
@@ -240,7 +274,8 @@ def _worker_measure(job: tuple[str, Choice]) -> tuple[str, Choice, np.ndarray]:
         ranges = {**state["ranges"][OUTPUT_BITS], **{
             tensor: state["ranges"][choice[1]][tensor]
             for tensor in quantized.layers[name].inputs if tensor in state["ranges"][choice[1]]}}
-    qdq = quantize_model(state["model"], quantized, ranges, integer_only=integer_only)
+    with rounded_weights(state["model"], quantized, state["rounded"]) as model:
+        qdq = quantize_model(model, quantized, ranges, integer_only=integer_only)
     outputs = run_model(qdq, state["calib"], batch_size=state["batch_size"])
     return name, choice, sample_distances(state["reference"], outputs)
 
@@ -257,6 +292,7 @@ def measured_sensitivity(
     batch_size: int = 32,
     context: Context | None = None,
     integer_only: bool = False,
+    rounded: RoundedWeights | None = None,
 ) -> Sensitivity:
     """Output distance per layer and choice (see module docstring).
 
@@ -271,11 +307,12 @@ def measured_sensitivity(
     single-layer ones (measured in benchmarks/mixed.md). ``integer_only`` is the
     export used in context mode (single-layer runs always quantize the layer's
     output, near-float, at OUTPUT_BITS). ``max_samples=None`` measures on every
-    calibration sample.
+    calibration sample. ``rounded`` (:func:`passes.gptq.gptq_candidates`): the
+    weights each layer gets at each width, in place of nearest rounding.
     """
     return monotone(mean_table(measured_sample_sensitivity(
         model, plan, calib, choices, ranges=ranges, max_samples=max_samples, workers=workers,
-        batch_size=batch_size, context=context, integer_only=integer_only)))
+        batch_size=batch_size, context=context, integer_only=integer_only, rounded=rounded)))
 
 
 def measured_sample_sensitivity(
@@ -290,6 +327,7 @@ def measured_sample_sensitivity(
     batch_size: int = 32,
     context: Context | None = None,
     integer_only: bool = False,
+    rounded: RoundedWeights | None = None,
 ) -> SampleSensitivity:
     """:func:`measured_sensitivity` per calibration sample, before :func:`monotone`.
 
@@ -313,7 +351,7 @@ def measured_sample_sensitivity(
     jobs = [(name, choice) for name, options in choices.items() for choice in options
             if context is None or choice != base_choice(plan, name, context)]
     init_args = (model.SerializeToString(), plan.to_dict(), calib, reference, ranges, batch_size,
-                 context, integer_only)
+                 context, integer_only, rounded)
     result: SampleSensitivity = {name: {} for name in choices}
     base_distance: np.ndarray | float = 0.0
     if context is not None:
@@ -383,7 +421,8 @@ def _worker_measure_plan(quantized: QuantPlan) -> np.ndarray:
 
     state = _WORKER
     ranges = ranges_for_plan(state["model"], quantized, state["ranges"], integer_only=state["integer_only"])
-    qdq = quantize_model(state["model"], quantized, ranges, integer_only=state["integer_only"])
+    with rounded_weights(state["model"], quantized, state["rounded"]) as model:
+        qdq = quantize_model(model, quantized, ranges, integer_only=state["integer_only"])
     return sample_distances(state["reference"], run_model(qdq, state["calib"], batch_size=state["batch_size"]))
 
 
@@ -569,12 +608,13 @@ class PlanDistance:
 
     def __init__(self, model: onnx.ModelProto, plan: QuantPlan, data: dict[str, np.ndarray],
                  ranges: dict[int, dict[str, tuple[float, float]]], *, integer_only: bool = False,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, rounded: RoundedWeights | None = None) -> None:
         from compiler.fidelity import run_model
 
         # converted once to the opset every candidate (int4 weights, 16-bit activations) needs
         self.model = with_opset_for(model, sorted({4, *ranges}))
         self.plan, self.data, self.ranges, self.integer_only = plan, data, ranges, integer_only
+        self.rounded = rounded
         self.batch_size = _runnable_batch(self.model, batch_size)
         self.reference = run_model(self.model, data, batch_size=self.batch_size)
         self.calls = 0
@@ -586,5 +626,6 @@ class PlanDistance:
         self.calls += 1
         quantized = plan_with_choices(self.plan, choices)
         ranges = ranges_for_plan(self.model, quantized, self.ranges, integer_only=self.integer_only)
-        qdq = quantize_model(self.model, quantized, ranges, integer_only=self.integer_only)
+        with rounded_weights(self.model, quantized, self.rounded) as model:
+            qdq = quantize_model(model, quantized, ranges, integer_only=self.integer_only)
         return output_distance(self.reference, run_model(qdq, self.data, batch_size=self.batch_size))

@@ -63,6 +63,28 @@ def test_single_layer_without_reranking_is_the_plain_ilp_optimum():
     assert mixed.distance is None and mixed.allocation.method == "ilp-cbc"
     assert "candidates" not in plan.totals["allocation"]
     assert all(layer.a_bits == 8 for layer in plan.layers.values())
+    assert plan.totals["allocation"]["allocator"]["rounding"] == "nearest"  # no recipe given
+
+
+def test_the_recipe_s_gptq_rounds_the_candidates_it_will_export():
+    """cnn recipe: GPTQ rounds weights of <= 4 bits, so the 4-bit candidates are measured GPTQ-rounded."""
+    from compiler.recipe import gptq_rounding, load_recipe
+
+    cnn = load_recipe("cnn")
+    assert gptq_rounding(cnn, [2, 4, 8])[0] == [2, 4]
+    assert gptq_rounding(cnn, [8]) == ([], {})  # an all-8-bit plan is not GPTQ-rounded
+    assert gptq_rounding(load_recipe("none"), [4, 8]) == ([], {})
+    tables = {}
+    for recipe in (None, cnn):
+        model, plan, calib = _setup(24)
+        options = AllocatorOptions(sensitivity="single-layer", pairs=((4, 8), (8, 8)))
+        mixed = allocate_bits(model, plan, calib, get_target("onnx"), None, "size=0.7", integer_only=False,
+                              options=options, recipe=recipe)
+        tables[recipe is not None] = {layer.name: layer.sensitivity for layer in mixed.problem.layers}
+    assert plan.totals["allocation"]["allocator"]["rounding"] == {"gptq": [4]}
+    assert "4 bits rounded by GPTQ" in plan.totals["report_sections"]["Bit allocation"]
+    weighted = [name for name, layer in plan.layers.items() if layer.w_bits]
+    assert sum(tables[True][n][(4, 8)] for n in weighted) < sum(tables[False][n][(4, 8)] for n in weighted)
 
 
 def test_bad_allocator_options_are_user_errors():

@@ -149,3 +149,22 @@ def test_block_wise_model_output_closer_than_per_channel():
         result, _ = gptq(model, QuantPlan(w_bits=4, weight_block_size=block), data, progress=False)
         errors[block] = np.mean((run(result, data)[0] - reference) ** 2)
     assert errors[8] < errors[None]
+
+
+def test_candidates_are_what_one_shot_gptq_rounds_at_each_width():
+    """gptq_candidates(widths) = gptq(sequential=False) of the plan with every layer at that width."""
+    from passes.gptq import gptq_candidates
+
+    model, data = conv_net(), conv_data()
+    before = model.SerializeToString()
+    candidates = gptq_candidates(model, QuantPlan(w_bits=8), data, [2, 4], damp=0.01, max_seconds=5)
+    assert model.SerializeToString() == before
+    layers = find_linear_layers(model).values()
+    for bits in (2, 4):
+        expected_model, expected_plan = gptq(model, QuantPlan(w_bits=bits), data, sequential=False, progress=False)
+        assert set(candidates[bits]) == {layer.name for layer in layers}
+        for layer in layers:
+            weight, grid = candidates[bits][layer.name]
+            np.testing.assert_array_equal(weight, initializer_array(expected_model, layer.weight))
+            assert grid == expected_plan.tensors[layer.weight] and grid.bits == bits
+    assert not np.array_equal(candidates[2]["project"][0], candidates[4]["project"][0])

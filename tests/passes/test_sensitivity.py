@@ -180,3 +180,32 @@ def test_bootstrap_resamples_whole_groups():
     assert by_sample - {1.0, 3.0, 5.0}  # resampling single samples mixes the groups
     with pytest.raises(ValueError):
         sn.bootstrap_tables(samples, 2, groups=[0, 1])
+
+
+def test_rounded_weights_are_measured_in_place_of_nearest_rounding():
+    """With GPTQ's candidate weights the 4-bit entries are the distance of the GPTQ export, and lower."""
+    from compiler.fidelity import run_model
+    from passes.gptq import gptq, gptq_candidates
+    from passes.insert_qdq import quantize_model
+
+    model, plan, calib = _conv_setup()
+    before = model.SerializeToString()
+    choices = sn.candidate_choices(plan, pairs=[(4, 8), (8, 8)])
+    ranges = sn.activation_ranges(model, plan, calib, (8,))
+    rounded = gptq_candidates(model, plan, calib, [4])
+    nearest = sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges, workers=1)
+    with_gptq = sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges, workers=2, rounded=rounded)
+    assert model.SerializeToString() == before  # weights swapped in and restored
+    weighted = [name for name, layer in plan.layers.items() if layer.w_bits]
+    # GPTQ minimises each layer's output error on these samples: less than nearest rounding in total
+    assert sum(with_gptq[n][(4, 8)] for n in weighted) < sum(nearest[n][(4, 8)] for n in weighted)
+    # a whole plan measured with the rounded weights is the distance of what the pipeline exports
+    all_w4 = {name: (4 if layer.w_bits else None, 8) for name, layer in plan.layers.items()}
+    measured = sn.PlanDistance(model, plan, calib, ranges, rounded=rounded)(all_w4)
+    assert model.SerializeToString() == before
+    w4_plan = sn.plan_with_choices(plan, all_w4)
+    gptq_model, w4_plan = gptq(model, w4_plan, calib, sequential=False, progress=False)
+    qdq = quantize_model(gptq_model, w4_plan, sn.ranges_for_plan(model, w4_plan, ranges))
+    expected = sn.output_distance(run_model(model, calib, batch_size=1), run_model(qdq, calib, batch_size=1))
+    assert measured == pytest.approx(expected, rel=1e-5)
+    assert measured < sn.PlanDistance(model, plan, calib, ranges)(all_w4)
