@@ -40,8 +40,10 @@ from passes.allocate import (
     problem_from_model,
 )
 from passes.sensitivity import (
+    Context,
     PlanDistance,
     activation_ranges,
+    cross_fitted_sensitivity,
     measured_sensitivity,
     proxy_sensitivity,
     with_opset_for,
@@ -49,6 +51,8 @@ from passes.sensitivity import (
 from targets.base import LayerShape
 
 PARETO_POINTS = 8
+# GPTQ-rounded candidates are measured on the samples of one fold with weights rounded on the others
+ROUNDING_FOLDS = 2
 
 
 @dataclass
@@ -181,32 +185,38 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     sens_data = {name: value[:n_sens] for name, value in calib.items()}
     context = options.context if options.context in pairs else max(pairs, key=lambda pair: (pair[0], pair[1]))
     gptq_widths, gptq_options = gptq_rounding(recipe, [w for w, _ in pairs]) if recipe else ([], {})
-    rounded = None
-    if gptq_widths and options.sensitivity != "proxy":
+    rounds = bool(gptq_widths) and options.sensitivity != "proxy"
+
+    def round_on(data: dict[str, np.ndarray]):
         from passes.gptq import gptq_candidates
 
-        rounded = gptq_candidates(model, plan, sens_data, gptq_widths, **gptq_options)
+        return gptq_candidates(model, plan, data, gptq_widths, **gptq_options)
+
+    def measure(around: Context | None) -> dict:
+        if rounds:  # GPTQ fits its samples: measure each on weights rounded without it
+            return cross_fitted_sensitivity(model, plan, sens_data, choices, round_on, folds=ROUNDING_FOLDS,
+                                            ranges=ranges, context=around, integer_only=integer_only)
+        return measured_sensitivity(model, plan, sens_data, choices, ranges=ranges, max_samples=n_sens,
+                                    context=around, integer_only=integer_only)
+
     if options.sensitivity == "proxy":
         sensitivity = proxy_sensitivity(model, plan, sens_data, choices, ranges=ranges, max_samples=n_sens)
     else:
-        sensitivity = measured_sensitivity(model, plan, sens_data, choices, ranges=ranges, max_samples=n_sens,
-                                           context=context if options.sensitivity == "in-context" else None,
-                                           integer_only=integer_only, rounded=rounded)
+        sensitivity = measure(context if options.sensitivity == "in-context" else None)
     for layer in problem.layers:
         layer.sensitivity = {choice: sensitivity[layer.name][choice] for choice in layer.choices}
     distance = around = None
     if options.refine and options.sensitivity != "proxy":
-        def around(center: dict) -> dict:
-            return measured_sensitivity(model, plan, sens_data, choices, ranges=ranges, max_samples=n_sens,
-                                        context=center, integer_only=integer_only, rounded=rounded)
+        around = measure
     if options.rerank > 1 or around is not None:
         rerank_data = ({name: value[n_sens:n_sens + options.rerank_samples] for name, value in calib.items()}
                        if held_out else sens_data)
-        distance = PlanDistance(model, plan, rerank_data, ranges, integer_only=integer_only, rounded=rounded)
+        distance = PlanDistance(model, plan, rerank_data, ranges, integer_only=integer_only,
+                                rounded=round_on(sens_data) if rounds else None)
     record = {"sensitivity": options.sensitivity, "candidates": [list(pair) for pair in pairs],
               "sensitivity_samples": n_sens, "rerank": options.rerank,
               "refine": options.refine if around is not None else 0,
-              "rounding": {"gptq": gptq_widths} if rounded else "nearest"}
+              "rounding": {"gptq": gptq_widths, "folds": ROUNDING_FOLDS} if rounds else "nearest"}
     if dropped:
         record["not_offered"] = {"pairs": [list(pair) for pair in dropped],
                                  "reason": f"no budgeted metric ({', '.join(metrics)}) depends on activation bits"}
@@ -309,8 +319,9 @@ def allocation_summary(problem: AllocationProblem, allocation: Allocation, recor
             how += f" (each layer changed inside the all-{_key(tuple(record['context']))} plan)"
         rounding = record.get("rounding")
         if isinstance(rounding, dict) and rounding.get("gptq"):
-            how += (", weights at " + ", ".join(f"{bits}" for bits in rounding["gptq"]) +
-                    " bits rounded by GPTQ as the recipe will export them")
+            how += (", weights of " + " and ".join(f"{bits}" for bits in rounding["gptq"]) +
+                    f" bits GPTQ-rounded as the recipe exports them (each of {rounding['folds']} interleaved "
+                    "folds of the samples measured on weights rounded on the others)")
         how += f", {record['sensitivity_samples']} calibration samples; candidates " + \
             ", ".join(_key(tuple(pair)) for pair in record["candidates"]) + "."
         if "not_measured" in record:

@@ -81,8 +81,8 @@ def test_the_recipe_s_gptq_rounds_the_candidates_it_will_export():
         mixed = allocate_bits(model, plan, calib, get_target("onnx"), None, "size=0.7", integer_only=False,
                               options=options, recipe=recipe)
         tables[recipe is not None] = {layer.name: layer.sensitivity for layer in mixed.problem.layers}
-    assert plan.totals["allocation"]["allocator"]["rounding"] == {"gptq": [4]}
-    assert "4 bits rounded by GPTQ" in plan.totals["report_sections"]["Bit allocation"]
+    assert plan.totals["allocation"]["allocator"]["rounding"] == {"gptq": [4], "folds": 2}
+    assert "4 bits GPTQ-rounded" in plan.totals["report_sections"]["Bit allocation"]
     weighted = [name for name, layer in plan.layers.items() if layer.w_bits]
     assert sum(tables[True][n][(4, 8)] for n in weighted) < sum(tables[False][n][(4, 8)] for n in weighted)
 
