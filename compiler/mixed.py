@@ -39,10 +39,12 @@ from passes.allocate import (
     pareto,
     problem_from_model,
 )
+from passes.gptq import gptq_candidates
 from passes.sensitivity import (
     Context,
     PlanDistance,
     activation_ranges,
+    cross_fit_folds,
     cross_fitted_sensitivity,
     measured_sensitivity,
     proxy_sensitivity,
@@ -187,14 +189,16 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     gptq_widths, gptq_options = gptq_rounding(recipe, [w for w, _ in pairs]) if recipe else ([], {})
     rounds = bool(gptq_widths) and options.sensitivity != "proxy"
 
-    def round_on(data: dict[str, np.ndarray]):
-        from passes.gptq import gptq_candidates
-
-        return gptq_candidates(model, plan, data, gptq_widths, **gptq_options)
+    fold_weights = []
+    if rounds:  # GPTQ fits its samples: each is measured on weights rounded without it (once per fold)
+        for held in cross_fit_folds(n_sens, ROUNDING_FOLDS):
+            fit = ~held if (~held).any() else held  # a single sample: nothing else to fit on
+            fold_weights.append(gptq_candidates(model, plan, {name: value[fit] for name, value in sens_data.items()},
+                                                gptq_widths, **gptq_options))
 
     def measure(around: Context | None) -> dict:
-        if rounds:  # GPTQ fits its samples: measure each on weights rounded without it
-            return cross_fitted_sensitivity(model, plan, sens_data, choices, round_on, folds=ROUNDING_FOLDS,
+        if rounds:
+            return cross_fitted_sensitivity(model, plan, sens_data, choices, fold_weights,
                                             ranges=ranges, context=around, integer_only=integer_only)
         return measured_sensitivity(model, plan, sens_data, choices, ranges=ranges, max_samples=n_sens,
                                     context=around, integer_only=integer_only)
@@ -211,8 +215,8 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     if options.rerank > 1 or around is not None:
         rerank_data = ({name: value[n_sens:n_sens + options.rerank_samples] for name, value in calib.items()}
                        if held_out else sens_data)
-        distance = PlanDistance(model, plan, rerank_data, ranges, integer_only=integer_only,
-                                rounded=round_on(sens_data) if rounds else None)
+        rounded = gptq_candidates(model, plan, sens_data, gptq_widths, **gptq_options) if rounds else None
+        distance = PlanDistance(model, plan, rerank_data, ranges, integer_only=integer_only, rounded=rounded)
     record = {"sensitivity": options.sensitivity, "candidates": [list(pair) for pair in pairs],
               "sensitivity_samples": n_sens, "rerank": options.rerank,
               "refine": options.refine if around is not None else 0,

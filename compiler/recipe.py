@@ -215,14 +215,12 @@ def apply_rounding(recipe: Recipe, model: onnx.ModelProto, plan: QuantPlan, data
     for step in recipe.steps:
         if step.stage != "rounding" or not step.applies(min(bits)):
             continue
-        options = dict(step.options)
         if step.pass_name == "gptq":
-            options.setdefault("progress", progress)
-            if step.max_w_bits is not None:
-                options.setdefault("max_bits", step.max_w_bits)
+            options = {"progress": progress, **_gptq_options(step)}
             model, plan = _pass_function("gptq")(model, plan, data, **options)
         else:
-            model, plan = _pass_function("bias_correction")(model, plan, data, float_model=reference, **options)
+            model, plan = _pass_function("bias_correction")(model, plan, data, float_model=reference,
+                                                            **step.options)
     record_recipe(plan, recipe)
     return model, plan
 
@@ -232,9 +230,19 @@ def gptq_rounding(recipe: Recipe, widths: list[int]) -> tuple[list[int], dict[st
     ``min(widths)``; ``([], {})`` when it would not (the allocator then measures nearest rounding)."""
     for step in recipe.steps:
         if step.pass_name == "gptq" and step.applies(min(widths)):
-            max_bits = step.options.get("max_bits", step.max_w_bits or 8)
-            return sorted(w for w in set(widths) if w <= max_bits), dict(step.options)
+            options = _gptq_options(step)
+            pass_default = inspect.signature(_pass_function("gptq")).parameters["max_bits"].default
+            max_bits = options.get("max_bits", pass_default)
+            return sorted(w for w in set(widths) if w <= max_bits), options
     return [], {}
+
+
+def _gptq_options(step: RecipeStep) -> dict[str, Any]:
+    """The gptq step's options as the pass gets them: it rounds up to the step's ``max_w_bits`` unless told."""
+    options = dict(step.options)
+    if step.max_w_bits is not None:
+        options.setdefault("max_bits", step.max_w_bits)
+    return options
 
 
 def record_recipe(plan: QuantPlan, recipe: Recipe) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -352,11 +353,9 @@ def gptq_candidates(
     hessians = _hessians(model, [(layer, 0) for layer in layers], data, batch_size, False)
     result: RoundedWeights = {}
     for bits in widths:
+        # _round_layer writes the weight and its grid: into copies (the plan's own grids only guide block sizes)
         scratch_model = copy_model(model)
-        scratch_plan = QuantPlan.from_dict(plan.to_dict())
-        for entry in scratch_plan.layers.values():
-            if entry.w_bits:
-                entry.w_bits = bits
+        scratch_plan = replace(plan, layers={}, tensors=dict(plan.tensors))
         rounded = {}
         for layer in layers:
             _round_layer(scratch_model, scratch_plan, layer, bits, hessians.get(layer.name),

@@ -47,23 +47,26 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from compiler.graph import attribute, initializer_array
-from compiler.plan import QuantPlan, TensorQuant
+from compiler.plan import QuantPlan
 from compiler.quantizers import fake_quantize_weight, weight_output_axis
+
+if TYPE_CHECKING:
+    from passes.gptq import RoundedWeights
 
 log = logging.getLogger(__name__)
 
 Choice = tuple[int | None, int]
 Sensitivity = dict[str, dict[Choice, float]]
-RoundedWeights = dict[int, dict[str, tuple[np.ndarray, "TensorQuant"]]]  # passes.gptq.gptq_candidates
 SampleSensitivity = dict[str, dict[Choice, np.ndarray]]  # per calibration sample, [N] each
 
 
@@ -379,14 +382,22 @@ def measured_sample_sensitivity(
 
 
 
+def cross_fit_folds(count: int, folds: int) -> list[np.ndarray]:
+    """The samples each fold holds out (boolean masks): sample ``i`` is in fold ``i % folds``.
+
+    Interleaved, so that a calibration set sorted by class or source still
+    splits evenly; fewer folds when there are fewer samples.
+    """
+    fold_of = np.arange(count) % max(1, min(folds, count))
+    return [fold_of == fold for fold in np.unique(fold_of)]
+
+
 def cross_fitted_sensitivity(
     model: onnx.ModelProto,
     plan: QuantPlan,
     calib: dict[str, np.ndarray],
     choices: dict[str, list[Choice]],
-    round_weights: Callable[[dict[str, np.ndarray]], RoundedWeights],
-    *,
-    folds: int = 2,
+    fold_weights: Sequence[RoundedWeights],
     **options,
 ) -> Sensitivity:
     """:func:`measured_sensitivity` with each sample measured on weights rounded without it.
@@ -394,21 +405,17 @@ def cross_fitted_sensitivity(
     Rounding fitted to the calibration samples (GPTQ's Hessians: MobileNetV2's
     classifier sees its 1280 inputs through 64 samples) looks better on those
     samples than on new inputs, so measured on them it would price a 2-bit
-    layer far too low. Sample ``i`` is in fold ``i % folds`` (interleaved: a
-    calibration set sorted by class or source still splits evenly); each fold
-    is measured with ``round_weights`` of the other folds' samples, and the
-    per-sample values are put back together. ``options``: those of
-    :func:`measured_sample_sensitivity`.
+    layer far too low. ``fold_weights[k]`` are the weights rounded on the
+    samples fold ``k`` of :func:`cross_fit_folds` does not hold; each fold is
+    measured with its own, and the per-sample values are put back together.
+    ``options``: those of :func:`measured_sample_sensitivity`.
     """
     count = len(next(iter(calib.values())))
-    fold_of = np.arange(count) % max(1, min(folds, count))
     combined: SampleSensitivity = {name: {} for name in choices}
-    for fold in np.unique(fold_of):
-        held = fold_of == fold
-        fit = {name: value[~held] for name, value in calib.items()} if (~held).any() else calib
+    for held, rounded in zip(cross_fit_folds(count, len(fold_weights)), fold_weights, strict=True):
         measured = measured_sample_sensitivity(
             model, plan, {name: value[held] for name, value in calib.items()}, choices,
-            rounded=round_weights(fit), max_samples=None, **options)
+            rounded=rounded, max_samples=None, **options)
         for name, table in measured.items():
             for choice, values in table.items():
                 combined[name].setdefault(choice, np.zeros(count))[held] = values

@@ -215,18 +215,14 @@ def test_cross_fitting_measures_each_sample_on_weights_rounded_without_it():
     model, plan, calib = _conv_setup()
     choices = sn.candidate_choices(plan, pairs=[(4, 8), (8, 8)])
     ranges = sn.activation_ranges(model, plan, calib, (8,))
-    fitted_on = []
-
-    def nearest(data):  # rounds nothing: the table must be the plain one, sample for sample
-        fitted_on.append(data["x"])
-        return {}
-
-    table = sn.cross_fitted_sensitivity(model, plan, calib, choices, nearest, folds=2, ranges=ranges, workers=1)
+    folds = sn.cross_fit_folds(len(calib["x"]), 2)
+    # weights that round nothing: the table must be the plain one, sample for sample
+    table = sn.cross_fitted_sensitivity(model, plan, calib, choices, [{}, {}], ranges=ranges, workers=1)
     plain = sn.measured_sensitivity(model, plan, calib, choices, ranges=ranges, workers=1, max_samples=None)
     assert table.keys() == plain.keys()
     for name, values in plain.items():
         assert table[name] == pytest.approx(values, rel=1e-9, abs=1e-12)
     # fold 0 (even samples) is measured on weights fitted to the odd ones, and the other way round
-    assert len(fitted_on) == 2
-    np.testing.assert_array_equal(fitted_on[0], calib["x"][1::2])
-    np.testing.assert_array_equal(fitted_on[1], calib["x"][0::2])
+    assert len(folds) == 2
+    np.testing.assert_array_equal(calib["x"][~folds[0]], calib["x"][1::2])
+    np.testing.assert_array_equal(calib["x"][~folds[1]], calib["x"][0::2])
