@@ -69,6 +69,9 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
                                 "calibration samples")
     allocator.add_argument("--refine", type=int, default=0, metavar="N",
                            help="up to N steps re-measuring sensitivities around the plan and re-solving")
+    allocator.add_argument("--solver", default="ilp", choices=["ilp", "greedy"],
+                           help="ilp (default): the optimum of the summed sensitivities under the budget; greedy: "
+                                "the HAWQ-style baseline on the same table, for comparison")
 
 
 def _add_weight_block_option(parser: argparse.ArgumentParser) -> None:

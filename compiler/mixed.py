@@ -35,6 +35,7 @@ from passes.allocate import (
     allocate_reranked,
     apply_allocation,
     drop_dominated_choices,
+    greedy,
     layer_metric,
     pareto,
     problem_from_model,
@@ -87,6 +88,8 @@ class AllocatorOptions:
     still is not ahead of greedy at every budget on the evaluation photos --
     there the calibration data itself rates the ILP plan at least as faithful
     at every point it loses (benchmarks/mixed.md).
+    ``solver``: "ilp" (default) or "greedy", the baseline the ILP is compared
+    with (passes/allocate.greedy), for side-by-side runs on the same table.
     """
 
     sensitivity: str = "single-layer"
@@ -96,11 +99,16 @@ class AllocatorOptions:
     sensitivity_samples: int = 128
     rerank_samples: int = 32
     pairs: tuple[tuple[int, int], ...] | None = None  # None: the target cost model's bit_pairs
+    solver: str = "ilp"
 
     def __post_init__(self) -> None:
         if self.sensitivity not in SENSITIVITY_MODES:
             raise EdgeqError(f"unknown sensitivity mode '{self.sensitivity}' "
                              f"(choose from {', '.join(SENSITIVITY_MODES)})")
+        if self.solver not in SOLVERS:
+            raise EdgeqError(f"unknown solver '{self.solver}' (choose from {', '.join(SOLVERS)})")
+        if self.solver == "greedy" and (self.rerank > 1 or self.refine):
+            raise EdgeqError("--rerank and --refine re-solve the ILP; they do not apply to --solver greedy")
         if self.rerank < 0 or self.refine < 0:
             raise EdgeqError(f"rerank and refine must be >= 0, not {self.rerank} / {self.refine}")
         if self.sensitivity_samples < 1:
@@ -108,14 +116,16 @@ class AllocatorOptions:
 
 
 SENSITIVITY_MODES = ("in-context", "single-layer", "proxy")
+SOLVERS = ("ilp", "greedy")
 
 
 def allocator_options(args: argparse.Namespace) -> AllocatorOptions:
     """The allocator options of ``edgeq compile`` / ``edgeq allocate`` (--sensitivity, --rerank, --refine,
-    and --sensitivity-samples where the CLI defines it)."""
+    --solver, and --sensitivity-samples where the CLI defines it)."""
     samples = getattr(args, "sensitivity_samples", None)
     extra = {"sensitivity_samples": samples} if samples is not None else {}
-    return AllocatorOptions(sensitivity=args.sensitivity, rerank=args.rerank, refine=args.refine, **extra)
+    return AllocatorOptions(sensitivity=args.sensitivity, rerank=args.rerank, refine=args.refine,
+                            solver=getattr(args, "solver", "ilp"), **extra)
 
 
 @dataclass
@@ -217,7 +227,8 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
                        if held_out else sens_data)
         rounded = gptq_candidates(model, plan, sens_data, gptq_widths, **gptq_options) if rounds else None
         distance = PlanDistance(model, plan, rerank_data, ranges, integer_only=integer_only, rounded=rounded)
-    record = {"sensitivity": options.sensitivity, "candidates": [list(pair) for pair in pairs],
+    record = {"solver": options.solver, "sensitivity": options.sensitivity,
+              "candidates": [list(pair) for pair in pairs],
               "sensitivity_samples": n_sens, "rerank": options.rerank,
               "refine": options.refine if around is not None else 0,
               "rounding": {"gptq": gptq_widths, "folds": ROUNDING_FOLDS} if rounds else "nearest"}
@@ -270,8 +281,10 @@ def priced_pairs(cost_model, pairs: list[tuple[int, int]], metrics: list[str]
 
 
 def solve(mixed: MixedPrecision, budget: dict[str, float], options: AllocatorOptions | None = None) -> Allocation:
-    """The ILP optimum, or the best measured of its ``rerank`` best plans, refined around it."""
+    """The ILP optimum, or the best measured of its ``rerank`` best plans, refined around it (or greedy's plan)."""
     options = options or AllocatorOptions()
+    if options.solver == "greedy":
+        return greedy(mixed.problem, budget)
     if mixed.distance is not None and options.rerank > 1:
         allocation = allocate_reranked(mixed.problem, budget, mixed.distance, k=options.rerank)
     else:

@@ -236,6 +236,12 @@ def test_allocator_options_reach_the_plan(workspace, capsys):
     code, _, stderr = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
                               "--budget", "size=0.85", "--rerank", "-1", "-o", workspace / "alloc", "-q")
     assert code == 2 and "rerank" in stderr and stderr.count("\n") == 1
+    code, _, _ = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                         "--budget", "size=0.85", "--solver", "greedy", "-o", workspace / "greedy", "-q")
+    assert code == 0
+    plan = json.loads((workspace / "greedy" / "plan.json").read_text())
+    assert plan["totals"]["allocation"]["allocator"]["solver"] == "greedy"
+    assert plan["totals"]["allocation"]["method"] == "greedy-demote"
 
 
 def test_pinned_two_bit_layers_export_and_run(workspace, capsys):

@@ -96,6 +96,29 @@ def test_bad_allocator_options_are_user_errors():
         AllocatorOptions(refine=-1)
     with pytest.raises(EdgeqError, match="sensitivity samples"):
         AllocatorOptions(sensitivity_samples=0)
+    with pytest.raises(EdgeqError, match="unknown solver"):
+        AllocatorOptions(solver="anneal")
+    with pytest.raises(EdgeqError, match="do not apply to --solver greedy"):
+        AllocatorOptions(solver="greedy", rerank=4)
+
+
+def test_greedy_solver_plans_on_the_same_table_and_never_beats_the_ilp_on_it():
+    from passes.allocate import evaluate, greedy
+
+    plans = {}
+    for solver in ("ilp", "greedy"):
+        model, plan, calib = _setup(24)
+        options = AllocatorOptions(solver=solver, pairs=((2, 8), (4, 8), (8, 8)))
+        plans[solver] = allocate_bits(model, plan, calib, get_target("onnx"), None, "size=0.6", integer_only=False,
+                                      options=options)
+        assert plan.totals["allocation"]["allocator"]["solver"] == solver
+        for name, layer in plan.layers.items():
+            assert (layer.w_bits, layer.a_bits) == plans[solver].allocation.choices[name]
+    ilp, baseline = plans["ilp"], plans["greedy"]
+    assert baseline.allocation.method == "greedy-demote" and baseline.allocation.totals["size_fraction"] <= 0.6
+    # the same measured table (measurement is deterministic), so greedy's plan is what passes.allocate.greedy gives
+    assert baseline.allocation.choices == greedy(ilp.problem, {"size_fraction": 0.6}).choices
+    assert ilp.allocation.objective <= evaluate(ilp.problem, baseline.allocation.choices)["sensitivity"] + 1e-12
 
 
 def test_cli_options_take_sensitivity_samples_when_the_cli_defines_it():
