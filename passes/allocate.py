@@ -31,7 +31,8 @@ Online float ops a transform inserted are charged as fixed costs
 
 :func:`greedy` is the baseline edgeq is compared with (HAWQ-style: start at
 the highest bits, demote the layer that loses least sensitivity per unit of
-budget saved until every budget is met; or the reverse). :func:`pareto`
+budget saved until every budget is met, then spend what is left; or the
+reverse). :func:`pareto`
 sweeps one metric's budget and returns the frontier.
 """
 
@@ -667,9 +668,11 @@ def greedy(problem: AllocationProblem, budget: dict[str, float], *, direction: s
 
     ``demote`` (HAWQ-style): start every layer at its least sensitive choice and
     repeatedly take the move that costs least sensitivity per unit of budget
-    overshoot removed, until every budget is met. ``promote``: start at the
-    cheapest choices and repeatedly take the move that buys most sensitivity per
-    unit of budget spent while staying within budget.
+    overshoot removed, until every budget is met; then spend what the last
+    demotions left over as ``promote`` does (one big layer's demotion can
+    undershoot the budget by a fifth). ``promote``: start at the cheapest
+    choices and repeatedly take the move that buys most sensitivity per unit of
+    budget spent while staying within budget.
     """
     if direction not in ("demote", "promote"):
         raise ValueError(f"direction must be 'demote' or 'promote', not {direction!r}")
@@ -784,12 +787,17 @@ class _GreedySearch:
                 raise EdgeqError("greedy allocation cannot meet the budget (no move reduces the overshoot)")
             self.state.update(best[0])
             usage = best[1]
+        self._fill(usage)
 
     def promote(self) -> None:
         self._start(_cheapest)
         usage = self._current()
         if self._overshoot(usage) > 0:
             raise EdgeqError("greedy allocation cannot meet the budget even at the lowest bits")
+        self._fill(usage)
+
+    def _fill(self, usage: dict[str, float]) -> None:
+        """Take the move that buys most sensitivity per unit of budget spent, within budget, while one does."""
         while True:
             linear = [usage[m] for m in self.linear]
             best, best_score = None, 0.0

@@ -193,6 +193,14 @@ def test_greedy_meets_the_budget_and_never_beats_the_ilp(direction):
             assert baseline.objective >= optimum.objective - 1e-9
             for group in problem.tie_groups:
                 assert len({baseline.choices[name][1] for name in group}) == 1
+            # nothing left on the table: no single layer can move to a less sensitive choice within budget
+            for layer in problem.layers:
+                if layer.name in {name for group in problem.tie_groups for name in group}:
+                    continue
+                for choice in layer.choices:
+                    if layer.sensitivity[choice] < layer.sensitivity[baseline.choices[layer.name]]:
+                        moved = al.evaluate(problem, {**baseline.choices, layer.name: choice})
+                        assert moved["size_fraction"] > fraction + 1e-9
 
 
 def test_pareto_frontier_is_monotone_and_optimal():
