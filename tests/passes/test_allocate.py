@@ -12,7 +12,7 @@ import pytest
 
 from compiler.errors import EdgeqError
 from passes import allocate as al
-from targets.base import LayerShape, packed_bytes
+from targets.base import LayerCost, LayerShape, packed_bytes
 from targets.mcu.cost import cost_model as mcu_cost_model
 
 SOLVERS = al.solver_names()
@@ -543,3 +543,33 @@ def test_choices_no_cheaper_than_one_with_more_bits_are_dropped_before_measuring
     assert al.drop_dominated_choices(problem(), ["bitops"]) == {}
     assert al.drop_dominated_choices(problem(), ["weight_bytes", "bitops"]) == {}
     assert al.drop_dominated_choices(problem({"conv": (2, 8)}), ["weight_bytes"]) == {}
+
+
+def test_cbc_keeps_the_optimum_of_a_two_budget_knapsack():
+    """The bundled CNN on a Cortex-M4 under flash + latency budgets (4-bit weights smaller but slower).
+
+    CBC 2.10.3 (bundled with PuLP) reported a worse plan as optimal here: its
+    default preprocessing reads the one-choice-per-layer rows as SOS sets and
+    fixes variables wrongly (coin-or/Cbc#449, fixed in 2.10.7).
+    """
+    weights = {"l0": (216, 288), "l1": (2592, 4896), "l2": (9792, 19008), "l3": (864, 1152),
+               "l4": (2624, 4672), "l7": (410, 730)}
+    latency_ms = {"l0": (1.32475, 1.01115), "l1": (8.42953, 5.92073), "l2": (8.35984, 5.85104),
+                  "l3": (0.46888, 0.35128), "l4": (1.92059, 1.36308), "l7": (0.0172, 0.01542)}
+    sensitivity = {"l0": (0.01298, 2e-5), "l1": (0.00761, 4e-5), "l2": (0.00408, 4e-5), "l3": (0.00417, 1e-5),
+                   "l4": (0.00203, 2e-5), "l7": (0.00175, 1e-5)}
+    layers = []
+    for name in weights:
+        choices = [(4, 8), (8, 8)]
+        costs = {choice: LayerCost(weights[name][index], 0, 0, 0, latency_s=latency_ms[name][index] * 1e-3)
+                 for index, choice in enumerate(choices)}
+        layers.append(al.LayerOptions(name, choices, dict(zip(choices, sensitivity[name], strict=True)), costs,
+                                      weight_params=weights[name][1]))
+    for name, ms in (("l5", 0.11564), ("l6", 0.04738)):  # weightless Add and pooling
+        layers.append(al.LayerOptions(name, [(None, 8)], {(None, 8): 0.0},
+                                      {(None, 8): LayerCost(0, 0, 0, 0, latency_s=ms * 1e-3)}))
+    problem = al.AllocationProblem(layers)
+    limits = {"weight_bytes": 19347.6, "latency_s": 18.2806e-3}
+    expected = _brute_force(problem, limits)
+    for solver in SOLVERS:
+        assert al.allocate(problem, limits, solver=solver).objective == pytest.approx(expected[0], rel=1e-9)
