@@ -80,6 +80,11 @@ def load_case(name: str, calib_samples: int):
     return zoo.build(name), calib, evaluation, None
 
 
+def top1_hits(reference: np.ndarray, outputs: np.ndarray) -> str:
+    """'1' where the quantized model keeps float's top-1 class, per evaluation image (for :func:`discordant`)."""
+    return "".join("1" if hit else "0" for hit in outputs.argmax(1) == reference.argmax(1))
+
+
 def score(reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
     metrics = compare_outputs(reference, outputs)
     result = {key: metrics[key] for key in ("top1_agreement", "top5_agreement", "kl", "sqnr_db")}
@@ -258,8 +263,7 @@ def bench_model(name: str, args, work: Path) -> dict:
                "solve_s": allocation.solve_time_s, "calib_kl": float(np.mean(kl_calib)),
                "calib_top1": float(np.mean(top1_calib)),
                "choices": {layer: list(c) for layer, c in allocation.choices.items()},
-               "top1_hits": "".join("1" if hit else "0" for hit in
-                                    outputs.argmax(1) == scorer.reference["eval"].argmax(1)),
+               "top1_hits": top1_hits(scorer.reference["eval"], outputs),
                **score(scorer.reference["eval"], outputs, labels)}
         return {**row, "budget": budget} if budget is not None else row
 

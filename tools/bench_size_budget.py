@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compiler.fidelity import classifier_agreement, run_model  # noqa: E402
-from tools.bench_mixed import discordant, evaluation_groups, load_case  # noqa: E402
+from tools.bench_mixed import discordant, evaluation_groups, load_case, top1_hits  # noqa: E402
 
 TITLE = "# Size budgets through the CLI"
 METRICS = ("top1_agreement", "top5_agreement", "kl")
@@ -53,11 +53,6 @@ def compile_once(model_path: Path, calib_dir: Path, out: Path, options: list[str
     subprocess.run([sys.executable, "-m", "compiler.cli", "compile", str(model_path), "--calib", str(calib_dir),
                     "--target", "onnx", *options, "-o", str(out), "-q"], cwd=ROOT, check=True)
     return time.perf_counter() - started
-
-
-def top1_hits(reference: np.ndarray, outputs: np.ndarray) -> str:
-    """'1' where the quantized model keeps float's top-1 class, per evaluation image."""
-    return "".join("1" if hit else "0" for hit in outputs.argmax(1) == reference.argmax(1))
 
 
 def run_point(name: str, model_path: Path, calib_dir: Path, out: Path, options: list[str], row: dict,
