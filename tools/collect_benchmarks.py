@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["summary", "compare_ort", "models", "calibration", "transforms", "ort_smoothquant", "mixed", "size_budget",
+ORDER = ["summary", "compare_ort", "models", "calibration", "transforms", "ort_smoothquant", "mixed", "size_budget", "resources",
          "integer-core", "cpu", "mcu", "tflm"]
 
 

@@ -203,6 +203,22 @@ def test_greedy_meets_the_budget_and_never_beats_the_ilp(direction):
                         assert moved["size_fraction"] > fraction + 1e-9
 
 
+def test_greedy_gets_stuck_between_budgets_where_the_ilp_finds_a_plan():
+    # Budgets that pull apart (4-bit weights save bytes but cost cycles; 16-bit activations
+    # the reverse): every single move that lowers one overshoot raises another's.
+    problem = al.synthetic_problem(12, mcu_cost_model("cortex-m4"), seed=0)
+    reference = al.uniform(problem, 8, 8).totals
+    budget = {"size_fraction": 0.5, "sram_bytes": 0.6 * reference["sram_bytes"],
+              "latency_s": 1.4 * reference["latency_s"]}
+    plan = al.allocate(problem, budget)
+    assert plan.status == "optimal"
+    assert plan.totals["size_fraction"] <= 0.5 + 1e-9
+    assert plan.totals["sram_bytes"] <= budget["sram_bytes"] + 1e-6
+    assert plan.totals["latency_s"] <= budget["latency_s"] * (1 + 1e-9)
+    with pytest.raises(EdgeqError, match="greedy allocation cannot meet the budget"):
+        al.greedy(problem, budget)
+
+
 def test_pareto_frontier_is_monotone_and_optimal():
     problem = al.synthetic_problem(20, mcu_cost_model("cortex-m4"), seed=3)
     points = al.pareto(problem, "weight_bytes", 6)
