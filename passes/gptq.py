@@ -25,6 +25,7 @@ Idempotency: the model is marked; a second run is skipped with a log line.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import time
@@ -322,6 +323,7 @@ def gptq(
 
 
 RoundedWeights = dict[int, dict[str, tuple[np.ndarray, TensorQuant]]]
+ROUNDING_OPTIONS = ("block_size", "damp", "act_order", "scale_search")  # gptq's options that shape one layer
 
 
 def gptq_candidates(
@@ -345,8 +347,8 @@ def gptq_candidates(
     the on-grid array to put in place of the layer's initializer, ``grid`` its
     TensorQuant for ``plan.tensors``; the model and plan are not changed.
     """
-    settings = {"block_size": 128, "damp": 0.01, "act_order": True, "scale_search": True}
-    settings.update({key: value for key, value in options.items() if key in settings})
+    defaults = inspect.signature(gptq).parameters  # one place for the rounding defaults: gptq's signature
+    settings = {key: options.get(key, defaults[key].default) for key in ROUNDING_OPTIONS}
     layers = [layer for layer, _ in planned_layers(model, plan)]
     if not layers:
         return {bits: {} for bits in widths}

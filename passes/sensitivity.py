@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from compiler.graph import attribute, initializer_array
+from compiler.graph import attribute, initializer_array, set_initializer
 from compiler.plan import QuantPlan
 from compiler.quantizers import fake_quantize_weight, weight_output_axis
 
@@ -141,8 +141,6 @@ def rounded_weights(model: onnx.ModelProto, quantized: QuantPlan, rounded: Round
     exports exactly those integers. Layers or widths ``rounded`` lacks keep the
     float weight (nearest rounding at export).
     """
-    from compiler.graph import set_initializer
-
     originals = {}
     for name, layer in quantized.layers.items():
         weight = (rounded or {}).get(layer.w_bits, {}).get(name) if layer.w_bits and layer.weight else None

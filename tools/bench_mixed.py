@@ -167,8 +167,8 @@ def calibration_folds(groups: np.ndarray, splits: int, seed: int = 0) -> list[tu
 class Scorer:
     """Exports plans (cached by their choices) and scores them on the calibration or evaluation inputs."""
 
-    def __init__(self, model, plan, problem, ranges, inputs: dict[str, dict[str, np.ndarray]], output_name: str):
-        self.model, self.plan, self.problem, self.ranges = model, plan, problem, ranges
+    def __init__(self, model, plan, ranges, inputs: dict[str, dict[str, np.ndarray]], output_name: str):
+        self.model, self.plan, self.ranges = model, plan, ranges
         self.inputs, self.output_name = inputs, output_name
         self.reference = {key: run_model(model, data)[output_name] for key, data in inputs.items()}
         self._outputs: dict[tuple, np.ndarray] = {}
@@ -235,7 +235,7 @@ def bench_model(name: str, args, work: Path) -> dict:
 
     problems = {label: problem_for(sn.monotone(sn.mean_table(rows))) for label, (rows, _) in tables.items()}
     problem = problems[f"all {count} samples"]
-    scorer = Scorer(model, plan, problem, ranges, {"calib": calib, "eval": evaluation}, output_name)
+    scorer = Scorer(model, plan, ranges, {"calib": calib, "eval": evaluation}, output_name)
     methods = allocators(args)
     noise = noise_report(samples, groups, few, args)
 

@@ -47,7 +47,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compiler.errors import EdgeqError  # noqa: E402
-from compiler.mixed import priced_pairs  # noqa: E402
+from compiler.mixed import AllocatorOptions, MixedPrecision, priced_pairs  # noqa: E402
+from compiler.mixed import solve as solve_mixed  # noqa: E402
 from passes import allocate as al  # noqa: E402
 from passes import sensitivity as sn  # noqa: E402
 from targets.base import get_target  # noqa: E402
@@ -100,15 +101,12 @@ def bits_used(allocation: al.Allocation, problem: al.AllocationProblem) -> str:
     return ", ".join(f"{key}: {counts[key]}" for key in sorted(counts, key=lambda k: (len(k), k)))
 
 
-def solve(method: str, problem: al.AllocationProblem, budget: dict[str, float],
-          distance: sn.PlanDistance, rerank: int) -> al.Allocation | str:
-    """The plan of ``method``, or why there is none (greedy can get stuck between budgets)."""
+def solve(method: str, mixed: MixedPrecision, budget: dict[str, float], rerank: int) -> al.Allocation | str:
+    """The plan ``compiler.mixed.solve`` picks for ``method``, or why there is none."""
+    options = AllocatorOptions(solver="greedy") if method == "greedy" else AllocatorOptions(
+        rerank=rerank if method == "reranked" else 0)
     try:
-        if method == "greedy":
-            return al.greedy(problem, budget)
-        if method == "reranked":
-            return al.allocate_reranked(problem, budget, distance, k=rerank)
-        return al.allocate(problem, budget)
+        return solve_mixed(mixed, budget, options)
     except EdgeqError:  # the ILP proves infeasibility; greedy's demotions can get stuck between budgets
         return "stuck" if method == "greedy" else "infeasible"
 
@@ -135,7 +133,7 @@ def bench_model(name: str, cases: list[str], args) -> list[dict]:
     table = sn.monotone(sn.mean_table(samples))
     groups = evaluation_groups(name, len(next(iter(evaluation.values()))))
     distance = sn.PlanDistance(model, plan, held_out, ranges)
-    scorer = None
+    scorer = Scorer(model, plan, ranges, {"eval": evaluation}, model.graph.output[0].name)
     rows = []
     for case in cases:
         target, device, fractions_list = CASES[case]
@@ -145,14 +143,13 @@ def bench_model(name: str, cases: list[str], args) -> list[dict]:
         problem = al.problem_from_model(model, plan, cost_model, pairs=offered, sensitivity=table)
         al.drop_dominated_choices(problem, metrics)
         reference = al.uniform(problem, 8, 8).totals
-        if scorer is None:
-            scorer = Scorer(model, plan, problem, ranges, {"eval": evaluation}, model.graph.output[0].name)
+        mixed = MixedPrecision(problem, distance=distance)
         for fractions in fractions_list:
             budget = absolute(fractions, reference)
             row = {"model": name, "case": f"{target}:{device}", "budget": fractions, "offered": offered}
             for method in METHODS:
                 start = time.perf_counter()
-                allocation = solve(method, problem, budget, distance, args.rerank)
+                allocation = solve(method, mixed, budget, args.rerank)
                 row[f"{method}_s"] = time.perf_counter() - start
                 if isinstance(allocation, str):
                     row[method] = {"none": allocation}
@@ -176,7 +173,7 @@ def bench_model(name: str, cases: list[str], args) -> list[dict]:
                 if "top1_hits" in row[method] and "top1_hits" in row["greedy"]:
                     row[f"{method}_discordant"] = discordant(row[method], row["greedy"], groups)
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items()}, default=str)[:600], flush=True)
+            print(json.dumps(row, default=str)[:600], flush=True)
     for row in rows:
         row["timings"] = timings
     return rows
