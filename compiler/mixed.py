@@ -65,9 +65,10 @@ class AllocatorOptions:
     ``sensitivity``: "in-context" (each layer changed inside the base plan
     ``context``, all other layers quantized), "single-layer" (that layer alone,
     all else float) or "proxy" (second-moment estimate, nothing run).
-    ``rerank``: the ILP's best ``rerank`` plans are exported and the one whose
-    outputs stay closest to float (KL / relative MSE) on held-out calibration
-    samples is taken; 0 or 1 takes the ILP optimum as is.
+    ``rerank``: the ILP's best ``rerank`` plans, and greedy's plan on the same
+    table, are exported and the one whose outputs stay closest to float (KL /
+    relative MSE) on held-out calibration samples is taken; 0 or 1 takes the
+    ILP optimum as is.
     ``refine``: then up to ``refine`` trust-region steps, each re-measuring the
     sensitivities around the current plan and re-solving the ILP, a new plan
     kept only if measured closer to float on the held-out samples
@@ -281,18 +282,28 @@ def priced_pairs(cost_model, pairs: list[tuple[int, int]], metrics: list[str]
 
 
 def solve(mixed: MixedPrecision, budget: dict[str, float], options: AllocatorOptions | None = None) -> Allocation:
-    """The ILP optimum, or the best measured of its ``rerank`` best plans, refined around it (or greedy's plan)."""
+    """The ILP optimum, or the best measured of its ``rerank`` best plans and greedy's, refined around it;
+    or, with ``--solver greedy``, greedy's plan alone."""
     options = options or AllocatorOptions()
     if options.solver == "greedy":
         return greedy(mixed.problem, budget)
     if mixed.distance is not None and options.rerank > 1:
-        allocation = allocate_reranked(mixed.problem, budget, mixed.distance, k=options.rerank)
+        allocation = allocate_reranked(mixed.problem, budget, mixed.distance, k=options.rerank,
+                                       also=_greedy_plan(mixed.problem, budget))
     else:
         allocation = allocate(mixed.problem, budget)
     if mixed.sensitivity_around is not None and mixed.distance is not None and options.refine:
         allocation = allocate_refined(mixed.problem, budget, mixed.sensitivity_around, mixed.distance,
                                       steps=options.refine, start=allocation)
     return allocation
+
+
+def _greedy_plan(problem: AllocationProblem, budget: dict[str, float]) -> list[Allocation]:
+    """Greedy's plan, for the re-ranking to measure beside the ILP's (none where its demotions get stuck)."""
+    try:
+        return [greedy(problem, budget)]
+    except EdgeqError:
+        return []
 
 
 def solve_into_plan(mixed: MixedPrecision, plan: QuantPlan, budget: dict[str, float],
@@ -354,11 +365,13 @@ def allocation_summary(problem: AllocationProblem, allocation: Allocation, recor
     if allocation.candidates:
         source = "held-out calibration samples" if (record or {}).get("held_out", True) else "calibration samples"
         lines += [f"Plans measured before choosing (output distance from float of each exported plan on {source}; "
-                  "the lowest is taken): the ILP's best plans by total sensitivity (*ILP rank*), then plans "
+                  "the lowest is taken): the ILP's best plans by total sensitivity (*ILP rank*), greedy's plan when "
+                  "it is not among them (*baseline*), then plans "
                   "from sensitivities re-measured around the current one (*refine step*, layers changed).", "",
                   "| plan | total sensitivity | measured distance | chosen |", "|---|---|---|---|"]
         for candidate in allocation.candidates:
             label = (f"ILP rank {candidate['rank'] + 1}" if "rank" in candidate else
+                     f"{candidate['source']} baseline" if "source" in candidate else
                      f"refine step {candidate['step']}" + (f" ({candidate['changed']} changed)"
                                                            if "changed" in candidate else " (start)"))
             lines.append(f"| {label} | {candidate['objective']:.4g} | {candidate['measured']:.4g} | "

@@ -518,27 +518,36 @@ def allocate_reranked(
     *,
     k: int = 8,
     solver: str = "cbc",
+    also: Sequence[Allocation] = (),
 ) -> Allocation:
-    """Of the ILP's ``k`` best plans, the one ``measure`` finds closest to float.
+    """Of the ILP's ``k`` best plans (and the plans in ``also``), the one ``measure`` finds closest to float.
 
     The summed single-layer sensitivities are only an approximation of what a
     mixed plan loses (errors of several layers do not add up exactly), so the
     last word goes to a measurement of each whole candidate plan: ``measure``
     maps a choice per layer to a distance (lower is better), e.g. the output KL
     of the exported plan on calibration samples the sensitivities did not see.
-    Every candidate keeps the budget; the record lists them all.
+    ``also``: plans found another way within the same budget (e.g. greedy's),
+    which near a tie on the table can be the better plan yet rank below the
+    ILP's ``k`` best; measured too unless already among them. Every candidate
+    keeps the budget; the record lists them all, each with where it came from.
     """
     candidates = allocate_k_best(problem, budget, k, solver=solver)
+    sources = [{"rank": index} for index in range(len(candidates))]
+    for other in also:
+        if all(other.choices != candidate.choices for candidate in candidates):
+            candidates.append(other)
+            sources.append({"source": other.method})
     measured = [measure(candidate.choices) for candidate in candidates]
     best = min(range(len(candidates)), key=lambda index: (measured[index], index))
-    chosen = candidates[best]
-    chosen.method = f"ilp-{solver}-rerank{k}"
-    chosen.status = "optimal-reranked"
-    chosen.solve_time_s = sum(candidate.solve_time_s for candidate in candidates)
+    chosen = replace(candidates[best], method=f"ilp-{solver}-rerank{k}", status="optimal-reranked",
+                     solve_time_s=sum(candidate.solve_time_s for candidate in candidates))
+    if "source" in sources[best]:
+        chosen.method += f"-took-{sources[best]['source']}"
     chosen.candidates = [
-        {"rank": index, "objective": candidate.objective, "measured": value, "chosen": index == best,
+        {**source, "objective": candidate.objective, "measured": value, "chosen": index == best,
          **{metric: candidate.totals[metric] for metric in budget_metrics(problem, budget)}}
-        for index, (candidate, value) in enumerate(zip(candidates, measured, strict=True))
+        for index, (source, candidate, value) in enumerate(zip(sources, candidates, measured, strict=True))
     ]
     return chosen
 

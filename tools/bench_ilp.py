@@ -115,7 +115,7 @@ def main() -> None:
         f"{args.repeat} runs; the ILP objectives of all solvers agree. 9 choices per layer "
         "(w 2/4/8 x a 4/8/16), residual tie groups, Cortex-M4 cost model. "
         f"*top-{TOP_K}*: the {TOP_K} best distinct plans by successive solves with no-good cuts "
-        "(what the default allocator then re-ranks by measurement), one run.", "",
+        "(what `--rerank` then measures, with greedy's plan), one run.", "",
         *rows, "",
     ])
     if args.write:

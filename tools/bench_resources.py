@@ -158,7 +158,8 @@ def bench_model(name: str, cases: list[str], args) -> list[dict]:
                 row[method] = {**score(scorer.reference["eval"], outputs, labels),
                                "objective": allocation.objective, "bits": bits_used(allocation, problem),
                                "top1_hits": top1_hits(scorer.reference["eval"], outputs),
-                               "totals": {m: allocation.totals[m] / reference[m] for m in fractions}}
+                               "totals": {m: allocation.totals[m] / reference[m] for m in fractions},
+                               "took": _taken(allocation)}
             fitting = []
             for w_bits, a_bits_ in offered:
                 try:
@@ -179,6 +180,14 @@ def bench_model(name: str, cases: list[str], args) -> list[dict]:
     return rows
 
 
+def _taken(allocation: al.Allocation) -> str | None:
+    """Which measured candidate a re-ranking kept: 'ILP rank N' or the other solver's name."""
+    for candidate in allocation.candidates:
+        if candidate["chosen"]:
+            return f"ILP rank {candidate['rank'] + 1}" if "rank" in candidate else candidate["source"]
+    return None
+
+
 def _budget(row: dict) -> str:
     return ", ".join(f"{metric.removesuffix('_bytes').removesuffix('_s')} {fraction:g}"
                      for metric, fraction in row["budget"].items())
@@ -187,7 +196,8 @@ def _budget(row: dict) -> str:
 def _fidelity(result: dict) -> str:
     if "none" in result:
         return f"no plan ({result['none']})"
-    return f"{result['top1_agreement']:.3f} / {result['kl']:.3f}"
+    took = result.get("took") or ""
+    return f"{result['top1_agreement']:.3f} / {result['kl']:.3f}" + (" (greedy's)" if took.startswith("greedy") else "")
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -195,7 +205,8 @@ def markdown(rows: list[dict], command: str) -> str:
              f"`{command}` ({time.strftime('%Y-%m-%d')}). Budgets are fractions of the uniform w8a8 plan's "
              "totals on the same cost model. *objective*: summed single-layer KL on the calibration crops (the "
              "table both solvers see; greedy's as a ratio to the ILP's optimum). *ILP reranked*: the ILP's best "
-             "plans measured whole on held-out calibration crops, the closest to float kept (`--rerank`). "
+             "plans and greedy's measured whole on held-out calibration crops, the closest to float kept "
+             "(`--rerank`; *(greedy's)* where that was greedy's plan). "
              "Fidelity: top-1 agreement / softmax KL against float on the evaluation set, plans exported with "
              "nearest rounding (no GPTQ, no transforms). *only X / only greedy*: images only that plan keeps at "
              "float's top-1 (p: sign-flip test over the source photos; independent images for the Fashion-MNIST "
@@ -218,6 +229,10 @@ def markdown(rows: list[dict], command: str) -> str:
                  ilp.get("bits", "-"), greedy.get("bits", "-")]
         lines.append("| " + " | ".join(cells) + " |")
     timings = {row["model"]: row["timings"] for row in rows}
+    took = Counter("greedy's plan" if (row["reranked"].get("took") or "").startswith("greedy") else "one of the ILP's"
+                   for row in rows if row not in infeasible)
+    lines += ["", "The re-ranking kept " + ", ".join(f"{source} at {count}" for source, count in sorted(took.items()))
+              + f" of {sum(took.values())} points."]
     if infeasible:
         lines += ["", "Infeasible (the ILP proves no plan fits; greedy stops too): "
                   + "; ".join(f"{row['model']} {row['case']} {_budget(row)}" for row in infeasible) + "."]

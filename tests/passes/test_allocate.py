@@ -456,6 +456,28 @@ def test_reranking_takes_the_measured_best_and_records_every_candidate():
     assert "candidates" in result.as_dict()
 
 
+def test_reranking_measures_another_solvers_plan_beside_the_ilps_and_says_when_it_wins():
+    problem = _small_problem(seed=2)
+    limits = {"size_fraction": 0.8}
+    ranked = al.allocate_k_best(problem, limits, 20)
+    outsider = ranked[-1]  # within the budget, but far down the ILP's ranking
+    outsider.method = "greedy-demote"
+
+    def measure(choices):
+        return sum(choices[name] != outsider.choices[name] for name in choices) + 0.25
+
+    result = al.allocate_reranked(problem, limits, measure, k=3, also=[outsider, ranked[0]])
+    assert result.choices == outsider.choices and result.method.endswith("-took-greedy-demote")
+    # ranked[0] is already the ILP's first candidate: measured once, not twice
+    assert [c.get("rank", c.get("source")) for c in result.candidates] == [0, 1, 2, "greedy-demote"]
+    assert [c["chosen"] for c in result.candidates] == [False, False, False, True]
+    assert result.candidates[3]["measured"] == 0.25 and outsider.status != "optimal-reranked"
+    # where the ILP's plan measures best, the outsider is listed but not taken
+    kept = al.allocate_reranked(problem, limits, lambda choices: float(choices != ranked[0].choices), k=3,
+                                also=[outsider])
+    assert kept.choices == ranked[0].choices and kept.method == "ilp-cbc-rerank3"
+
+
 def test_online_ops_are_fixed_costs_of_the_problem():
     """A float rotation a transform inserted is charged in every total the allocator sees."""
     from compiler.layers import layer_shapes
