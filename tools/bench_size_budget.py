@@ -2,7 +2,8 @@
 
 What a user gets from the whole CLI (default recipe: GPTQ below 8 bits, bias
 correction; the onnx target's candidates w2a8 / w4a8 / w8a8, 2-bit weights
-stored as INT2 where onnxruntime runs it) on MobileNetV2 and EfficientNet-Lite0:
+stored as INT2 where onnxruntime runs it) on MobileNetV2 and EfficientNet-Lite0
+(and the bundled Fashion-MNIST CNN, whose 5000 test images can separate close plans):
 for each size fraction and each ``--sensitivity`` mode, one compile on the
 first ``--calib-samples`` calibration crops, then the exported QDQ model
 against the float model in onnxruntime on the evaluation photos (disjoint
@@ -143,8 +144,9 @@ def comparison(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict], command: str) -> str:
     lines = [TITLE, "", f"`{command}` ({time.strftime('%Y-%m-%d')}). Each row is one `edgeq compile --target onnx "
              "--budget size=F --sensitivity S` (default recipe) on the first calibration crops, its QDQ model "
-             "then run in onnxruntime on the 248 evaluation crops (31 photos, disjoint from the calibration "
-             "photos; one image = 0.004 of top-1 agreement) and on the calibration crops (*calib*, from "
+             "then run in onnxruntime on the evaluation set -- the photo models: 248 crops of 31 photos, disjoint "
+             "from the calibration photos (one image = 0.004 of top-1 agreement); the bundled Fashion-MNIST CNN: "
+             "the 5000 test images -- and on the calibration samples (*calib*, from "
              "plan.json). *bits*: how many weighted layers at each weight width. *solver*: the ILP (default), "
              "the greedy baseline on the same table (`--solver greedy`), or a uniform w4a8 compile (`--bits "
              "w4a8`, no budget).", "",
@@ -161,7 +163,8 @@ def markdown(rows: list[dict], command: str) -> str:
         lines += ["", "## ILP against greedy and uniform", "",
                   "Per budget, on the evaluation photos: the ILP's plan against greedy's on the same table, the "
                   "images only one of them keeps at float's top-1 (p: two-sided sign-flip test over the 31 source "
-                  "photos, as crops of one photo are not independent), and against uniform w4a8 wherever that fits "
+                  "photos, as crops of one photo are not independent; over the images for the Fashion CNN), and "
+                  "against uniform w4a8 wherever that fits "
                   "the budget.", ""] + comparison(rows)
     return "\n".join(lines) + "\n"
 
