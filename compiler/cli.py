@@ -65,8 +65,11 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
     allocator.add_argument("--sensitivity-samples", type=int, default=None, metavar="N",
                            help="calibration samples the sensitivities are measured on (default 128)")
     allocator.add_argument("--rerank", type=int, default=0, metavar="K",
-                           help="export the ILP's K best plans and keep the one closest to float on held-out "
-                                "calibration samples")
+                           help="export the ILP's K best plans (and greedy's) and keep the one closest to float on "
+                                "held-out calibration samples")
+    allocator.add_argument("--rerank-samples", type=int, default=None, metavar="N",
+                           help="held-out calibration samples (after the sensitivities' ones) --rerank and "
+                                "--refine measure whole plans on (default 32)")
     allocator.add_argument("--refine", type=int, default=0, metavar="N",
                            help="up to N steps re-measuring sensitivities around the plan and re-solving")
     allocator.add_argument("--solver", default="ilp", choices=["ilp", "greedy"],

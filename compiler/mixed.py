@@ -112,8 +112,9 @@ class AllocatorOptions:
             raise EdgeqError("--rerank and --refine re-solve the ILP; they do not apply to --solver greedy")
         if self.rerank < 0 or self.refine < 0:
             raise EdgeqError(f"rerank and refine must be >= 0, not {self.rerank} / {self.refine}")
-        if self.sensitivity_samples < 1:
-            raise EdgeqError(f"sensitivity samples must be >= 1, not {self.sensitivity_samples}")
+        if self.sensitivity_samples < 1 or self.rerank_samples < 1:
+            raise EdgeqError("sensitivity and rerank samples must be >= 1, not "
+                             f"{self.sensitivity_samples} / {self.rerank_samples}")
 
 
 SENSITIVITY_MODES = ("in-context", "single-layer", "proxy")
@@ -122,9 +123,9 @@ SOLVERS = ("ilp", "greedy")
 
 def allocator_options(args: argparse.Namespace) -> AllocatorOptions:
     """The allocator options of ``edgeq compile`` / ``edgeq allocate`` (--sensitivity, --rerank, --refine,
-    --solver, and --sensitivity-samples where the CLI defines it)."""
-    samples = getattr(args, "sensitivity_samples", None)
-    extra = {"sensitivity_samples": samples} if samples is not None else {}
+    --solver, and --sensitivity-samples / --rerank-samples where the CLI defines them)."""
+    extra = {option: getattr(args, option) for option in ("sensitivity_samples", "rerank_samples")
+             if getattr(args, option, None) is not None}
     return AllocatorOptions(sensitivity=args.sensitivity, rerank=args.rerank, refine=args.refine,
                             solver=getattr(args, "solver", "ilp"), **extra)
 

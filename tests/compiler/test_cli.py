@@ -228,11 +228,12 @@ def test_weight_block_flag_exports_block_wise_int4_weights(workspace, capsys):
 
 def test_allocator_options_reach_the_plan(workspace, capsys):
     code, _, _ = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
-                         "--budget", "size=0.85", "--sensitivity", "proxy", "--rerank", "2", "-o", workspace / "out",
-                         "-q")
+                         "--budget", "size=0.85", "--sensitivity", "proxy", "--rerank", "2", "--sensitivity-samples",
+                         "20", "--rerank-samples", "7", "-o", workspace / "out", "-q")
     assert code == 0
     allocator = json.loads((workspace / "out" / "plan.json").read_text())["totals"]["allocation"]["allocator"]
     assert allocator["sensitivity"] == "proxy" and allocator["rerank"] == 2
+    assert allocator["sensitivity_samples"] == 20 and allocator["rerank_samples"] == 7 and allocator["held_out"]
     code, _, stderr = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
                               "--budget", "size=0.85", "--rerank", "-1", "-o", workspace / "alloc", "-q")
     assert code == 2 and "rerank" in stderr and stderr.count("\n") == 1

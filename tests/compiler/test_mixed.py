@@ -99,8 +99,10 @@ def test_bad_allocator_options_are_user_errors():
         AllocatorOptions(rerank=-1)
     with pytest.raises(EdgeqError, match="refine"):
         AllocatorOptions(refine=-1)
-    with pytest.raises(EdgeqError, match="sensitivity samples"):
+    with pytest.raises(EdgeqError, match="samples must be >= 1"):
         AllocatorOptions(sensitivity_samples=0)
+    with pytest.raises(EdgeqError, match="samples must be >= 1"):
+        AllocatorOptions(rerank_samples=0)
     with pytest.raises(EdgeqError, match="unknown solver"):
         AllocatorOptions(solver="anneal")
     with pytest.raises(EdgeqError, match="do not apply to --solver greedy"):
