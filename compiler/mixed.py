@@ -112,9 +112,9 @@ class AllocatorOptions:
             raise EdgeqError("--rerank and --refine re-solve the ILP; they do not apply to --solver greedy")
         if self.rerank < 0 or self.refine < 0:
             raise EdgeqError(f"rerank and refine must be >= 0, not {self.rerank} / {self.refine}")
-        if self.sensitivity_samples < 1 or self.rerank_samples < 1:
-            raise EdgeqError("sensitivity and rerank samples must be >= 1, not "
-                             f"{self.sensitivity_samples} / {self.rerank_samples}")
+        for option, samples in (("sensitivity", self.sensitivity_samples), ("rerank", self.rerank_samples)):
+            if samples < 1:
+                raise EdgeqError(f"{option} samples must be >= 1, not {samples}")
 
 
 SENSITIVITY_MODES = ("in-context", "single-layer", "proxy")

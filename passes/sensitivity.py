@@ -641,10 +641,14 @@ def spearman(first: Sensitivity, second: Sensitivity, choice: Choice | None = No
 class PlanDistance:
     """``distance(choices)``: output distance from float of ``plan`` with those bits, on ``data``.
 
-    Exports the plan exactly as the pipeline does (passes/insert_qdq with each
-    quantizer's range fitted for its width) and runs it in onnxruntime. Used to
-    re-rank the ILP's best few plans (passes/allocate.allocate_reranked) on
-    calibration samples the sensitivities were not measured on.
+    Exports the plan with passes/insert_qdq (each quantizer's range fitted for
+    its width; narrow weights as ``rounded`` gives them, each layer rounded on
+    its own) and runs it in onnxruntime. Used to re-rank the ILP's best few
+    plans (passes/allocate.allocate_reranked) on calibration samples the
+    sensitivities were not measured on. It is not the pipeline's export: the
+    recipe's GPTQ runs layer after layer, then bias correction, on ranges the
+    pipeline's calibration fits -- on the Fashion CNN at an FPGA budget this
+    ranked two plans the other way from their compiled models (benchmarks/mixed.md).
     """
 
     def __init__(self, model: onnx.ModelProto, plan: QuantPlan, data: dict[str, np.ndarray],

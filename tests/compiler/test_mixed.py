@@ -99,9 +99,9 @@ def test_bad_allocator_options_are_user_errors():
         AllocatorOptions(rerank=-1)
     with pytest.raises(EdgeqError, match="refine"):
         AllocatorOptions(refine=-1)
-    with pytest.raises(EdgeqError, match="samples must be >= 1"):
+    with pytest.raises(EdgeqError, match="sensitivity samples must be >= 1"):
         AllocatorOptions(sensitivity_samples=0)
-    with pytest.raises(EdgeqError, match="samples must be >= 1"):
+    with pytest.raises(EdgeqError, match="rerank samples must be >= 1"):
         AllocatorOptions(rerank_samples=0)
     with pytest.raises(EdgeqError, match="unknown solver"):
         AllocatorOptions(solver="anneal")
