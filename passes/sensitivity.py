@@ -126,8 +126,15 @@ OUTPUT_BITS = 16
 def single_layer_plan(plan: QuantPlan, name: str, choice: Choice) -> QuantPlan:
     """A plan that quantizes only layer ``name``, at ``choice`` (its output at OUTPUT_BITS)."""
     layer = replace(plan.layers[name], w_bits=choice[0], a_bits=choice[1], info={})
-    return QuantPlan(model=plan.model, target=plan.target, w_bits=plan.w_bits, a_bits=OUTPUT_BITS,
-                     activation_signed=plan.activation_signed, layers={name: layer})
+    return _plan_like(plan, {name: layer}, a_bits=OUTPUT_BITS)
+
+
+def _plan_like(plan: QuantPlan, layers: dict, *, a_bits: int | None = None) -> QuantPlan:
+    """A fresh plan over ``layers`` with ``plan``'s settings -- weight blocks included, so that a
+    measured candidate is quantized on the grid it will be exported on."""
+    return QuantPlan(model=plan.model, target=plan.target, w_bits=plan.w_bits,
+                     a_bits=plan.a_bits if a_bits is None else a_bits, activation_signed=plan.activation_signed,
+                     weight_block_size=plan.weight_block_size, layers=layers)
 
 
 Context = Choice | dict[str, Choice]  # one choice for every layer, or a whole mixed plan
@@ -170,8 +177,7 @@ def plan_with_choices(plan: QuantPlan, choices: dict[str, Choice]) -> QuantPlan:
     """A copy of ``plan`` with each named layer at its (w_bits, a_bits); quantizers refitted later."""
     layers = {name: replace(layer, w_bits=choices[name][0], a_bits=choices[name][1], info={})
               if name in choices else replace(layer, info={}) for name, layer in plan.layers.items()}
-    return QuantPlan(model=plan.model, target=plan.target, w_bits=plan.w_bits, a_bits=plan.a_bits,
-                     activation_signed=plan.activation_signed, layers=layers)
+    return _plan_like(plan, layers)
 
 
 def context_plan(plan: QuantPlan, context: Context, name: str | None = None, choice: Choice | None = None) -> QuantPlan:

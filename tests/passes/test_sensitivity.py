@@ -226,3 +226,19 @@ def test_cross_fitting_measures_each_sample_on_weights_rounded_without_it():
     assert len(folds) == 2
     np.testing.assert_array_equal(calib["x"][~folds[0]], calib["x"][1::2])
     np.testing.assert_array_equal(calib["x"][~folds[1]], calib["x"][0::2])
+
+
+def test_measured_sensitivity_uses_the_plans_block_wise_weights():
+    """A plan with block-wise sub-8-bit weights is measured block-wise, as it will be exported."""
+    model = _matmul_model(seed=3)
+    calib = {"x": np.random.default_rng(1).standard_normal((16, 4, 8)).astype(np.float32)}
+
+    def w4_distance(block: int | None) -> float:
+        plan = select_layers(model)
+        plan.weight_block_size = block
+        table = sn.measured_sensitivity(model, plan, calib, {"mm": [(4, 8)]}, max_samples=None)
+        return table["mm"][(4, 8)]
+
+    per_channel, blocks_of_4 = w4_distance(None), w4_distance(4)
+    # one scale per 4 of the 8 inputs fits the weights more closely than one per output channel
+    assert blocks_of_4 < per_channel
