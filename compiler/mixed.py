@@ -371,11 +371,7 @@ def allocation_summary(problem: AllocationProblem, allocation: Allocation, recor
                   "from sensitivities re-measured around the current one (*refine step*, layers changed).", "",
                   "| plan | total sensitivity | measured distance | chosen |", "|---|---|---|---|"]
         for candidate in allocation.candidates:
-            label = (f"ILP rank {candidate['rank'] + 1}" if "rank" in candidate else
-                     f"{candidate['source']} baseline" if "source" in candidate else
-                     f"refine step {candidate['step']}" + (f" ({candidate['changed']} changed)"
-                                                           if "changed" in candidate else " (start)"))
-            lines.append(f"| {label} | {candidate['objective']:.4g} | {candidate['measured']:.4g} | "
+            lines.append(f"| {_candidate_label(candidate)} | {candidate['objective']:.4g} | {candidate['measured']:.4g} | "
                          f"{'yes' if candidate['chosen'] else ''} |")
         lines.append("")
     lines += ["| metric | total | budget |", "|---|---|---|"]
@@ -394,6 +390,16 @@ def allocation_summary(problem: AllocationProblem, allocation: Allocation, recor
             layer.sensitivity.items(), key=lambda item: (item[0][0] or 0, item[0][1])))
         lines.append(f"| `{layer.name}` | {_key(chosen)} | {options} |")
     return "\n".join(lines)
+
+
+def _candidate_label(candidate: dict) -> str:
+    """Where a measured plan came from: the ILP's ranking, another solver, or a refine step."""
+    if "rank" in candidate:
+        return f"ILP rank {candidate['rank'] + 1}"
+    if "source" in candidate:
+        return f"{candidate['source']} baseline"
+    changed = f" ({candidate['changed']} changed)" if "changed" in candidate else " (start)"
+    return f"refine step {candidate['step']}{changed}"
 
 
 def _key(choice) -> str:

@@ -540,10 +540,9 @@ def allocate_reranked(
             sources.append({"source": other.method})
     measured = [measure(candidate.choices) for candidate in candidates]
     best = min(range(len(candidates)), key=lambda index: (measured[index], index))
-    chosen = replace(candidates[best], method=f"ilp-{solver}-rerank{k}", status="optimal-reranked",
+    taken = f"-took-{sources[best]['source']}" if "source" in sources[best] else ""
+    chosen = replace(candidates[best], method=f"ilp-{solver}-rerank{k}{taken}", status="optimal-reranked",
                      solve_time_s=sum(candidate.solve_time_s for candidate in candidates))
-    if "source" in sources[best]:
-        chosen.method += f"-took-{sources[best]['source']}"
     chosen.candidates = [
         {**source, "objective": candidate.objective, "measured": value, "chosen": index == best,
          **{metric: candidate.totals[metric] for metric in budget_metrics(problem, budget)}}
