@@ -29,7 +29,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from compiler.data import iterate_batches
+from compiler.data import fixed_batch, iterate_batches
 from compiler.errors import EdgeqError
 from compiler.graph import graph_input_names, initializer_array, producers
 from compiler.observers import Observer, Range, make_observer
@@ -102,19 +102,6 @@ def make_session(model: onnx.ModelProto, threads: int | None = None, *, optimize
         raise EdgeqError(f"onnxruntime cannot load the model: {_ort_first_line(error)}") from error
 
 
-def _fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size the model's inputs pin (static first dimension), if any."""
-    sizes = set()
-    inits = {init.name for init in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name in inits:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            sizes.add(dims[0].dim_value)
-    return min(sizes) if sizes else None
-
-
 def _sample_count(data: Batch) -> int:
     counts = {len(array) for array in data.values()}
     if len(counts) != 1:
@@ -164,7 +151,7 @@ def run_batches(
         constants[name] = value
     fetch = [name for name in dict.fromkeys(tensor_names) if name in produced]
 
-    fixed = _fixed_batch(model)
+    fixed = fixed_batch(model)
     if fixed is not None:
         if total < fixed:
             raise EdgeqError(

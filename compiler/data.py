@@ -422,3 +422,33 @@ def iterate_batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[di
     total = min((len(array) for array in data.values()), default=0)
     for start in range(0, total, batch_size):
         yield {name: np.ascontiguousarray(array[start : start + batch_size]) for name, array in data.items()}
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's inputs pin (static first dimension), if any."""
+    sizes = set()
+    inits = {init.name for init in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            sizes.add(dims[0].dim_value)
+    return min(sizes) if sizes else None
+
+
+def model_batches(model: onnx.ModelProto, data: dict[str, np.ndarray],
+                  batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """(batch, how many of its samples are real) in batches ``model`` accepts.
+
+    A model with a fixed batch dimension gets batches of exactly that size: a
+    short last batch is padded with copies of its final sample, whose outputs
+    the caller drops (``output[:count]``).
+    """
+    fixed = fixed_batch(model)
+    for batch in iterate_batches(data, fixed or batch_size):
+        count = len(next(iter(batch.values())))
+        if fixed and count < fixed:
+            batch = {name: np.concatenate([value, np.repeat(value[-1:], fixed - count, axis=0)])
+                     for name, value in batch.items()}
+        yield batch, count

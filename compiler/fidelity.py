@@ -74,16 +74,19 @@ def classifier_agreement(reference: np.ndarray, quantized: np.ndarray) -> dict[s
 
 def run_model(model: onnx.ModelProto, data: dict[str, np.ndarray], *, batch_size: int = 32,
               outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-    """All outputs (or ``outputs``) of ``model`` on ``data``, concatenated over batches."""
+    """All outputs (or ``outputs``) of ``model`` on ``data``, concatenated over batches.
+
+    A model whose batch dimension is fixed runs in batches of that size (compiler.data.model_batches).
+    """
     from compiler.calibrate import make_session
-    from compiler.data import iterate_batches
+    from compiler.data import model_batches
 
     session = make_session(model, optimize=True)  # QDQ models run on onnxruntime's integer kernels
     names = outputs or graph_output_names(model)
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for batch in iterate_batches(data, batch_size):
+    for batch, count in model_batches(model, data, batch_size):
         for name, value in zip(names, session.run(names, batch), strict=True):
-            collected[name].append(value)
+            collected[name].append(value[:count])
     return {name: np.concatenate(values) for name, values in collected.items()}
 
 
@@ -113,7 +116,7 @@ def tensor_sqnr(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, data: 
                 tensors: Iterable[str], *, batch_size: int = 32) -> dict[str, float]:
     """SQNR (dB) of each quantized activation tensor against its float value, accumulated over ``data``."""
     from compiler.calibrate import expose_tensors, make_session
-    from compiler.data import iterate_batches
+    from compiler.data import model_batches
 
     mapping = dequantized_tensor_names(qdq_model)
     names = [name for name in tensors if name in mapping]
@@ -124,12 +127,12 @@ def tensor_sqnr(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, data: 
     quant_session = make_session(expose_tensors(qdq_model, quant_names))
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
-    for batch in iterate_batches(data, batch_size):
+    for batch, count in model_batches(float_model, data, batch_size):
         values = dict(zip(computed, float_session.run(computed, batch), strict=True))
         reference = [batch[name] if name in graph_inputs else values[name] for name in names]
         quantized = quant_session.run(quant_names, batch)
         for name, ref, q in zip(names, reference, quantized, strict=True):
-            ref = ref.astype(np.float64)
+            ref, q = ref[:count].astype(np.float64), q[:count]
             signal[name] += float(np.sum(ref**2))
             noise[name] += float(np.sum((ref - q) ** 2))
     return {name: sqnr_db(signal[name], noise[name]) for name in names}

@@ -75,3 +75,25 @@ def test_calibration_fits_each_quantizer_at_its_own_width():
     assert narrow, "the other quantizers stay 8-bit"
     for name in narrow:
         assert ranges[name] == collect_ranges(model, data, [name], method="mse", bits=8, progress=False)[name]
+
+
+def test_a_model_with_a_fixed_batch_compiles_and_is_measured_on_every_sample(tmp_path):
+    """Edge models often pin batch 1: fidelity and tensor SQNR run at that batch size (and a fixed batch of 4
+    with 10 samples pads its last batch), measuring every sample once."""
+    import numpy as np
+    import onnx
+
+    from compiler.fidelity import run_model
+    from tests.qdq_fixtures import conv_block_model
+
+    model = conv_block_model()  # its input is [1, 3, 16, 16]
+    path = tmp_path / "fixed.onnx"
+    onnx.save(model, str(path))
+    calib = {"x": np.random.default_rng(0).uniform(-1, 1, (10, 3, 16, 16)).astype(np.float32)}
+    result = compile_model(CompileOptions(model=str(path), calib_data=calib, out_dir=str(tmp_path / "out"),
+                                          progress=False))
+    assert result.plan.fidelity["samples"] == 10 and result.plan.fidelity["tensor_sqnr_db"]
+    one_by_one = np.concatenate([run_model(model, {"x": calib["x"][i:i + 1]})["y"] for i in range(10)])
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 4
+    np.testing.assert_allclose(run_model(model, calib)["y"], one_by_one, rtol=1e-5, atol=1e-6)
