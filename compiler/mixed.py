@@ -23,6 +23,7 @@ import onnx
 
 from compiler.budget import format_metric, parse_budget
 from compiler.errors import EdgeqError
+from compiler.export import export_plan
 from compiler.pareto_plot import pareto_svg
 from compiler.plan import QuantPlan
 from compiler.recipe import Recipe, gptq_rounding
@@ -66,9 +67,10 @@ class AllocatorOptions:
     ``context``, all other layers quantized), "single-layer" (that layer alone,
     all else float) or "proxy" (second-moment estimate, nothing run).
     ``rerank``: the ILP's best ``rerank`` plans, and greedy's plan on the same
-    table, are exported and the one whose outputs stay closest to float (KL /
-    relative MSE) on held-out calibration samples is taken; 0 or 1 takes the
-    ILP optimum as is.
+    table, are each compiled as the compiler would compile them (calibration and
+    the recipe's rounding on the sensitivity samples, compiler/export.py) and
+    the one whose outputs stay closest to float (KL / relative MSE) on held-out
+    calibration samples is taken; 0 or 1 takes the ILP optimum as is.
     ``refine``: then up to ``refine`` trust-region steps, each re-measuring the
     sensitivities around the current plan and re-solving the ILP, a new plan
     kept only if measured closer to float on the held-out samples
@@ -172,7 +174,8 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
 
     The first ``sensitivity_samples`` calibration samples measure the
     sensitivities; the next ``rerank_samples`` (held out from them) measure
-    whole candidate plans. With too few samples to hold any out, both use the
+    whole candidate plans, each compiled on the first ones as the compiler
+    would (``recipe``'s rounding; without a recipe, nearest rounding). With too few samples to hold any out, both use the
     same ones (recorded as ``held_out: false``).
 
     When ``recipe`` GPTQ-rounds narrow weights, candidates at those widths are
@@ -227,8 +230,8 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     if options.rerank > 1 or around is not None:
         rerank_data = ({name: value[n_sens:n_sens + options.rerank_samples] for name, value in calib.items()}
                        if held_out else sens_data)
-        rounded = gptq_candidates(model, plan, sens_data, gptq_widths, **gptq_options) if rounds else None
-        distance = PlanDistance(model, plan, rerank_data, ranges, integer_only=integer_only, rounded=rounded)
+        distance = PlanDistance(model, plan, rerank_data, ranges, integer_only=integer_only,
+                                export=_compiled_by(model, recipe, sens_data, integer_only) if recipe else None)
     record = {"solver": options.solver, "sensitivity": options.sensitivity,
               "candidates": [list(pair) for pair in pairs],
               "sensitivity_samples": n_sens, "rerank": options.rerank,
@@ -251,6 +254,14 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
         record["online_ops"] = problem.online_ops
         record["fixed_costs"] = dict(problem.fixed)
     return MixedPrecision(problem, distance=distance, sensitivity_around=around, record=record)
+
+
+def _compiled_by(model: onnx.ModelProto, recipe: Recipe, data: dict[str, np.ndarray],
+                 integer_only: bool) -> Callable[[QuantPlan], onnx.ModelProto]:
+    """A candidate plan's QDQ model as the compiler exports it (calibrated and rounded on ``data``)."""
+    def export(plan: QuantPlan) -> onnx.ModelProto:
+        return export_plan(model, plan, data, recipe, integer_only=integer_only)[0]
+    return export
 
 
 def resolve_metric_names(budget: dict[str, float]) -> list[str]:

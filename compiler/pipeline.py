@@ -30,6 +30,7 @@ import onnx
 from compiler.atomic import atomic_dir
 from compiler.console import warn
 from compiler.errors import EdgeqError
+from compiler.export import export_plan
 from compiler.loader import load_model
 from compiler.ort_kernels import kernel_usage
 from compiler.plan import QuantPlan
@@ -37,18 +38,11 @@ from compiler.quantizers import WEIGHT_BITS
 from compiler.recipe import (
     MIN_WEIGHT_BLOCK,
     Recipe,
-    apply_rounding,
     apply_transforms,
     record_recipe,
     resolve_recipe,
 )
 from passes.canonicalize import canonicalize
-from passes.insert_qdq import (
-    activation_groups,
-    plan_weight_grids,
-    quantize_model,
-    tensors_to_calibrate,
-)
 from passes.select_layers import select_layers
 from targets.base import CompileContext, get_target
 
@@ -187,12 +181,9 @@ def compile_model(options: CompileOptions) -> CompileResult:
                                                         integer_only=integer_only, pins=options.pins,
                                                         options=options.allocator, recipe=recipe))
 
-    ranges = stage("calibrate", lambda: _calibrate(options, model, plan, calib, integer_only))
     transformed = model  # same function as float_model; its tensors are what the QDQ model approximates
-    # Block-wise grids go into the plan first: the rounding passes round onto the plan's grid.
-    plan.totals["block_wise_weights"] = plan_weight_grids(model, plan)
-    model, plan = stage("rounding", lambda: apply_rounding(recipe, model, plan, calib, progress=options.progress))
-    qdq = stage("insert_qdq", lambda: quantize_model(model, plan, ranges, integer_only=integer_only))
+    qdq, plan = export_plan(model, plan, calib, recipe, integer_only=integer_only, batch_size=options.batch_size,
+                            progress=options.progress, stage=stage)
     stage("fidelity", lambda: _measure_fidelity(plan, float_model, transformed, qdq, calib, evaluation, options))
     plan.totals["onnxruntime_kernels"] = stage("ort_kernels", lambda: kernel_usage(qdq))
     plan.update_totals()
@@ -259,28 +250,6 @@ def _data(options: CompileOptions, model: onnx.ModelProto) -> tuple[dict[str, np
     held_out = labels is not None or options.eval_data or options.eval_inputs is not None
     return calib, {"inputs": eval_inputs, "labels": labels,
                    "source": "held-out data" if held_out else "calibration data"}
-
-
-def _calibrate(options: CompileOptions, model: onnx.ModelProto, plan: QuantPlan,
-               calib: dict[str, np.ndarray], integer_only: bool) -> dict[str, tuple[float, float]]:
-    from compiler.calibrate import collect_ranges
-    from compiler.graph import graph_output_names
-
-    names = tensors_to_calibrate(model, plan, integer_only=integer_only)
-    method = options.calibrate_method
-    overrides: dict[str, str] = {}
-    if method == "auto":
-        # MSE-optimal clipping inside the network; graph outputs keep their full
-        # range so the largest logit is never clipped.
-        method = "mse"
-        overrides = {name: "minmax" for name in graph_output_names(model) if name in names}
-    # Each quantizer's range is fitted for its own width (16-bit layers of a mixed plan).
-    widths = {name: plan.a_bits for name in names}
-    for group in activation_groups(model, plan, integer_only=integer_only):
-        widths.update({name: group.bits for name in group.tensors if name in widths})
-    return collect_ranges(model, calib, names, method=method, bits=widths,
-                          signed=plan.activation_signed, batch_size=options.batch_size,
-                          progress=options.progress, method_overrides=overrides)
 
 
 def _measure_fidelity(plan: QuantPlan, float_model: onnx.ModelProto, transformed: onnx.ModelProto,

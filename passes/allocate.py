@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import pulp
+from tqdm import tqdm
 
 from compiler.budget import format_metric
 from compiler.errors import EdgeqError
@@ -538,7 +540,8 @@ def allocate_reranked(
         if all(other.choices != candidate.choices for candidate in candidates):
             candidates.append(other)
             sources.append({"source": other.method})
-    measured = [measure(candidate.choices) for candidate in candidates]
+    shown = tqdm(candidates, desc="measuring plans", unit="plan", disable=not sys.stderr.isatty(), file=sys.stderr)
+    measured = [measure(candidate.choices) for candidate in shown]
     best = min(range(len(candidates)), key=lambda index: (measured[index], index))
     taken = f"-took-{sources[best]['source']}" if "source" in sources[best] else ""
     chosen = replace(candidates[best], method=f"ilp-{solver}-rerank{k}{taken}", status="optimal-reranked",

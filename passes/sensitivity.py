@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -134,7 +134,7 @@ def _plan_like(plan: QuantPlan, layers: dict, *, a_bits: int | None = None) -> Q
     measured candidate is quantized on the grid it will be exported on."""
     return QuantPlan(model=plan.model, target=plan.target, w_bits=plan.w_bits,
                      a_bits=plan.a_bits if a_bits is None else a_bits, activation_signed=plan.activation_signed,
-                     weight_block_size=plan.weight_block_size, layers=layers)
+                     weight_block_size=plan.weight_block_size, layers=layers, recipe=dict(plan.recipe))
 
 
 Context = Choice | dict[str, Choice]  # one choice for every layer, or a whole mixed plan
@@ -241,16 +241,6 @@ def sample_distances(reference: dict[str, np.ndarray], quantized: dict[str, np.n
     return total if total is not None else np.zeros(0)
 
 
-def _runnable_batch(model: onnx.ModelProto, batch_size: int) -> int:
-    """``batch_size``, or the model's fixed batch dimension when its first input has one."""
-    from compiler.graph import graph_input_names
-
-    first = graph_input_names(model)[0]
-    value = next(v for v in model.graph.input if v.name == first)
-    dims = value.type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else batch_size
-
-
 # -- measured: one quantized layer at a time, in worker processes -------------------------------
 
 _WORKER: dict = {}
@@ -353,7 +343,6 @@ def measured_sample_sensitivity(
     if ranges is None:
         a_bits = {c[1] for o in [*choices.values(), context_choices] for c in o}
         ranges = activation_ranges(model, plan, calib, sorted(a_bits))
-    batch_size = _runnable_batch(model, batch_size)
     reference = run_model(model, calib, batch_size=batch_size)
     jobs = [(name, choice) for name, options in choices.items() for choice in options
             if context is None or choice != base_choice(plan, name, context)]
@@ -647,26 +636,30 @@ def spearman(first: Sensitivity, second: Sensitivity, choice: Choice | None = No
 class PlanDistance:
     """``distance(choices)``: output distance from float of ``plan`` with those bits, on ``data``.
 
-    Exports the plan with passes/insert_qdq (each quantizer's range fitted for
-    its width; narrow weights as ``rounded`` gives them, each layer rounded on
-    its own) and runs it in onnxruntime. Used to re-rank the ILP's best few
-    plans (passes/allocate.allocate_reranked) on calibration samples the
-    sensitivities were not measured on. It is not the pipeline's export: the
-    recipe's GPTQ runs layer after layer, then bias correction, on ranges the
-    pipeline's calibration fits -- on the Fashion CNN at an FPGA budget this
-    ranked two plans the other way from their compiled models (benchmarks/mixed.md).
+    Used to re-rank the ILP's best few plans (passes/allocate.allocate_reranked)
+    and to accept refinement steps, on calibration samples the sensitivities
+    were not measured on. ``export(plan)``, when given, turns each candidate
+    into its QDQ model -- the driver passes the compiler's own export
+    (compiler/export.export_plan: calibration, the recipe's sequential GPTQ and
+    bias correction), so the model measured is the model that would be
+    compiled. Without it, the plan is exported here with passes/insert_qdq on
+    ``ranges`` (fitted per width), each narrow weight as ``rounded`` gives it
+    (rounded layer by layer) or nearest-rounded; on the Fashion CNN at an FPGA
+    budget that ranked two plans the other way from their compiled models
+    (benchmarks/mixed.md).
     """
 
     def __init__(self, model: onnx.ModelProto, plan: QuantPlan, data: dict[str, np.ndarray],
                  ranges: dict[int, dict[str, tuple[float, float]]], *, integer_only: bool = False,
-                 batch_size: int = 32, rounded: RoundedWeights | None = None) -> None:
+                 batch_size: int = 32, rounded: RoundedWeights | None = None,
+                 export: Callable[[QuantPlan], onnx.ModelProto] | None = None) -> None:
         from compiler.fidelity import run_model
 
         # converted once to the opset every candidate (int4 weights, 16-bit activations) needs
         self.model = with_opset_for(model, sorted({4, *ranges}))
         self.plan, self.data, self.ranges, self.integer_only = plan, data, ranges, integer_only
-        self.rounded = rounded
-        self.batch_size = _runnable_batch(self.model, batch_size)
+        self.rounded, self.export = rounded, export
+        self.batch_size = batch_size
         self.reference = run_model(self.model, data, batch_size=self.batch_size)
         self.calls = 0
 
@@ -676,7 +669,10 @@ class PlanDistance:
 
         self.calls += 1
         quantized = plan_with_choices(self.plan, choices)
-        ranges = ranges_for_plan(self.model, quantized, self.ranges, integer_only=self.integer_only)
-        with rounded_weights(self.model, quantized, self.rounded) as model:
-            qdq = quantize_model(model, quantized, ranges, integer_only=self.integer_only)
+        if self.export is not None:
+            qdq = self.export(quantized)
+        else:
+            ranges = ranges_for_plan(self.model, quantized, self.ranges, integer_only=self.integer_only)
+            with rounded_weights(self.model, quantized, self.rounded) as model:
+                qdq = quantize_model(model, quantized, ranges, integer_only=self.integer_only)
         return output_distance(self.reference, run_model(qdq, self.data, batch_size=self.batch_size))

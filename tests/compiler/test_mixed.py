@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from compiler.errors import EdgeqError
@@ -90,6 +91,31 @@ def test_the_recipe_s_gptq_rounds_the_candidates_it_will_export():
     assert "4 bits GPTQ-rounded" in plan.totals["report_sections"]["Bit allocation"]
     weighted = [name for name, layer in plan.layers.items() if layer.w_bits]
     assert sum(tables[True][n][(4, 8)] for n in weighted) < sum(tables[False][n][(4, 8)] for n in weighted)
+
+
+def test_reranking_measures_the_model_the_compiler_would_compile(tmp_path):
+    """A candidate's measured distance is that of compile_model's QDQ model for the same bits, calibrated and
+    rounded (cnn recipe: GPTQ for 4-bit weights, bias correction) on the sensitivity samples."""
+    from compiler.fidelity import run_model
+    from compiler.pipeline import CompileOptions, compile_model
+    from compiler.recipe import load_recipe
+    from passes.sensitivity import output_distance
+
+    model, plan, calib = _setup(40)
+    options = AllocatorOptions(rerank=2, sensitivity_samples=24, rerank_samples=16, pairs=((4, 8), (8, 8)))
+    mixed = allocate_bits(model, plan, calib, get_target("onnx"), None, "size=0.7", integer_only=False,
+                          options=options, recipe=load_recipe("cnn"))
+    all_w4 = {layer.name: (4 if (4, 8) in layer.choices else None, 8) for layer in mixed.problem.layers}
+    fitted = {name: value[:24] for name, value in calib.items()}
+    held_out = {name: value[24:] for name, value in calib.items()}
+    onnx.save(model, str(tmp_path / "conv_block.onnx"))
+    compiled = compile_model(CompileOptions(model=str(tmp_path / "conv_block.onnx"), calib_data=fitted, bits="w4a8",
+                                            recipe="cnn", out_dir=str(tmp_path / "out"), progress=False))
+    assert compiled.plan.recipe["name"] == "cnn" and any(
+        layer.info.get("rounding") == "gptq" for layer in compiled.plan.layers.values())
+    expected = output_distance(run_model(model, held_out, batch_size=1),
+                               run_model(compiled.qdq_model, held_out, batch_size=1))  # the model takes batch 1
+    assert mixed.distance(all_w4) == pytest.approx(expected, rel=1e-6)
 
 
 def test_bad_allocator_options_are_user_errors():

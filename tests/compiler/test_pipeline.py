@@ -53,7 +53,7 @@ def test_parse_bits_rejects(text):
 def test_calibration_fits_each_quantizer_at_its_own_width():
     """A 16-bit layer's input range is MSE-fitted for 16 bits, not clipped as for 8."""
     from compiler.calibrate import collect_ranges
-    from compiler.pipeline import _calibrate
+    from compiler.export import calibrate_plan
     from passes.insert_qdq import activation_groups
     from passes.select_layers import select_layers
     from tests.passes.tiny_models import conv_data, conv_net
@@ -62,7 +62,7 @@ def test_calibration_fits_each_quantizer_at_its_own_width():
     plan = select_layers(model)
     wide_layer = next(iter(plan.layers.values()))
     wide_layer.a_bits = 16
-    ranges = _calibrate(CompileOptions(progress=False), model, plan, data, integer_only=False)
+    ranges = calibrate_plan(model, plan, data, integer_only=False)
 
     groups = {name: group.bits for group in activation_groups(model, plan) for name in group.tensors}
     wide_input = wide_layer.inputs[0]
