@@ -423,7 +423,7 @@ def allocate_command(args: argparse.Namespace) -> int:
     from compiler.data import load_calibration
     from compiler.loader import load_model
     from compiler.pipeline import choose_weight_block
-    from compiler.recipe import resolve_recipe
+    from compiler.recipe import apply_transforms, resolve_recipe
     from passes.canonicalize import canonicalize
     from passes.select_layers import select_layers
     from targets.base import get_target
@@ -437,9 +437,10 @@ def allocate_command(args: argparse.Namespace) -> int:
     calib = load_calibration(args.calib, model, preprocess=args.preprocess,
                              random_samples=args.random_calib, max_samples=args.max_calib_samples)
     integer_only = target.needs_integer_graph
+    recipe = resolve_recipe(args.recipe, model)
+    model = apply_transforms(recipe, model, calib)  # planned on the graph `edgeq compile` would quantize
     plan = select_layers(model, integer_only=integer_only)
     plan.model, plan.target = args.model, args.target
-    recipe = resolve_recipe(args.recipe, model)
     plan.weight_block_size, plan.recipe["weight_block_source"] = choose_weight_block(
         args.weight_block, recipe, args.target, integer_only)
     options = allocator_options(args)

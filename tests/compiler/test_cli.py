@@ -332,3 +332,26 @@ def test_allocate_sensitivity_samples(workspace, capsys):
     assert code == 0
     plan = json.loads((workspace / "alloc3" / "plan.json").read_text())
     assert plan["totals"]["allocation"]["allocator"]["sensitivity_samples"] == 3
+
+
+def test_allocate_plans_on_the_graph_compile_quantizes(tmp_path, capsys):
+    """A recipe that transforms the graph (cross-layer equalization) changes what each layer loses; `edgeq
+    allocate` measures the transformed graph, as `edgeq compile --budget` does, so both record one table
+    (the second-moment proxy: this net's measured KL is at its floor for every choice)."""
+    from tests.passes.tiny_models import conv_data, conv_net
+
+    onnx.save(conv_net(), str(tmp_path / "net.onnx"))
+    (tmp_path / "calib").mkdir()
+    for name, value in conv_data().items():
+        np.save(tmp_path / "calib" / f"{name}.npy", value)
+    tables = {}
+    for command, recipe in (("compile", "cnn_equalize"), ("allocate", "cnn_equalize"), ("allocate", "cnn")):
+        out = tmp_path / f"{command}_{recipe}"
+        code, _, _ = run_cli(capsys, command, tmp_path / "net.onnx", "--calib", tmp_path / "calib",
+                             "--budget", "size=0.85", "--recipe", recipe, "--sensitivity", "proxy", "-o", out, "-q")
+        assert code == 0
+        plan = json.loads((out / "plan.json").read_text())
+        tables[command, recipe] = {layer["node"]: layer["info"]["sensitivity"] for layer in plan["layers"]
+                                   if "sensitivity" in layer["info"]}
+    assert tables["allocate", "cnn_equalize"] == tables["compile", "cnn_equalize"]
+    assert tables["allocate", "cnn_equalize"] != tables["allocate", "cnn"]  # equalization moved the table
