@@ -38,8 +38,8 @@ calibration sample: :func:`mean_table` averages any subset of them and
 :func:`bootstrap_tables` resamples them (by source, e.g. photo), which gives
 the sampling noise of every entry and of a plan's total without re-running.
 :func:`spearman` compares the two rankings (reported in benchmarks/mixed.md).
-:class:`PlanDistance` measures whole plans the same way (the allocator's
-re-ranking of its best candidates).
+:class:`PlanDistance` measures whole plans (the allocator's re-ranking of
+its best candidates), exported as the driver compiles them.
 """
 
 from __future__ import annotations
@@ -643,22 +643,18 @@ class PlanDistance:
     (compiler/export.export_plan: calibration, the recipe's sequential GPTQ and
     bias correction), so the model measured is the model that would be
     compiled. Without it, the plan is exported here with passes/insert_qdq on
-    ``ranges`` (fitted per width), each narrow weight as ``rounded`` gives it
-    (rounded layer by layer) or nearest-rounded; on the Fashion CNN at an FPGA
-    budget that ranked two plans the other way from their compiled models
-    (benchmarks/mixed.md).
+    ``ranges`` (fitted per width), weights nearest-rounded.
     """
 
     def __init__(self, model: onnx.ModelProto, plan: QuantPlan, data: dict[str, np.ndarray],
                  ranges: dict[int, dict[str, tuple[float, float]]], *, integer_only: bool = False,
-                 batch_size: int = 32, rounded: RoundedWeights | None = None,
-                 export: Callable[[QuantPlan], onnx.ModelProto] | None = None) -> None:
+                 batch_size: int = 32, export: Callable[[QuantPlan], onnx.ModelProto] | None = None) -> None:
         from compiler.fidelity import run_model
 
         # converted once to the opset every candidate (int4 weights, 16-bit activations) needs
         self.model = with_opset_for(model, sorted({4, *ranges}))
         self.plan, self.data, self.ranges, self.integer_only = plan, data, ranges, integer_only
-        self.rounded, self.export = rounded, export
+        self.export = export
         self.batch_size = batch_size
         self.reference = run_model(self.model, data, batch_size=self.batch_size)
         self.calls = 0
@@ -673,6 +669,5 @@ class PlanDistance:
             qdq = self.export(quantized)
         else:
             ranges = ranges_for_plan(self.model, quantized, self.ranges, integer_only=self.integer_only)
-            with rounded_weights(self.model, quantized, self.rounded) as model:
-                qdq = quantize_model(model, quantized, ranges, integer_only=self.integer_only)
+            qdq = quantize_model(self.model, quantized, ranges, integer_only=self.integer_only)
         return output_distance(self.reference, run_model(qdq, self.data, batch_size=self.batch_size))

@@ -44,6 +44,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compiler.errors import EdgeqError  # noqa: E402
@@ -142,41 +144,112 @@ def bench_model(name: str, cases: list[str], args) -> list[dict]:
         offered, _ = priced_pairs(cost_model, list(cost_model.bit_pairs), metrics)
         problem = al.problem_from_model(model, plan, cost_model, pairs=offered, sensitivity=table)
         al.drop_dominated_choices(problem, metrics)
-        reference = al.uniform(problem, 8, 8).totals
-        mixed = MixedPrecision(problem, distance=distance)
-        for fractions in fractions_list:
-            budget = absolute(fractions, reference)
-            row = {"model": name, "case": f"{target}:{device}", "budget": fractions, "offered": offered}
-            for method in METHODS:
-                start = time.perf_counter()
-                allocation = solve(method, mixed, budget, args.rerank)
-                row[f"{method}_s"] = time.perf_counter() - start
-                if isinstance(allocation, str):
-                    row[method] = {"none": allocation}
-                    continue
-                outputs = scorer.outputs(allocation.choices, "eval")
-                row[method] = {**score(scorer.reference["eval"], outputs, labels),
-                               "objective": allocation.objective, "bits": bits_used(allocation, problem),
-                               "top1_hits": top1_hits(scorer.reference["eval"], outputs),
-                               "totals": {m: allocation.totals[m] / reference[m] for m in fractions},
-                               "took": _taken(allocation)}
-            fitting = []
-            for w_bits, a_bits_ in offered:
-                try:
-                    uniform = al.uniform(problem, w_bits, a_bits_)
-                except EdgeqError:
-                    continue
-                if all(uniform.totals[m] <= limit * (1 + 1e-9) for m, limit in budget.items()):
-                    outputs = scorer.outputs(uniform.choices, "eval")
-                    fitting.append({**score(scorer.reference["eval"], outputs, labels), "pair": f"w{w_bits}a{a_bits_}"})
-            row["uniform"] = max(fitting, key=lambda u: u["top1_agreement"]) if fitting else None
-            for method in ("ilp", "reranked"):
-                if "top1_hits" in row[method] and "top1_hits" in row["greedy"]:
-                    row[f"{method}_discordant"] = discordant(row[method], row["greedy"], groups)
-            rows.append(row)
-            print(json.dumps(row, default=str)[:600], flush=True)
+        rows += bench_case(name, case, MixedPrecision(problem, distance=distance),
+                           lambda choices: scorer.outputs(choices, "eval"), scorer.reference["eval"], labels, groups,
+                           args)
     for row in rows:
         row["timings"] = timings
+    return rows
+
+
+def bench_case(name: str, case: str, mixed: MixedPrecision, outputs_of, reference_outputs, labels, groups,
+               args) -> list[dict]:
+    """Every budget of ``case`` on one table: ILP, re-ranked, greedy and the best uniform plan that fits, each
+    plan's outputs on the evaluation set from ``outputs_of(choices)``."""
+    target, device, fractions_list = CASES[case]
+    problem = mixed.problem
+    offered = sorted({choice for layer in problem.layers for choice in layer.choices if choice[0]})
+    reference = al.uniform(problem, 8, 8).totals
+    methods = [method for method in METHODS if method != "reranked" or mixed.distance is not None]
+    rows = []
+    for fractions in fractions_list:
+        budget = absolute(fractions, reference)
+        row = {"model": name, "case": f"{target}:{device}", "budget": fractions, "offered": offered,
+               "reranked": {"none": "not run"}}
+        for method in methods:
+            start = time.perf_counter()
+            allocation = solve(method, mixed, budget, args.rerank)
+            row[f"{method}_s"] = time.perf_counter() - start
+            if isinstance(allocation, str):
+                row[method] = {"none": allocation}
+                continue
+            outputs = outputs_of(allocation.choices)
+            row[method] = {**score(reference_outputs, outputs, labels),
+                           "objective": allocation.objective, "bits": bits_used(allocation, problem),
+                           "top1_hits": top1_hits(reference_outputs, outputs),
+                           "totals": {m: allocation.totals[m] / reference[m] for m in fractions},
+                           "took": _taken(allocation)}
+        fitting = []
+        for w_bits, a_bits in offered:
+            try:
+                uniform = al.uniform(problem, w_bits, a_bits)
+            except EdgeqError:
+                continue
+            if all(uniform.totals[m] <= limit * (1 + 1e-9) for m, limit in budget.items()):
+                outputs = outputs_of(uniform.choices)
+                fitting.append({**score(reference_outputs, outputs, labels), "pair": f"w{w_bits}a{a_bits}"})
+        row["uniform"] = max(fitting, key=lambda u: u["top1_agreement"]) if fitting else None
+        for method in ("ilp", "reranked"):
+            if "top1_hits" in row[method] and "top1_hits" in row["greedy"]:
+                row[f"{method}_discordant"] = discordant(row[method], row["greedy"], groups)
+        rows.append(row)
+        print(json.dumps(row, default=str)[:600], flush=True)
+    return rows
+
+
+def bench_model_pipeline(name: str, cases: list[str], args) -> list[dict]:
+    """``--pipeline``: what `edgeq compile --target T --device D --budget ...` does, per case and budget.
+
+    The recipe's transforms, the table ``compiler.mixed.build_problem`` measures
+    for the case (GPTQ-aware, cross-fitted, the case's priced pairs only), the
+    CLI's solver paths (``compiler.mixed.solve``; ``--rerank`` compiles each
+    candidate), and every plan exported by ``compiler.export.export_plan`` on
+    all the calibration samples (calibration, GPTQ, bias correction; the
+    target's integer-only graph), as the compiler writes it.
+    """
+    from compiler.export import export_plan
+    from compiler.fidelity import run_model
+    from compiler.loader import load_model
+    from compiler.mixed import build_problem
+    from compiler.recipe import apply_transforms, resolve_recipe
+    from passes.canonicalize import canonicalize
+    from passes.select_layers import select_layers
+
+    model_path, data, evaluation, labels = load_case(name, args.calib_samples + args.rerank_samples)
+    model = canonicalize(load_model(model_path))
+    recipe = resolve_recipe(None, model)
+    model = apply_transforms(recipe, model, data)
+    output = model.graph.output[0].name
+    reference_outputs = run_model(model, evaluation)[output]
+    groups = evaluation_groups(name, len(reference_outputs))
+    options = AllocatorOptions(rerank=args.rerank, sensitivity_samples=args.calib_samples,
+                               rerank_samples=args.rerank_samples)
+    rows, tables_s = [], 0.0
+    for case in cases:
+        target_name, device, fractions_list = CASES[case]
+        target = get_target(target_name)
+        integer_only = target.needs_integer_graph
+        plan = select_layers(model, integer_only=integer_only)
+        plan.recipe["calibrate_method"] = "auto"
+        metrics = sorted({metric for fractions in fractions_list for metric in fractions})
+        start = time.perf_counter()
+        mixed = build_problem(model, plan, data, target, device, integer_only=integer_only, options=options,
+                              metrics=metrics, recipe=recipe)
+        table_s = time.perf_counter() - start
+        exported: dict[tuple, np.ndarray] = {}
+
+        def outputs_of(choices: dict, plan=plan, integer_only=integer_only, exported=exported) -> np.ndarray:
+            key = tuple(sorted(choices.items()))
+            if key not in exported:
+                qdq, _ = export_plan(model, sn.plan_with_choices(plan, choices), data, recipe,
+                                     integer_only=integer_only)
+                exported[key] = run_model(qdq, evaluation)[output]
+            return exported[key]
+
+        rows += bench_case(name, case, mixed, outputs_of, reference_outputs, labels, groups, args)
+        tables_s += table_s
+    for row in rows:
+        row["timings"] = {"sensitivity_s": tables_s}  # the tables of all cases
     return rows
 
 
@@ -194,21 +267,28 @@ def _budget(row: dict) -> str:
 
 
 def _fidelity(result: dict) -> str:
+    if result.get("none") == "not run":
+        return "-"
     if "none" in result:
         return f"no plan ({result['none']})"
     took = result.get("took") or ""
     return f"{result['top1_agreement']:.3f} / {result['kl']:.3f}" + (" (greedy's)" if took.startswith("greedy") else "")
 
 
-def markdown(rows: list[dict], command: str) -> str:
-    lines = ["## Several resources at once: ILP against greedy", "",
+def markdown(rows: list[dict], command: str, pipeline: bool = False) -> str:
+    title = "as the compiler plans and exports" if pipeline else "ILP against greedy"
+    lines = [f"## Several resources at once: {title}", "",
              f"`{command}` ({time.strftime('%Y-%m-%d')}). Budgets are fractions of the uniform w8a8 plan's "
              "totals on the same cost model. *objective*: summed single-layer KL on the calibration crops (the "
              "table both solvers see; greedy's as a ratio to the ILP's optimum). *ILP reranked*: the ILP's best "
              "plans and greedy's measured whole on held-out calibration crops, the closest to float kept "
              "(`--rerank`; *(greedy's)* where that was greedy's plan). "
-             "Fidelity: top-1 agreement / softmax KL against float on the evaluation set, plans exported with "
-             "nearest rounding (no GPTQ, no transforms). *only X / only greedy*: images only that plan keeps at "
+             "Fidelity: top-1 agreement / softmax KL against float on the evaluation set, "
+             + ("plans planned and exported as `edgeq compile` does (`--pipeline`: the recipe's transforms, the "
+                "GPTQ-aware table of the case's priced pairs, GPTQ + bias correction at export, the target's "
+                "integer-only graph; `--rerank` compiles each candidate). " if pipeline else
+                "plans exported with nearest rounding (no GPTQ, no transforms). ")
+             + "*only X / only greedy*: images only that plan keeps at "
              "float's top-1 (p: sign-flip test over the source photos; independent images for the Fashion-MNIST "
              "CNN). *uniform*: the most faithful uniform plan within the budget.", ""]
     header = ["model", "target", "budget (x w8a8)", "ILP top-1 / KL", "ILP reranked", "greedy top-1 / KL",
@@ -252,6 +332,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeq_bench_resources"))
     parser.add_argument("--fresh", action="store_true", help="re-measure sensitivities even if cached")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="plan and export as the CLI does (transforms, GPTQ-aware table per case, GPTQ + bias "
+                             "correction at export); --rerank 0 skips the re-ranked column")
     parser.add_argument("--json", type=Path, help="also write the raw rows here")
     parser.add_argument("--write", type=Path, help="write the markdown here (benchmarks/resources.md)")
     args = parser.parse_args()
@@ -263,10 +346,10 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         print(f"== {name}", flush=True)
-        rows += bench_model(name, cases, args)
+        rows += (bench_model_pipeline if args.pipeline else bench_model)(name, cases, args)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1, default=str))
-    text = markdown(rows, "python tools/bench_resources.py " + " ".join(sys.argv[1:]))
+    text = markdown(rows, "python tools/bench_resources.py " + " ".join(sys.argv[1:]), pipeline=args.pipeline)
     if args.write:
         from compiler.atomic import atomic_write_text
 
