@@ -339,6 +339,21 @@ def block_weight_quant(name: str, weight: np.ndarray, axis: int, bits: int, bloc
                                np.moveaxis(zero, -1, axis))
 
 
+def planned_weight_quant(name: str, weight: np.ndarray, op_type: str, out_axis: int, bits: int,
+                         plan_block_size: int | None) -> TensorQuant:
+    """The weight quantizer QDQ export gives a layer at ``bits`` when nothing (GPTQ) fitted one: per
+    channel, or block-wise where the plan's block size applies (:func:`layer_weight_grid`)."""
+    axis, block_size = layer_weight_grid(plan_block_size, op_type, weight.shape, bits, out_axis)
+    if block_size:
+        return block_weight_quant(name, weight, axis, bits, block_size)
+    return weight_tensor_quant(name, weight, axis, bits)
+
+
+def dequantized(weight: np.ndarray, tq: TensorQuant) -> np.ndarray:
+    """``weight`` rounded onto ``tq``'s grid, as float32."""
+    return fake_quantize_weight(weight, tq.axis, tq.bits, tq.scale_array(), tq.block_size, tq.zero_point_array())
+
+
 def fake_quantize_activation(
     x: np.ndarray, bits: int, low: float | None = None, high: float | None = None, *, mse_clip: bool = False
 ) -> np.ndarray:

@@ -57,12 +57,10 @@ from compiler.graph import (
 )
 from compiler.plan import LayerPlan, QuantPlan, TensorQuant, int_range
 from compiler.quantizers import (
-    block_weight_quant,
     dequantize_weight,
-    layer_weight_grid,
+    planned_weight_quant,
     quantize_weight,
     weight_output_axis,
-    weight_tensor_quant,
 )
 from passes.canonicalize import infer_shapes
 from passes.select_layers import FUSIBLE_ACTIVATIONS, PASS_THROUGH_OPS
@@ -307,11 +305,7 @@ def _weight_quant(model: onnx.ModelProto, plan: QuantPlan, layer: LayerPlan) -> 
         return tq
     weight = initializer_array(model, layer.weight)
     out_axis = weight_output_axis(layer.op_type, weight.ndim, attribute(_layer_node(model, layer), "transB", 0))
-    axis, block_size = layer_weight_grid(plan.weight_block_size, layer.op_type, weight.shape, layer.w_bits, out_axis)
-    if block_size:
-        tq = block_weight_quant(layer.weight, weight, axis, layer.w_bits, block_size)
-    else:
-        tq = weight_tensor_quant(layer.weight, weight, axis, layer.w_bits)
+    tq = planned_weight_quant(layer.weight, weight, layer.op_type, out_axis, layer.w_bits, plan.weight_block_size)
     plan.tensors[layer.weight] = tq
     return tq
 

@@ -58,7 +58,11 @@ import onnx
 
 from compiler.graph import attribute, initializer_array, set_initializer
 from compiler.plan import QuantPlan
-from compiler.quantizers import fake_quantize_weight, weight_output_axis
+from compiler.quantizers import (
+    dequantized,
+    planned_weight_quant,
+    weight_output_axis,
+)
 
 if TYPE_CHECKING:
     from passes.gptq import RoundedWeights
@@ -576,7 +580,10 @@ def proxy_sensitivity(
             weight_norm = sum(float(np.sum(rows.astype(np.float64) ** 2)) for rows, _ in parts)
             for choice in options:
                 w_bits, a_bits = choice
-                error = weight - fake_quantize_weight(weight, axis, w_bits)
+                # the grid the export will use: per channel, or the plan's weight blocks
+                grid = planned_weight_quant(layer.weight, weight, layer.op_type, axis, w_bits,
+                                            plan.weight_block_size)
+                error = weight - dequantized(weight, grid)
                 weight_term = _quadratic(_weight_rows(model, layer, error), moment)
                 low, high = ranges[a_bits].get(layer.inputs[0], (0.0, 0.0))
                 activation_term = _noise_power(low, high, a_bits) * weight_norm

@@ -230,3 +230,18 @@ def test_measured_sensitivity_uses_the_plans_block_wise_weights():
     per_channel, blocks_of_4 = w4_distance(None), w4_distance(4)
     # one scale per 4 of the 8 inputs fits the weights more closely than one per output channel
     assert blocks_of_4 < per_channel
+
+
+def test_proxy_sensitivity_prices_the_plans_block_wise_weights():
+    """The second-moment proxy rounds weights onto the grid the export uses: blocks when the plan has them."""
+    model = _matmul_model(seed=3)
+    calib = {"x": np.random.default_rng(1).standard_normal((16, 4, 8)).astype(np.float32)}
+
+    def w4_proxy(block: int | None) -> float:
+        plan = select_layers(model)
+        plan.weight_block_size = block
+        return sn.proxy_sensitivity(model, plan, calib, {"mm": [(4, 8), (8, 8)]}, max_samples=None)["mm"]
+
+    per_channel, blocks_of_4 = w4_proxy(None), w4_proxy(4)
+    assert blocks_of_4[(4, 8)] < per_channel[(4, 8)]
+    assert blocks_of_4[(8, 8)] == per_channel[(8, 8)]  # 8-bit weights stay per channel
