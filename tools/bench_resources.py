@@ -310,9 +310,10 @@ def markdown(rows: list[dict], command: str, pipeline: bool = False) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     timings = {row["model"]: row["timings"] for row in rows}
     took = Counter("greedy's plan" if (row["reranked"].get("took") or "").startswith("greedy") else "one of the ILP's"
-                   for row in rows if row not in infeasible)
-    lines += ["", "The re-ranking kept " + ", ".join(f"{source} at {count}" for source, count in sorted(took.items()))
-              + f" of {sum(took.values())} points."]
+                   for row in rows if row not in infeasible and "none" not in row["reranked"])
+    if took:
+        lines += ["", "The re-ranking kept " + ", ".join(f"{source} at {count}" for source, count in sorted(took.items()))
+                  + f" of {sum(took.values())} points."]
     if infeasible:
         lines += ["", "Infeasible (the ILP proves no plan fits; greedy stops too): "
                   + "; ".join(f"{row['model']} {row['case']} {_budget(row)}" for row in infeasible) + "."]
@@ -337,6 +338,8 @@ def main() -> None:
                              "correction at export); --rerank 0 skips the re-ranked column")
     parser.add_argument("--json", type=Path, help="also write the raw rows here")
     parser.add_argument("--write", type=Path, help="write the markdown here (benchmarks/resources.md)")
+    parser.add_argument("--render", type=lambda text: [Path(p) for p in text.split(",")],
+                        help="no runs: the markdown of rows saved by earlier --json runs (comma-separated files)")
     args = parser.parse_args()
     cases = args.cases.split(",")
     unknown = [case for case in cases if case not in CASES]
@@ -344,7 +347,9 @@ def main() -> None:
         parser.error(f"unknown case(s) {', '.join(unknown)} (choose from {', '.join(CASES)})")
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in args.models.split(","):
+    for saved in args.render or []:
+        rows += json.loads(saved.read_text())
+    for name in [] if args.render else args.models.split(","):
         print(f"== {name}", flush=True)
         rows += (bench_model_pipeline if args.pipeline else bench_model)(name, cases, args)
         if args.json:
