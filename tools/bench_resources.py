@@ -33,6 +33,10 @@ For each model (MobileNetV2, EfficientNet-Lite0):
    test over the source photos.
 
     python tools/bench_resources.py --write benchmarks/resources.md
+    python tools/bench_resources.py --pipeline --rerank 0 --write benchmarks/resources_pipeline.md
+
+``--pipeline`` plans and exports as ``edgeq compile`` does instead of steps 1-4's
+cheaper path (see :func:`bench_model_pipeline`).
 """
 
 from __future__ import annotations
@@ -275,10 +279,33 @@ def _fidelity(result: dict) -> str:
     return f"{result['top1_agreement']:.3f} / {result['kl']:.3f}" + (" (greedy's)" if took.startswith("greedy") else "")
 
 
+def tally(rows: list[dict]) -> str:
+    """How the ILP's plans compare with greedy's on the evaluation set, over the points both planned."""
+    counts = Counter()
+    for row in rows:
+        ilp, greedy = row["ilp"], row["greedy"]
+        if "none" in ilp:
+            continue
+        if "none" in greedy:
+            counts["greedy found no plan"] += 1
+        elif ilp["bits"] == greedy["bits"] and ilp["top1_hits"] == greedy["top1_hits"]:
+            counts["same plan"] += 1
+        else:
+            top1 = ilp["top1_agreement"] >= greedy["top1_agreement"]
+            kl = ilp["kl"] <= greedy["kl"]
+            counts["ILP >= greedy on both metrics" if top1 and kl else "below on both" if not (top1 or kl)
+                   else "one metric each way"] += 1
+    return (f"Of {sum(counts.values())} feasible points: "
+            + ", ".join(f"{label} {counts[label]}" for label in ("same plan", "ILP >= greedy on both metrics",
+                                                                  "one metric each way", "below on both",
+                                                                  "greedy found no plan")) + ".")
+
+
 def markdown(rows: list[dict], command: str, pipeline: bool = False) -> str:
     title = "as the compiler plans and exports" if pipeline else "ILP against greedy"
     lines = [f"## Several resources at once: {title}", "",
-             f"`{command}` ({time.strftime('%Y-%m-%d')}). Budgets are fractions of the uniform w8a8 plan's "
+             " and ".join(f"`{run}`" for run in dict.fromkeys(row.get("command", command) for row in rows))
+             + f" ({time.strftime('%Y-%m-%d')}). Budgets are fractions of the uniform w8a8 plan's "
              "totals on the same cost model. *objective*: summed single-layer KL on the calibration crops (the "
              "table both solvers see; greedy's as a ratio to the ILP's optimum). *ILP reranked*: the ILP's best "
              "plans and greedy's measured whole on held-out calibration crops, the closest to float kept "
@@ -311,6 +338,7 @@ def markdown(rows: list[dict], command: str, pipeline: bool = False) -> str:
     timings = {row["model"]: row["timings"] for row in rows}
     took = Counter("greedy's plan" if (row["reranked"].get("took") or "").startswith("greedy") else "one of the ILP's"
                    for row in rows if row not in infeasible and "none" not in row["reranked"])
+    lines += ["", tally(rows)]
     if took:
         lines += ["", "The re-ranking kept " + ", ".join(f"{source} at {count}" for source, count in sorted(took.items()))
                   + f" of {sum(took.values())} points."]
@@ -349,16 +377,19 @@ def main() -> None:
     rows = []
     for saved in args.render or []:
         rows += json.loads(saved.read_text())
+    command = "python tools/bench_resources.py " + " ".join(sys.argv[1:])
     for name in [] if args.render else args.models.split(","):
         print(f"== {name}", flush=True)
-        rows += (bench_model_pipeline if args.pipeline else bench_model)(name, cases, args)
+        rows += [{**row, "command": command}
+                 for row in (bench_model_pipeline if args.pipeline else bench_model)(name, cases, args)]
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1, default=str))
-    text = markdown(rows, "python tools/bench_resources.py " + " ".join(sys.argv[1:]), pipeline=args.pipeline)
+    text = markdown(rows, command, pipeline=args.pipeline)
     if args.write:
         from compiler.atomic import atomic_write_text
 
-        atomic_write_text(args.write, "# Multi-resource budgets\n\n" + text)
+        heading = "# Multi-resource budgets, as compiled" if args.pipeline else "# Multi-resource budgets"
+        atomic_write_text(args.write, f"{heading}\n\n{text}")
     print(text)
 
 

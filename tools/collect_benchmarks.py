@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["summary", "compare_ort", "models", "calibration", "transforms", "ort_smoothquant", "mixed", "size_budget", "resources",
+         "resources_pipeline",
          "integer-core", "cpu", "mcu", "tflm"]
 
 
