@@ -65,7 +65,7 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
     allocator.add_argument("--sensitivity-samples", type=int, default=None, metavar="N",
                            help="calibration samples the sensitivities are measured on (default 128)")
     allocator.add_argument("--rerank", type=int, default=0, metavar="K",
-                           help="export the ILP's K best plans (and greedy's) and keep the one closest to float on "
+                           help="compile the ILP's K best plans (and greedy's) and keep the one closest to float on "
                                 "held-out calibration samples")
     allocator.add_argument("--rerank-samples", type=int, default=None, metavar="N",
                            help="held-out calibration samples (after the sensitivities' ones) --rerank and "

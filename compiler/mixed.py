@@ -175,8 +175,9 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     The first ``sensitivity_samples`` calibration samples measure the
     sensitivities; the next ``rerank_samples`` (held out from them) measure
     whole candidate plans, each compiled on the first ones as the compiler
-    would (``recipe``'s rounding; without a recipe, nearest rounding). With too few samples to hold any out, both use the
-    same ones (recorded as ``held_out: false``).
+    would (``recipe``'s rounding; without a recipe, nearest rounding). With
+    too few samples to hold any out, both use the same ones (recorded as
+    ``held_out: false``).
 
     When ``recipe`` GPTQ-rounds narrow weights, candidates at those widths are
     measured with the weights GPTQ gives them (:func:`passes.gptq.gptq_candidates`),

@@ -216,16 +216,19 @@ def test_cross_fitting_measures_each_sample_on_weights_rounded_without_it():
     np.testing.assert_array_equal(calib["x"][~folds[1]], calib["x"][0::2])
 
 
+def _matmul_with_blocks(block: int | None):
+    """The MatMul model, its plan with weight blocks of ``block`` (None: per channel), and data."""
+    model = _matmul_model(seed=3)
+    plan = select_layers(model)
+    plan.weight_block_size = block
+    return model, plan, {"x": np.random.default_rng(1).standard_normal((16, 4, 8)).astype(np.float32)}
+
+
 def test_measured_sensitivity_uses_the_plans_block_wise_weights():
     """A plan with block-wise sub-8-bit weights is measured block-wise, as it will be exported."""
-    model = _matmul_model(seed=3)
-    calib = {"x": np.random.default_rng(1).standard_normal((16, 4, 8)).astype(np.float32)}
-
     def w4_distance(block: int | None) -> float:
-        plan = select_layers(model)
-        plan.weight_block_size = block
-        table = sn.measured_sensitivity(model, plan, calib, {"mm": [(4, 8)]}, max_samples=None)
-        return table["mm"][(4, 8)]
+        model, plan, calib = _matmul_with_blocks(block)
+        return sn.measured_sensitivity(model, plan, calib, {"mm": [(4, 8)]}, max_samples=None)["mm"][(4, 8)]
 
     per_channel, blocks_of_4 = w4_distance(None), w4_distance(4)
     # one scale per 4 of the 8 inputs fits the weights more closely than one per output channel
@@ -234,12 +237,8 @@ def test_measured_sensitivity_uses_the_plans_block_wise_weights():
 
 def test_proxy_sensitivity_prices_the_plans_block_wise_weights():
     """The second-moment proxy rounds weights onto the grid the export uses: blocks when the plan has them."""
-    model = _matmul_model(seed=3)
-    calib = {"x": np.random.default_rng(1).standard_normal((16, 4, 8)).astype(np.float32)}
-
-    def w4_proxy(block: int | None) -> float:
-        plan = select_layers(model)
-        plan.weight_block_size = block
+    def w4_proxy(block: int | None) -> dict:
+        model, plan, calib = _matmul_with_blocks(block)
         return sn.proxy_sensitivity(model, plan, calib, {"mm": [(4, 8), (8, 8)]}, max_samples=None)["mm"]
 
     per_channel, blocks_of_4 = w4_proxy(None), w4_proxy(4)
