@@ -347,16 +347,66 @@ def discordant(first: dict, second: dict, groups: list[int] | None, draws: int =
     The test flips the sign of each source photo's net difference at random
     (crops of one photo are not independent; McNemar's test would treat them so).
     """
-    a, b = (np.frombuffer(row["top1_hits"].encode(), np.uint8) == ord("1") for row in (first, second))
-    only_first, only_second = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    only_first, only_second, net = _net_by_source(first, second, groups)
     if only_first + only_second == 0:
         return "0 / 0"
+    return f"{only_first} / {only_second} (p {sign_flip_p(net, draws):.2f})"
+
+
+def pooled_discordant(points: list[tuple[dict, dict, list[int] | None]], draws: int = 20000) -> str:
+    """:func:`discordant` over several points scored on one evaluation set.
+
+    Each source's net difference is summed over the points before its sign is
+    flipped: the points reuse the same images, so they are not independent
+    either. Points where the two plans keep the same images add nothing.
+    """
+    only_first = only_second = differing = 0
+    total = None
+    for first, second, groups in points:
+        a_only, b_only, net = _net_by_source(first, second, groups)
+        only_first, only_second = only_first + a_only, only_second + b_only
+        differing += bool(a_only + b_only)
+        total = net if total is None else total + net
+    if total is None or only_first + only_second == 0:
+        return f"0 / 0 over {len(points)} point{'s' if len(points) != 1 else ''}"
+    return (f"{only_first} / {only_second} (p {sign_flip_p(total, draws):.2f}; "
+            f"{differing} of {len(points)} points differ)")
+
+
+def pooled_by_evaluation_set(points: list[tuple[str, dict, dict]]) -> list[str]:
+    """One :func:`pooled_discordant` per evaluation set, of (model, first, second) points.
+
+    The photo models share the evaluation photos, so their points pool
+    together; every other model has its own test images.
+    """
+    sets: dict[str, list] = {}
+    for model, first, second in points:
+        groups = evaluation_groups(model, len(first["top1_hits"]))
+        sets.setdefault("photos" if groups is not None else model, []).append((model, first, second, groups))
+    lines = []
+    for key, members in sets.items():
+        models = ", ".join(dict.fromkeys(model for model, *_ in members))
+        where = "the evaluation photos" if key == "photos" else "its test images"
+        lines.append(f"- {models} on {where}: "
+                     + pooled_discordant([(first, second, groups) for _, first, second, groups in members]))
+    return lines
+
+
+def _net_by_source(first: dict, second: dict, groups: list[int] | None) -> tuple[int, int, np.ndarray]:
+    """(images only first keeps, only second keeps, net difference per source photo or image)."""
+    a, b = (np.frombuffer(row["top1_hits"].encode(), np.uint8) == ord("1") for row in (first, second))
     labels = np.arange(len(a)) if groups is None else np.asarray(groups)
-    net = np.bincount(labels, weights=a.astype(float) - b.astype(float))
+    net = np.bincount(labels, weights=a.astype(float) - b.astype(float), minlength=int(labels.max()) + 1)
+    return int(np.sum(a & ~b)), int(np.sum(~a & b)), net
+
+
+def sign_flip_p(net: np.ndarray, draws: int = 20000) -> float:
+    """Two-sided p of the summed ``net`` differences under random sign flips of each source."""
     net = net[net != 0]
+    if not len(net):
+        return 1.0
     signs = np.random.default_rng(0).choice([-1.0, 1.0], (draws, len(net)))
-    p = float(np.mean(np.abs(signs @ net) >= abs(net.sum()) - 1e-9))
-    return f"{only_first} / {only_second} (p {p:.2f})"
+    return float(np.mean(np.abs(signs @ net) >= abs(net.sum()) - 1e-9))
 
 
 def comparison(result: dict) -> list[str]:
@@ -388,7 +438,18 @@ def comparison(result: dict) -> list[str]:
                   discordant(at[default], at[default.replace(DEFAULT_METHOD, "greedy", 1)], result.get("eval_groups")),
                   f"{at[default]['calib_top1']:.3f} / {at[default.replace(DEFAULT_METHOD, 'greedy', 1)]['calib_top1']:.3f}"]
         lines.append(f"| {fraction:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "All budgets pooled, default vs greedy (each source's differences summed over the budgets): "
+              + pooled_discordant(default_vs_greedy(result)) + "."]
     return lines
+
+
+def default_vs_greedy(result: dict) -> list[tuple[dict, dict, list[int] | None]]:
+    """(default's row, greedy's row on the same table, evaluation groups) at each budget."""
+    default = default_label(result)
+    greedy = default.replace(DEFAULT_METHOD, "greedy", 1)
+    rows = {(row["method"], row["budget"]): row for row in result["rows"] if "budget" in row}
+    return [(rows[(default, budget)], rows[(greedy, budget)], result.get("eval_groups"))
+            for method, budget in rows if method == default and (greedy, budget) in rows]
 
 
 def cross_validation(result: dict) -> list[str]:
@@ -472,6 +533,12 @@ def markdown(results: list[dict], command: str) -> str:
                 cells.append(f"{row['accuracy']:.4f}" if "accuracy" in row else "-")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    photo_models = [result for result in results if result.get("eval_groups") is not None]
+    if len(photo_models) > 1:
+        lines += ["All budgets of " + ", ".join(result["model"] for result in photo_models) + " pooled on the "
+                  "evaluation photos they share, default vs greedy: "
+                  + pooled_discordant([point for result in photo_models for point in default_vs_greedy(result)])
+                  + ".", ""]
     return "\n".join(lines)
 
 

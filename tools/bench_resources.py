@@ -64,6 +64,7 @@ from tools.bench_mixed import (  # noqa: E402
     discordant,
     evaluation_groups,
     load_case,
+    pooled_by_evaluation_set,
     score,
     top1_hits,
 )
@@ -293,10 +294,15 @@ def tally(rows: list[dict]) -> str:
             kl = ilp["kl"] <= greedy["kl"]
             counts["ILP >= greedy on both metrics" if top1 and kl else "below on both" if not (top1 or kl)
                    else "one metric each way"] += 1
-    return (f"Of {sum(counts.values())} feasible points: "
-            + ", ".join(f"{label} {counts[label]}" for label in ("same plan", "ILP >= greedy on both metrics",
-                                                                  "one metric each way", "below on both",
-                                                                  "greedy found no plan")) + ".")
+    both = [(row["model"], row["ilp"], row["greedy"]) for row in rows
+            if "top1_hits" in row["ilp"] and "top1_hits" in row["greedy"]]
+    return "\n".join([f"Of {sum(counts.values())} feasible points: "
+                      + ", ".join(f"{label} {counts[label]}" for label in ("same plan", "ILP >= greedy on both metrics",
+                                                                            "one metric each way", "below on both",
+                                                                            "greedy found no plan")) + ".",
+                      "", "All points both planned, pooled: images only the ILP's / only greedy's plans keep at "
+                      "float's top-1 (p: the sign-flip test with each source's differences summed over the points, "
+                      "which reuse the images).", "", *pooled_by_evaluation_set(both)])
 
 
 def markdown(rows: list[dict], command: str, pipeline: bool = False) -> str:
