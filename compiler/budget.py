@@ -44,6 +44,8 @@ _KEYS: dict[str, tuple[str, dict[str, float], bool]] = {
     "dsp": ("dsp", _COUNT_UNITS, False),
     "bram": ("bram", _COUNT_UNITS, False),
 }
+# ``size=`` as a fraction or in bytes: one weight-size limit either way
+_SIZE_KEYS = {"weight_bytes", "size_fraction"}
 # Every metric name a parsed budget may contain (passes.allocate knows them all).
 BUDGET_METRICS = tuple(sorted({key for key, _, _ in _KEYS.values()} | {"weight_bytes", "size_fraction"}))
 
@@ -53,6 +55,8 @@ _VALUE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Zµ]*)\
 def _number_with_unit(key: str, text: str, units: dict[str, float]) -> float:
     match = _VALUE.match(text)
     if not match:
+        if text.strip().startswith("-"):
+            raise EdgeqError(f"budget '{key}={text}': must be a positive number")
         raise EdgeqError(f"budget '{key}={text}': expected a number with an optional unit")
     number, unit = float(match.group(1)), match.group(2).lower()
     if unit not in units:
@@ -75,7 +79,7 @@ def parse_budget(text: str | None) -> dict[str, float]:
     for item in text.split(","):
         item = item.strip()
         if not item:
-            raise EdgeqError(f"budget '{text}': empty item (two commas in a row?)")
+            raise EdgeqError(f"budget '{text}': an empty item (a stray comma?)")
         if "=" not in item:
             raise EdgeqError(f"budget item '{item}' is not key=value (e.g. flash=512KB)")
         key, value = (part.strip() for part in item.split("=", 1))
@@ -86,11 +90,13 @@ def parse_budget(text: str | None) -> dict[str, float]:
             result_key, units, integer = _KEYS[key]
             parsed = _number_with_unit(key, value, units)
             if integer:
+                if parsed < 1:
+                    raise EdgeqError(f"budget '{key}={value}': less than one byte")
                 parsed = int(parsed)
         else:
             known = ", ".join(sorted([*_KEYS, "size"]))
             raise EdgeqError(f"unknown budget key '{key}' (known: {known})")
-        if result_key in budget:
+        if result_key in budget or (key == "size" and budget.keys() & _SIZE_KEYS):
             raise EdgeqError(f"budget key '{key}' given twice")
         budget[result_key] = parsed
     return budget
@@ -104,7 +110,10 @@ def _parse_size(value: str) -> tuple[str, float]:
         if not 0 < fraction <= 4:
             raise EdgeqError(f"budget 'size={value}': a bare size is a fraction of the int8 weight bytes, 0 < size <= 4 (use size=300KB for bytes)")
         return "size_fraction", fraction
-    return "weight_bytes", int(_number_with_unit("size", value, _BYTE_UNITS))
+    size = _number_with_unit("size", value, _BYTE_UNITS)
+    if size < 1:
+        raise EdgeqError(f"budget 'size={value}': less than one byte")
+    return "weight_bytes", int(size)
 
 
 def format_metric(metric: str, value: float) -> str:

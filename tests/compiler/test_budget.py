@@ -30,6 +30,20 @@ def test_bad_budgets_are_user_errors(text):
         parse_budget(text)
 
 
+@pytest.mark.parametrize(("text", "says"), [
+    ("size=0.5,size=20KB", "'size' given twice"),  # a fraction and bytes are one weight-size limit
+    ("size=20KB,size=0.5", "'size' given twice"),
+    ("flash=0.5B", "less than one byte"),  # was parsed as 0 bytes, then reported "infeasible"
+    ("size=0.2B", "less than one byte"),
+    ("size=-1", "positive"),
+    ("latency=-1ms", "positive"),
+    ("size=0.5,", "stray comma"),
+])
+def test_bad_budget_messages_name_the_mistake(text, says):
+    with pytest.raises(EdgeqError, match=says):
+        parse_budget(text)
+
+
 def test_format_round_trips_the_units_a_user_writes():
     assert format_metric("flash_bytes", 512 * 1024) == "512.00KB"
     assert format_metric("latency_s", 1.5e-3) == "1.5ms"
