@@ -154,8 +154,16 @@ def parse_pins(texts: list[str] | None, plan: QuantPlan) -> dict[str, tuple[int 
             raise EdgeqError(f"--pin names '{name}', which is not a quantized layer "
                              f"(layers: {', '.join(list(plan.layers)[:5])}, ...)")
         w_bits, a_bits = (int(group) if group else None for group in match.groups())
+        if name in pins:
+            raise EdgeqError(f"--pin names '{name}' twice ({_pin_text(pins[name])} and {_pin_text((w_bits, a_bits))})")
+        if w_bits is not None and plan.layers[name].w_bits is None:
+            raise EdgeqError(f"--pin '{text}': '{name}' has no weights; pin its activations only ({name}=a{a_bits or 8})")
         pins[name] = (w_bits, a_bits)
     return pins
+
+
+def _pin_text(pin: tuple[int | None, int | None]) -> str:
+    return "".join(f"{part}{bits}" for part, bits in zip("wa", pin, strict=True) if bits is not None)
 
 
 def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
@@ -400,7 +408,8 @@ def allocation_summary(problem: AllocationProblem, allocation: Allocation, recor
         chosen = allocation.choices[layer.name]
         options = ", ".join(f"{_key(choice)}: {value:.3g}" for choice, value in sorted(
             layer.sensitivity.items(), key=lambda item: (item[0][0] or 0, item[0][1])))
-        lines.append(f"| `{layer.name}` | {_key(chosen)} | {options} |")
+        pinned = f" (pinned {_pin_text(problem.pins[layer.name])})" if layer.name in problem.pins else ""
+        lines.append(f"| `{layer.name}` | {_key(chosen)}{pinned} | {options} |")
     return "\n".join(lines)
 
 

@@ -180,3 +180,25 @@ def test_16_bit_activations_are_offered_where_the_budget_prices_them():
     assert "not_measured" not in record  # 2-bit arithmetic is cheaper in bit-operations
     assert any(choice[1] == 16 for choice in mixed.allocation.choices.values())  # some room for a16 was used
     assert mixed.allocation.totals["bitops"] <= 1.2 * bitops_w8a8
+
+
+def test_pins_name_each_layer_once_and_only_bits_it_has():
+    from compiler.mixed import parse_pins
+
+    _, plan, _ = _setup()
+    weighted = next(name for name, layer in plan.layers.items() if layer.w_bits)
+    weightless = next(name for name, layer in plan.layers.items() if not layer.w_bits)
+    assert parse_pins([f"{weighted}=w4", f"{weightless}=a8"], plan) == {weighted: (4, None), weightless: (None, 8)}
+    with pytest.raises(EdgeqError, match="twice"):  # the last one silently won before
+        parse_pins([f"{weighted}=w8a8", f"{weighted}=w4a8"], plan)
+    with pytest.raises(EdgeqError, match="has no weights"):  # a weight pin on an Add was silently a no-op
+        parse_pins([f"{weightless}=w8a8"], plan)
+
+
+def test_report_says_which_layers_were_pinned():
+    model, plan, calib = _setup(16)
+    allocate_bits(model, plan, calib, get_target("onnx"), None, "size=0.7", integer_only=False,
+                  pins=["Conv_2=w8a8"], options=AllocatorOptions(sensitivity="proxy"))
+    section = plan.totals["report_sections"]["Bit allocation"]
+    assert "| `Conv_2` | w8a8 (pinned w8a8) |" in section
+    assert "pinned" not in section.split("`Conv_4`")[1].splitlines()[0]
