@@ -128,6 +128,6 @@ def format_metric(metric: str, value: float) -> str:
         return f"{value * 1e3:.4g}ms"
     if metric == "energy_j":
         return f"{value * 1e6:.4g}uJ"
-    if metric == "size_fraction":
-        return f"{value:.4g}"
+    if metric in ("lut", "dsp", "bram") and value >= 100:
+        return f"{value:.0f}"  # device counts: 53200 LUTs, not 5.32e+04
     return f"{value:.4g}"

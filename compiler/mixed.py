@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from compiler.budget import format_metric, parse_budget
+from compiler.console import warn
 from compiler.errors import EdgeqError
 from compiler.export import export_plan
 from compiler.pareto_plot import pareto_svg
@@ -140,6 +141,8 @@ class MixedPrecision:
     distance: PlanDistance | None = None  # measures whole plans; None without re-ranking or refinement
     sensitivity_around: Callable[[dict], dict] | None = None  # re-measures the table around a plan
     record: dict = field(default_factory=dict)  # what was done: plan.totals["allocation"]["allocator"]
+    device: str = ""  # the cost model's device, e.g. "mcu:cortex-m4"
+    device_limits: dict[str, float] = field(default_factory=dict)  # what the device has (CostModel.resources)
 
 
 def parse_pins(texts: list[str] | None, plan: QuantPlan) -> dict[str, tuple[int | None, int | None]]:
@@ -262,7 +265,8 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     if problem.online_ops:
         record["online_ops"] = problem.online_ops
         record["fixed_costs"] = dict(problem.fixed)
-    return MixedPrecision(problem, distance=distance, sensitivity_around=around, record=record)
+    return MixedPrecision(problem, distance=distance, sensitivity_around=around, record=record,
+                          device=cost_model.name, device_limits=cost_model.resources())
 
 
 def _compiled_by(model: onnx.ModelProto, recipe: Recipe, data: dict[str, np.ndarray],
@@ -333,7 +337,28 @@ def solve_into_plan(mixed: MixedPrecision, plan: QuantPlan, budget: dict[str, fl
     allocation = solve(mixed, budget, options)
     apply_allocation(plan, mixed.problem, allocation)
     plan.totals["allocation"]["allocator"] = mixed.record
+    for message in device_overruns(mixed.device, mixed.device_limits, budget, allocation.totals):
+        warn(message)
     return allocation
+
+
+def device_overruns(device: str, limits: dict[str, float], budget: dict[str, float],
+                    totals: dict[str, float]) -> list[str]:
+    """What does not fit the device: budget limits above its resources, and the plan's totals over them.
+
+    The budget is the user's to set (a preset may be smaller than their part), so
+    these are warnings, not errors; unbudgeted resources are checked too, since the
+    allocator does not limit what it is not asked to.
+    """
+    messages = []
+    for metric, available in limits.items():
+        if metric in budget and budget[metric] > available:
+            messages.append(f"budget {metric} {format_metric(metric, budget[metric])} is more than {device} has "
+                            f"({format_metric(metric, available)})")
+        elif totals.get(metric, 0.0) > available:
+            messages.append(f"the plan needs {metric} {format_metric(metric, totals[metric])}, more than {device} "
+                            f"has ({format_metric(metric, available)}); budget it to plan within the device")
+    return messages
 
 
 def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,

@@ -202,3 +202,22 @@ def test_report_says_which_layers_were_pinned():
     section = plan.totals["report_sections"]["Bit allocation"]
     assert "| `Conv_2` | w8a8 (pinned w8a8) |" in section
     assert "pinned" not in section.split("`Conv_4`")[1].splitlines()[0]
+
+
+def test_device_overruns_name_budgets_and_totals_the_device_cannot_hold():
+    from compiler.mixed import device_overruns
+
+    limits = {"dsp": 220.0, "lut": 53200.0, "bram": 140.0}
+    messages = device_overruns("fpga:pynq-z2", limits, {"dsp": 1000.0}, {"dsp": 256.0, "lut": 60000.0, "bram": 3.0})
+    assert messages == ["budget dsp 1000 is more than fpga:pynq-z2 has (220)",
+                        "the plan needs lut 60000, more than fpga:pynq-z2 has (53200); budget it to plan "
+                        "within the device"]
+    assert device_overruns("fpga:pynq-z2", limits, {"dsp": 200.0}, {"dsp": 180.0, "lut": 100.0}) == []
+
+
+def test_a_budget_above_the_device_is_warned_about(capsys):
+    model, plan, calib = _setup(16)
+    allocate_bits(model, plan, calib, get_target("mcu"), "cortex-m4", "flash=2MB", integer_only=True,
+                  options=AllocatorOptions(sensitivity="proxy"))
+    assert "edgeq: warning: budget flash_bytes 2.000MB is more than mcu:cortex-m4 has (512.00KB)" \
+        in capsys.readouterr().err
