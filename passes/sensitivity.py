@@ -170,6 +170,25 @@ def rounded_weights(model: onnx.ModelProto, quantized: QuantPlan, rounded: Round
                 init.CopyFrom(originals[init.name])
 
 
+def _context_choices(context: Context | None) -> list[Choice]:
+    """The base plan's choices (none for single-layer measurements)."""
+    if isinstance(context, dict):
+        return list(context.values())
+    return [context] if context else []
+
+
+def measurement_bits(plan: QuantPlan, choices: dict[str, list[Choice]], context: Context | None) -> list[int]:
+    """Every width a measurement model quantizes at, so that :func:`with_opset_for` converts for all of them.
+
+    Not only the candidates: a single-layer model also quantizes every output at
+    OUTPUT_BITS, and a base plan's layers and defaults have widths of their own
+    -- with only 8-bit candidates left the 16-bit output quantizers need opset 21 too.
+    """
+    bits = {b for options in [*choices.values(), _context_choices(context)] for c in options for b in c if b}
+    bits |= {plan.w_bits, plan.a_bits} if context is not None else {OUTPUT_BITS}
+    return sorted(bits)
+
+
 def base_choice(plan: QuantPlan, name: str, context: Context) -> Choice:
     """Layer ``name``'s choice in the base plan ``context`` (weightless layers: only its a_bits)."""
     if isinstance(context, dict):
@@ -340,9 +359,8 @@ def measured_sample_sensitivity(
     """
     from compiler.fidelity import run_model
 
-    context_choices = list(context.values()) if isinstance(context, dict) else [context] if context else []
-    all_bits = {b for options in [*choices.values(), context_choices] for c in options for b in c if b}
-    model = with_opset_for(model, sorted(all_bits))
+    context_choices = _context_choices(context)
+    model = with_opset_for(model, measurement_bits(plan, choices, context))
     calib = {name: value[:max_samples] for name, value in calib.items()}  # None: all
     if ranges is None:
         a_bits = {c[1] for o in [*choices.values(), context_choices] for c in o}

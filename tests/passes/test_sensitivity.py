@@ -244,3 +244,16 @@ def test_proxy_sensitivity_prices_the_plans_block_wise_weights():
     per_channel, blocks_of_4 = w4_proxy(None), w4_proxy(4)
     assert blocks_of_4[(4, 8)] < per_channel[(4, 8)]
     assert blocks_of_4[(8, 8)] == per_channel[(8, 8)]  # 8-bit weights stay per channel
+
+
+@pytest.mark.parametrize("pairs", [[(8, 8)], [(8, 8), (8, 16)]])
+def test_measured_sensitivity_with_only_8_bit_candidates(pairs):
+    """The single-layer models quantize outputs at OUTPUT_BITS (16): the opset must allow it even when
+    no candidate is below or above 8 bits (opset 17 has no uint16 QuantizeLinear)."""
+    model, plan, calib = _conv_setup()
+    assert model.opset_import[0].version < 21
+    choices = sn.candidate_choices(plan, pairs=pairs)
+    table = sn.measured_sensitivity(model, plan, calib, choices, workers=1)
+    assert set(table) == set(plan.layers)
+    assert all(value >= 0 for values in table.values() for value in values.values())
+    assert sn.measurement_bits(plan, choices, None) == sorted({8, sn.OUTPUT_BITS})
