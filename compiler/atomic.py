@@ -13,6 +13,37 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from compiler.errors import EdgeqError
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """``path`` as an absolute path, if it can become an output folder; else a one-line EdgeqError.
+
+    Refused: an existing file (or anything not a folder) at ``path``, a file where
+    one of its parent folders would have to be, a nearest existing folder that is
+    not writable. Callers check before any work, so a bad ``-o`` fails fast.
+    """
+    final = Path(path).resolve()
+    if os.path.lexists(final) and not final.is_dir():
+        raise EdgeqError(f"output path {path} exists and is not a folder; give a folder to write the outputs to")
+    ancestor = final
+    while not os.path.lexists(ancestor) and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if ancestor != final and not ancestor.is_dir():
+        raise EdgeqError(f"cannot create output folder {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise EdgeqError(f"cannot write output folder {path}: {ancestor} is not writable")
+    return final
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """``path`` as an absolute path, if a file can be written there; else a one-line EdgeqError."""
+    final = Path(path).resolve()
+    if final.is_dir():
+        raise EdgeqError(f"output file {path} is a folder; give a file name")
+    check_output_dir(final.parent)
+    return final
+
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
@@ -20,22 +51,40 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 
     On error the temporary directory is removed and ``final`` is untouched.
     Files already in ``final`` that the new run does not write are kept.
+    The temporary directory never outlives the call, even when moving the
+    outputs into place fails; a ``final`` that cannot be a folder is an
+    EdgeqError before anything is written (:func:`check_output_dir`).
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final = check_output_dir(final)
+    created = _make_parents(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    committed = False
     try:
         yield tmp
-    except BaseException:
+        final.mkdir(exist_ok=True)
+        for entry in sorted(tmp.iterdir()):
+            target = final / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        committed = True
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    final.mkdir(exist_ok=True)
-    for entry in sorted(tmp.iterdir()):
-        target = final / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    shutil.rmtree(tmp, ignore_errors=True)
+        if not committed:
+            for folder in created:  # innermost first; only the empty ones this call made
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; the folders it made, innermost first."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return missing
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -166,10 +166,12 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from compiler.atomic import atomic_write_bytes
+    from compiler.atomic import atomic_write_bytes, check_output_file
     from compiler.plan import QuantPlan
     from targets.base import get_target
 
+    if args.output:
+        check_output_file(args.output)
     plan_path = Path(args.artifact) / "plan.json"
     if not plan_path.exists():
         raise EdgeqError(f"{args.artifact} is not an edgeq output folder (no plan.json)")

@@ -454,7 +454,7 @@ def _key(choice) -> str:
 
 def allocate_command(args: argparse.Namespace) -> int:
     """``edgeq allocate``: the plan (or the Pareto frontier) without compiling."""
-    from compiler.atomic import atomic_dir
+    from compiler.atomic import atomic_dir, check_output_dir
     from compiler.data import load_calibration
     from compiler.loader import load_model
     from compiler.pipeline import choose_weight_block
@@ -465,6 +465,7 @@ def allocate_command(args: argparse.Namespace) -> int:
 
     if not args.budget and not args.pareto:
         raise EdgeqError("edgeq allocate needs --budget (e.g. size=0.5) or --pareto")
+    check_output_dir(args.output)  # a bad -o fails before any work
     target = get_target(args.target)
     model = canonicalize(load_model(args.model))
     if args.calib is None and not args.random_calib:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from compiler.atomic import atomic_dir
+from compiler.atomic import atomic_dir, check_output_dir
 from compiler.console import warn
 from compiler.errors import EdgeqError
 from compiler.export import export_plan
@@ -151,6 +151,7 @@ def compile_model(options: CompileOptions) -> CompileResult:
         log.info("%-12s %.2fs", name, timings[name])
         return result
 
+    check_output_dir(options.out_dir)  # a bad -o fails before any work
     w_bits, a_bits = parse_bits(options.bits)
     target = get_target(options.target)
     lowered_widths = {w for w, _ in target.cost_model(options.device).bit_pairs}

@@ -355,3 +355,34 @@ def test_allocate_plans_on_the_graph_compile_quantizes(tmp_path, capsys):
                                    if "sensitivity" in layer["info"]}
     assert tables["allocate", "cnn_equalize"] == tables["compile", "cnn_equalize"]
     assert tables["allocate", "cnn_equalize"] != tables["allocate", "cnn"]  # equalization moved the table
+
+
+@pytest.mark.parametrize("command", ["compile", "allocate"])
+@pytest.mark.parametrize("output", ["notafile.txt", "notafile.txt/sub"])
+def test_output_path_through_a_file_is_refused_before_any_work(workspace, capsys, monkeypatch, command, output):
+    """-o naming an existing file (or a folder inside one): one line, exit 2, checked before the model is
+    even loaded, the file untouched and no hidden temporary folder left beside it."""
+    import compiler.loader
+    import compiler.pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the output path was checked")
+
+    monkeypatch.setattr(compiler.pipeline, "load_model", no_work)
+    monkeypatch.setattr(compiler.loader, "load_model", no_work)
+    (workspace / "notafile.txt").write_text("keep me")
+    budget = ["--budget", "size=0.85"]
+    code, stdout, stderr = run_cli(capsys, command, workspace / "tiny.onnx", "--calib", workspace / "calib",
+                                   *budget, "-o", workspace / output, "-q")
+    assert code == 2 and stdout == ""
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("edgeq: error:") and "notafile.txt" in stderr
+    assert (workspace / "notafile.txt").read_text() == "keep me"
+    assert not [path for path in workspace.iterdir() if path.name.startswith(".")]
+
+
+def test_run_output_that_is_a_folder_is_refused(workspace, capsys):
+    out = workspace / "out"
+    assert run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib", "-o", out, "-q")[0] == 0
+    np.savez(workspace / "x.npz", input=random_inputs((3, 16, 16), 2))
+    code, _, stderr = run_cli(capsys, "run", out, "--inputs", workspace / "x.npz", "-o", workspace / "calib")
+    assert code == 2 and "is a folder" in stderr and stderr.count("\n") == 1
