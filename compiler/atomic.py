@@ -7,6 +7,7 @@ Every artifact is written into a temporary sibling and moved into place with
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -45,15 +46,23 @@ def check_output_file(path: str | os.PathLike) -> Path:
     return final
 
 
+# What the last edgeq run wrote into an output folder (one name per top-level entry).
+OUTPUTS_MANIFEST = ".edgeq-outputs.json"
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, *, replaces_outputs: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``final`` on success.
 
     On error the temporary directory is removed and ``final`` is untouched.
-    Files already in ``final`` that the new run does not write are kept.
-    The temporary directory never outlives the call, even when moving the
-    outputs into place fails; a ``final`` that cannot be a folder is an
-    EdgeqError before anything is written (:func:`check_output_dir`).
+    Files already in ``final`` that the new run does not write are kept --
+    unless ``replaces_outputs``: then the entries the previous run recorded in
+    ``final``'s :data:`OUTPUTS_MANIFEST` and this run does not write are
+    removed, and this run's entries are recorded (so a reused output folder
+    holds only the last run's outputs; files edgeq did not write are never
+    touched). The temporary directory never outlives the call, even when
+    moving the outputs into place fails; a ``final`` that cannot be a folder
+    is an EdgeqError before anything is written (:func:`check_output_dir`).
     """
     final = check_output_dir(final)
     created = _make_parents(final.parent)
@@ -62,18 +71,58 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         final.mkdir(exist_ok=True)
-        for entry in sorted(tmp.iterdir()):
-            target = final / entry.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
+        previous = recorded_outputs(final) if replaces_outputs else []
+        written = sorted(entry.name for entry in tmp.iterdir())
+        for name in written:
+            entry, target = tmp / name, final / name
+            if _in_the_way(entry, target):
+                _remove(target)
             os.replace(entry, target)
         committed = True
+        if replaces_outputs:
+            for name in previous:
+                if name not in written:
+                    _remove(final / name)
+            atomic_write_text(final / OUTPUTS_MANIFEST,
+                              json.dumps({"written_by": "edgeq", "outputs": written}, indent=1) + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if not committed:
             for folder in created:  # innermost first; only the empty ones this call made
                 with contextlib.suppress(OSError):
                     folder.rmdir()
+
+
+def recorded_outputs(folder: Path) -> list[str]:
+    """The entry names ``folder``'s manifest says edgeq wrote (none without a readable manifest).
+
+    Only plain names of entries directly in ``folder`` count: a manifest edited to
+    name ``..``, a path or the manifest itself names nothing.
+    """
+    try:
+        names = json.loads((folder / OUTPUTS_MANIFEST).read_text()).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(names, list):
+        return []
+    return [name for name in names if isinstance(name, str) and name not in ("", ".", "..", OUTPUTS_MANIFEST)
+            and Path(name).name == name and os.sep not in name and (os.altsep or os.sep) not in name]
+
+
+def _in_the_way(entry: Path, target: Path) -> bool:
+    """Whether ``target`` must go before ``entry`` can replace it (``os.replace`` swaps files only)."""
+    if not os.path.lexists(target):
+        return False
+    return (target.is_dir() and not target.is_symlink()) or entry.is_dir()
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, symlink (not what it points to) or folder; nothing if it is gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _make_parents(folder: Path) -> list[Path]:

@@ -489,7 +489,7 @@ def allocate_command(args: argparse.Namespace) -> int:
                           options=options, metrics=metrics, recipe=recipe)
     problem = mixed.problem
     out = Path(args.output)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replaces_outputs=True) as tmp:  # the folder holds this run's outputs only
         if args.pareto:
             metric = pareto_metric
             points = pareto(problem, metric)

@@ -191,7 +191,7 @@ def compile_model(options: CompileOptions) -> CompileResult:
 
     out_dir = Path(options.out_dir)
     files: list[Path] = []
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replaces_outputs=True) as tmp:  # the folder holds this run's outputs only
         onnx.save(qdq, str(tmp / "model.qdq.onnx"))
         if options.budget and mixed.pareto_svg:
             (tmp / "pareto.svg").write_text(mixed.pareto_svg)

@@ -50,3 +50,53 @@ def test_output_dot_writes_into_the_current_folder(tmp_path, monkeypatch):
     with atomic_dir(".") as tmp:
         (tmp / "plan.json").write_text("{}")
     assert sorted(os.listdir(tmp_path)) == ["plan.json"]
+
+
+def _write_run(folder, names, **kwargs):
+    with atomic_dir(folder, **kwargs) as tmp:
+        for name in names:
+            if name.endswith("/"):
+                (tmp / name).mkdir()
+                (tmp / name / "inner.c").write_text(name)
+            else:
+                (tmp / name).write_text(name)
+
+
+def test_replacing_outputs_removes_what_the_last_run_wrote_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    _write_run(out, ["plan.json", "mcu/", "verify.json", "pareto.svg"], replaces_outputs=True)
+    (out / "notes.txt").write_text("the user's")
+    (out / "mine").mkdir()
+    _write_run(out, ["plan.json", "model.qdq.onnx"], replaces_outputs=True)
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        [atomic.OUTPUTS_MANIFEST, "mine", "model.qdq.onnx", "notes.txt", "plan.json"])
+    assert atomic.recorded_outputs(out) == ["model.qdq.onnx", "plan.json"]
+    # a file where the new run writes a folder (and the other way round) is replaced
+    _write_run(out, ["plan.json/", "model.qdq.onnx"], replaces_outputs=True)
+    _write_run(out, ["plan.json"], replaces_outputs=True)
+    assert (out / "plan.json").read_text() == "plan.json" and not (out / "model.qdq.onnx").exists()
+
+
+def test_without_replacing_or_a_manifest_nothing_is_removed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pareto.svg").write_text("an older run's, unrecorded")
+    _write_run(out, ["plan.json"], replaces_outputs=True)
+    assert (out / "pareto.svg").exists()
+    _write_run(out, ["report.md"])  # the default keeps what is there
+    assert (out / "plan.json").exists() and (out / "report.md").exists()
+
+
+def test_a_manifest_naming_paths_outside_the_folder_removes_nothing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "precious").write_text("keep")
+    (out / "sub").mkdir()
+    (out / "sub" / "keep.txt").write_text("keep")
+    (out / atomic.OUTPUTS_MANIFEST).write_text(
+        '{"outputs": ["..", "../precious", "sub/keep.txt", "/etc", ".", "", 3, ".edgeq-outputs.json"]}')
+    _write_run(out, ["plan.json"], replaces_outputs=True)
+    assert (tmp_path / "precious").read_text() == "keep" and (out / "sub" / "keep.txt").exists()
+    (out / atomic.OUTPUTS_MANIFEST).write_text("not json")
+    _write_run(out, ["plan.json"], replaces_outputs=True)
+    assert atomic.recorded_outputs(out) == ["plan.json"]

@@ -386,3 +386,20 @@ def test_run_output_that_is_a_folder_is_refused(workspace, capsys):
     np.savez(workspace / "x.npz", input=random_inputs((3, 16, 16), 2))
     code, _, stderr = run_cli(capsys, "run", out, "--inputs", workspace / "x.npz", "-o", workspace / "calib")
     assert code == 2 and "is a folder" in stderr and stderr.count("\n") == 1
+
+
+def test_a_reused_output_folder_holds_only_the_last_runs_outputs(workspace, capsys):
+    """A budgeted compile writes pareto.svg; a plain compile into the same folder must not leave it beside a
+    plan.json that has no budget (nor the allocate frontier beside a plan); the user's own files stay."""
+    out = workspace / "out"
+    data = ["--calib", workspace / "calib", "-q"]
+    assert run_cli(capsys, "compile", workspace / "tiny.onnx", *data, "--budget", "size=0.85", "-o", out)[0] == 0
+    assert (out / "pareto.svg").exists()
+    (out / "my_notes.txt").write_text("mine")
+    assert run_cli(capsys, "compile", workspace / "tiny.onnx", *data, "-o", out)[0] == 0
+    visible = sorted(path.name for path in out.iterdir() if not path.name.startswith("."))
+    assert visible == ["model.qdq.onnx", "my_notes.txt", "plan.json", "report.md"]
+    assert run_cli(capsys, "allocate", workspace / "tiny.onnx", *data, "--pareto", "-o", out)[0] == 0
+    assert run_cli(capsys, "allocate", workspace / "tiny.onnx", *data, "--budget", "size=0.85", "-o", out)[0] == 0
+    visible = sorted(path.name for path in out.iterdir() if not path.name.startswith("."))
+    assert visible == ["my_notes.txt", "plan.json"]
