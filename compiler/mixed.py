@@ -483,13 +483,19 @@ def allocate_command(args: argparse.Namespace) -> int:
     budget = parse_budget(args.budget) if args.budget else {}
     metrics = resolve_metric_names(budget)
     pareto_metric = _pareto_metric(budget, target.name)
-    if args.pareto:
+    if args.pareto and pareto_metric not in metrics:  # each metric named once (in the record and report)
         metrics.append(pareto_metric)
     mixed = build_problem(model, plan, calib, target, args.device, integer_only=integer_only, pins=args.pin,
                           options=options, metrics=metrics, recipe=recipe)
     problem = mixed.problem
     out = Path(args.output)
+    messages = []  # printed only once everything is in place: a failed run reports nothing as written
     with atomic_dir(out, replaces_outputs=True) as tmp:  # the folder holds this run's outputs only
+        if args.budget:  # first: an infeasible budget fails before the sweep
+            allocation = solve_into_plan(mixed, plan, budget, options)
+            plan.update_totals()
+            plan.save(str(tmp / "plan.json"))
+            summary = allocation_summary(problem, allocation, mixed.record)
         if args.pareto:
             metric = pareto_metric
             points = pareto(problem, metric)
@@ -499,12 +505,11 @@ def allocate_command(args: argparse.Namespace) -> int:
             (tmp / "pareto.json").write_text(json.dumps({"metric": metric, "points": rows}, indent=1) + "\n")
             (tmp / "pareto.svg").write_text(pareto_svg([(row["budget"], row["sensitivity"]) for row in rows],
                                                        metric, title=f"Pareto frontier: {metric}"))
-            print(f"{len(points)} Pareto-optimal plans over {metric} written to {out}/pareto.json and pareto.svg")
+            messages.append(f"{len(points)} Pareto-optimal plans over {metric} written to {out}/pareto.json "
+                            "and pareto.svg")
         if args.budget:
-            allocation = solve_into_plan(mixed, plan, budget, options)
-            plan.update_totals()
-            plan.save(str(tmp / "plan.json"))
-            print(allocation_summary(problem, allocation, mixed.record))
+            messages.append(summary)
+    print("\n".join(messages))
     return 0
 
 

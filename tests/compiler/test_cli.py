@@ -403,3 +403,24 @@ def test_a_reused_output_folder_holds_only_the_last_runs_outputs(workspace, caps
     assert run_cli(capsys, "allocate", workspace / "tiny.onnx", *data, "--budget", "size=0.85", "-o", out)[0] == 0
     visible = sorted(path.name for path in out.iterdir() if not path.name.startswith("."))
     assert visible == ["my_notes.txt", "plan.json"]
+
+
+def test_allocate_reports_success_only_after_writing(workspace, capsys):
+    """--pareto with an infeasible --budget: the error alone, no 'written to' line, nothing written."""
+    code, stdout, stderr = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                                   "--pareto", "--budget", "size=0.1", "-o", workspace / "ob", "-q")
+    assert code == 2 and "infeasible" in stderr and stderr.count("\n") == 1
+    assert stdout == ""
+    assert not (workspace / "ob").exists()
+
+
+def test_allocate_pareto_with_several_budget_metrics_names_each_once(workspace, capsys):
+    code, stdout, _ = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                              "--target", "fpga", "--budget", "lut=100K,dsp=1000", "--pareto", "--sensitivity",
+                              "proxy", "-o", workspace / "ob", "-q")
+    assert code == 0
+    assert stdout.index("Pareto-optimal plans over lut written to") < stdout.index("Solved by")
+    allocator = json.loads((workspace / "ob" / "plan.json").read_text())["totals"]["allocation"]["allocator"]
+    reasons = [entry["reason"] for entry in (allocator.get("not_measured"), allocator.get("not_offered")) if entry]
+    assert reasons and all("(lut, dsp)" in reason for reason in reasons)
+    assert "(lut, dsp, lut)" not in stdout
