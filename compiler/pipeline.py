@@ -154,6 +154,7 @@ def compile_model(options: CompileOptions) -> CompileResult:
     check_output_dir(options.out_dir)  # a bad -o fails before any work
     w_bits, a_bits = parse_bits(options.bits)
     target = get_target(options.target)
+    target.check_can_lower()  # a target without a lowering fails before any work
     lowered_widths = {w for w, _ in target.cost_model(options.device).bit_pairs}
     if w_bits not in lowered_widths:
         raise EdgeqError(f"--bits {options.bits}: target {options.target} does not lower {w_bits}-bit weights "

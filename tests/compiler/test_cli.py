@@ -424,3 +424,24 @@ def test_allocate_pareto_with_several_budget_metrics_names_each_once(workspace, 
     reasons = [entry["reason"] for entry in (allocator.get("not_measured"), allocator.get("not_offered")) if entry]
     assert reasons and all("(lut, dsp)" in reason for reason in reasons)
     assert "(lut, dsp, lut)" not in stdout
+
+
+@pytest.mark.parametrize("target", ["gpu", "fpga"])
+def test_compile_for_a_target_without_lowering_fails_before_any_work(workspace, capsys, monkeypatch, target):
+    """gpu/fpga have cost models only: compile refuses them at once (not after allocation, calibration and
+    fidelity), and allocate still plans for them."""
+    import compiler.pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started for a target that cannot lower")
+
+    monkeypatch.setattr(compiler.pipeline, "load_model", no_work)
+    code, _, stderr = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                              "--target", target, "--budget", "size=0.85", "-o", workspace / "out", "-q")
+    assert code == 2 and stderr.count("\n") == 1
+    assert f"target '{target}' lowering is not implemented yet" in stderr
+    assert not (workspace / "out").exists()
+    monkeypatch.undo()
+    code, _, _ = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                         "--target", target, "--budget", "size=0.85", "-o", workspace / "alloc", "-q")
+    assert code == 0 and (workspace / "alloc" / "plan.json").exists()
