@@ -1,7 +1,7 @@
 """The ``edgeq`` command line.
 
   edgeq compile [MODEL] [--calib DIR] [--target T] [--bits w8a8] [-o OUT] ...
-  edgeq allocate MODEL --calib DIR --target T (--budget B | --pareto) [-o OUT]
+  edgeq allocate [MODEL] [--calib DIR] [--target T] (--budget B | --pareto) [-o OUT]
   edgeq run OUT --inputs x.npz [-o y.npz] [--repeat N --json]
 
 A mistake the user can fix (bad file, bad option, bad data, infeasible budget)
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     allocate_cmd = commands.add_parser("allocate", help="choose per-layer bit-widths under a budget (ILP)")
-    allocate_cmd.add_argument("model", help="float .onnx model")
+    allocate_cmd.add_argument("model", nargs="?", help="float .onnx model (default: the bundled Fashion-MNIST CNN)")
     _add_data_options(allocate_cmd)
     _add_target_options(allocate_cmd)
     _add_weight_block_option(allocate_cmd)

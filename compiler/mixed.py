@@ -455,11 +455,8 @@ def _key(choice) -> str:
 def allocate_command(args: argparse.Namespace) -> int:
     """``edgeq allocate``: the plan (or the Pareto frontier) without compiling."""
     from compiler.atomic import atomic_dir, check_output_dir
-    from compiler.data import load_calibration
-    from compiler.loader import load_model
-    from compiler.pipeline import choose_weight_block
+    from compiler.pipeline import CompileOptions, choose_weight_block, load_model_and_data
     from compiler.recipe import apply_transforms, resolve_recipe
-    from passes.canonicalize import canonicalize
     from passes.select_layers import select_layers
     from targets.base import get_target
 
@@ -467,16 +464,15 @@ def allocate_command(args: argparse.Namespace) -> int:
         raise EdgeqError("edgeq allocate needs --budget (e.g. size=0.5) or --pareto")
     check_output_dir(args.output)  # a bad -o fails before any work
     target = get_target(args.target)
-    model = canonicalize(load_model(args.model))
-    if args.calib is None and not args.random_calib:
-        raise EdgeqError("no calibration data: pass --calib DIR or --random-calib N")
-    calib = load_calibration(args.calib, model, preprocess=args.preprocess,
-                             random_samples=args.random_calib, max_samples=args.max_calib_samples)
+    # Model and data exactly as `edgeq compile` loads them (the bundled model with its data by default).
+    model_path, model, calib, _ = load_model_and_data(CompileOptions(
+        model=args.model, calib=args.calib, preprocess=args.preprocess, random_calib=args.random_calib,
+        max_calib_samples=args.max_calib_samples))
     integer_only = target.needs_integer_graph
     recipe = resolve_recipe(args.recipe, model)
     model = apply_transforms(recipe, model, calib)  # planned on the graph `edgeq compile` would quantize
     plan = select_layers(model, integer_only=integer_only)
-    plan.model, plan.target = args.model, args.target
+    plan.model, plan.target = str(model_path), args.target
     plan.weight_block_size, plan.recipe["weight_block_source"] = choose_weight_block(
         args.weight_block, recipe, args.target, integer_only)
     options = allocator_options(args)

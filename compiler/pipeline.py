@@ -160,9 +160,7 @@ def compile_model(options: CompileOptions) -> CompileResult:
         raise EdgeqError(f"--bits {options.bits}: target {options.target} does not lower {w_bits}-bit weights "
                          f"(its weight widths: {', '.join(str(w) for w in sorted(lowered_widths))})")
     integer_only = target.needs_integer_graph
-    model_path, source_model = stage("load", lambda: _load(options))
-    float_model = stage("canonicalize", lambda: canonicalize(source_model))
-    calib, evaluation = stage("data", lambda: _data(options, float_model))
+    model_path, float_model, calib, evaluation = load_model_and_data(options, stage)
 
     recipe = resolve_recipe(options.recipe, float_model)
     weight_block, weight_block_source = choose_weight_block(options.weight_block, recipe, options.target, integer_only)
@@ -211,6 +209,33 @@ def compile_model(options: CompileOptions) -> CompileResult:
                          files=files, timings=timings)
 
 
+def load_model_and_data(options: CompileOptions, stage: Callable[[str, Callable[[], Any]], Any] | None = None
+                        ) -> tuple[Path, onnx.ModelProto, dict[str, np.ndarray], dict[str, Any]]:
+    """The model (read, checked, canonicalized), its calibration inputs and its evaluation set.
+
+    What ``edgeq compile`` and ``edgeq allocate`` both load, so the two treat
+    models and data alike: the bundled model (by default or by its path) comes
+    with its calibration and test data; any other model needs ``calib`` (or
+    ``calib_data``), or ``random_calib`` samples, which print a warning.
+    ``stage(name, func)`` times each step (compile's stage timings); None runs them untimed.
+    """
+    stage = stage or (lambda name, func: func())
+    model_path, source_model = stage("load", lambda: _load(options))
+    float_model = stage("canonicalize", lambda: canonicalize(source_model))
+    calib, evaluation = stage("data", lambda: _data(options, float_model, is_bundled_model(model_path)))
+    return model_path, float_model, calib, evaluation
+
+
+def is_bundled_model(path: Path) -> bool:
+    """Whether ``path`` is the bundled model's file (not a copy of it: that has no bundled data)."""
+    from models import bundled
+
+    try:
+        return Path(path).resolve() == bundled.model_path().resolve()
+    except OSError:
+        return False
+
+
 def _load(options: CompileOptions) -> tuple[Path, onnx.ModelProto]:
     if options.model is None:
         from models import bundled
@@ -221,7 +246,8 @@ def _load(options: CompileOptions) -> tuple[Path, onnx.ModelProto]:
     return path, load_model(path)
 
 
-def _data(options: CompileOptions, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _data(options: CompileOptions, model: onnx.ModelProto,
+          bundled_model: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Calibration inputs, and the evaluation set (inputs, optional labels) for fidelity."""
     from compiler.data import load_calibration
 
@@ -229,11 +255,13 @@ def _data(options: CompileOptions, model: onnx.ModelProto) -> tuple[dict[str, np
     if options.calib_data is not None:
         calib = options.calib_data
         eval_inputs = options.eval_inputs if options.eval_inputs is not None else calib
-    elif options.model is None and options.calib is None:
+    elif bundled_model and options.calib is None and not options.random_calib:
         from models import bundled
 
         calib = bundled.calibration_data()
         eval_inputs, labels = bundled.test_data()
+        if options.eval_data:
+            eval_inputs, labels = load_calibration(options.eval_data, model, preprocess=options.preprocess), None
     else:
         if options.calib is None and not options.random_calib:
             raise EdgeqError("no calibration data: pass --calib DIR (one <input>.npy per model input, "

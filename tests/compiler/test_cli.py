@@ -445,3 +445,24 @@ def test_compile_for_a_target_without_lowering_fails_before_any_work(workspace, 
     code, _, _ = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
                          "--target", target, "--budget", "size=0.85", "-o", workspace / "alloc", "-q")
     assert code == 0 and (workspace / "alloc" / "plan.json").exists()
+
+
+def test_allocate_and_compile_load_models_and_data_alike(workspace, capsys):
+    """One loader for both commands: allocate defaults to the bundled model with its data and warns about
+    random data as compile does; the bundled model named by its path still has its data (a copy has not)."""
+    from models import bundled
+
+    fast = ["--sensitivity", "proxy", "-q"]
+    code, _, _ = run_cli(capsys, "allocate", "--budget", "size=0.5", *fast, "-o", workspace / "a")
+    assert code == 0
+    assert json.loads((workspace / "a" / "plan.json").read_text())["model"] == str(bundled.model_path())
+    code, _, stderr = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--random-calib", "8",
+                              "--budget", "size=0.85", *fast, "-o", workspace / "r")
+    assert code == 0 and "RANDOM" in stderr
+    code, stdout, _ = run_cli(capsys, "compile", bundled.model_path(), "-o", workspace / "c", "-q")
+    assert code == 0 and "accuracy" in stdout  # the bundled calibration and labelled test data
+    copy = workspace / "fc.onnx"
+    copy.write_bytes(bundled.model_path().read_bytes())
+    for command in ("compile", "allocate"):
+        code, _, stderr = run_cli(capsys, command, copy, "--budget", "size=0.5", "-o", workspace / "x", "-q")
+        assert code == 2 and "no calibration data" in stderr and stderr.count("\n") == 1
