@@ -455,7 +455,12 @@ def _key(choice) -> str:
 def allocate_command(args: argparse.Namespace) -> int:
     """``edgeq allocate``: the plan (or the Pareto frontier) without compiling."""
     from compiler.atomic import atomic_dir, check_output_dir
-    from compiler.pipeline import CompileOptions, choose_weight_block, load_model_and_data
+    from compiler.pipeline import (
+        CompileOptions,
+        check_no_allocator_options,
+        choose_weight_block,
+        load_model_and_data,
+    )
     from compiler.recipe import apply_transforms, resolve_recipe
     from passes.select_layers import select_layers
     from targets.base import get_target
@@ -463,6 +468,9 @@ def allocate_command(args: argparse.Namespace) -> int:
     if not args.budget and not args.pareto:
         raise EdgeqError("edgeq allocate needs --budget (e.g. size=0.5) or --pareto")
     check_output_dir(args.output)  # a bad -o fails before any work
+    options = allocator_options(args)
+    if not args.budget:  # --pareto alone sweeps the table: nothing is solved, re-ranked or refined
+        check_no_allocator_options(options, "--budget", ("solver", "rerank", "rerank_samples", "refine"))
     target = get_target(args.target)
     # Model and data exactly as `edgeq compile` loads them (the bundled model with its data by default).
     model_path, model, calib, _ = load_model_and_data(CompileOptions(
@@ -475,7 +483,6 @@ def allocate_command(args: argparse.Namespace) -> int:
     plan.model, plan.target = str(model_path), args.target
     plan.weight_block_size, plan.recipe["weight_block_source"] = choose_weight_block(
         args.weight_block, recipe, args.target, integer_only)
-    options = allocator_options(args)
     budget = parse_budget(args.budget) if args.budget else {}
     metrics = resolve_metric_names(budget)
     pareto_metric = _pareto_metric(budget, target.name)

@@ -152,6 +152,8 @@ def compile_model(options: CompileOptions) -> CompileResult:
         return result
 
     check_output_dir(options.out_dir)  # a bad -o fails before any work
+    if not options.budget:
+        check_no_allocator_options(options.allocator, "--budget")
     w_bits, a_bits = parse_bits(options.bits)
     target = get_target(options.target)
     target.check_can_lower()  # a target without a lowering fails before any work
@@ -174,6 +176,8 @@ def compile_model(options: CompileOptions) -> CompileResult:
     record_recipe(plan, recipe)
     plan.recipe["calibrate_method"] = options.calibrate_method
     plan.recipe["weight_block_source"] = weight_block_source
+    if options.pins and not options.budget:  # with a budget the allocator keeps them
+        apply_pins(plan, options.pins, target.cost_model(options.device).bit_pairs)
     if options.budget:
         from compiler.mixed import allocate_bits
 
@@ -207,6 +211,56 @@ def compile_model(options: CompileOptions) -> CompileResult:
         files = sorted(out_dir / path.name for path in tmp.iterdir())
     return CompileResult(out_dir=out_dir, plan=plan, float_model=float_model, qdq_model=qdq,
                          files=files, timings=timings)
+
+
+# AllocatorOptions fields and the CLI options that set them (for messages).
+ALLOCATOR_FLAGS = {"sensitivity": "--sensitivity", "sensitivity_samples": "--sensitivity-samples",
+                   "rerank": "--rerank", "rerank_samples": "--rerank-samples", "refine": "--refine",
+                   "solver": "--solver", "context": "allocator context", "pairs": "allocator pairs"}
+
+
+def check_no_allocator_options(allocator: Any, needed: str, fields: tuple[str, ...] | None = None) -> None:
+    """A one-line EdgeqError naming the allocator options (of ``fields``; all by default) set away
+    from their defaults, for a run that does no bit allocation (without ``needed``): they would be ignored."""
+    from dataclasses import fields as dataclass_fields
+
+    from compiler.mixed import AllocatorOptions
+
+    if not isinstance(allocator, AllocatorOptions):
+        return
+    default = AllocatorOptions()
+    names = [item.name for item in dataclass_fields(AllocatorOptions) if fields is None or item.name in fields]
+    given = [ALLOCATOR_FLAGS.get(name, name) for name in names if getattr(allocator, name) != getattr(default, name)]
+    if given:
+        many = len(given) > 1
+        raise EdgeqError(f"{', '.join(given)} {'apply' if many else 'applies'} only to bit allocation, which "
+                         f"runs with {needed}: add {needed} or drop {'them' if many else 'it'}")
+
+
+def apply_pins(plan: QuantPlan, pins: list[str], bit_pairs: tuple[tuple[int, int], ...]) -> None:
+    """``--pin`` without ``--budget``: each pinned layer takes its bits, the others keep ``--bits``.
+
+    A pinned layer's (weight, activation) bits must be a pair the target runs
+    (``bit_pairs``, what the allocator would offer); a weightless layer takes
+    activation bits only.
+    """
+    from compiler.mixed import parse_pins
+
+    for name, (w_pin, a_pin) in parse_pins(pins, plan).items():
+        layer = plan.layers[name]
+        if w_pin is not None and layer.w_bits is None:
+            raise EdgeqError(f"--pin {name}=w{w_pin}: layer '{name}' ({layer.op_type}) has no weights; "
+                             f"pin its activation bits, e.g. {name}=a8")
+        w_bits = layer.w_bits if w_pin is None else w_pin
+        a_bits = layer.a_bits if a_pin is None else a_pin
+        offered = ([f"w{w}a{a}" for w, a in bit_pairs] if w_bits is not None
+                   else sorted({f"a{a}" for _, a in bit_pairs}))
+        chosen = f"w{w_bits}a{a_bits}" if w_bits is not None else f"a{a_bits}"
+        if chosen not in offered:
+            raise EdgeqError(f"--pin {name}: {chosen} is not a choice the target runs for this layer "
+                             f"({', '.join(offered)})")
+        layer.w_bits, layer.a_bits = w_bits, a_bits
+        layer.info["pinned"] = [w_pin, a_pin]
 
 
 def load_model_and_data(options: CompileOptions, stage: Callable[[str, Callable[[], Any]], Any] | None = None

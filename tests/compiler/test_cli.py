@@ -466,3 +466,41 @@ def test_allocate_and_compile_load_models_and_data_alike(workspace, capsys):
     for command in ("compile", "allocate"):
         code, _, stderr = run_cli(capsys, command, copy, "--budget", "size=0.5", "-o", workspace / "x", "-q")
         assert code == 2 and "no calibration data" in stderr and stderr.count("\n") == 1
+
+
+def test_pin_without_budget_sets_that_layers_bits_on_top_of_bits(workspace, capsys):
+    data = ["--calib", workspace / "calib", "-q"]
+    assert run_cli(capsys, "compile", workspace / "tiny.onnx", *data, "--bits", "w4a8", "-o", workspace / "plain")[0] == 0
+    code, _, _ = run_cli(capsys, "compile", workspace / "tiny.onnx", *data, "--bits", "w4a8",
+                         "--pin", "conv2=w8a8", "-o", workspace / "pinned")
+    assert code == 0
+    layers = {layer["node"]: layer for layer in json.loads((workspace / "pinned" / "plan.json").read_text())["layers"]}
+    assert (layers["conv2"]["w_bits"], layers["conv2"]["a_bits"]) == (8, 8) and layers["conv2"]["info"]["pinned"] == [8, 8]
+    assert {layers[name]["w_bits"] for name in ("conv1", "conv3", "fc")} == {4}
+    assert "| `conv2` | Conv | 8 | 8 |" in (workspace / "pinned" / "report.md").read_text()
+    assert (workspace / "pinned" / "model.qdq.onnx").read_bytes() != (workspace / "plain" / "model.qdq.onnx").read_bytes()
+    for pin, message in (("residual_add=w8", "has no weights"), ("conv2=w2a8", "not a choice the target runs"),
+                         ("nope=w8", "not a quantized layer")):
+        code, _, stderr = run_cli(capsys, "compile", workspace / "tiny.onnx", *data, "--target", "mcu", "--pin", pin,
+                                  "-o", workspace / "bad")
+        assert code == 2 and message in stderr and stderr.count("\n") == 1
+        assert not (workspace / "bad").exists()
+
+
+@pytest.mark.parametrize("option", [["--solver", "greedy"], ["--rerank", "4"], ["--sensitivity", "proxy"],
+                                    ["--refine", "2"], ["--sensitivity-samples", "16"], ["--rerank-samples", "8"]])
+def test_allocator_options_without_a_budget_are_refused(workspace, capsys, monkeypatch, option):
+    import compiler.pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started with an option that would be ignored")
+
+    monkeypatch.setattr(compiler.pipeline, "load_model", no_work)
+    code, _, stderr = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib", *option,
+                              "-o", workspace / "out", "-q")
+    assert code == 2 and stderr.count("\n") == 1 and option[0] in stderr and "--budget" in stderr
+    assert not (workspace / "out").exists()
+    if option[0] in ("--solver", "--rerank", "--refine", "--rerank-samples"):  # nothing to solve with --pareto alone
+        code, _, stderr = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                                  "--pareto", *option, "-o", workspace / "out", "-q")
+        assert code == 2 and option[0] in stderr and stderr.count("\n") == 1
