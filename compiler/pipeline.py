@@ -76,12 +76,15 @@ class CompileOptions:
     activation_type: str = "uint8"
     calibrate_method: str = "auto"
     budget: str | None = None
-    pins: list[str] | None = None  # "LAYER=w8a8": bits the allocator must keep
+    pins: list[str] | str | None = None  # "LAYER=w8a8" (one, or a list): bits the layer keeps
     recipe: str | None = None
-    allocator: Any = None  # compiler.mixed.AllocatorOptions; None: its defaults
+    allocator: Any = None  # compiler.mixed.AllocatorOptions or a dict of its fields; None: its defaults
     out_dir: str = "out"
     batch_size: int = 32
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        normalize_options(self)
 
 
 @dataclass
@@ -92,6 +95,44 @@ class CompileResult:
     qdq_model: onnx.ModelProto
     files: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def normalize_options(options: CompileOptions) -> None:
+    """Python callers' spellings in the types the pipeline uses, or a one-line EdgeqError.
+
+    ``pins``: one "LAYER=w8a8" string is one pin (not its characters); else a
+    list of such strings. ``allocator``: an AllocatorOptions, or a dict of its
+    fields (converted). Run again by compile_model: fields may be set after
+    construction.
+    """
+    pins = options.pins
+    if isinstance(pins, str):
+        options.pins = [pins]
+    elif pins is not None:
+        if not isinstance(pins, list | tuple) or not all(isinstance(pin, str) for pin in pins):
+            raise EdgeqError(f"CompileOptions.pins must be a 'LAYER=w8a8' string or a list of them, "
+                             f"not {pins!r}")
+        options.pins = list(pins)
+    allocator = options.allocator
+    if allocator is None:
+        return
+    from dataclasses import fields as dataclass_fields
+
+    from compiler.mixed import AllocatorOptions
+
+    if isinstance(allocator, dict):
+        known = [item.name for item in dataclass_fields(AllocatorOptions)]
+        unknown = [str(key) for key in allocator if key not in known]
+        if unknown:
+            raise EdgeqError(f"CompileOptions.allocator: unknown option {', '.join(map(repr, unknown))} "
+                             f"(AllocatorOptions fields: {', '.join(known)})")
+        try:
+            options.allocator = AllocatorOptions(**allocator)
+        except TypeError as error:
+            raise EdgeqError(f"CompileOptions.allocator {allocator!r}: {error}") from None
+    elif not isinstance(allocator, AllocatorOptions):
+        raise EdgeqError(f"CompileOptions.allocator must be a compiler.mixed.AllocatorOptions or a dict of its "
+                         f"fields, not {type(allocator).__name__}")
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -151,6 +192,7 @@ def compile_model(options: CompileOptions) -> CompileResult:
         log.info("%-12s %.2fs", name, timings[name])
         return result
 
+    normalize_options(options)
     check_output_dir(options.out_dir)  # a bad -o fails before any work
     if not options.budget:
         check_no_allocator_options(options.allocator, "--budget")

@@ -97,3 +97,35 @@ def test_a_model_with_a_fixed_batch_compiles_and_is_measured_on_every_sample(tmp
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 4
     np.testing.assert_allclose(run_model(model, calib)["y"], one_by_one, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_options_take_one_pin_string_and_an_allocator_dict(tmp_path):
+    import numpy as np
+    import onnx
+
+    from compiler.mixed import AllocatorOptions
+    from tests.tiny_models import random_inputs, tiny_cnn
+
+    assert CompileOptions(pins="/0/Conv=w8a8").pins == ["/0/Conv=w8a8"]
+    assert CompileOptions(pins=("a=w8", "b=a8")).pins == ["a=w8", "b=a8"]
+    allocator = CompileOptions(allocator={"solver": "greedy"}).allocator
+    assert isinstance(allocator, AllocatorOptions) and allocator.solver == "greedy"
+    for bad, message in (({"pins": 5}, "pins must be"), ({"pins": ["a=w8", 3]}, "pins must be"),
+                         ({"allocator": {"solvr": "greedy"}}, "unknown option 'solvr'"),
+                         ({"allocator": {"solver": "annealing"}}, "unknown solver"),
+                         ({"allocator": "greedy"}, "must be a compiler.mixed.AllocatorOptions")):
+        with pytest.raises(EdgeqError, match=message):
+            CompileOptions(**bad)
+
+    onnx.save(tiny_cnn(), str(tmp_path / "tiny.onnx"))
+    calib = {"input": random_inputs((3, 16, 16), 16)}
+    options = CompileOptions(model=str(tmp_path / "tiny.onnx"), calib_data=calib, bits="w4a8",
+                             out_dir=str(tmp_path / "out"), progress=False)
+    options.pins = "conv2=w8a8"  # set after construction: compile_model normalizes again
+    layers = compile_model(options).plan.layers
+    assert (layers["conv2"].w_bits, layers["conv2"].a_bits) == (8, 8) and layers["conv1"].w_bits == 4
+    result = compile_model(CompileOptions(model=str(tmp_path / "tiny.onnx"), calib_data=calib, budget="size=0.85",
+                                          allocator={"sensitivity": "proxy"}, out_dir=str(tmp_path / "b"),
+                                          progress=False))
+    assert result.plan.totals["allocation"]["allocator"]["sensitivity"] == "proxy"
+    assert np.isfinite(result.plan.fidelity["outputs"]["logits"]["sqnr_db"])
