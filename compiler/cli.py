@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--inputs", required=True, help=".npz keyed by input name (first axis = samples)")
     run_cmd.add_argument("-o", "--output", help="write the outputs to this .npz")
     run_cmd.add_argument("--repeat", type=int, default=0, help="time N runs of one sample")
-    run_cmd.add_argument("--json", action="store_true", help="print the latency as JSON")
+    run_cmd.add_argument("--json", action="store_true",
+                         help="print JSON: the latency with --repeat, else each output's shape, dtype and first values")
     run_cmd.add_argument("--threads", type=int, help="CPU threads (default: every CPU this process may use)")
     run_cmd.add_argument("--on", default=None, help="where to run (mcu: qemu or host)")
     return parser
@@ -176,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
     if not plan_path.exists():
         raise EdgeqError(f"{args.artifact} is not an edgeq output folder (no plan.json)")
     target = get_target(QuantPlan.load(str(plan_path)).target)
-    inputs = _load_npz(args.inputs)
+    inputs = target.check_inputs(Path(args.artifact), _load_npz(args.inputs), source=args.inputs)
     options = {key: value for key, value in (("threads", args.threads), ("on", args.on)) if value is not None}
     outputs = target.run(Path(args.artifact), inputs, **options)
     if args.output:
@@ -190,6 +191,14 @@ def _run(args: argparse.Namespace) -> int:
         latency["target"] = target.name
         print(json.dumps(latency) if args.json else
               f"{target.name}: median {latency['median_ms']:.3f} ms per sample over {latency['runs']} runs")
+    elif args.json:  # the outputs' summary, as JSON
+        summary = {"target": target.name, "samples": int(len(next(iter(inputs.values())))),
+                   "outputs": {name: {"shape": list(value.shape), "dtype": str(value.dtype),
+                                      "first_sample": np.asarray(value[0]).ravel()[:10].tolist()}
+                               for name, value in outputs.items()}}
+        if args.output:
+            summary["written_to"] = str(args.output)
+        print(json.dumps(summary))
     elif not args.output:
         for name, value in outputs.items():
             print(f"{name}: shape {list(value.shape)}, first sample {np.array2string(value[0].ravel()[:10], precision=4)}")

@@ -343,6 +343,50 @@ def _checked(spec: InputSpec, array: np.ndarray, source: str) -> np.ndarray:
     return array
 
 
+def check_run_inputs(model: onnx.ModelProto | list[InputSpec], inputs: dict[str, np.ndarray],
+                     source: str = "inputs") -> dict[str, np.ndarray]:
+    """Inputs for running a compiled model, checked against its graph inputs (names, dtypes, shapes).
+
+    Every model input must be given and nothing else. A dtype may differ only
+    within its kind -- another float width (float64 -> float32), a safe integer
+    widening (int32 -> int64) -- and is cast; anything else (uint8 pixels for a
+    float input: the model's preprocessing was skipped) is a one-line
+    EdgeqError naming the input and both dtypes. Per-sample dims must match the
+    model's static ones; every input needs the same number (>= 1) of samples.
+    """
+    specs = model_inputs(model) if isinstance(model, onnx.ModelProto) else model
+    names = [spec.name for spec in specs]
+    missing = [name for name in names if name not in inputs]
+    extra = [name for name in inputs if name not in names]
+    if missing or extra:
+        raise EdgeqError(f"{source} has {sorted(inputs)} but the model's inputs are {names}; "
+                         "save them with np.savez(path, **{input_name: array})")
+    checked = {}
+    for spec in specs:
+        array = np.asarray(inputs[spec.name])
+        if array.dtype != spec.dtype:
+            floats = array.dtype.kind == "f" and spec.dtype.kind == "f"
+            integers = (array.dtype.kind in "iu" and spec.dtype.kind in "iu"
+                        and np.can_cast(array.dtype, spec.dtype, casting="safe"))
+            if not (floats or integers):
+                raise EdgeqError(f"{source}: input '{spec.name}' is {array.dtype} but the model takes {spec.dtype}; "
+                                 f"give {spec.dtype} values, preprocessed as for calibration")
+            array = array.astype(spec.dtype)
+        if spec.shape is not None and (array.ndim != len(spec.shape) or any(
+                isinstance(want, int) and have != want
+                for want, have in zip(spec.shape[1:], array.shape[1:], strict=False))):
+            raise EdgeqError(f"{source}: input '{spec.name}' has shape {list(array.shape)}, but the model takes "
+                             f"samples of shape ({spec.sample_shape_text()}); give an array of shape "
+                             f"(N, {spec.sample_shape_text()})")
+        if array.ndim == 0 or len(array) == 0:
+            raise EdgeqError(f"{source}: input '{spec.name}' has no samples (first axis is 0)")
+        checked[spec.name] = array
+    counts = {name: len(array) for name, array in checked.items()}
+    if len(set(counts.values())) > 1:
+        raise EdgeqError(f"{source}: inputs have different sample counts {counts}; every input needs the same number")
+    return checked
+
+
 def load_calibration(
     path: str | Path | None,
     model: onnx.ModelProto,

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -128,6 +129,12 @@ class Target(ABC):
             raise EdgeqError(f"target '{self.name}' lowering is not implemented yet "
                              f"(edgeq allocate --target {self.name} works)")
 
+    def check_inputs(self, out_dir: Path, inputs: dict[str, np.ndarray], source: str = "inputs"
+                     ) -> dict[str, np.ndarray]:
+        """``inputs`` checked against the compiled model's inputs (:func:`check_run_inputs`); every
+        runner calls this first, so all targets accept and refuse the same inputs."""
+        return check_run_inputs(out_dir, inputs, source)
+
     def cost_model(self, device: str | None = None) -> CostModel:
         """The cost model in ``targets/<name>/cost.py`` (imported on demand: the allocator's only view)."""
         import importlib
@@ -168,6 +175,35 @@ class CostModelOnlyTarget(Target):
         from compiler.errors import EdgeqError
 
         raise EdgeqError(f"target '{self.name}' has no runner yet: its lowering is not implemented")
+
+
+# Every edgeq compile output folder has the QDQ model, whose graph inputs are the compiled model's.
+QDQ_MODEL_FILE = "model.qdq.onnx"
+
+
+def check_run_inputs(out_dir: Path, inputs: dict[str, np.ndarray], source: str = "inputs") -> dict[str, np.ndarray]:
+    """``inputs`` for running the artifact in ``out_dir``, checked against its model's inputs: names,
+    dtypes (a float of another width or a safe integer widening is cast; uint8 for a float input is a
+    one-line EdgeqError naming the input and both dtypes) and per-sample shapes
+    (:func:`compiler.data.check_run_inputs`). A folder without the QDQ model (a bare lowering)
+    is left to the target's own checks."""
+    from compiler.data import check_run_inputs as check
+
+    path = Path(out_dir) / QDQ_MODEL_FILE
+    if not path.is_file():
+        return inputs
+    stat = path.stat()
+    return check(_input_specs(str(path.resolve()), stat.st_mtime_ns, stat.st_size), inputs, source)
+
+
+@functools.lru_cache(maxsize=8)
+def _input_specs(path: str, mtime_ns: int, size: int) -> list:
+    """The graph inputs of the model at ``path`` (cached per file version: runners check every call)."""
+    import onnx
+
+    from compiler.data import model_inputs
+
+    return model_inputs(onnx.load(path, load_external_data=False))
 
 
 def compare_integer_outputs(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -84,7 +84,7 @@ class CpuTarget(Target):
         from targets.cpu import runner
 
         runner.configure_threads(options.get("threads"))
-        return runner.run(Path(out_dir), inputs)
+        return runner.run(Path(out_dir), self.check_inputs(out_dir, inputs))
 
     def run_raw(self, out_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from targets.cpu import runner
@@ -96,7 +96,8 @@ class CpuTarget(Target):
         from targets.cpu import runner
 
         threads = runner.configure_threads(options.get("threads"))
-        result = runner.benchmark(Path(out_dir), inputs, repeat=repeat, warmup=int(options.get("warmup", 5)))
+        result = runner.benchmark(Path(out_dir), self.check_inputs(out_dir, inputs), repeat=repeat,
+                                  warmup=int(options.get("warmup", 5)))
         return {**result, "threads": threads}
 
 

@@ -118,8 +118,8 @@ class McuTarget(Target):
         return written
 
     def run(self, out_dir: Path, inputs: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
-        project = Path(out_dir) / PROJECT_DIR
-        io = _load_io(project)
+        inputs = self.check_inputs(out_dir, inputs)
+        io = _load_io(Path(out_dir) / PROJECT_DIR)
         raw = self.run_raw(out_dir, inputs, **options)
         return {io["output"]["name"]: dequantize(raw, io["output"])}
 
@@ -146,6 +146,7 @@ class McuTarget(Target):
         import time
 
         project = Path(out_dir) / PROJECT_DIR
+        inputs = self.check_inputs(out_dir, inputs)
         one = input_bytes(out_dir, {k: np.asarray(v)[:1] for k, v in inputs.items()})
         instructions = qemu.instructions_per_sample(project, one)[0]
         times = []

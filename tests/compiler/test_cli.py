@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from onnx import helper
 
 from compiler.cli import main
+from compiler.errors import EdgeqError
 from tests.tiny_models import random_inputs, tiny_cnn
 
 
@@ -504,3 +506,52 @@ def test_allocator_options_without_a_budget_are_refused(workspace, capsys, monke
         code, _, stderr = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
                                   "--pareto", *option, "-o", workspace / "out", "-q")
         assert code == 2 and option[0] in stderr and stderr.count("\n") == 1
+
+
+def test_run_checks_inputs_against_the_model_for_every_target(workspace, capsys):
+    """uint8 pixels for a float input: one line naming the input and both dtypes (not an onnxruntime
+    traceback, nor a CPU build silently running them); float64 is cast; names and shapes are checked."""
+    from targets.base import get_target
+
+    out = workspace / "out"
+    assert run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib", "-o", out, "-q")[0] == 0
+    x = random_inputs((3, 16, 16), 2)
+    cases = {"uint8": ({"input": (x * 50).clip(0, 255).astype(np.uint8)}, "'input' is uint8 but the model takes float32"),
+             "name": ({"image": x}, "model's inputs are ['input']"),
+             "shape": ({"input": x[:, :, :8]}, "'input' has shape [2, 3, 8, 16]")}
+    for case, (arrays, message) in cases.items():
+        np.savez(workspace / f"{case}.npz", **arrays)
+        code, stdout, stderr = run_cli(capsys, "run", out, "--inputs", workspace / f"{case}.npz")
+        assert code == 2 and message in stderr and stderr.count("\n") == 1 and stdout == ""
+        for target in ("onnx", "cpu", "mcu"):  # the shared check comes before any target's own loading
+            with pytest.raises(EdgeqError, match=re.escape(message)):
+                get_target(target).run(out, arrays)
+    np.savez(workspace / "f64.npz", input=x.astype(np.float64))
+    assert run_cli(capsys, "run", out, "--inputs", workspace / "f64.npz", "-o", workspace / "y.npz")[0] == 0
+    with np.load(workspace / "y.npz") as outputs:
+        assert outputs["logits"].shape == (2, 10)
+
+
+def test_run_json_without_repeat_prints_the_outputs_as_json(workspace, capsys):
+    out = workspace / "out"
+    assert run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib", "-o", out, "-q")[0] == 0
+    np.savez(workspace / "x.npz", input=random_inputs((3, 16, 16), 3))
+    code, stdout, _ = run_cli(capsys, "run", out, "--inputs", workspace / "x.npz", "--json")
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["target"] == "onnx" and summary["samples"] == 3
+    assert summary["outputs"]["logits"]["shape"] == [3, 10] and len(summary["outputs"]["logits"]["first_sample"]) == 10
+
+
+def test_run_a_fixed_batch_model_on_more_samples(tmp_path, capsys):
+    from tests.qdq_fixtures import conv_block_model
+
+    onnx.save(conv_block_model(), str(tmp_path / "fixed.onnx"))  # input "x" [1, 3, 16, 16]
+    np.savez(tmp_path / "calib.npz", x=random_inputs((3, 16, 16), 8))
+    out = tmp_path / "out"
+    assert run_cli(capsys, "compile", tmp_path / "fixed.onnx", "--calib", tmp_path / "calib.npz", "-o", out, "-q")[0] == 0
+    np.savez(tmp_path / "x.npz", x=random_inputs((3, 16, 16), 3))
+    code, _, _ = run_cli(capsys, "run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
+    assert code == 0
+    with np.load(tmp_path / "y.npz") as outputs:
+        assert len(outputs["y"]) == 3
