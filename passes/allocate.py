@@ -8,7 +8,10 @@ the execution order with the activation buffers and their live ranges.
 Guarantees: :func:`allocate` returns the choice per layer that minimises the
 total sensitivity subject to every budget given, solved exactly as an integer
 linear program (PuLP; CBC, or HiGHS when installed); infeasible budgets raise
-EdgeqError naming the smallest achievable value. The graph is not touched
+EdgeqError naming the smallest achievable value. Ties go to the cheaper
+choice: one that another choice of the layer matches on sensitivity (within
+the table's tie step) at no more cost on every budgeted metric is never
+picked (:func:`undominated`), unless pinned. The graph is not touched
 (this is an analysis; :func:`apply_allocation` writes the choice into a plan).
 
 The ILP: a binary ``x[l, c]`` per layer ``l`` and choice ``c``, exactly one per
@@ -50,6 +53,7 @@ from tqdm import tqdm
 
 from compiler.budget import format_metric
 from compiler.errors import EdgeqError
+from passes.sensitivity import covers, tie_step
 from targets.base import LayerCost, packed_bytes
 
 log = logging.getLogger(__name__)
@@ -149,16 +153,94 @@ def layer_metric(cost: LayerCost, metric: str) -> float | None:
     return cost.resources.get(metric)
 
 
-def _costs_no_more(layer: LayerOptions, better: Choice, worse: Choice, metrics: Sequence[str]) -> bool:
-    """``better`` has more weight bits than ``worse``, the same activation bits, and no more of any metric."""
-    if better[1] != worse[1] or better[0] is None or worse[0] is None or better[0] <= worse[0]:
-        return False
+def _cost_order(layer: LayerOptions, better: Choice, worse: Choice, metrics: Sequence[str]) -> tuple[bool, bool]:
+    """(``better`` costs no more than ``worse`` on every metric, and strictly less on at least one).
+
+    A peak metric (SRAM) compares the activation widths: a layer's a_bits is the
+    width of the buffers it reads, so fewer never make any buffer larger.
+    Unknown costs compare as neither.
+    """
+    no_more, less = True, False
     for metric in metrics:
-        values = [layer.costs[choice].activation_bytes if metric in PEAK_METRICS
-                  else layer_metric(layer.costs[choice], metric) for choice in (better, worse)]
-        if values[0] is None or values[1] is None or values[0] > values[1]:
-            return False
-    return True
+        if metric in PEAK_METRICS:
+            values = [better[1], worse[1]]
+        else:
+            values = [layer_metric(layer.costs[choice], metric) for choice in (better, worse)]
+        if values[0] is None or values[1] is None:
+            return False, False
+        no_more, less = no_more and values[0] <= values[1], less or values[0] < values[1]
+    return no_more, less
+
+
+def _dominates(layer: LayerOptions, better: Choice, worse: Choice, metrics: Sequence[str],
+               tolerance: float | None, tied: bool) -> bool:
+    """Whether ``worse`` need never be picked because ``better`` costs no more and loses no more.
+
+    Unmeasured (``tolerance`` None): ``better`` has more weight bits and the same
+    activation bits, so it loses no more (monotone sensitivities). Measured:
+    ``better`` is no more sensitive up to ``tolerance``, and ahead somewhere:
+    less sensitive by more than the tolerance, cheaper on a metric, or narrower
+    (a tie goes to fewer bits). A tied layer only compares choices of one
+    activation width (the group shares it).
+    """
+    if better == worse or ((tied or tolerance is None) and better[1] != worse[1]):
+        return False
+    no_more, less = _cost_order(layer, better, worse, metrics)
+    if not no_more:
+        return False
+    if tolerance is None:
+        return better[0] is not None and worse[0] is not None and better[0] > worse[0]
+    if better not in layer.sensitivity or worse not in layer.sensitivity:
+        return False
+    gap = layer.sensitivity[worse] - layer.sensitivity[better]
+    return gap >= -tolerance and (less or gap > tolerance or covers(worse, better))
+
+
+def tie_tolerances(problem: AllocationProblem) -> dict[str, float]:
+    """Per layer, how far apart two of its sensitivities may be and still be a tie.
+
+    passes/sensitivity.monotone puts choices measured (nearly) equal one
+    :func:`~passes.sensitivity.tie_step` apart, ordered by width: values measured
+    equal span at most one step per link of the layer's longest chain of nested
+    choices (half a step more for rounding) -- far below any difference that
+    matters, and no measured preference for the wider choice.
+    """
+    step = tie_step({layer.name: layer.sensitivity for layer in problem.layers})
+    return {layer.name: step * (_longest_chain(layer.choices) + 0.5) for layer in problem.layers}
+
+
+def _longest_chain(choices: Sequence[Choice]) -> int:
+    """Links of the longest chain of ``choices``, each covering the next (passes/sensitivity.covers)."""
+    links: dict[Choice, int] = {}
+    for choice in sorted(choices, key=lambda c: (c[0] or 0) + c[1]):  # a covered choice sorts first
+        links[choice] = max((links[other] + 1 for other in links if covers(choice, other)), default=0)
+    return max(links.values(), default=0)
+
+
+def dominated_choices(problem: AllocationProblem, metrics: Sequence[str], *,
+                      measured: bool = False) -> dict[str, list[Choice]]:
+    """Per layer, the choices an undominated choice of the layer dominates on ``metrics`` (:func:`_dominates`).
+
+    ``measured``: compare the sensitivities too, values within the layer's
+    :func:`tie_tolerances` of each other taken as equal. Each dropped choice has
+    a kept one within that tolerance, so the solvers' optimum loses at most one
+    tolerance per layer. Pinned layers keep every choice.
+    """
+    tolerances = tie_tolerances(problem) if measured else {}
+    tied = {name for group in problem.tie_groups for name in group}
+    dominated: dict[str, list[Choice]] = {}
+    for layer in problem.layers:
+        if layer.name in problem.pins:
+            continue
+
+        def beats(better: Choice, worse: Choice, layer: LayerOptions = layer) -> bool:
+            return _dominates(layer, better, worse, metrics, tolerances.get(layer.name), layer.name in tied)
+
+        undominated = [c for c in layer.choices if not any(beats(other, c) for other in layer.choices)]
+        losers = [c for c in layer.choices if any(beats(other, c) for other in undominated)]
+        if losers:
+            dominated[layer.name] = losers
+    return dominated
 
 
 def drop_dominated_choices(problem: AllocationProblem, metrics: Sequence[str]) -> dict[str, list[Choice]]:
@@ -172,18 +254,31 @@ def drop_dominated_choices(problem: AllocationProblem, metrics: Sequence[str]) -
     where a metric is unknown for them or the layer is pinned; activation bits
     are never dropped, so tie groups keep their common widths.
     """
-    dropped: dict[str, list[Choice]] = {}
+    dropped = dominated_choices(problem, metrics)
     for layer in problem.layers:
-        if layer.name in problem.pins:
-            continue
-        losers = [choice for choice in layer.choices
-                  if any(_costs_no_more(layer, other, choice, metrics) for other in layer.choices)]
-        if losers:
-            dropped[layer.name] = losers
-            layer.choices = [choice for choice in layer.choices if choice not in losers]
+        if layer.name in dropped:
+            layer.choices = [choice for choice in layer.choices if choice not in dropped[layer.name]]
             layer.costs = {choice: cost for choice, cost in layer.costs.items() if choice in layer.choices}
             layer.sensitivity = {choice: v for choice, v in layer.sensitivity.items() if choice in layer.choices}
     return dropped
+
+
+def undominated(problem: AllocationProblem, metrics: Sequence[str]) -> AllocationProblem:
+    """``problem`` without the choices its measured sensitivities and costs on ``metrics`` dominate.
+
+    What the solvers choose from: a choice that another of the layer matches or
+    beats on sensitivity at no more cost on every budgeted metric (e.g. 16-bit
+    activations measured as faithful as 8-bit ones on an 8-bit image, under an
+    SRAM budget) could only be picked on the table's tie-break, and would cost
+    memory and onnxruntime's integer kernels for nothing. A view: the problem
+    itself (and its record of every choice's sensitivity) is left as it is.
+    """
+    dropped = dominated_choices(problem, metrics, measured=True)
+    if not dropped:
+        return problem
+    layers = [replace(layer, choices=[c for c in layer.choices if c not in dropped[layer.name]])
+              if layer.name in dropped else layer for layer in problem.layers]
+    return replace(problem, layers=layers)
 
 
 def buffer_bytes(buffer: ActivationBuffer, choices: dict[str, Choice]) -> int:
@@ -487,7 +582,7 @@ def allocate_k_best(
     if scenarios is not None and not (scenarios and 0 < tail <= 1):
         raise ValueError(f"scenarios need at least one table and 0 < tail <= 1 (got {len(scenarios)}, {tail})")
     limits = resolve_budget(problem, budget)
-    program = _Program(problem)
+    program = _Program(undominated(problem, list(limits)))
     program.lp += program.objective_expr() if scenarios is None else program.tail_mean_expr(scenarios, tail)
     for metric, limit in limits.items():
         program.constrain(metric, limit)
@@ -602,7 +697,7 @@ def allocate_refined(
                                   "optimal", proposal.method, dict(budget))
                 best_distance, improved = distance, True
                 break
-            radius = changed // 2
+            radius = min(changed, radius or changed) // 2  # shrinks even where dominated choices force changes
         if not improved:
             break
     earlier = [{**entry, "chosen": False} for entry in current.candidates]  # e.g. a re-ranking's candidates
@@ -696,7 +791,7 @@ def greedy(problem: AllocationProblem, budget: dict[str, float], *, direction: s
         raise ValueError(f"direction must be 'demote' or 'promote', not {direction!r}")
     limits = resolve_budget(problem, budget)
     start = time.perf_counter()
-    search = _GreedySearch(problem, limits)
+    search = _GreedySearch(undominated(problem, list(limits)), limits)
     if direction == "demote":
         search.demote()
     else:

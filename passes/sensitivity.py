@@ -484,6 +484,17 @@ def _worker_measure_plan(quantized: QuantPlan) -> np.ndarray:
     return sample_distances(state["reference"], run_model(qdq, state["calib"], batch_size=state["batch_size"]))
 
 
+def covers(wide: Choice, narrow: Choice) -> bool:
+    """``wide`` has at least the bits of ``narrow`` in weights and activations, and is not it."""
+    return (wide[0] or 0) >= (narrow[0] or 0) and wide[1] >= narrow[1] and wide != narrow
+
+
+def tie_step(table: Sensitivity) -> float:
+    """The step :func:`monotone` puts between choices measured (nearly) equal: 1e-6 of the largest value."""
+    largest = max((abs(v) for values in table.values() for v in values.values()), default=0.0)
+    return 1e-6 * largest if largest > 0 else 1e-12
+
+
 def monotone(table: Sensitivity) -> Sensitivity:
     """Each layer's sensitivities made non-increasing in the bits, strictly.
 
@@ -492,15 +503,13 @@ def monotone(table: Sensitivity) -> Sensitivity:
     the allocator keep a layer at fewer bits although the budget has room. A
     choice gets at least the value of every choice with as many or more bits
     (weights and activations), plus a step of one millionth of the table's largest
-    value, so that between two choices measured (nearly) equal the wider one wins
-    when it fits -- far above the ILP solver's tolerances, far below any difference
-    that matters.
+    value (:func:`tie_step`), so that the table never ranks a narrower choice above a
+    wider one -- far above the ILP solver's tolerances, far below any difference
+    that matters. Choices so close are ties: where the wider one costs more on a
+    budgeted metric, the allocator takes the narrower one
+    (passes/allocate.dominated_choices).
     """
-    def covers(wide: Choice, narrow: Choice) -> bool:
-        return (wide[0] or 0) >= (narrow[0] or 0) and wide[1] >= narrow[1] and wide != narrow
-
-    largest = max((abs(v) for values in table.values() for v in values.values()), default=0.0)
-    step = 1e-6 * largest if largest > 0 else 1e-12
+    step = tie_step(table)
     result: Sensitivity = {}
     for name, values in table.items():
         # widest first, so every wider choice is final before a narrower one reads it

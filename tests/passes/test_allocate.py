@@ -194,11 +194,13 @@ def test_greedy_meets_the_budget_and_never_beats_the_ilp(direction):
             for group in problem.tie_groups:
                 assert len({baseline.choices[name][1] for name in group}) == 1
             # nothing left on the table: no single layer can move to a less sensitive choice within budget
+            # (less sensitive than a tie: those go to the cheaper or narrower choice)
+            tolerances = al.tie_tolerances(problem)
             for layer in problem.layers:
                 if layer.name in {name for group in problem.tie_groups for name in group}:
                     continue
                 for choice in layer.choices:
-                    if layer.sensitivity[choice] < layer.sensitivity[baseline.choices[layer.name]]:
+                    if layer.sensitivity[choice] < layer.sensitivity[baseline.choices[layer.name]] - tolerances[layer.name]:
                         moved = al.evaluate(problem, {**baseline.choices, layer.name: choice})
                         assert moved["size_fraction"] > fraction + 1e-9
 
@@ -233,10 +235,11 @@ def test_pareto_frontier_is_monotone_and_optimal():
 
 def test_uniform_plans_are_never_better_than_the_ilp_at_their_size():
     problem = al.synthetic_problem(40, mcu_cost_model("cortex-m4"), seed=1)
+    ties = sum(al.tie_tolerances(problem).values())  # a tie may go to the narrower choice in each layer
     for w_bits, a_bits in [(4, 8), (8, 8), (8, 16), (2, 4)]:
         plain = al.uniform(problem, w_bits, a_bits)
         best = al.allocate(problem, {"weight_bytes": plain.totals["weight_bytes"]})
-        assert best.objective <= plain.objective + 1e-9
+        assert best.objective <= plain.objective + ties + 1e-9
 
 
 def test_two_hundred_layers_with_nine_choices_solve_to_optimality_quickly():
@@ -401,10 +404,12 @@ def test_sram_peak_equals_the_mcu_arena_for_the_same_plan(which):
 
 
 def _top_k_by_brute_force(problem: al.AllocationProblem, limits: dict[str, float], k: int) -> list[float]:
-    """The k smallest objectives over every allowed complete choice within ``limits``."""
+    """The k smallest objectives over every allowed complete choice within ``limits``, of the choices
+    the solvers consider (a choice another matches at no more cost is never picked)."""
     names = [layer.name for layer in problem.layers]
     objectives = []
-    for combo in itertools.product(*(layer.choices for layer in problem.layers)):
+    considered = al.undominated(problem, list(al.resolve_budget(problem, limits)))
+    for combo in itertools.product(*(layer.choices for layer in considered.layers)):
         choices = dict(zip(names, combo, strict=True))
         if any(choices[n][0] != w for n, (w, _) in problem.pins.items() if w is not None):
             continue
@@ -611,3 +616,71 @@ def test_cbc_keeps_the_optimum_of_a_two_budget_knapsack():
     expected = _brute_force(problem, limits)
     for solver in SOLVERS:
         assert al.allocate(problem, limits, solver=solver).objective == pytest.approx(expected[0], rel=1e-9)
+
+
+PAIRS = [(4, 8), (4, 16), (8, 8), (8, 16)]
+
+
+def _tie_problem(tie_conv_with_fc: bool = False) -> al.AllocationProblem:
+    """An 8-bit image into ``conv`` (16-bit activations measure exactly as 8-bit ones, which
+    passes/sensitivity.monotone orders one step apart) and ``fc``, where 16 bits genuinely help."""
+    from passes.sensitivity import monotone
+
+    measured = {
+        "conv": {(4, 8): 0.236, (4, 16): 0.236, (8, 8): 4.7e-3, (8, 16): 4.7e-3},
+        "fc": {(4, 8): 8.3e-2, (4, 16): 7.8e-2, (8, 8): 1.35e-2, (8, 16): 8.5e-3},
+    }
+    table = monotone(measured)
+    assert table["conv"][(4, 8)] > table["conv"][(4, 16)]  # the wider one ahead by a step only
+    shapes = {"conv": LayerShape("conv", "Conv", "conv", 784 * 72, 72, 784, 8 * 784, 8),
+              "fc": LayerShape("fc", "Gemm", "gemm", 6272 * 10, 62720, 6272, 10, 10)}
+    layers = [al.LayerOptions(name, list(PAIRS), table[name],
+                              {(w, a): LayerCost(packed_bytes(shape.weight_params, w), packed_bytes(shape.output_elems, a),
+                                                 shape.macs, shape.macs * w * a) for w, a in PAIRS},
+                              shape.weight_params)
+              for name, shape in shapes.items()]
+    buffers = [al.ActivationBuffer("image", 784, 0, 0, ["conv"]),
+               al.ActivationBuffer("features", 6272, 0, 1, ["fc"]),
+               al.ActivationBuffer("logits", 10, 1, 1, [], 8)]
+    return al.AllocationProblem(layers, [["conv", "fc"]] if tie_conv_with_fc else [], steps=["conv", "fc"],
+                                buffers=buffers)
+
+
+def test_a_choice_matched_at_no_more_cost_is_never_picked():
+    """conv at a16 is measured as faithful as a8 but costs SRAM: the ILP, greedy, the k best, the
+    re-ranking and the frontier take a8 there, while fc keeps the a16 that buys fidelity."""
+    problem = _tie_problem()
+    budget = {"size_fraction": 1.0, "sram_bytes": 20_000}
+    assert al.dominated_choices(problem, ["weight_bytes", "sram_bytes"], measured=True) == {
+        "conv": [(4, 16), (8, 16)]}
+    plan = al.allocate(problem, budget)
+    assert plan.choices == {"conv": (8, 8), "fc": (8, 16)}
+    assert al.greedy(problem, budget).choices == plan.choices
+    assert all(candidate.choices["conv"][1] == 8 for candidate in al.allocate_k_best(problem, budget, 4))
+    reranked = al.allocate_reranked(problem, budget, lambda choices: float(choices["conv"] != (8, 16)), k=4)
+    assert reranked.choices["conv"] == (8, 8)
+    frontier = al.pareto(problem, "weight_bytes", 4, extra_budget={"sram_bytes": 20_000})
+    assert frontier and all(point.choices["conv"][1] == 8 for point in frontier)
+    # the problem keeps every choice (the report lists them all); the solvers only skip the dominated
+    assert problem.layer("conv").choices == PAIRS
+    # a tie with nothing charged for activations goes to the narrower choice too
+    assert al.allocate(problem, {"size_fraction": 1.0}).choices["conv"] == (8, 8)
+
+
+def test_pins_and_tie_groups_keep_dominated_activation_widths():
+    pinned = _tie_problem()
+    pinned.pins = {"conv": (8, 16)}
+    assert al.allocate(pinned, {"sram_bytes": 20_000}).choices["conv"] == (8, 16)
+    tied = _tie_problem(tie_conv_with_fc=True)  # conv's a16 is what fc's a16 needs
+    assert al.dominated_choices(tied, ["weight_bytes", "sram_bytes"], measured=True) == {}
+    assert al.allocate(tied, {"size_fraction": 1.0, "sram_bytes": 20_000}).choices == {"conv": (8, 16), "fc": (8, 16)}
+
+
+def test_a_real_sensitivity_difference_is_not_a_tie():
+    problem = _tie_problem()
+    tolerances = al.tie_tolerances(problem)
+    conv = problem.layer("conv").sensitivity
+    assert conv[(8, 8)] - conv[(8, 16)] <= tolerances["conv"]  # monotone's step: a tie
+    # fc: a16 lowers the sensitivity by 5e-3, far beyond the tolerance, so w8a16 stays
+    assert tolerances["fc"] < 1e-5 and (8, 16) in problem.layer("fc").choices
+    assert al.allocate(problem, {"sram_bytes": 20_000}).choices["fc"] == (8, 16)
