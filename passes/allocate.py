@@ -539,6 +539,14 @@ def minimum(problem: AllocationProblem, metric: str, *, solver: str = "cbc") -> 
     return evaluate(problem, program.chosen())[metric]
 
 
+def _budgeted(problem: AllocationProblem, limits: dict[str, float]) -> _Program:
+    """The program of ``problem`` less its dominated choices (:func:`undominated`), every limit a constraint."""
+    program = _Program(undominated(problem, list(limits)))
+    for metric, limit in limits.items():
+        program.constrain(metric, limit)
+    return program
+
+
 def allocate(
     problem: AllocationProblem,
     budget: dict[str, float],
@@ -582,10 +590,8 @@ def allocate_k_best(
     if scenarios is not None and not (scenarios and 0 < tail <= 1):
         raise ValueError(f"scenarios need at least one table and 0 < tail <= 1 (got {len(scenarios)}, {tail})")
     limits = resolve_budget(problem, budget)
-    program = _Program(undominated(problem, list(limits)))
+    program = _budgeted(problem, limits)
     program.lp += program.objective_expr() if scenarios is None else program.tail_mean_expr(scenarios, tail)
-    for metric, limit in limits.items():
-        program.constrain(metric, limit)
     if near is not None:
         program.limit_changes(*near)
     found: list[Allocation] = []
@@ -716,7 +722,15 @@ def _check_within(totals: dict[str, float], limits: dict[str, float]) -> None:
             raise RuntimeError(f"ILP answer exceeds {metric}: {totals[metric]} > {limit}")
 
 
+def infeasibility(problem: AllocationProblem, limits: dict[str, float], solver: str = "cbc") -> EdgeqError | None:
+    """The error :func:`allocate` raises for ``limits`` (resolved) if no plan meets them, else None."""
+    program = _budgeted(problem, limits)
+    program.lp += program.objective_expr()
+    return _infeasible_error(problem, limits, solver) if program.solve(solver) == "Infeasible" else None
+
+
 def _infeasible_error(problem: AllocationProblem, limits: dict[str, float], solver: str) -> EdgeqError:
+    """The budget no plan meets, and the smallest value it could have (one budget alone), or that together they cannot."""
     for metric, limit in limits.items():
         smallest = minimum(problem, metric, solver=solver)
         if smallest > limit * (1 + 1e-9):
@@ -897,7 +911,7 @@ class _GreedySearch:
                 if score < best_score:
                     best, best_score = (move, trial_usage), score
             if best is None:
-                raise EdgeqError("greedy allocation cannot meet the budget (no move reduces the overshoot)")
+                raise self._stuck("no move reduces the overshoot")
             self.state.update(best[0])
             usage = best[1]
         self._fill(usage)
@@ -906,8 +920,17 @@ class _GreedySearch:
         self._start(_cheapest)
         usage = self._current()
         if self._overshoot(usage) > 0:
-            raise EdgeqError("greedy allocation cannot meet the budget even at the lowest bits")
+            raise self._stuck("not even at the lowest bits")
         self._fill(usage)
+
+    def _stuck(self, why: str) -> EdgeqError:
+        """Where no plan meets the budget, the ILP's error naming the smallest achievable value;
+        else that greedy, not the budget, is at fault (``why``)."""
+        error = infeasibility(self.problem, self.limits)
+        if error is not None:
+            return error
+        return EdgeqError(f"greedy allocation cannot meet the budget ({why}), although the budget is achievable: "
+                          "the ILP (--solver ilp) finds a plan")
 
     def _fill(self, usage: dict[str, float]) -> None:
         """Take the move that buys most sensitivity per unit of budget spent, within budget, while one does."""

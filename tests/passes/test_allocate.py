@@ -217,8 +217,27 @@ def test_greedy_gets_stuck_between_budgets_where_the_ilp_finds_a_plan():
     assert plan.totals["size_fraction"] <= 0.5 + 1e-9
     assert plan.totals["sram_bytes"] <= budget["sram_bytes"] + 1e-6
     assert plan.totals["latency_s"] <= budget["latency_s"] * (1 + 1e-9)
-    with pytest.raises(EdgeqError, match="greedy allocation cannot meet the budget"):
-        al.greedy(problem, budget)
+    for direction in ("demote", "promote"):
+        with pytest.raises(EdgeqError, match="greedy allocation cannot meet the budget") as error:
+            al.greedy(problem, budget, direction=direction)
+        assert "the budget is achievable: the ILP (--solver ilp) finds a plan" in str(error.value)
+
+
+@pytest.mark.parametrize("direction", ["demote", "promote"])
+@pytest.mark.parametrize("metric", ["size_fraction", "sram_bytes"])
+def test_greedy_names_the_smallest_achievable_value_of_an_infeasible_budget(metric, direction):
+    """Below what any plan reaches, greedy fails with the ILP's message, not with how greedy got stuck."""
+    problem = _small_problem()
+    smallest = al.minimum(problem, "weight_bytes" if metric == "size_fraction" else metric)
+    if metric == "size_fraction":
+        smallest /= problem.int8_weight_bytes()
+    budget = {metric: 0.98 * smallest}
+    with pytest.raises(EdgeqError) as ilp:
+        al.allocate(problem, budget)
+    with pytest.raises(EdgeqError) as baseline:
+        al.greedy(problem, budget, direction=direction)
+    assert str(baseline.value) == str(ilp.value)
+    assert "smallest achievable" in str(baseline.value) and "greedy" not in str(baseline.value)
 
 
 def test_pareto_frontier_is_monotone_and_optimal():
