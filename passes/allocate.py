@@ -36,7 +36,7 @@ Online float ops a transform inserted are charged as fixed costs
 the highest bits, demote the layer that loses least sensitivity per unit of
 budget saved until every budget is met, then spend what is left; or the
 reverse). :func:`pareto`
-sweeps one metric's budget and returns the frontier.
+sweeps one metric's budget, within the others, and returns the frontier.
 """
 
 from __future__ import annotations
@@ -523,9 +523,11 @@ def _solver(name: str, time_limit: float | None):
     raise EdgeqError(f"unknown ILP solver '{name}' (choose from cbc, highs)")
 
 
-def minimum(problem: AllocationProblem, metric: str, *, solver: str = "cbc") -> float:
-    """The smallest value of ``metric`` any allowed choice reaches (pins and ties respected)."""
-    program = _Program(problem)
+def minimum(problem: AllocationProblem, metric: str, *, solver: str = "cbc",
+            limits: dict[str, float] | None = None) -> float:
+    """The smallest value of ``metric`` any allowed choice reaches (pins and ties respected), within
+    ``limits`` (resolved budgets of other metrics) when given."""
+    program = _budgeted(problem, limits or {})
     if metric in PEAK_METRICS:
         peak = _variable(program.lp, "peak")
         for s_index, expr in enumerate(program.live_exprs()):
@@ -534,14 +536,16 @@ def minimum(problem: AllocationProblem, metric: str, *, solver: str = "cbc") -> 
     else:
         program.lp += program.metric_expr(metric)
     status = program.solve(solver)
+    if status == "Infeasible" and limits:
+        raise _infeasible_error(problem, limits, solver)
     if status != "Optimal":
         raise RuntimeError(f"minimising {metric} ended {status}")
     return evaluate(problem, program.chosen())[metric]
 
 
 def _budgeted(problem: AllocationProblem, limits: dict[str, float]) -> _Program:
-    """The program of ``problem`` less its dominated choices (:func:`undominated`), every limit a constraint."""
-    program = _Program(undominated(problem, list(limits)))
+    """The program of ``problem`` with every limit (resolved) a constraint."""
+    program = _Program(problem)
     for metric, limit in limits.items():
         program.constrain(metric, limit)
     return program
@@ -590,7 +594,7 @@ def allocate_k_best(
     if scenarios is not None and not (scenarios and 0 < tail <= 1):
         raise ValueError(f"scenarios need at least one table and 0 < tail <= 1 (got {len(scenarios)}, {tail})")
     limits = resolve_budget(problem, budget)
-    program = _budgeted(problem, limits)
+    program = _budgeted(undominated(problem, list(limits)), limits)
     program.lp += program.objective_expr() if scenarios is None else program.tail_mean_expr(scenarios, tail)
     if near is not None:
         program.limit_changes(*near)
@@ -724,7 +728,7 @@ def _check_within(totals: dict[str, float], limits: dict[str, float]) -> None:
 
 def infeasibility(problem: AllocationProblem, limits: dict[str, float], solver: str = "cbc") -> EdgeqError | None:
     """The error :func:`allocate` raises for ``limits`` (resolved) if no plan meets them, else None."""
-    program = _budgeted(problem, limits)
+    program = _budgeted(undominated(problem, list(limits)), limits)
     program.lp += program.objective_expr()
     return _infeasible_error(problem, limits, solver) if program.solve(solver) == "Infeasible" else None
 
@@ -754,16 +758,23 @@ def pareto(
     points: int | Sequence[float] = 12,
     *,
     solver: str = "cbc",
-    extra_budget: dict[str, float] | None = None,
+    limits: dict[str, float] | None = None,
 ) -> list[Allocation]:
     """Optimal allocations along ``metric``'s budget, dominated and repeated points removed.
 
     ``points`` is a number of budgets spread evenly from the smallest achievable
-    value to the value of the unconstrained optimum, or the budgets themselves.
+    value to the value of the optimum without a limit on ``metric``, or the
+    budgets themselves. ``limits``: the other budgets (as :func:`allocate` takes
+    them, e.g. ``{"size_fraction": 0.5, "dsp": 100}``), which every point keeps
+    -- a frontier over LUTs whose plans need more DSPs than the device has
+    shows nothing the user can build. A limit on ``metric`` itself (e.g. the
+    whole budget passed along) is left to the sweep; limits no plan meets raise
+    :func:`allocate`'s error.
     """
+    others = {name: value for name, value in resolve_budget(problem, dict(limits or {})).items() if name != metric}
     if isinstance(points, int):
-        low = minimum(problem, metric, solver=solver)
-        high = allocate(problem, dict(extra_budget or {}), solver=solver).totals[metric]
+        high = allocate(problem, others, solver=solver).totals[metric]
+        low = minimum(problem, metric, solver=solver, limits=others)
         count = max(points, 2)
         budgets = [low + (high - low) * i / (count - 1) for i in range(count)]
     else:
@@ -771,7 +782,7 @@ def pareto(
     found: list[Allocation] = []
     for value in budgets:
         try:
-            found.append(allocate(problem, {**(extra_budget or {}), metric: value}, solver=solver))
+            found.append(allocate(problem, {**others, metric: value}, solver=solver))
         except EdgeqError:
             continue  # below the smallest achievable value
     return frontier(found, metric)

@@ -252,6 +252,25 @@ def test_pareto_frontier_is_monotone_and_optimal():
         assert al.allocate(problem, {"weight_bytes": point.totals["weight_bytes"]}).objective == pytest.approx(point.objective)
 
 
+def test_pareto_points_keep_the_other_budgets():
+    """On a Cortex-M4 4-bit weights save bytes but cost cycles: the latency frontier's fast end needs
+    more bytes than a size limit allows, so every point keeps it -- each the optimum within both."""
+    problem = al.synthetic_problem(12, mcu_cost_model("cortex-m4"), seed=0)
+    unlimited = al.pareto(problem, "latency_s", 6)
+    assert max(point.totals["size_fraction"] for point in unlimited) > 0.6  # what a size limit must cut
+    limits = {"size_fraction": 0.6, "latency_s": 1e-9}  # a limit on the swept metric is the sweep's
+    points = al.pareto(problem, "latency_s", 6, limits=limits)
+    assert len(points) >= 2
+    for point in points:
+        assert point.totals["size_fraction"] <= 0.6 + 1e-9
+        best = al.allocate(problem, {"size_fraction": 0.6, "latency_s": point.totals["latency_s"]})
+        assert point.objective == pytest.approx(best.objective, rel=1e-9)
+    assert points[0].totals["latency_s"] == pytest.approx(
+        al.minimum(problem, "latency_s", limits=al.resolve_budget(problem, {"size_fraction": 0.6})))
+    with pytest.raises(EdgeqError, match="smallest achievable"):
+        al.pareto(problem, "latency_s", 6, limits={"size_fraction": 0.01})
+
+
 def test_uniform_plans_are_never_better_than_the_ilp_at_their_size():
     problem = al.synthetic_problem(40, mcu_cost_model("cortex-m4"), seed=1)
     ties = sum(al.tie_tolerances(problem).values())  # a tie may go to the narrower choice in each layer
@@ -678,7 +697,7 @@ def test_a_choice_matched_at_no_more_cost_is_never_picked():
     assert all(candidate.choices["conv"][1] == 8 for candidate in al.allocate_k_best(problem, budget, 4))
     reranked = al.allocate_reranked(problem, budget, lambda choices: float(choices["conv"] != (8, 16)), k=4)
     assert reranked.choices["conv"] == (8, 8)
-    frontier = al.pareto(problem, "weight_bytes", 4, extra_budget={"sram_bytes": 20_000})
+    frontier = al.pareto(problem, "weight_bytes", 4, limits={"sram_bytes": 20_000})
     assert frontier and all(point.choices["conv"][1] == 8 for point in frontier)
     # the problem keeps every choice (the report lists them all); the solvers only skip the dominated
     assert problem.layer("conv").choices == PAIRS
