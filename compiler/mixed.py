@@ -373,7 +373,7 @@ def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     problem = mixed.problem
     allocation = solve_into_plan(mixed, plan, budget, options)
     metric = _pareto_metric(budget, target.name)
-    points = pareto(problem, metric, PARETO_POINTS)
+    points = pareto(problem, metric, PARETO_POINTS, limits=budget)  # the frontier within the other budgets
     svg = pareto_svg([(point.totals[metric], point.objective) for point in points], metric,
                      chosen=(allocation.totals[metric], allocation.objective), title=f"Pareto frontier: {metric}")
     summary = allocation_summary(problem, allocation, mixed.record)
@@ -501,13 +501,15 @@ def allocate_command(args: argparse.Namespace) -> int:
             summary = allocation_summary(problem, allocation, mixed.record)
         if args.pareto:
             metric = pareto_metric
-            points = pareto(problem, metric)
+            points = pareto(problem, metric, limits=budget)  # the frontier within the other budgets
             rows = [{"budget": point.totals[metric], "sensitivity": point.objective,
+                     "totals": {name: point.totals[name] for name in metrics if name in point.totals},
                      "choices": {name: list(choice) for name, choice in point.choices.items()}}
                     for point in points]
+            chosen = (allocation.totals[metric], allocation.objective) if args.budget else None
             (tmp / "pareto.json").write_text(json.dumps({"metric": metric, "points": rows}, indent=1) + "\n")
             (tmp / "pareto.svg").write_text(pareto_svg([(row["budget"], row["sensitivity"]) for row in rows],
-                                                       metric, title=f"Pareto frontier: {metric}"))
+                                                       metric, chosen=chosen, title=f"Pareto frontier: {metric}"))
             messages.append(f"{len(points)} Pareto-optimal plans over {metric} written to {out}/pareto.json "
                             "and pareto.svg")
         if args.budget:

@@ -428,6 +428,24 @@ def test_allocate_pareto_with_several_budget_metrics_names_each_once(workspace, 
     assert "(lut, dsp, lut)" not in stdout
 
 
+def test_allocate_pareto_frontier_keeps_the_other_budgets_and_marks_the_chosen_plan(workspace, capsys):
+    """--pareto sweeps the budget's first metric (dsp); every point must also meet bram (it once ignored it)."""
+    def frontier(budget: str, out: str) -> list[dict]:
+        code, _, _ = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                             "--target", "fpga", "--budget", budget, "--pareto", "--sensitivity", "proxy",
+                             "-o", workspace / out, "-q")
+        assert code == 0
+        return json.loads((workspace / out / "pareto.json").read_text())["points"]
+
+    free = frontier("dsp=1728", "free")
+    bram = sorted({round(point["totals"].get("bram", 0.0), 6) for point in frontier("dsp=1728,bram=1000", "loose")})
+    limit = (bram[0] + bram[-1]) / 2  # some plans of the unconstrained frontier need more
+    held = frontier(f"dsp=1728,bram={limit}", "held")
+    assert held and all(point["totals"]["bram"] <= limit + 1e-9 for point in held)
+    assert [point["sensitivity"] for point in held] != [point["sensitivity"] for point in free]
+    assert ">chosen</text>" in (workspace / "held" / "pareto.svg").read_text()
+
+
 @pytest.mark.parametrize("target", ["gpu", "fpga"])
 def test_compile_for_a_target_without_lowering_fails_before_any_work(workspace, capsys, monkeypatch, target):
     """gpu/fpga have cost models only: compile refuses them at once (not after allocation, calibration and
