@@ -1,24 +1,53 @@
-"""Measure the CPU target's generated code layer by layer, then fit the CPU cost model.
+"""Measure the CPU target's generated code, then fit the CPU cost model.
 
-For a grid of single-layer float models (3x3 / 1x1 convs, depthwise convs, a
-fully connected layer) at each activation width the CPU lowering handles, the
-model goes through the real pipeline (``compiler.pipeline.compile_model`` with
-``--target cpu``: QDQ, integer graph, TVM build, bit-exact verification) and
-``targets.cpu`` times the library (median of ``--repeat`` runs of one sample,
-including the runner's input quantize / output dequantize, which the fitted
-overhead term absorbs).
+Two kinds of float model go through the real pipeline
+(``compiler.pipeline.compile_model`` with ``--target cpu``: QDQ, integer graph,
+TVM build, bit-exact verification -- a build that is not bit-exact is left out
+of the fit) at each activation width the CPU lowering handles:
 
-The fit is non-negative least squares of
-``latency = overhead + seconds_per_mac[kind][w,a] * macs + seconds_per_byte * bytes``
-over all measurements; the table (with the host, the measurements and the
-fit's relative errors) is written to targets/cpu/cost_table.json, which
-targets/cpu/cost.py reads. Single-thread latencies (``TVM_NUM_THREADS=1`` unless
-set): with 2 threads on this 2-vCPU VM some single-layer libraries stall ~4 ms per
-run waking TVM's worker, which no linear model of the code can fit. 4-bit weights are stored as int8 in the integer
+* ``GRID``: single layers of realistic sizes (3x3 / 1x1 convs, a first layer on
+  3 channels, depthwise convs on large and small maps, fully connected layers)
+  -- they price the MACs and bytes of each layer kind;
+* ``CHAINS``: chains of N identical small layers (N in ``CHAIN_LENGTHS``) --
+  with them the time that comes once per call of the model (the library call,
+  the Relax VM entry, the Python runner around it) separates from the time that
+  comes once per layer (one more kernel call). Timing single layers alone, as
+  this tool once did, charged the whole call's overhead to the one layer, and
+  the cost model then charged it to every layer of a model (36 us x 8 layers
+  predicted 0.31 ms for the bundled CNN, which runs in 0.035 ms).
+
+Timing: every build is loaded into this process and the builds take turns
+(``--runs`` runs each, in bursts of 10 after 3 untimed runs, the order reversed
+every round), so the host's slow phases, which last seconds, fall on every
+build alike. Each build is timed three ways: the whole per-sample path
+``targets.cpu.runner.benchmark`` (and ``edgeq run --repeat``) times -- float
+input copied in, the library (which quantizes its input itself), output
+copied out and dequantized in numpy --, the library call alone on an input
+already in a TVM tensor (the "core"), and the runner's input step alone.
+
+The fit is non-negative least squares, rows weighted by 1/t (times span three
+orders of magnitude), of
+
+1. the runner around the library: input step = ``i0 + e_in * input_elems``,
+   whole - core - input step = ``o0 + e_out * output_elems``;
+2. the core = ``c_call + overhead_s * layers + seconds_per_byte * bytes +
+   seconds_per_mac[kind][w,a] * macs``.
+
+The table targets/cpu/cost_table.json (read by targets/cpu/cost.py) gets
+``call_overhead_s = i0 + o0 + c_call`` and the per-element terms ``e_in``,
+``e_out`` (charged once per model, through ``CpuCostModel.fixed_costs``),
+``overhead_s`` (per layer),
+``seconds_per_byte`` and ``seconds_per_mac``, with the host, the measurements
+and the fit's relative errors (whole path and core). Single-thread latencies
+(``TVM_NUM_THREADS=1`` unless set): with 2 threads on this 2-vCPU VM some
+single-layer libraries stall ~4 ms per run waking TVM's worker, which no linear
+model of the code can fit. 4-bit weights are stored as int8 in the integer
 graph (passes/integerize.py), so the CPU kernels -- and their times -- are
 those of 8-bit weights: the table says so rather than measuring them twice.
 
-    python tools/fit_cpu_cost.py            # minutes: one TVM build per point
+    python tools/fit_cpu_cost.py                  # minutes: one TVM build per point
+    python tools/fit_cpu_cost.py --refit          # refit the measurements already in the table
+    python tools/validate_cpu_cost.py             # the fitted model against whole models
 """
 
 from __future__ import annotations
@@ -42,113 +71,259 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")  # before TVM's pool starts: see t
 from compiler.layers import layer_shapes  # noqa: E402
 from targets.cost_common import traffic_bytes  # noqa: E402
 
+TABLE = Path(__file__).resolve().parent.parent / "targets/cpu/cost_table.json"
+
 # (kind, in channels, out channels, spatial size, kernel) ; gemm: (kind, K, N, 1, 1)
 GRID = [
     ("conv", 16, 32, 32, 3), ("conv", 32, 64, 16, 3), ("conv", 64, 64, 8, 3),
-    ("conv", 32, 64, 32, 1), ("conv", 128, 128, 8, 1),
+    ("conv", 32, 64, 32, 1), ("conv", 128, 128, 8, 1), ("conv", 3, 16, 128, 3),
     ("depthwise", 32, 32, 32, 3), ("depthwise", 128, 128, 16, 3),
+    ("depthwise", 96, 96, 56, 3), ("depthwise", 576, 576, 7, 3),
     ("gemm", 512, 256, 1, 1), ("gemm", 1280, 1000, 1, 1),
 ]
+# Small layers (little MAC time) chained N times: the slope over N is the per-layer overhead,
+# the intercept the per-call one.
+CHAINS = [("conv", 8, 8, 8, 3), ("gemm", 64, 64, 1, 1)]
+CHAIN_LENGTHS = (1, 4, 8)
+BURST = 10
 
 
-def single_layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, seed: int = 0) -> onnx.ModelProto:
+def layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, seed: int = 0,
+                layers: int = 1) -> onnx.ModelProto:
+    """``layers`` layers of one shape in a chain (``cin == cout`` when more than one); node
+    ``layer`` when alone, else ``layer0`` ... ``layer{N-1}``, each with its own random weights."""
+    if layers > 1 and cin != cout:
+        raise ValueError("a chain needs cin == cout")
     rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    current = "x"
+    for index in range(layers):
+        suffix = "" if layers == 1 else str(index)
+        w, b, out = f"w{suffix}", f"b{suffix}", "y" if index == layers - 1 else f"t{index}"
+        if kind == "gemm":
+            weight = rng.standard_normal((cout, cin)).astype(np.float32) / np.sqrt(cin)
+            nodes.append(helper.make_node("Gemm", [current, w, b], [out], name=f"layer{suffix}", transB=1))
+        else:
+            group = cin if kind == "depthwise" else 1
+            weight = rng.standard_normal((cout, cin // group, kernel, kernel)).astype(np.float32)
+            weight /= np.sqrt(cin // group * kernel * kernel)
+            pad = kernel // 2
+            nodes += [helper.make_node("Conv", [current, w, b], [f"c{suffix}"], name=f"layer{suffix}",
+                                       group=group, pads=[pad] * 4),
+                      helper.make_node("Relu", [f"c{suffix}"], [out], name=f"relu{suffix}")]
+        inits += [numpy_helper.from_array(weight.astype(np.float32), w),
+                  numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, b)]
+        current = out
     if kind == "gemm":
-        weight = rng.standard_normal((cout, cin)).astype(np.float32) / np.sqrt(cin)
-        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="layer", transB=1)]
         x_shape, y_shape = ["N", cin], ["N", cout]
     else:
-        group = cin if kind == "depthwise" else 1
-        weight = rng.standard_normal((cout, cin // group, kernel, kernel)).astype(np.float32)
-        weight /= np.sqrt(cin // group * kernel * kernel)
-        pad = kernel // 2
-        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="layer", group=group,
-                                  pads=[pad] * 4),
-                 helper.make_node("Relu", ["c"], ["y"], name="relu")]
         x_shape, y_shape = ["N", cin, size, size], ["N", cout, size, size]
-    inits = [numpy_helper.from_array(weight.astype(np.float32), "w"),
-             numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, "b")]
-    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+    graph = helper.make_graph(nodes, "layers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     return model
 
 
-def measure(point, bits: str, repeat: int, work: Path) -> dict:
-    from compiler.pipeline import CompileOptions, compile_model
-    from targets.cpu import TARGET
+def single_layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, seed: int = 0) -> onnx.ModelProto:
+    return layer_model(kind, cin, cout, size, kernel, seed)
 
-    model = single_layer_model(*point)
-    path = work / f"{'_'.join(map(str, point))}.onnx"
+
+def build(point, bits: str, layers: int, work: Path) -> dict:
+    """Compile (and verify) one model; its shapes and where the artifact is."""
+    from compiler.pipeline import CompileOptions, compile_model
+
+    model = layer_model(*point, layers=layers)
+    stem = f"{'_'.join(map(str, point))}_x{layers}"
+    path = work / f"{stem}.onnx"
     onnx.save(model, str(path))
-    out = work / f"out_{path.stem}_{bits}"
+    out = work / f"out_{stem}_{bits}"
     start = time.perf_counter()
     compile_model(CompileOptions(model=str(path), random_calib=16, target="cpu", bits=bits,
                                  out_dir=str(out), progress=False))
     build_s = time.perf_counter() - start
     verify = json.loads((out / "verify.json").read_text())
-    x_shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
-    x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
-    timing = TARGET.benchmark(out, {"x": x}, repeat=repeat)
-    shape = layer_shapes(model)["layer"]
+    shapes = list(layer_shapes(model, [n.name for n in model.graph.node if n.name.startswith("layer")]).values())
     w_bits, a_bits = (int(part) for part in bits[1:].split("a"))
-    return {"kind": point[0], "point": list(point), "bits": [w_bits, a_bits], "macs": shape.macs,
-            "bytes": traffic_bytes(shape, w_bits, a_bits), "median_s": timing["median_ms"] / 1e3,
-            "bit_exact": verify["bit_exact"], "build_s": round(build_s, 1)}
+    x_shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return {"kind": point[0], "point": list(point), "layers": layers, "bits": [w_bits, a_bits],
+            "macs": sum(s.macs for s in shapes), "bytes": sum(traffic_bytes(s, w_bits, a_bits) for s in shapes),
+            "input_elems": shapes[0].input_elems, "output_elems": shapes[-1].output_elems,
+            "bit_exact": verify["bit_exact"], "build_s": round(build_s, 1), "out": str(out), "x_shape": x_shape}
+
+
+def time_builds(builds: list[dict], runs: int) -> None:
+    """Median seconds of each build: the whole per-sample path (``median_s``), the library call
+    alone (``core_median_s``) and the runner's input step alone (``input_median_s``: the float
+    input copied into the library's tensor); the builds take turns in bursts so that slow phases
+    of the host fall on all of them."""
+    from targets.cpu import runner
+
+    runner.configure_threads()
+    timers = []
+    for entry in builds:
+        module = runner.load(Path(entry["out"]))
+        feed = {"x": np.random.default_rng(1).standard_normal(entry["x_shape"]).astype(np.float32)}
+        module.samples(feed)
+        quantized = module.quantize(feed, 0)
+        functions = {"median_s": (lambda m=module, f=feed: m.run_sample(f, 0)),
+                     "core_median_s": (lambda m=module, q=quantized: m.main(*q)),
+                     "input_median_s": (lambda m=module, f=feed: m.quantize(f, 0))}
+        for _ in range(20):
+            for function in functions.values():
+                function()
+        timers.append((entry, functions, {key: [] for key in functions}))
+    rounds = max(1, -(-runs // BURST))
+    for round_index in range(rounds):
+        order = timers if round_index % 2 == 0 else list(reversed(timers))
+        for _, functions, seconds in order:
+            for key, function in functions.items():
+                for _ in range(3):
+                    function()
+                for _ in range(BURST):
+                    start = time.perf_counter()
+                    function()
+                    seconds[key].append(time.perf_counter() - start)
+    for entry, _, seconds in timers:
+        entry.update({key: float(np.median(values)) for key, values in seconds.items()})
+        entry["runs"] = len(seconds["median_s"])
+
+
+def _nnls(matrix: np.ndarray, target: np.ndarray, iterations: int = 8) -> np.ndarray:
+    """Non-negative least squares of the error ratio, symmetric in over- and under-prediction.
+
+    Times span three orders of magnitude, so errors are relative. Weighting rows by 1/t alone
+    (relative to the measurement) lets one point the model over-predicts 4x outweigh several it
+    under-predicts 2x; reweighting by 1/sqrt(t * predicted) a few times approximates the least
+    squares of log(predicted / t), which treats both directions alike."""
+    from scipy.optimize import nnls
+
+    target = np.maximum(target, 1e-7)
+    predicted = target
+    solution = np.zeros(matrix.shape[1])
+    for _ in range(iterations):
+        weights = 1.0 / np.sqrt(target * predicted)
+        solution, _ = nnls(matrix * weights[:, None], target * weights)
+        predicted = np.maximum(matrix @ solution, 1e-3 * target)
+    return solution
+
+
+def _errors(predicted: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    relative = np.abs(predicted - target) / target
+    return {"median": float(np.median(relative)), "max": float(np.max(relative))}
 
 
 def fit(measurements: list[dict]) -> dict:
-    from scipy.optimize import nnls
-
+    """The two NNLS fits of the module docstring; the table's coefficients and fit errors."""
+    whole = np.asarray([m["median_s"] for m in measurements])
+    core = np.asarray([m["core_median_s"] for m in measurements])
+    # 1. the runner around the library call: its input step, and the rest (output copied out, dequantized)
+    input_step = np.asarray([m["input_median_s"] for m in measurements])
+    output_step = np.maximum(whole - core - input_step, 1e-7)
+    ones = np.ones(len(measurements))
+    input_rows = np.column_stack([ones, [m["input_elems"] for m in measurements]])
+    output_rows = np.column_stack([ones, [m["output_elems"] for m in measurements]])
+    i0, e_in = _nnls(input_rows, input_step)
+    o0, e_out = _nnls(output_rows, output_step)
+    e0 = i0 + o0
+    # 2. the library call
     keys = sorted({(m["kind"], f"{m['bits'][0]},{m['bits'][1]}") for m in measurements})
-    rows, targets = [], []
+    rows = []
     for m in measurements:
         key = (m["kind"], f"{m['bits'][0]},{m['bits'][1]}")
-        rows.append([1.0, m["bytes"]] + [m["macs"] if key == k else 0.0 for k in keys])
-        targets.append(m["median_s"])
-    matrix, target = np.asarray(rows), np.asarray(targets)
-    # Relative error matters (times span three orders of magnitude): weight rows by 1/t.
-    weights = 1.0 / target
-    solution, _ = nnls(matrix * weights[:, None], target * weights)
-    predicted = matrix @ solution
+        rows.append([1.0, m["layers"], m["bytes"]] + [m["macs"] if key == k else 0.0 for k in keys])
+    matrix = np.asarray(rows, dtype=float)
+    solution = _nnls(matrix, core)
+    c_call, per_layer, per_byte = solution[:3]
+    core_predicted = matrix @ solution
+    whole_predicted = core_predicted + input_rows @ np.asarray([i0, e_in]) + output_rows @ np.asarray([o0, e_out])
     per_mac: dict[str, dict[str, float]] = {}
-    for (kind, pair), value in zip(keys, solution[2:], strict=True):
+    for (kind, pair), value in zip(keys, solution[3:], strict=True):
         per_mac.setdefault(kind, {})[pair] = float(value)
         w, a = pair.split(",")
         if w == "8":  # int4 weights run the int8 kernels (stored as int8 in the integer graph)
             per_mac[kind].setdefault(f"4,{a}", float(value))
     per_mac["default"] = dict(per_mac.get("conv", next(iter(per_mac.values()))))
-    relative = np.abs(predicted - target) / target
-    return {"seconds_per_mac": per_mac, "seconds_per_byte": float(solution[1]), "overhead_s": float(solution[0]),
-            "fit_relative_error": {"median": float(np.median(relative)), "max": float(np.max(relative))}}
+    chains = np.asarray([bool(m.get("chain")) for m in measurements])
+    a_bits = np.asarray([m["bits"][1] for m in measurements])
+    return {
+        "seconds_per_mac": per_mac,
+        "seconds_per_byte": float(per_byte),
+        "overhead_s": float(per_layer),  # per layer (before 2026-11-23 it also held the per-call overhead)
+        "call_overhead_s": float(e0 + c_call),  # once per model call
+        "seconds_per_input_elem": float(e_in),  # once per model: its input, float, copied in
+        "seconds_per_output_elem": float(e_out),  # once per model: its output, copied out, dequantized
+        "fit_relative_error": _errors(whole_predicted, whole),
+        "fit_relative_error_core": _errors(core_predicted, core),
+        "fit_relative_error_chains": _errors(whole_predicted[chains], whole[chains]) if chains.any() else None,
+        "fit_relative_error_by_a_bits": {str(a): _errors(whole_predicted[a_bits == a], whole[a_bits == a])
+                                         for a in sorted(set(a_bits.tolist()))},
+        "fit_terms": {"library_call_s": float(c_call), "runner_input_s": float(i0), "runner_output_s": float(o0)},
+    }
+
+
+def refit(path: Path) -> dict:
+    """Fit again from the measurements an existing table holds (no build, no timing)."""
+    data = json.loads(path.read_text())
+    measurements = data["info"]["measurements"]
+    if any("input_median_s" not in m for m in measurements):
+        raise SystemExit(f"{path} holds single-layer measurements without core times: measure again")
+    table = fit(measurements)
+    table.update({"source": data["source"], "info": data["info"]})
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", default="w8a8,w8a16")
     parser.add_argument("--only", type=int, help="measure only GRID[ONLY] (a quick check)")
-    parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "targets/cpu/cost_table.json")
+    parser.add_argument("--runs", "--repeat", type=int, default=200, dest="runs",
+                        help="timed runs per build (whole path and core each)")
+    parser.add_argument("--no-chains", action="store_true", help="single layers only (no per-call term)")
+    parser.add_argument("--refit", nargs="?", const="", metavar="TABLE",
+                        help="no measuring: refit the measurements in TABLE (default: --out) and write --out")
+    parser.add_argument("--out", type=Path, default=TABLE)
     args = parser.parse_args()
-    measurements = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for point in GRID if args.only is None else [GRID[args.only]]:
-            for bits in args.bits.split(","):
-                try:
-                    result = measure(point, bits, args.repeat, Path(tmp))
-                except Exception as error:  # noqa: BLE001 - a width the lowering lacks is reported, not fatal
-                    print(f"{point} {bits}: not measured ({type(error).__name__}: {str(error)[:120]})", flush=True)
-                    continue
-                print(result, flush=True)
-                if result["bit_exact"]:
-                    measurements.append(result)
-    table = fit(measurements)
-    table.update({
-        "source": f"measured by tools/fit_cpu_cost.py on {platform.processor() or platform.machine()} "
-                  f"({time.strftime('%Y-%m-%d')}), {len(measurements)} single-layer builds, NNLS fit",
-        "info": {"measurements": measurements, "host": platform.platform()},
-    })
+    if args.refit is not None:
+        table = refit(Path(args.refit) if args.refit else args.out)
+    else:
+        points = [(point, 1, False) for point in (GRID if args.only is None else [GRID[args.only]])]
+        if not args.no_chains:
+            points += [(point, n, True) for point in CHAINS for n in CHAIN_LENGTHS]
+        builds = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for point, layers, chain in points:
+                for bits in args.bits.split(","):
+                    try:
+                        result = build(point, bits, layers, Path(tmp))
+                    except Exception as error:  # noqa: BLE001 - a width the lowering lacks is reported, not fatal
+                        print(f"{point} x{layers} {bits}: not built ({type(error).__name__}: {str(error)[:120]})",
+                              flush=True)
+                        continue
+                    result["chain"] = chain
+                    print(f"built {point} x{layers} {bits}: bit-exact {result['bit_exact']}, {result['build_s']} s",
+                          flush=True)
+                    if result["bit_exact"]:
+                        builds.append(result)
+            print(f"timing {len(builds)} builds, {args.runs} runs each ...", flush=True)
+            started, load_before = time.perf_counter(), os.getloadavg()[0]
+            time_builds(builds, args.runs)
+            load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+            print(f"timed in {time.perf_counter() - started:.0f} s, load average {load}", flush=True)
+        for entry in builds:
+            entry.pop("out")
+            entry.pop("x_shape")
+            print({k: entry[k] for k in ("point", "layers", "bits", "median_s", "core_median_s", "input_median_s")},
+                  flush=True)
+        table = fit(builds)
+        singles = sum(1 for m in builds if not m["chain"])
+        table.update({
+            "source": f"measured by tools/fit_cpu_cost.py on {platform.processor() or platform.machine()} "
+                      f"({time.strftime('%Y-%m-%d')}), {singles} single-layer and {len(builds) - singles} "
+                      f"chain builds, {args.runs} runs each, NNLS fit",
+            "info": {"measurements": builds, "host": platform.platform(),
+                     "threads": int(os.environ["TVM_NUM_THREADS"]), "load_average": load},
+        })
     args.out.write_text(json.dumps(table, indent=1) + "\n")
     print(json.dumps({k: v for k, v in table.items() if k != "info"}, indent=1))
 

@@ -128,6 +128,53 @@ def test_cpu_model_reads_a_fitted_table(tmp_path):
     model = cpu_cost.CpuCostModel(cpu_cost.load_coefficients(table))
     assert model.layer_cost(CONV, 8, 8).latency_s == pytest.approx(CONV.macs * 1e-9)
     assert model.layer_cost(CONV, 8, 16).latency_s == pytest.approx(CONV.macs * 2e-9)
+    # a table from before the per-call term: its overhead stays per layer, nothing per call
+    assert model.fixed_costs([CONV]).get("latency_s", 0.0) == 0.0
+
+
+def _chain(length: int) -> list[LayerShape]:
+    return [LayerShape(f"c{i}", "Conv", "conv", macs=8 * 8 * 64 * 9, weight_params=8 * 8 * 9, input_elems=8 * 64,
+                       output_elems=8 * 64, output_channels=8) for i in range(length)]
+
+
+def _plan_latency(model, layers: list[LayerShape], a_bits: int = 8) -> float:
+    """What the allocator adds up for a plan (passes/allocate.evaluate): layer costs + fixed costs."""
+    return (sum(model.layer_cost(layer, 8, a_bits).latency_s for layer in layers)
+            + model.fixed_costs(layers).get("latency_s", 0.0))
+
+
+def test_cpu_call_overhead_is_charged_once_per_model(tmp_path):
+    """The per-call cost (library call, Python runner) is a fixed cost, not part of every layer:
+    an 8-layer plan costs one call plus 8 layers, not 8 times a one-layer model."""
+    table = tmp_path / "table.json"
+    table.write_text('{"seconds_per_mac": {"default": {"8,8": 1e-12, "8,16": 1e-10}}, "seconds_per_byte": 0.0,'
+                     ' "overhead_s": 3e-7, "call_overhead_s": 2e-5, "seconds_per_input_elem": 1e-10,'
+                     ' "seconds_per_output_elem": 1e-9, "source": "test"}')
+    model = cpu_cost.CpuCostModel(cpu_cost.load_coefficients(table))
+    one, eight = _chain(1), _chain(8)
+    layer_s = model.layer_cost(one[0], 8, 8).latency_s
+    assert layer_s == pytest.approx(3e-7 + one[0].macs * 1e-12)  # no per-call share in a layer
+    call_s = 2e-5 + 1e-10 * one[0].input_elems + 1e-9 * one[0].output_elems
+    assert model.fixed_costs(one)["latency_s"] == pytest.approx(call_s)
+    assert model.fixed_costs(eight)["latency_s"] == pytest.approx(call_s)  # once, whatever the depth
+    assert _plan_latency(model, eight) == pytest.approx(call_s + 8 * layer_s)
+    assert _plan_latency(model, eight) < 2 * _plan_latency(model, one)  # the old per-layer fit said 8x
+
+
+def test_cpu_fitted_table_separates_call_and_layer_overhead():
+    """The fitted table prices one call well above one layer's overhead (measured: ~20 us vs
+    ~0.3 us), so the bundled CNN's 8 layers are not charged 8 calls, and 16-bit activations
+    still cost many times the MAC time of 8-bit ones -- the difference the allocator trades."""
+    if not cpu_cost.TABLE_PATH.exists():
+        pytest.skip("no fitted table")
+    model = cpu_cost.cost_model()
+    coefficients = model.coefficients
+    assert coefficients.call_overhead_s > 10 * coefficients.overhead_s > 0
+    eight = _chain(8)
+    a8, a16 = _plan_latency(model, eight, 8), _plan_latency(model, eight, 16)
+    assert a8 < 3 * model.call_latency_s(eight)  # a small 8-layer int8 model is mostly its call
+    assert model.layer_cost(CONV, 8, 16).latency_s > 10 * model.layer_cost(CONV, 8, 8).latency_s
+    assert a16 > 1.5 * a8
 
 
 @pytest.mark.parametrize("model", ALL_MODELS, ids=lambda m: m.name)
