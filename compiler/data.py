@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from compiler.console import warn
 from compiler.errors import EdgeqError
 from compiler.graph import graph_input_names
 
@@ -324,6 +325,10 @@ def _checked(spec: InputSpec, array: np.ndarray, source: str) -> np.ndarray:
         if array.dtype == np.float64 and spec.dtype == np.float32:
             array = array.astype(np.float32)
         elif np.can_cast(array.dtype, spec.dtype, casting="safe"):
+            if array.dtype.kind in "ui" and np.dtype(spec.dtype).kind == "f":
+                # edgeq run refuses this; calibration takes it (a model may want raw 0..255 floats) but says so
+                warn(f"{source}: '{spec.name}' is {array.dtype} but the model input is {spec.dtype}; using the "
+                     f"values as they are (if the model expects normalised inputs, preprocess them first)")
             array = array.astype(spec.dtype)
         else:
             raise EdgeqError(

@@ -54,6 +54,16 @@ def test_npy_with_safe_casts(tmp_path, two_inputs):
     np.testing.assert_array_equal(data["ids"], source["ids"][:3])
 
 
+def test_integer_pixels_for_a_float_input_are_taken_with_a_warning(tmp_path, two_inputs, capsys):
+    source = arrays()
+    np.save(tmp_path / "ids.npy", source["ids"])
+    np.save(tmp_path / "image.npy", np.full((5, 3, 4, 4), 200, np.uint8))
+    data = load_calibration(tmp_path, two_inputs)
+    assert data["image"].dtype == np.float32 and data["image"].max() == 200
+    err = capsys.readouterr().err
+    assert "'image' is uint8 but the model input is float32" in err and "'ids'" not in err  # int widening is quiet
+
+
 def test_npz_directory_is_concatenated_in_name_order(tmp_path, two_inputs):
     first, second = arrays(3), arrays(4)
     np.savez(tmp_path / "b.npz", **second)
