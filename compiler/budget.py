@@ -47,7 +47,7 @@ _KEYS: dict[str, tuple[str, dict[str, float], bool]] = {
 # ``size=`` as a fraction or in bytes: one weight-size limit either way
 _SIZE_KEYS = {"weight_bytes", "size_fraction"}
 # Every metric name a parsed budget may contain (passes.allocate knows them all).
-BUDGET_METRICS = tuple(sorted({key for key, _, _ in _KEYS.values()} | {"weight_bytes", "size_fraction"}))
+BUDGET_METRICS = tuple(sorted({key for key, _, _ in _KEYS.values()} | _SIZE_KEYS))
 
 _VALUE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Zµ]*)\s*$")
 

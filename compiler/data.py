@@ -334,10 +334,7 @@ def _checked(spec: InputSpec, array: np.ndarray, source: str) -> np.ndarray:
             raise EdgeqError(
                 f"{source}: '{spec.name}' is {array.dtype} but the model input is {spec.dtype}; save it as {spec.dtype}"
             )
-    if spec.shape is not None and (array.ndim != len(spec.shape) or any(
-        isinstance(want, int) and have != want
-        for want, have in zip(spec.shape[1:], array.shape[1:], strict=False)
-    )):
+    if not _fits_sample_shape(spec, array):
         raise EdgeqError(
             f"{source}: '{spec.name}' has shape {tuple(array.shape)}, but the model takes samples of shape ({spec.sample_shape_text()}); give an array of shape (N, {spec.sample_shape_text()})"
         )
@@ -346,6 +343,13 @@ def _checked(spec: InputSpec, array: np.ndarray, source: str) -> np.ndarray:
     if array.dtype.kind == "f" and not _all_finite(array):
         raise EdgeqError(f"{source}: '{spec.name}' contains NaN or infinite values")
     return array
+
+
+def _fits_sample_shape(spec: InputSpec, array: np.ndarray) -> bool:
+    """Whether ``array``'s samples have the model input's rank and static per-sample dims."""
+    return spec.shape is None or (array.ndim == len(spec.shape) and all(
+        not isinstance(want, int) or have == want
+        for want, have in zip(spec.shape[1:], array.shape[1:], strict=False)))
 
 
 def check_run_inputs(model: onnx.ModelProto | list[InputSpec], inputs: dict[str, np.ndarray],
@@ -377,9 +381,7 @@ def check_run_inputs(model: onnx.ModelProto | list[InputSpec], inputs: dict[str,
                 raise EdgeqError(f"{source}: input '{spec.name}' is {array.dtype} but the model takes {spec.dtype}; "
                                  f"give {spec.dtype} values, preprocessed as for calibration")
             array = array.astype(spec.dtype)
-        if spec.shape is not None and (array.ndim != len(spec.shape) or any(
-                isinstance(want, int) and have != want
-                for want, have in zip(spec.shape[1:], array.shape[1:], strict=False))):
+        if not _fits_sample_shape(spec, array):
             raise EdgeqError(f"{source}: input '{spec.name}' has shape {list(array.shape)}, but the model takes "
                              f"samples of shape ({spec.sample_shape_text()}); give an array of shape "
                              f"(N, {spec.sample_shape_text()})")
@@ -494,7 +496,12 @@ def model_batches(model: onnx.ModelProto, data: dict[str, np.ndarray],
     short last batch is padded with copies of its final sample, whose outputs
     the caller drops (``output[:count]``).
     """
-    fixed = fixed_batch(model)
+    return padded_batches(data, batch_size, fixed_batch(model))
+
+
+def padded_batches(data: dict[str, np.ndarray], batch_size: int,
+                   fixed: int | None) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """:func:`model_batches` for a batch size ``fixed`` already known (None: any size, ``batch_size`` each)."""
     for batch in iterate_batches(data, fixed or batch_size):
         count = len(next(iter(batch.values())))
         if fixed and count < fixed:

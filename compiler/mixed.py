@@ -36,6 +36,7 @@ from passes.allocate import (
     allocate_refined,
     allocate_reranked,
     apply_allocation,
+    choice_label,
     drop_dominated_choices,
     greedy,
     layer_metric,
@@ -390,14 +391,14 @@ def allocation_summary(problem: AllocationProblem, allocation: Allocation, recor
     if record:
         how = f"Sensitivities: {record['sensitivity']}"
         if "context" in record:
-            how += f" (each layer changed inside the all-{_key(tuple(record['context']))} plan)"
+            how += f" (each layer changed inside the all-{choice_label(tuple(record['context']))} plan)"
         rounding = record.get("rounding")
         if isinstance(rounding, dict) and rounding.get("gptq"):
             how += (", weights of " + " and ".join(f"{bits}" for bits in rounding["gptq"]) +
                     f" bits GPTQ-rounded as the recipe exports them (each of {rounding['folds']} interleaved "
                     "folds of the samples measured on weights rounded on the others)")
         how += f", {record['sensitivity_samples']} calibration samples; candidates " + \
-            ", ".join(_key(tuple(pair)) for pair in record["candidates"]) + "."
+            ", ".join(choice_label(tuple(pair)) for pair in record["candidates"]) + "."
         if "not_measured" in record:
             skipped = record["not_measured"]
             how += (f" Not measured: {skipped['choices']} choices of {skipped['layers']} layers, for which "
@@ -431,10 +432,10 @@ def allocation_summary(problem: AllocationProblem, allocation: Allocation, recor
     lines += ["", "| layer | chosen | sensitivity at each choice |", "|---|---|---|"]
     for layer in problem.layers:
         chosen = allocation.choices[layer.name]
-        options = ", ".join(f"{_key(choice)}: {value:.3g}" for choice, value in sorted(
+        options = ", ".join(f"{choice_label(choice)}: {value:.3g}" for choice, value in sorted(
             layer.sensitivity.items(), key=lambda item: (item[0][0] or 0, item[0][1])))
         pinned = f" (pinned {_pin_text(problem.pins[layer.name])})" if layer.name in problem.pins else ""
-        lines.append(f"| `{layer.name}` | {_key(chosen)}{pinned} | {options} |")
+        lines.append(f"| `{layer.name}` | {choice_label(chosen)}{pinned} | {options} |")
     return "\n".join(lines)
 
 
@@ -446,10 +447,6 @@ def _candidate_label(candidate: dict) -> str:
         return f"{candidate['source']} baseline"
     changed = f" ({candidate['changed']} changed)" if "changed" in candidate else " (start)"
     return f"refine step {candidate['step']}{changed}"
-
-
-def _key(choice) -> str:
-    return f"w{choice[0]}a{choice[1]}" if choice[0] else f"a{choice[1]}"
 
 
 def allocate_command(args: argparse.Namespace) -> int:

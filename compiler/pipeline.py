@@ -30,7 +30,7 @@ import onnx
 from compiler.atomic import atomic_dir, check_output_dir
 from compiler.console import warn
 from compiler.errors import EdgeqError
-from compiler.export import export_plan
+from compiler.export import export_plan, run_stage
 from compiler.loader import load_model
 from compiler.ort_kernels import kernel_usage
 from compiler.plan import QuantPlan
@@ -287,17 +287,15 @@ def apply_pins(plan: QuantPlan, pins: list[str], bit_pairs: tuple[tuple[int, int
     activation bits only.
     """
     from compiler.mixed import parse_pins
+    from passes.allocate import choice_label
 
-    for name, (w_pin, a_pin) in parse_pins(pins, plan).items():
+    for name, (w_pin, a_pin) in parse_pins(pins, plan).items():  # refuses weight pins on weightless layers
         layer = plan.layers[name]
-        if w_pin is not None and layer.w_bits is None:
-            raise EdgeqError(f"--pin {name}=w{w_pin}: layer '{name}' ({layer.op_type}) has no weights; "
-                             f"pin its activation bits, e.g. {name}=a8")
         w_bits = layer.w_bits if w_pin is None else w_pin
         a_bits = layer.a_bits if a_pin is None else a_pin
-        offered = ([f"w{w}a{a}" for w, a in bit_pairs] if w_bits is not None
-                   else sorted({f"a{a}" for _, a in bit_pairs}))
-        chosen = f"w{w_bits}a{a_bits}" if w_bits is not None else f"a{a_bits}"
+        offered = ([choice_label(pair) for pair in bit_pairs] if w_bits is not None
+                   else sorted({choice_label((None, a)) for _, a in bit_pairs}))
+        chosen = choice_label((w_bits, a_bits))
         if chosen not in offered:
             raise EdgeqError(f"--pin {name}: {chosen} is not a choice the target runs for this layer "
                              f"({', '.join(offered)})")
@@ -315,7 +313,7 @@ def load_model_and_data(options: CompileOptions, stage: Callable[[str, Callable[
     ``calib_data``), or ``random_calib`` samples, which print a warning.
     ``stage(name, func)`` times each step (compile's stage timings); None runs them untimed.
     """
-    stage = stage or (lambda name, func: func())
+    stage = stage or run_stage
     model_path, source_model = stage("load", lambda: _load(options))
     float_model = stage("canonicalize", lambda: canonicalize(source_model))
     calib, evaluation = stage("data", lambda: _data(options, float_model, is_bundled_model(model_path)))

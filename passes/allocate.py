@@ -728,9 +728,11 @@ def _check_within(totals: dict[str, float], limits: dict[str, float]) -> None:
 
 def infeasibility(problem: AllocationProblem, limits: dict[str, float], solver: str = "cbc") -> EdgeqError | None:
     """The error :func:`allocate` raises for ``limits`` (resolved) if no plan meets them, else None."""
-    program = _budgeted(undominated(problem, list(limits)), limits)
-    program.lp += program.objective_expr()
-    return _infeasible_error(problem, limits, solver) if program.solve(solver) == "Infeasible" else None
+    try:
+        allocate(problem, limits, solver=solver)
+    except EdgeqError as error:
+        return error
+    return None
 
 
 def _infeasible_error(problem: AllocationProblem, limits: dict[str, float], solver: str) -> EdgeqError:
@@ -1221,7 +1223,7 @@ def apply_allocation(plan, problem: AllocationProblem, allocation: Allocation) -
         w_bits, a_bits = allocation.choices[layer.name]
         entry = plan.layers[layer.name]
         entry.w_bits, entry.a_bits = w_bits, a_bits
-        entry.info["sensitivity"] = {_choice_key(c): s for c, s in layer.sensitivity.items()}
+        entry.info["sensitivity"] = {choice_label(c): s for c, s in layer.sensitivity.items()}
         entry.info["cost"] = asdict(layer.costs[(w_bits, a_bits)])
         tied = [group for group in problem.tie_groups if layer.name in group]
         if tied:
@@ -1232,5 +1234,6 @@ def apply_allocation(plan, problem: AllocationProblem, allocation: Allocation) -
     plan.totals["allocation"] = {key: value for key, value in allocation.as_dict().items() if key != "choices"}
 
 
-def _choice_key(choice: Choice) -> str:
+def choice_label(choice: Choice) -> str:
+    """``w4a8``, or ``a8`` for a weightless layer (plan.json's and report.md's spelling)."""
     return f"w{choice[0]}a{choice[1]}" if choice[0] else f"a{choice[1]}"

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from compiler.data import padded_batches
 from compiler.errors import EdgeqError
 from targets.base import CompileContext, Target, latency_summary
 
@@ -42,21 +43,13 @@ class OnnxTarget(Target):
         sess = session(out_dir, options.get("threads"))
         inputs = self.check_inputs(out_dir, inputs)
         names = [output.name for output in sess.get_outputs()]
-        fixed = {shape[0] for shape in (value.shape for value in sess.get_inputs())
-                 if shape and isinstance(shape[0], int) and shape[0] > 0}
-        if not fixed:
+        fixed = min((shape[0] for shape in (value.shape for value in sess.get_inputs())
+                     if shape and isinstance(shape[0], int) and shape[0] > 0), default=None)
+        if fixed is None:
             return dict(zip(names, sess.run(names, inputs), strict=True))
         # A model with a fixed batch (often 1 at the edge) runs in batches of that size, the last padded.
-        batch = min(fixed)
-        total = len(next(iter(inputs.values())))
-        parts: list[list[np.ndarray]] = []
-        for start in range(0, total, batch):
-            chunk = {name: value[start:start + batch] for name, value in inputs.items()}
-            count = len(next(iter(chunk.values())))
-            if count < batch:
-                chunk = {name: np.concatenate([value, np.repeat(value[-1:], batch - count, axis=0)])
-                         for name, value in chunk.items()}
-            parts.append([output[:count] for output in sess.run(names, chunk)])
+        parts = [[output[:count] for output in sess.run(names, batch)]
+                 for batch, count in padded_batches(inputs, fixed, fixed)]
         return {name: np.concatenate([part[i] for part in parts]) for i, name in enumerate(names)}
 
     def benchmark(self, out_dir: Path, inputs: dict[str, np.ndarray], repeat: int = 50,
