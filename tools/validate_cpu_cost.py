@@ -21,10 +21,9 @@ this tool
     python tools/validate_cpu_cost.py --also-table "old per-layer fit=/tmp/old_table.json" --report /tmp/v.md
 
 What it showed (benchmarks/cpu.md): uniform plans within -8%..+13%; a plan mixing
-widths far more (-71%), because a layer planned at 8-bit activations whose output
-feeds a 16-bit layer writes 16-bit output, which only the generic 16-bit kernel
-does -- a cost that depends on the next layer's bits, which the per-layer cost
-interface cannot express.
+widths -71% at first, because a layer at 8-bit activations feeding a 16-bit layer
+ran the generic 16-bit kernel; since the VNNI kernels write 16-bit output too, that
+plan is predicted +24% (0.092 ms predicted, 0.074 ms measured).
 """
 
 from __future__ import annotations

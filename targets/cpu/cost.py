@@ -20,13 +20,13 @@ Tables written before the per-call term existed have only ``overhead_s``
 (then per layer and per call at once): they load with no per-call cost. On the
 host it was measured on, a call costs ~20 us (mostly the Python runner), a
 layer ~0.3 us, and 16-bit activations cost ~10-80x the time per MAC of 8-bit
-ones (the hand-written VNNI schedules are 8-bit in and out; the rest runs
-generic kernels); 4-bit weights run the 8-bit kernels. Known limit: a layer's
-cost here depends on its own bits only, but a layer at 8-bit activations whose
-output feeds a 16-bit layer writes 16-bit output and so runs the generic
-kernel at about the 16-bit cost (tools/validate_cpu_cost.py: a mixed plan of
-the bundled CNN predicted 0.09 ms, measured 0.31 ms). Without a table the
-model falls back to an analytic estimate anchored on one measurement in
+ones (the hand-written VNNI schedules read 8-bit activations; 16-bit inputs run
+generic kernels); 4-bit weights run the 8-bit kernels. A layer at 8-bit
+activations whose output feeds a 16-bit layer writes 16-bit output from the
+same 8-bit kernel, so a layer's cost depends on its own bits only
+(tools/validate_cpu_cost.py: a plan of the bundled CNN mixing widths, predicted
+0.092 ms, measured 0.074 ms; 0.318 ms when such layers ran the generic kernel).
+Without a table the model falls back to an analytic estimate anchored on one measurement in
 DESIGN.md (untuned Relax int8 MobileNetV2, ~300 M MACs in ~80 ms on one thread
 of this host: ~2.7e-10 s/MAC); only the ratios between bit pairs matter to the
 allocator, and the analytic ratios are: 4-bit/2-bit weights are unpacked to

@@ -115,7 +115,7 @@ class Requant:
     y_zero_point: int
     y_min: int
     y_max: int
-    y_dtype: str  # "uint8" or "int8"
+    y_dtype: str  # "uint8", "int8", or "uint16"/"int16" (8-bit input, 16-bit output)
     tie_free: bool = False
 
 

@@ -24,7 +24,8 @@ took 3 ms of ResNet-18's 9 ms) and ``QAdd`` of two same-shape activations.
 Covered: QConv 2-D with ``group == 1`` (any kernel, stride, dilation, padding)
 or depthwise (``group == C == O``; variant ``conv_depthwise_vnni`` where the target
 has AVX-512 VBMI, else ``conv_depthwise``), QGemm; uint8 or int8 activations; int8
-weights (any ``w_bits <= 8``); uint8/int8 outputs; per-tensor or per-channel
+weights (any ``w_bits <= 8``); uint8/int8 outputs, or uint16/int16 (an 8-bit layer read
+by a 16-bit one; QAdd too); per-tensor or per-channel
 requantization (``ScheduledKernel.epilogue``: ``exact`` or ``tie_free``).
 """
 
@@ -45,7 +46,10 @@ from targets.cpu.kernels import ConvGeometry, Requant
 
 log = logging.getLogger(__name__)
 
-Y_DTYPES = ("uint8", "int8")
+# The VNNI kernels read 8-bit activations; they write 8- or 16-bit ones (an 8-bit layer feeding a
+# 16-bit one writes 16-bit output: the epilogue clamps in int32/int64 either way).
+X_DTYPES = ("uint8", "int8")
+Y_DTYPES = ("uint8", "int8", "uint16", "int16")
 
 
 @dataclass
@@ -274,7 +278,7 @@ def _maxpool_kernel(node: onnx.NodeProto, x_shape, x_dtype: str, attrs: dict) ->
     """ONNX MaxPool on an 8-bit NCHW tensor (NOTSET padding, floor mode, one output)."""
     x_dtype = np.dtype(x_dtype).name
     kernel = attrs.get("kernel_shape")
-    if (len(x_shape) != 4 or x_dtype not in ("uint8", "int8") or kernel is None or len(kernel) != 2
+    if (len(x_shape) != 4 or x_dtype not in X_DTYPES or kernel is None or len(kernel) != 2
             or int(attrs.get("ceil_mode", 0)) or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET")
             or len(node.output) > 1 and node.output[1]):
         log.debug("%s: MaxPool variant without a kernel", node.name)
@@ -317,7 +321,7 @@ def _qadd_kernel(node: onnx.NodeProto, input_shapes: list[tuple[int, ...]], inpu
         return None
     dtypes = [np.dtype(d).name for d in input_dtypes]
     y_dtype = _dtype_name(attrs.get("y_dtype", "uint8"))
-    if any(d not in Y_DTYPES for d in dtypes) or y_dtype not in Y_DTYPES:
+    if any(d not in X_DTYPES for d in dtypes) or y_dtype not in Y_DTYPES:
         log.debug("%s: dtypes %s -> %s have no kernel", node.name, dtypes, y_dtype)
         return None
     rq = Requant(int(attrs.get("y_zero_point", 0)), int(attrs["y_min"]), int(attrs["y_max"]), y_dtype)
@@ -379,7 +383,7 @@ def schedule_for(
     if node.op_type not in ("QConv", "QGemm"):
         return None
     x_dtype = np.dtype((input_dtypes or ["uint8"])[0]).name
-    if x_dtype not in ("uint8", "int8"):
+    if x_dtype not in X_DTYPES:
         log.debug("%s: activation dtype %s has no kernel", node.name, x_dtype)
         return None
     if _dtype_name(attrs.get("y_dtype", "uint8")) not in Y_DTYPES:

@@ -145,6 +145,25 @@ def test_vnni_schedules_plug_in_bit_exact(tmp_path):
     assert manifest["inputs"][0]["library_dtype"] == "float32"  # the library quantizes its input itself
 
 
+def test_layer_feeding_16_bit_activations_keeps_its_vnni_kernel(tmp_path):
+    """An 8-bit-input conv whose reader takes 16-bit activations writes 16-bit output from the VNNI
+    kernel (mixed plans paid the generic kernel's 16-bit cost here before); the 16-bit-input conv
+    after it runs the generic compute."""
+    schedules = pytest.importorskip("targets.cpu.schedules")
+    if not schedules.host_has_vnni():
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    b = QDQBuilder(seed=7, opset=21)
+    x = b.input("x", [1, 8, 10, 10], scale=0.02, zero_point=120)
+    wide = b.qdq(b.node("Conv", [x, b.weight((16, 8, 3, 3)), b.bias(16, 0.0004)], pads=[1, 1, 1, 1]),
+                 0.0005, 30000, np.uint16)
+    y = b.qdq(b.node("Conv", [wide, b.weight((8, 16, 1, 1))]), 0.0008, 0, np.int16)
+    int_model = integerize(b.model(y))
+    inputs = {"x": np.random.default_rng(3).normal(0, 1.0, (2, 8, 10, 10)).astype(np.float32)}
+    manifest = assert_library_matches_interpreter(int_model, inputs, tmp_path / "cpu", use_schedules=True)
+    assert manifest["kernels"].get("conv_dense") == 1, manifest["kernels"]
+    assert manifest["kernels"].get("generic_QConv") == 1, manifest["kernels"]
+
+
 @pytest.mark.slow
 def test_mobilenet_v2_compiles_in_minutes_and_is_bit_exact(tmp_path):
     model = mobilenet_v2_like_model()

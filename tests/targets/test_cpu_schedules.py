@@ -174,6 +174,9 @@ NO_VBMI = {"kind": "llvm", "mcpu": "cascadelake"}
     ("uint8", "uint8", True, True),  # tie channels: the general int64 epilogue
     ("int8", "int8", False, False),  # random multipliers: the tie-free epilogue
     ("uint8", "uint8", True, False),
+    # 8-bit in, 16-bit out: an 8-bit layer whose reader takes 16-bit activations
+    ("uint8", "uint16", True, True),
+    ("int8", "int16", False, False),
 ])
 def test_qconv_kernels_bit_exact(x_shape, w_shape, attrs, variant, x_dtype, y_dtype, per_channel, ties):
     rng = _rng(x_shape, w_shape, x_dtype, ties)
@@ -253,10 +256,10 @@ def test_tie_free_epilogue_decision_is_exact():
 
 
 @pytest.mark.parametrize("n, k, m", [(1, 1280, 1000), (1, 27, 10), (3, 64, 40)])
-@pytest.mark.parametrize("x_dtype", ["uint8", "int8"])
-def test_qgemm_kernel_bit_exact(n, k, m, x_dtype):
+@pytest.mark.parametrize("x_dtype, y_dtype", [("uint8", "uint8"), ("int8", "uint8"), ("uint8", "int16")])
+def test_qgemm_kernel_bit_exact(n, k, m, x_dtype, y_dtype):
     rng = np.random.default_rng(k * 1000 + m)
-    node, x, w, bias, attrs = _case(rng, "QGemm", (n, k), (k, m), x_dtype, "uint8", True)
+    node, x, w, bias, attrs = _case(rng, "QGemm", (n, k), (k, m), x_dtype, y_dtype, True)
     _check(node, x, w, bias, attrs, "gemm")
 
 
@@ -318,7 +321,8 @@ def test_maxpool_kernel_matches_onnxruntime(dtype, shape, attrs):
     np.testing.assert_array_equal(got, ref)
 
 
-@pytest.mark.parametrize("a_dtype, b_dtype, y_dtype", [("uint8", "uint8", "uint8"), ("int8", "uint8", "int8")])
+@pytest.mark.parametrize("a_dtype, b_dtype, y_dtype", [("uint8", "uint8", "uint8"), ("int8", "uint8", "int8"),
+                                                    ("uint8", "int8", "uint16")])
 @pytest.mark.parametrize("shape, ties", [
     ((1, 24, 9, 9), True),  # a_M = b_M = 2**30, s = 31: half the outputs are exact ties
     ((1, 24, 9, 9), False),  # 1944 values: 121 vectors and a 8-value scalar tail
