@@ -73,12 +73,16 @@ from targets.cost_common import traffic_bytes  # noqa: E402
 
 TABLE = Path(__file__).resolve().parent.parent / "targets/cpu/cost_table.json"
 
-# (kind, in channels, out channels, spatial size, kernel) ; gemm: (kind, K, N, 1, 1)
+# (kind, in channels, out channels, spatial size, kernel[, stride]) ; gemm: (kind, K, N, 1, 1)
 GRID = [
     ("conv", 16, 32, 32, 3), ("conv", 32, 64, 16, 3), ("conv", 64, 64, 8, 3),
     ("conv", 32, 64, 32, 1), ("conv", 128, 128, 8, 1), ("conv", 3, 16, 128, 3),
     ("depthwise", 32, 32, 32, 3), ("depthwise", 128, 128, 16, 3),
     ("depthwise", 96, 96, 56, 3), ("depthwise", 576, 576, 7, 3),
+    # strided, as in MobileNetV2: a large input for few MACs (the library quantizes its float
+    # input, a cost per input element that stride-1 layers cannot tell from their MACs)
+    ("conv", 3, 32, 224, 3, 2), ("depthwise", 96, 96, 112, 3, 2), ("depthwise", 144, 144, 56, 3, 2),
+    ("depthwise", 576, 576, 14, 3, 2),
     ("gemm", 512, 256, 1, 1), ("gemm", 1280, 1000, 1, 1),
 ]
 # Small layers (little MAC time) chained N times: the slope over N is the per-layer overhead,
@@ -88,12 +92,12 @@ CHAIN_LENGTHS = (1, 4, 8)
 BURST = 10
 
 
-def layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, seed: int = 0,
+def layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, stride: int = 1, seed: int = 0,
                 layers: int = 1) -> onnx.ModelProto:
-    """``layers`` layers of one shape in a chain (``cin == cout`` when more than one); node
-    ``layer`` when alone, else ``layer0`` ... ``layer{N-1}``, each with its own random weights."""
-    if layers > 1 and cin != cout:
-        raise ValueError("a chain needs cin == cout")
+    """``layers`` layers of one shape in a chain (``cin == cout`` and stride 1 when more than one);
+    node ``layer`` when alone, else ``layer0`` ... ``layer{N-1}``, each with its own random weights."""
+    if layers > 1 and (cin != cout or stride != 1):
+        raise ValueError("a chain needs cin == cout and stride 1")
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     current = "x"
@@ -109,7 +113,7 @@ def layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, seed: in
             weight /= np.sqrt(cin // group * kernel * kernel)
             pad = kernel // 2
             nodes += [helper.make_node("Conv", [current, w, b], [f"c{suffix}"], name=f"layer{suffix}",
-                                       group=group, pads=[pad] * 4),
+                                       group=group, pads=[pad] * 4, strides=[stride] * 2),
                       helper.make_node("Relu", [f"c{suffix}"], [out], name=f"relu{suffix}")]
         inits += [numpy_helper.from_array(weight.astype(np.float32), w),
                   numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, b)]
@@ -117,7 +121,8 @@ def layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, seed: in
     if kind == "gemm":
         x_shape, y_shape = ["N", cin], ["N", cout]
     else:
-        x_shape, y_shape = ["N", cin, size, size], ["N", cout, size, size]
+        out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
+        x_shape, y_shape = ["N", cin, size, size], ["N", cout, out_size, out_size]
     graph = helper.make_graph(nodes, "layers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -125,8 +130,9 @@ def layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, seed: in
     return model
 
 
-def single_layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, seed: int = 0) -> onnx.ModelProto:
-    return layer_model(kind, cin, cout, size, kernel, seed)
+def single_layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, stride: int = 1,
+                       seed: int = 0) -> onnx.ModelProto:
+    return layer_model(kind, cin, cout, size, kernel, stride, seed)
 
 
 def build(point, bits: str, layers: int, work: Path) -> dict:
@@ -231,14 +237,14 @@ def fit(measurements: list[dict]) -> dict:
     rows = []
     for m in measurements:
         key = (m["kind"], f"{m['bits'][0]},{m['bits'][1]}")
-        rows.append([1.0, m["layers"], m["bytes"]] + [m["macs"] if key == k else 0.0 for k in keys])
+        rows.append([1.0, m["layers"], m["bytes"], m["input_elems"]] + [m["macs"] if key == k else 0.0 for k in keys])
     matrix = np.asarray(rows, dtype=float)
     solution = _nnls(matrix, core)
-    c_call, per_layer, per_byte = solution[:3]
+    c_call, per_layer, per_byte, quantize_per_elem = solution[:4]
     core_predicted = matrix @ solution
     whole_predicted = core_predicted + input_rows @ np.asarray([i0, e_in]) + output_rows @ np.asarray([o0, e_out])
     per_mac: dict[str, dict[str, float]] = {}
-    for (kind, pair), value in zip(keys, solution[3:], strict=True):
+    for (kind, pair), value in zip(keys, solution[4:], strict=True):
         per_mac.setdefault(kind, {})[pair] = float(value)
         w, a = pair.split(",")
         if w == "8":  # int4 weights run the int8 kernels (stored as int8 in the integer graph)
@@ -251,14 +257,16 @@ def fit(measurements: list[dict]) -> dict:
         "seconds_per_byte": float(per_byte),
         "overhead_s": float(per_layer),  # per layer (before 2026-11-23 it also held the per-call overhead)
         "call_overhead_s": float(e0 + c_call),  # once per model call
-        "seconds_per_input_elem": float(e_in),  # once per model: its input, float, copied in
+        # once per model: its float input, copied in by the runner and quantized by the library
+        "seconds_per_input_elem": float(e_in + quantize_per_elem),
         "seconds_per_output_elem": float(e_out),  # once per model: its output, copied out, dequantized
         "fit_relative_error": _errors(whole_predicted, whole),
         "fit_relative_error_core": _errors(core_predicted, core),
         "fit_relative_error_chains": _errors(whole_predicted[chains], whole[chains]) if chains.any() else None,
         "fit_relative_error_by_a_bits": {str(a): _errors(whole_predicted[a_bits == a], whole[a_bits == a])
                                          for a in sorted(set(a_bits.tolist()))},
-        "fit_terms": {"library_call_s": float(c_call), "runner_input_s": float(i0), "runner_output_s": float(o0)},
+        "fit_terms": {"library_call_s": float(c_call), "runner_input_s": float(i0), "runner_output_s": float(o0),
+                      "runner_input_per_elem_s": float(e_in), "library_quantize_per_elem_s": float(quantize_per_elem)},
     }
 
 

@@ -47,8 +47,8 @@ sys.path.insert(0, str(REPO))
 FASHION = REPO / "models" / "fashion_cnn.onnx"
 
 
-def cases(mobilenet: bool, budgets: list[str]) -> list[dict]:
-    """(name, model path or None for the bundled one, edgeq compile arguments)."""
+def cases(mobilenet: bool, budgets: list[str], mobilenet_budgets: list[str] = ()) -> list[dict]:
+    """(name, model path, edgeq compile arguments)."""
     found = [
         {"name": "fashion_cnn w8a8", "model": FASHION, "args": ["--bits", "w8a8"]},
         {"name": "fashion_cnn w8a16", "model": FASHION, "args": ["--bits", "w8a16"]},
@@ -58,8 +58,10 @@ def cases(mobilenet: bool, budgets: list[str]) -> list[dict]:
     if mobilenet:
         from models import zoo
 
-        found.append({"name": "mobilenetv2 w8a8", "model": Path(zoo.build("mobilenetv2")),
-                      "args": ["--bits", "w8a8", "--random-calib", "16"]})
+        path = Path(zoo.build("mobilenetv2"))
+        found.append({"name": "mobilenetv2 w8a8", "model": path, "args": ["--bits", "w8a8", "--random-calib", "16"]})
+        found += [{"name": f"mobilenetv2 --budget {budget}", "model": path,
+                   "args": ["--budget", budget, "--random-calib", "16"]} for budget in mobilenet_budgets]
     return found
 
 
@@ -84,31 +86,30 @@ def one_sample(model_path: Path, path: Path) -> None:
 
 
 def predict(out_dir: Path, model_path: Path, tables: dict[str, Path | None]) -> dict:
-    """Predicted seconds of the compiled plan under each table (None: the table in the tree)."""
-    from compiler.layers import layer_shapes
+    """Predicted seconds of the compiled plan under each table (None: the table in the tree), summed by
+    the allocator's own code (``problem_from_model`` and ``evaluate``)."""
     from compiler.loader import load_model
-    from passes.allocate import online_op_shapes
+    from compiler.plan import QuantPlan
+    from passes.allocate import evaluate, problem_from_model
     from passes.canonicalize import canonicalize
     from targets.cpu.cost import CpuCostModel, load_coefficients
 
-    plan = json.loads((out_dir / "plan.json").read_text())
+    plan = QuantPlan.load(str(out_dir / "plan.json"))
     model = canonicalize(load_model(model_path))
-    names = [layer["node"] for layer in plan["layers"]]
-    shapes = layer_shapes(model, names)
-    online = online_op_shapes(model)
-    result = {"layers": len(names), "a16_layers": sum(1 for layer in plan["layers"] if layer["a_bits"] > 8),
-              "macs": sum(shapes[name].macs for name in names), "predicted_s": {}}
+    pairs = sorted({(layer.w_bits or layer.a_bits, layer.a_bits) for layer in plan.layers.values()})
+    result: dict = {"layers": len(plan.layers),
+                    "a16_layers": sum(1 for layer in plan.layers.values() if layer.a_bits > 8), "predicted_s": {}}
     for label, path in tables.items():
         cost_model = CpuCostModel(load_coefficients(path) if path else None)
-        per_layer = sum(cost_model.layer_cost(shapes[layer["node"]],
-                                              layer["w_bits"] if shapes[layer["node"]].weight_params else None,
-                                              layer["a_bits"]).latency_s
-                        for layer in plan["layers"])
-        fixed = cost_model.fixed_costs([shapes[name] for name in names], online).get("latency_s", 0.0)
-        result["predicted_s"][label] = per_layer + fixed
+        problem = problem_from_model(model, plan, cost_model, pairs=pairs)
+        choices = {layer.name: (plan.layers[layer.name].w_bits if layer.weight_params else None,
+                                plan.layers[layer.name].a_bits) for layer in problem.layers}
+        totals = evaluate(problem, choices)
+        result["predicted_s"][label] = totals["latency_s"]
+        result["macs"] = totals["macs"]
         if path is None:
-            result["fixed_s"] = fixed
-    allocation = plan.get("totals", {}).get("allocation")
+            result["fixed_s"] = problem.fixed.get("latency_s", 0.0)
+    allocation = plan.totals.get("allocation")
     if allocation:  # what the allocator itself estimated at compile time (the same sum)
         result["allocator_estimate_s"] = allocation["totals"].get("latency_s")
     return result
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=200, help="runs per edgeq run (its --repeat)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-mobilenet", action="store_true")
+    parser.add_argument("--mobilenet-budget", action="append", metavar="BUDGET",
+                        help="a MobileNetV2 case under this budget (repeatable; default: latency=1.5ms, the "
+                             "issue's example)")
     parser.add_argument("--work", type=Path, help="folder for the artifacts (default: a temp dir)")
     parser.add_argument("--report", type=Path, help="write the markdown section here")
     args = parser.parse_args(argv)
@@ -158,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     budgets = args.budget or ["latency=1ms", "latency=0.2ms"]
-    for index, case in enumerate(cases(not args.no_mobilenet, budgets)):
+    mobilenet_budgets = args.mobilenet_budget or ["latency=1.5ms"]
+    for index, case in enumerate(cases(not args.no_mobilenet, budgets, mobilenet_budgets)):
         out = work / f"case{index}"
         started = time.perf_counter()
         subprocess.run(["edgeq", "compile", str(case["model"]), "--target", "cpu", *case["args"], "-o", str(out),
