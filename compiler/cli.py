@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from compiler.budget import format_metric
     from compiler.mixed import allocator_options
     from compiler.pipeline import CompileOptions, compile_model
 
@@ -144,6 +145,12 @@ def _compile(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()
                           if key in ("top1_agreement", "cosine", "sqnr_db"))
         summary.append(f"output {name}: {shown}")
+    allocation = result.plan.totals.get("allocation") or {}
+    measured = allocation.get("measured")
+    if measured:
+        summary.append(f"latency {format_metric('latency_s', measured['latency_s'])} per sample on this machine "
+                       f"({measured['threads']} thread; budget {format_metric('latency_s', allocation['budget']['latency_s'])}, "
+                       f"predicted {format_metric('latency_s', measured['predicted_latency_s'])})")
     print("\n".join(summary))
     return 0
 

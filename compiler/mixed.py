@@ -362,6 +362,45 @@ def device_overruns(device: str, limits: dict[str, float], budget: dict[str, flo
     return messages
 
 
+def check_latency(plan: QuantPlan, target, out_dir: Path, inputs: dict[str, np.ndarray]) -> dict | None:
+    """The compiled artifact timed on this machine against the plan's latency budget.
+
+    Only when the plan was allocated under a latency budget and the target can time
+    its artifact here (``Target.measure_latency``). The cost model's estimate is a
+    fit, so the measurement is what the user can hold the budget to: it goes into
+    plan.json (``totals.allocation.measured``) and the report, with a warning when
+    over the budget. A failed timing is a warning, not a failed compile.
+    """
+    allocation = plan.totals.get("allocation") or {}
+    limit = (allocation.get("budget") or {}).get("latency_s")
+    if limit is None:
+        return None
+    try:
+        timing = target.measure_latency(out_dir, inputs)
+    except EdgeqError as error:
+        warn(f"latency budget not checked: {error}")
+        return None
+    if timing is None:
+        return None
+    measured = timing["median_ms"] / 1e3
+    predicted = (allocation.get("totals") or {}).get("latency_s")
+    record = {"latency_s": measured, "runs": timing.get("runs"), "threads": timing.get("threads"),
+              "predicted_latency_s": predicted, "within_budget": measured <= limit}
+    allocation["measured"] = record
+    line = (f"Measured on this machine: {format_metric('latency_s', measured)} per sample (median of "
+            f"{record['runs']} runs, {record['threads']} thread) against the budget "
+            f"{format_metric('latency_s', limit)}"
+            + (f"; the cost model predicted {format_metric('latency_s', predicted)}" if predicted else "") + ".")
+    sections = plan.totals.setdefault("report_sections", {})
+    sections["Bit allocation"] = sections.get("Bit allocation", "") + "\n\n" + line
+    if measured > limit:
+        warn(f"the compiled model runs in {format_metric('latency_s', measured)} per sample on this machine, over "
+             f"the latency budget {format_metric('latency_s', limit)}"
+             + (f" (predicted {format_metric('latency_s', predicted)})" if predicted else "")
+             + "; a tighter --budget latency gives a faster plan")
+    return record
+
+
 def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
                   device: str | None, budget_text: str, *, integer_only: bool,
                   pins: list[str] | None = None, options: AllocatorOptions | None = None,

@@ -9,6 +9,7 @@
   chosen) -> recipe's weight rounding (GPTQ, bias correction) -> insert QDQ
   -> fidelity -> write model.qdq.onnx, plan.json, report.md
   -> target lowering (integer graph, code) when the target is not "onnx"
+  -> under a latency budget, the artifact timed on this machine against it
 
 Everything a run writes goes to a temporary folder first and is moved into
 ``out_dir`` only when the whole run succeeded.
@@ -245,6 +246,10 @@ def compile_model(options: CompileOptions) -> CompileResult:
                                  calib_inputs=calib,
                                  options={"device": options.device, "target_triple": options.target_triple})
             stage("lower", lambda: target.lower(ctx))
+            if options.budget:
+                from compiler.mixed import check_latency
+
+                stage("measure", lambda: check_latency(plan, target, tmp, calib))
         plan.totals["seconds"] = {name: round(value, 3) for name, value in timings.items()}
         plan.save(str(tmp / "plan.json"))
         from compiler.report import write_report

@@ -149,6 +149,12 @@ class Target(ABC):
     def run(self, out_dir: Path, inputs: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
         """Run the artifact in ``out_dir`` on ``inputs``; float outputs by output name."""
 
+    def measure_latency(self, out_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, Any] | None:
+        """One sample's latency on this machine, timed the way the cost model prices latency (the
+        check of a latency budget after compiling: compiler.mixed.check_latency); ``None`` where this
+        machine does not run the artifact as deployed (an emulator, another device)."""
+        return None
+
     def benchmark(self, out_dir: Path, inputs: dict[str, np.ndarray], repeat: int = 50,
                   **options: Any) -> dict[str, Any]:
         """Median latency of one sample. Targets override this to exclude loading time."""

@@ -9,7 +9,8 @@
   inputs (at most ``verify_samples`` of them, default 16).
 * runner: :mod:`targets.cpu.runner` -- :meth:`CpuTarget.run` (float outputs),
   :meth:`CpuTarget.run_raw` (integer outputs), :meth:`CpuTarget.benchmark`
-  (median latency per sample as JSON).
+  (median latency per sample as JSON), :meth:`CpuTarget.measure_latency` (the
+  same at one thread in a fresh process: what the cost model prices).
 
 Options read from ``CompileContext.options``: ``target_triple`` (e.g.
 ``aarch64-linux-gnu``), ``mcpu`` (for the cross target), ``cpu_schedules``
@@ -20,6 +21,10 @@ apply), ``verify_samples``.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,15 @@ INT_MODEL_FILE = "model.int.onnx"
 VERIFY_FILE = "verify.json"
 CPU_DIR = "cpu"
 DEFAULT_VERIFY_SAMPLES = 16
+MEASURE_REPEAT = 50
+# Run in a fresh process: TVM's thread pool is sized by a process's first run, and compile has run
+# the library already (verification) at the default thread count.
+_MEASURE = ("import json, sys\n"
+            "from pathlib import Path\n"
+            "import numpy as np\n"
+            "from targets.cpu import TARGET\n"
+            "inputs = dict(np.load(sys.argv[2]))\n"
+            "print(json.dumps(TARGET.benchmark(Path(sys.argv[1]), inputs, repeat=int(sys.argv[3]), threads=1)))\n")
 
 
 # The cpu target's name for the shared comparison (tests and tools import it from here).
@@ -90,6 +104,23 @@ class CpuTarget(Target):
         from targets.cpu import runner
 
         return runner.run_raw(Path(out_dir), inputs)
+
+    def measure_latency(self, out_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, Any] | None:
+        """:meth:`benchmark` of the first sample at one thread (the cost model's setting), in a fresh
+        Python process; its JSON. An EdgeqError names what failed."""
+        from compiler.errors import EdgeqError
+
+        root = str(Path(__file__).resolve().parents[2])  # where the targets package is importable from
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        with tempfile.TemporaryDirectory(prefix="edgeq_measure_") as tmp:
+            sample = Path(tmp) / "sample.npz"
+            np.savez(sample, **{name: np.asarray(value)[:1] for name, value in inputs.items()})
+            done = subprocess.run([sys.executable, "-c", _MEASURE, str(out_dir), str(sample), str(MEASURE_REPEAT)],
+                                  capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise EdgeqError(f"timing the compiled library failed: {last}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     def benchmark(self, out_dir: Path, inputs: dict[str, np.ndarray], repeat: int = 50,
                   **options: Any) -> dict[str, Any]:

@@ -221,3 +221,53 @@ def test_a_budget_above_the_device_is_warned_about(capsys):
                   options=AllocatorOptions(sensitivity="proxy"))
     assert "edgeq: warning: budget flash_bytes 2.000MB is more than mcu:cortex-m4 has (512.00KB)" \
         in capsys.readouterr().err
+
+
+class _TimedTarget:
+    """A target whose artifact 'runs' in a fixed time (check_latency's view of a target)."""
+
+    def __init__(self, median_ms: float | None) -> None:
+        self.median_ms = median_ms
+
+    def measure_latency(self, out_dir, inputs):
+        return None if self.median_ms is None else {"median_ms": self.median_ms, "runs": 50, "threads": 1}
+
+
+def _allocated_plan(budget_s: float | None, predicted_s: float):
+    from compiler.plan import QuantPlan
+
+    plan = QuantPlan(model="m.onnx")
+    budget = {} if budget_s is None else {"latency_s": budget_s}
+    plan.totals["allocation"] = {"budget": budget, "totals": {"latency_s": predicted_s}}
+    plan.totals["report_sections"] = {"Bit allocation": "table"}
+    return plan
+
+
+def test_a_plan_over_its_latency_budget_when_measured_is_warned_about(capsys, tmp_path):
+    from compiler.mixed import check_latency
+
+    plan = _allocated_plan(1.5e-3, 1.45e-3)
+    record = check_latency(plan, _TimedTarget(1.8), tmp_path, {})
+    assert record["latency_s"] == pytest.approx(1.8e-3) and not record["within_budget"]
+    assert plan.totals["allocation"]["measured"] is record
+    assert "Measured on this machine: 1.8ms per sample" in plan.totals["report_sections"]["Bit allocation"]
+    assert "runs in 1.8ms per sample on this machine, over the latency budget 1.5ms (predicted 1.45ms)" \
+        in capsys.readouterr().err
+    within = _allocated_plan(1.5e-3, 1.45e-3)
+    assert check_latency(within, _TimedTarget(1.2), tmp_path, {})["within_budget"]
+    assert capsys.readouterr().err == ""
+    # no latency budget, or a target that cannot time its artifact here: nothing to check
+    assert check_latency(_allocated_plan(None, 1e-3), _TimedTarget(1.2), tmp_path, {}) is None
+    assert check_latency(_allocated_plan(1e-3, 1e-3), _TimedTarget(None), tmp_path, {}) is None
+
+
+@pytest.mark.slow
+def test_cpu_compile_under_a_latency_budget_times_what_it_built(tmp_path):
+    from compiler.pipeline import CompileOptions, compile_model
+    from models import bundled
+
+    result = compile_model(CompileOptions(model=str(bundled.model_path()), target="cpu", budget="latency=1ms",
+                                          out_dir=str(tmp_path / "out"), progress=False))
+    measured = result.plan.totals["allocation"]["measured"]
+    assert 0 < measured["latency_s"] < 0.1 and measured["threads"] == 1 and measured["runs"] == 50
+    assert "Measured on this machine" in (tmp_path / "out" / "report.md").read_text()
