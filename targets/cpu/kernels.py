@@ -31,6 +31,16 @@ reads x_zero_point" holds and the folded bias stays exact. int8 activations are
 shifted to uint8 (``x ^ 0x80``, zero point + 128) and the weight sum times 128
 is moved into the bias by :mod:`targets.cpu.schedules`.
 
+16-bit activations (uint16; int16 shifted by 32768 the same way): ``vpdpbusd`` multiplies
+bytes only, so the conv and gemm kernels pack a low-byte and a high-byte plane where they
+pack the 8-bit input (:class:`XPlanes`; the zero point is split into bytes likewise), run the
+same instructions on both into two int32 accumulators and requantize
+``256 * acc_hi + acc_lo`` (int64, or int32 where the tie-free epilogue's bound proves it fits:
+:func:`_accumulated`). Each plane's sum is at most ``255 * sum|w|``: exact in int32 whatever
+the total. The depthwise kernel without VBMI, which multiplies in int32 anyway, keeps the
+16-bit input whole (one uint16 plane), and the VBMI depthwise kernel copies every channel
+into padded byte planes (no direct 64-byte windows on 16-bit x).
+
 Every kernel ends with the fused epilogue of :mod:`compiler.intgraph`:
 ``y = clip(requant(acc, M, s) + y_zp)`` in int64 with
 :mod:`compiler.requant`'s rounding (half to even), per channel -- or, where
@@ -115,7 +125,7 @@ class Requant:
     y_zero_point: int
     y_min: int
     y_max: int
-    y_dtype: str  # "uint8", "int8", or "uint16"/"int16" (8-bit input, 16-bit output)
+    y_dtype: str  # "uint8", "int8", "uint16" or "int16"
     tie_free: bool = False
 
 
@@ -178,27 +188,119 @@ def _lanes(value: tirx.PrimExpr) -> int:
     return int(name.split("x")[1]) if "x" in name else 1
 
 
-def _as_u8(value: tirx.PrimExpr, signed: bool) -> tirx.PrimExpr:
-    """Activation value(s) as uint8; int8 is shifted by 128 (bit flip of the sign)."""
-    lanes = _lanes(value)
-    u8 = "uint8" if lanes == 1 else f"uint8x{lanes}"
+def _as_unsigned(value: tirx.PrimExpr, signed: bool) -> tirx.PrimExpr:
+    """Activation value(s) in the unsigned view of their width: int8 is shifted by 128, int16 by
+    32768 (a flip of the sign bit); unsigned values are returned as they are."""
     if not signed:
         return value
-    flipped = tirx.reinterpret(u8, value)
-    mask = tirx.const(128, "uint8") if lanes == 1 else tirx.Broadcast(tirx.const(128, "uint8"), lanes)
-    return tirx.bitwise_xor(flipped, mask)
+    lanes = _lanes(value)
+    bits = 16 if str(value.ty).split("x")[0].endswith("16") else 8
+    unsigned = f"uint{bits}" if lanes == 1 else f"uint{bits}x{lanes}"
+    return tirx.bitwise_xor(tirx.reinterpret(unsigned, value), _splat(1 << (bits - 1), f"uint{bits}", lanes))
+
+
+@dataclass(frozen=True)
+class XPlanes:
+    """How a kernel keeps its activation input in scratch: the unsigned view of ``x``
+    (:func:`_as_unsigned`) in ``count`` planes ``stride`` elements apart.
+
+    8-bit ``x``: one uint8 plane. 16-bit ``x`` read by ``vpdpbusd`` (``split``; it multiplies
+    bytes only): two uint8 planes, the low and the high byte (``x = 256 * hi + lo``), whose
+    products the kernel accumulates separately and combines as ``256 * acc_hi + acc_lo``
+    (:func:`_accumulated`). 16-bit ``x`` not split: one uint16 plane. ``zero_point``: the
+    input zero point, which padding and slack hold (in the unsigned view, byte by byte).
+    """
+
+    x_dtype: str
+    zero_point: int
+    split: bool = True
+    stride: int = 0
+
+    @property
+    def signed(self) -> bool:
+        return self.x_dtype.startswith("int")
+
+    @property
+    def bits(self) -> int:
+        return 16 if self.x_dtype.endswith("16") else 8
+
+    @property
+    def count(self) -> int:
+        return 2 if self.split and self.bits == 16 else 1
+
+    @property
+    def dtype(self) -> str:
+        """Element type of the planes."""
+        return "uint16" if self.bits == 16 and not self.split else "uint8"
+
+    @property
+    def max_value(self) -> int:
+        """Largest element of a plane: bounds the int32 partial sums of one plane's products."""
+        return (1 << (8 if self.dtype == "uint8" else 16)) - 1
+
+    def plane(self, value: tirx.PrimExpr, p) -> tirx.PrimExpr:
+        """Plane ``p`` (int or expression) of unsigned-view value(s): a byte, or the value itself."""
+        if self.count == 1:
+            return value
+        lanes = _lanes(value)
+        u8 = "uint8" if lanes == 1 else f"uint8x{lanes}"
+        if isinstance(p, int) and p == 0:
+            return tirx.Cast(u8, value)  # truncation: the low byte
+        by = tirx.Cast("uint16", p * 8)
+        return tirx.Cast(u8, tirx.shift_right(value, by if lanes == 1 else tirx.Broadcast(by, lanes)))
+
+    def fill(self, p: int) -> tirx.PrimExpr:
+        """Plane ``p``'s element for the input zero point (padding, slack)."""
+        unsigned = self.zero_point + ((1 << (self.bits - 1)) if self.signed else 0)
+        if self.count == 2:
+            return tirx.const((unsigned >> (8 * p)) & 0xFF, "uint8")
+        return tirx.const(unsigned, self.dtype)
+
+
+def _emit_store_planes(xq, planes: XPlanes, value: tirx.PrimExpr, start) -> None:
+    """Emit the store of unsigned-view ``value`` (scalar or vector) at ``start`` of every plane."""
+    lanes = _lanes(value)
+    for p in range(planes.count):
+        index = start + p * planes.stride
+        IB.buffer_store(xq, planes.plane(value, p), [tirx.Ramp(index, 1, lanes) if lanes > 1 else index])
+
+
+def _emit_fill_planes(xq, planes: XPlanes, start, count: int) -> None:
+    """Emit ``xq[start : start + count] = zero point`` in every plane."""
+    for p in range(planes.count):
+        _emit_fill(xq, start + p * planes.stride, count, planes.fill(p))
+
+
+def _accumulated(acc, offset, lanes: int, planes: XPlanes, plane_acc: int, tie_free: bool) -> tirx.PrimExpr:
+    """The accumulator to requantize at ``acc[offset]`` (``lanes`` lanes) of a kernel that keeps
+    one accumulator per plane, ``plane_acc`` elements apart.
+
+    Two byte planes: ``256 * acc_hi + acc_lo``, in int64 for the exact epilogue; in int32 for
+    the tie-free one, where :func:`targets.cpu.schedules.tie_free_epilogue` proved
+    ``|acc + bias| < 2**31`` with the 16-bit input's bound (``acc_lo`` started at the bias, and
+    ``|256 * acc_hi| <= 65280 * sum|w|`` stays below that bound too).
+    """
+    def load(p):
+        index = offset + p * plane_acc
+        return tirx.BufferLoad(acc, [tirx.Ramp(index, 1, lanes) if lanes > 1 else index])
+
+    if planes.count == 1:
+        return load(0)
+    dtype = "int32" if tie_free else "int64"
+    wide = dtype if lanes == 1 else f"{dtype}x{lanes}"
+    return tirx.Cast(wide, load(1)) * _splat(256, dtype, lanes) + tirx.Cast(wide, load(0))
 
 
 def _gather_row(x, n, c, h, w0, stride: int, signed: bool, lanes: int = LANES) -> tirx.PrimExpr:
-    """``x[n, c, h, w0 + stride * i]`` for ``lanes`` i, as uint8 lanes: one contiguous load + shuffle."""
-    row = _as_u8(tirx.BufferLoad(x, [n, c, h, tirx.Ramp(w0, 1, lanes * stride)]), signed)
+    """``x[n, c, h, w0 + stride * i]`` for ``lanes`` i, unsigned view: one contiguous load + shuffle."""
+    row = _as_unsigned(tirx.BufferLoad(x, [n, c, h, tirx.Ramp(w0, 1, lanes * stride)]), signed)
     if stride == 1:
         return row
     return tirx.Shuffle([row], [lane * stride for lane in range(lanes)])
 
 
 def _interleave4(x, n, c0, channels: int, h, w0, stride: int, signed: bool, lanes: int = LANES) -> tirx.PrimExpr:
-    """``lanes`` pixels of channels c0..c0+3 of NCHW ``x`` -> ``4 * lanes`` bytes ``[pixel][channel]``.
+    """``lanes`` pixels of channels c0..c0+3 of NCHW ``x`` -> ``4 * lanes`` values ``[pixel][channel]``.
 
     Channels past the last one repeat it: their weights are zero, any value works.
     """
@@ -209,7 +311,8 @@ def _interleave4(x, n, c0, channels: int, h, w0, stride: int, signed: bool, lane
 def requant_expr(acc: tirx.PrimExpr, bias, mult, rnd, shift, rq: Requant) -> tirx.PrimExpr:
     """``clip(requant(acc + bias, M, s) + y_zp)`` in int64, cast to the y dtype.
 
-    ``acc``: int32, scalar or 16 lanes. ``rnd`` is ``1 << (s - 1)``; requant rounds
+    ``acc``: int32 (int64: the combined byte-plane accumulators of 16-bit input, exact epilogue
+    only), scalar or 16 lanes. ``rnd`` is ``1 << (s - 1)``; requant rounds
     half to even (see :mod:`compiler.requant`). ``bias, mult, rnd, shift`` are scalars
     (one output channel: broadcast) or vectors of acc's width (one value per lane).
     """
@@ -365,14 +468,15 @@ def _emit_fill(buf, start, count: int, value) -> None:
             IB.buffer_store(buf, tirx.Broadcast(value, size), [tirx.Ramp(at, 1, size)])
 
 
-def _emit_pack(xq, x, n, c, g: ConvGeometry, pp: PhasePlanes, zp_u8, signed: bool, dense: bool) -> None:
+def _emit_pack(xq, x, n, c, g: ConvGeometry, pp: PhasePlanes, planes: XPlanes, dense: bool) -> None:
     """Emit the packing of channel ``c`` (dense: channel group ``4c..4c+3``) into its phase planes.
 
     Called from TVMScript as a statement: it emits through the IR builder, so the
     per-phase ranges stay Python ints (constant loop bounds, vector stores) without
-    TVMScript macros, whose expansion is slow.
+    TVMScript macros, whose expansion is slow. Every plane of ``planes`` gets its part.
     """
-    width = 4 if dense else 1  # bytes per plane position
+    signed = planes.signed
+    width = 4 if dense else 1  # elements per plane position
     sh, sw = g.strides
     pt, pl = g.pads[0], g.pads[1]
     pw, plane = pp.plane_w, pp.plane_len
@@ -380,12 +484,12 @@ def _emit_pack(xq, x, n, c, g: ConvGeometry, pp: PhasePlanes, zp_u8, signed: boo
         h_lo, h_hi, w_lo, w_hi = pp.valid[(a, b)]
         full = _full_vectors(w_lo, w_hi, b - pl, sw, g.width)
         base = (c * pp.phases + a * sw + b) * plane * width
-        _emit_fill(xq, base, h_lo * pw * width, zp_u8)
+        _emit_fill_planes(xq, planes, base, h_lo * pw * width)
         if h_hi > h_lo:
             with IB.serial(h_lo, h_hi) as hq:
                 row = base + hq * pw * width
                 ih = hq * sh + a - pt
-                _emit_fill(xq, row, w_lo * width, zp_u8)
+                _emit_fill_planes(xq, planes, row, w_lo * width)
                 if full:
                     with IB.serial(0, full) as wv:
                         col = (w_lo + wv * LANES) * sw + b - pl
@@ -394,7 +498,7 @@ def _emit_pack(xq, x, n, c, g: ConvGeometry, pp: PhasePlanes, zp_u8, signed: boo
                         else:
                             value = _gather_row(x, n, c, ih, col, sw, signed)
                         start = row + (w_lo + wv * LANES) * width
-                        IB.buffer_store(xq, value, [tirx.Ramp(start, 1, LANES * width)])
+                        _emit_store_planes(xq, planes, value, start)
                 tail = w_hi - w_lo - full * LANES
                 if tail and dense and sw == 1:
                     # 8/4/2-pixel vector pieces (a 14-wide row: 3 moves instead of 56 bytes one by one)
@@ -404,12 +508,12 @@ def _emit_pack(xq, x, n, c, g: ConvGeometry, pp: PhasePlanes, zp_u8, signed: boo
                                  else None)
                         pos = row + (w_lo + full * LANES + offset) * width
                         if value is not None:
-                            IB.buffer_store(xq, value, [tirx.Ramp(pos, 1, size * width)])
+                            _emit_store_planes(xq, planes, value, pos)
                         else:
                             for j in range(4):
                                 channel = tirx.min(c * 4 + j, g.in_channels - 1)
-                                IB.buffer_store(xq, _as_u8(tirx.BufferLoad(x, [n, channel, ih, col]), signed),
-                                                [pos + j])
+                                _emit_store_planes(xq, planes, _as_unsigned(
+                                    tirx.BufferLoad(x, [n, channel, ih, col]), signed), pos + j)
                 elif tail:
                     with IB.serial(0, tail) as wq:
                         col = (w_lo + full * LANES + wq) * sw + b - pl
@@ -417,11 +521,12 @@ def _emit_pack(xq, x, n, c, g: ConvGeometry, pp: PhasePlanes, zp_u8, signed: boo
                         if dense:
                             with IB.serial(0, 4) as j:
                                 channel = tirx.min(c * 4 + j, g.in_channels - 1)
-                                IB.buffer_store(xq, _as_u8(tirx.BufferLoad(x, [n, channel, ih, col]), signed), [pos + j])
+                                _emit_store_planes(xq, planes, _as_unsigned(
+                                    tirx.BufferLoad(x, [n, channel, ih, col]), signed), pos + j)
                         else:
-                            IB.buffer_store(xq, _as_u8(tirx.BufferLoad(x, [n, c, ih, col]), signed), [pos])
-                _emit_fill(xq, row + w_hi * width, (pw - w_hi) * width, zp_u8)
-        _emit_fill(xq, base + h_hi * pw * width, (plane - h_hi * pw) * width, zp_u8)
+                            _emit_store_planes(xq, planes, _as_unsigned(tirx.BufferLoad(x, [n, c, ih, col]), signed), pos)
+                _emit_fill_planes(xq, planes, row + w_hi * width, (pw - w_hi) * width)
+        _emit_fill_planes(xq, planes, base + h_hi * pw * width, (plane - h_hi * pw) * width)
 
 
 def _packs_flat(g: ConvGeometry) -> bool:
@@ -429,7 +534,7 @@ def _packs_flat(g: ConvGeometry) -> bool:
     return g.kernel == (1, 1) and g.strides == (1, 1) and not any(g.pads) and g.height * g.width >= LANES
 
 
-def _emit_pack_flat(xq, x, n, tile, tile_pixels: int, g: ConvGeometry, plane: int, signed: bool) -> None:
+def _emit_pack_flat(xq, x, n, tile, tile_pixels: int, g: ConvGeometry, plane: int, planes: XPlanes) -> None:
     """Pack pixel tile ``tile`` (``tile_pixels`` pixels) of every channel group of a
     :func:`_packs_flat` conv: runs of 16-pixel vectors (the image's last one overlapping its
     predecessor) instead of row by row with a byte-by-byte tail (the pack had been half the
@@ -444,8 +549,8 @@ def _emit_pack_flat(xq, x, n, tile, tile_pixels: int, g: ConvGeometry, plane: in
                 with IB.Then():
                     # x[n, c, 0, start + i]: the flattened address of pixel start + i of channel c
                     start = tirx.min(first, pixels - LANES)
-                    value = _interleave4(x, n, c4 * 4, g.in_channels, 0, start, 1, signed)
-                    IB.buffer_store(xq, value, [tirx.Ramp((c4 * plane + start) * 4, 1, LANES * 4)])
+                    value = _interleave4(x, n, c4 * 4, g.in_channels, 0, start, 1, planes.signed)
+                    _emit_store_planes(xq, planes, value, (c4 * plane + start) * 4)
 
 
 def conv_kernel(
@@ -474,16 +579,20 @@ def conv_kernel(
 def dense_kernel(
     g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requant, tile: tuple[int, int] | None
 ) -> tuple[tvm.tirx.PrimFunc, tuple[int, int]]:
-    """group == 1 conv: 4-channel interleaved phase planes, VNNI register tiles."""
-    signed = x_dtype == "int8"
-    zp_u8 = tirx.const(x_zero_point + (128 if signed else 0), "uint8")  # after the shift to uint8
+    """group == 1 conv: 4-channel interleaved phase planes, VNNI register tiles.
+
+    16-bit ``x``: the packed input has a low-byte and a high-byte plane (:class:`XPlanes`), and
+    every tile keeps one accumulator per plane (so at most half as many outputs per tile).
+    """
+    NP = XPlanes(x_dtype, x_zero_point).count
     N, C, H, W, OC = g.batch, g.in_channels, g.height, g.width, g.out_channels
     KH, KW = g.kernel
     (sh, sw), (dh, dw) = g.strides, g.dilations
     Ho, Wo = g.out_height, g.out_width
     PW = Wo + (KW - 1) * dw // sw
     GRID = Ho * PW  # outputs computed per channel, garbage columns included
-    OB, PV = tile or choose_tile(OC, math.ceil(GRID / LANES), math.ceil(C / 4) * KH * KW)
+    OB, PV = tile or choose_tile(OC, math.ceil(GRID / LANES), math.ceil(C / 4) * KH * KW * NP,
+                                 MAX_ACCUMULATORS // NP)
     TP = PV * LANES  # pixels per tile
     NQT = math.ceil(GRID / TP)
     pp = phase_planes(g, NQT * TP)
@@ -491,12 +600,14 @@ def dense_kernel(
     C4 = math.ceil(C / 4)
     NOT = math.ceil(OC / OB)
     taps = KH * KW
+    planes = XPlanes(x_dtype, x_zero_point, stride=C4 * NPH * L * 4)
+    ACC = OB * TP  # accumulators of one plane
     flat = Wo == PW  # no garbage columns: vector stores straight into y
 
     def plane_base(c4, a, b):
         return (c4 * NPH + a * sw + b) * L * 4
 
-    pack_loop = _loop(C4 * len(pp.used) * L * 4, MIN_PARALLEL_BYTES)
+    pack_loop = _loop(NP * C4 * len(pp.used) * L * 4, MIN_PARALLEL_BYTES)
     packs_flat = _packs_flat(g)
     tile_loop = _loop(OC * GRID * C * taps if NOT * NQT > 1 else 0, MIN_PARALLEL_MACS)
     copy_loop = _loop(OC * Ho * Wo, MIN_PARALLEL_BYTES)
@@ -512,37 +623,40 @@ def dense_kernel(
         y: T.Buffer((N, OC, Ho, Wo), rq.y_dtype),
     ):
         T.func_attr({"tirx.noalias": True})
-        xq = T.alloc_buffer((C4 * NPH * L * 4,), "uint8")
+        xq = T.alloc_buffer((NP * C4 * NPH * L * 4,), "uint8")
         ygrid = T.alloc_buffer((1 if flat else OC * NQT * TP,), rq.y_dtype)
         yf = T.decl_buffer((N * OC * Ho * Wo,), rq.y_dtype, data=y.data)
         for n in range(N):
             if packs_flat:
                 for t in pack_loop(NQT):
-                    _emit_pack_flat(xq, x, n, t, TP, g, L, signed)
+                    _emit_pack_flat(xq, x, n, t, TP, g, L, planes)
                 for c4 in range(C4):  # the slack past the image: read only by lanes never stored
-                    _emit_fill(xq, (c4 * L + H * W) * 4, (L - H * W) * 4, zp_u8)
+                    _emit_fill_planes(xq, planes, (c4 * L + H * W) * 4, (L - H * W) * 4)
             else:
                 for c4 in pack_loop(C4):
-                    _emit_pack(xq, x, n, c4, g, pp, zp_u8, signed, True)
+                    _emit_pack(xq, x, n, c4, g, pp, planes, True)
             # Tile t = pixel tile t // NOT, channel block t % NOT: pixel-major, so each thread
             # reads only its share of the packed input (channel-major split a 1x1 conv with
             # 16-32 output channels by channel block: every thread read all of xq, and 2
             # threads ran such layers 1.5x slower than 1).
             for t in tile_loop(NOT * NQT):
-                acc = T.alloc_buffer((OB * TP,), "int32", scope=SCRATCH_SCOPE)
+                acc = T.alloc_buffer((NP * ACC,), "int32", scope=SCRATCH_SCOPE)
                 for i in T.unroll(OB * PV):
-                    if rq.tie_free:  # the accumulator starts at the bias
+                    if rq.tie_free:  # the accumulator (of the low byte) starts at the bias
                         acc[T.ramp(i * LANES, 1, LANES)] = T.broadcast(bias[(t % NOT) * OB + i // PV], LANES)
                     else:
                         acc[T.ramp(i * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                if NP == 2:
+                    for i in T.unroll(OB * PV):
+                        acc[T.ramp(ACC + i * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
                 for kh, kw, c4 in T.grid(KH, KW, C4):
-                    for i, v in T.grid(OB, PV):
-                        acc[T.ramp((i * PV + v) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                    for p, i, v in T.grid(NP, OB, PV):
+                        acc[T.ramp(p * ACC + (i * PV + v) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
                             "int32x16",
                             VNNI,
-                            acc[T.ramp((i * PV + v) * LANES, 1, LANES)],
+                            acc[T.ramp(p * ACC + (i * PV + v) * LANES, 1, LANES)],
                             xq[T.ramp(
-                                plane_base(c4, (kh * dh) % sh, (kw * dw) % sw)
+                                p * planes.stride + plane_base(c4, (kh * dh) % sh, (kw * dw) % sw)
                                 + ((t // NOT) * TP + v * LANES + (kh * dh) // sh * PW + (kw * dw) // sw) * 4, 1, 64)],
                             T.reinterpret("int8x64", T.broadcast(w[t % NOT, kh * KW + kw, c4, i], LANES)),
                         )
@@ -551,26 +665,27 @@ def dense_kernel(
                         if flat:
                             if (t // NOT) * TP + v * LANES + LANES <= GRID:
                                 yf[T.ramp(((n * OC + (t % NOT) * OB + i) * GRID) + (t // NOT) * TP + v * LANES, 1, LANES)] = requant_expr(
-                                    acc[T.ramp((i * PV + v) * LANES, 1, LANES)],
+                                    _accumulated(acc, (i * PV + v) * LANES, LANES, planes, ACC, rq.tie_free),
                                     bias[(t % NOT) * OB + i], mult[(t % NOT) * OB + i],
                                     rnd[(t % NOT) * OB + i], shift[(t % NOT) * OB + i], rq)
                             elif (t // NOT) * TP + v * LANES < GRID:  # the grid's one partial vector
                                 if GRID % LANES > SCALAR_TAIL:
                                     _emit_store_lanes(
                                         yf, ((n * OC + (t % NOT) * OB + i) * GRID) + (t // NOT) * TP + v * LANES,
-                                        requant_expr(acc[T.ramp((i * PV + v) * LANES, 1, LANES)],
+                                        requant_expr(_accumulated(acc, (i * PV + v) * LANES, LANES, planes, ACC, rq.tie_free),
                                                      bias[(t % NOT) * OB + i], mult[(t % NOT) * OB + i],
                                                      rnd[(t % NOT) * OB + i], shift[(t % NOT) * OB + i], rq),
                                         GRID % LANES, rq.y_dtype)
                                 else:
                                     for lane in range(GRID % LANES):
                                         yf[((n * OC + (t % NOT) * OB + i) * GRID) + (t // NOT) * TP + v * LANES + lane] = requant_expr(
-                                            acc[(i * PV + v) * LANES + lane],
+                                            _accumulated(acc, (i * PV + v) * LANES + lane, 1, planes, ACC,
+                                                         rq.tie_free),
                                             bias[(t % NOT) * OB + i], mult[(t % NOT) * OB + i],
                                             rnd[(t % NOT) * OB + i], shift[(t % NOT) * OB + i], rq)
                         else:
                             ygrid[T.ramp(((t % NOT) * OB + i) * NQT * TP + (t // NOT) * TP + v * LANES, 1, LANES)] = requant_expr(
-                                acc[T.ramp((i * PV + v) * LANES, 1, LANES)],
+                                _accumulated(acc, (i * PV + v) * LANES, LANES, planes, ACC, rq.tie_free),
                                 bias[(t % NOT) * OB + i], mult[(t % NOT) * OB + i],
                                 rnd[(t % NOT) * OB + i], shift[(t % NOT) * OB + i], rq)
             if not flat:
@@ -586,10 +701,11 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
     """group == C == O conv: per-channel phase planes, int32 MACs over 16-pixel row vectors.
 
     One parallel loop over channels packs, accumulates, requantizes and stores, so a
-    channel's plane is still in cache when it is read.
+    channel's plane is still in cache when it is read. 16-bit ``x`` is packed as one uint16
+    plane (no VNNI here, so no need for bytes); the int32 accumulator then needs
+    ``65535 * sum|w| + |bias| < 2**31``, which :mod:`targets.cpu.schedules` checks.
     """
-    signed = x_dtype == "int8"
-    zp_u8 = tirx.const(x_zero_point + (128 if signed else 0), "uint8")  # after the shift to uint8
+    planes = XPlanes(x_dtype, x_zero_point, split=False)
     N, C, H, W = g.batch, g.in_channels, g.height, g.width
     KH, KW = g.kernel
     (sh, sw), (dh, dw) = g.strides, g.dilations
@@ -616,10 +732,10 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
         y: T.Buffer((N, C, Ho, Wo), rq.y_dtype),
     ):
         T.func_attr({"tirx.noalias": True})
-        xq = T.alloc_buffer((C * NPH * L,), "uint8")
+        xq = T.alloc_buffer((C * NPH * L,), planes.dtype)
         for n in range(N):
             for c in channel_loop(C):
-                _emit_pack(xq, x, n, c, g, pp, zp_u8, signed, False)
+                _emit_pack(xq, x, n, c, g, pp, planes, False)
                 for oh in range(Ho):
                     acc = T.alloc_buffer((NVR * LANES,), "int32", scope=SCRATCH_SCOPE)
                     for v in T.unroll(NVR):
@@ -648,8 +764,8 @@ def depthwise_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: Requa
     return depthwise
 
 
-def _emit_pad_plane(xq, x, n, c, base, g: ConvGeometry, row_width: int, zp_u8, signed: bool) -> None:
-    """Emit the copy of channel ``c`` into its zero-point padded plane at ``xq[base:]`` (uint8 view).
+def _emit_pad_plane(xq, x, n, c, base, g: ConvGeometry, row_width: int, planes: XPlanes) -> None:
+    """Emit the copy of channel ``c`` into its zero-point padded plane(s) at ``xq[base:]`` (unsigned view).
 
     Rows move as 64-, 32- or 16-byte vectors (the widest that fits), the last one overlapping
     its predecessor; rows narrower than 16 bytes move in 8/4/2/1-byte pieces (never a read
@@ -657,26 +773,27 @@ def _emit_pad_plane(xq, x, n, c, base, g: ConvGeometry, row_width: int, zp_u8, s
     """
     pt, pl = g.pads[0], g.pads[1]
     width = g.width
-    _emit_fill(xq, base, pt * row_width, zp_u8)
+    signed = planes.signed
+    _emit_fill_planes(xq, planes, base, pt * row_width)
     with IB.serial(0, g.height) as h:
         row = base + (pt + h) * row_width
-        _emit_fill(xq, row, pl, zp_u8)
+        _emit_fill_planes(xq, planes, row, pl)
         if width >= LANES:
             chunk = max(size for size in (64, 32, LANES) if size <= width)  # zmm/ymm/xmm moves
             for col in [min(v * chunk, width - chunk) for v in range(math.ceil(width / chunk))]:
-                value = _as_u8(tirx.BufferLoad(x, [n, c, h, tirx.Ramp(col, 1, chunk)]), signed)
-                IB.buffer_store(xq, value, [tirx.Ramp(row + pl + col, 1, chunk)])
+                value = _as_unsigned(tirx.BufferLoad(x, [n, c, h, tirx.Ramp(col, 1, chunk)]), signed)
+                _emit_store_planes(xq, planes, value, row + pl + col)
         else:
             for offset, size in _pieces(width):
                 if size == 1:
-                    value = _as_u8(tirx.BufferLoad(x, [n, c, h, offset]), signed)
-                    IB.buffer_store(xq, value, [row + pl + offset])
+                    value = _as_unsigned(tirx.BufferLoad(x, [n, c, h, offset]), signed)
+                    _emit_store_planes(xq, planes, value, row + pl + offset)
                 else:
-                    value = _as_u8(tirx.BufferLoad(x, [n, c, h, tirx.Ramp(offset, 1, size)]), signed)
-                    IB.buffer_store(xq, value, [tirx.Ramp(row + pl + offset, 1, size)])
-        _emit_fill(xq, row + pl + width, row_width - pl - width, zp_u8)
+                    value = _as_unsigned(tirx.BufferLoad(x, [n, c, h, tirx.Ramp(offset, 1, size)]), signed)
+                    _emit_store_planes(xq, planes, value, row + pl + offset)
+        _emit_fill_planes(xq, planes, row + pl + width, row_width - pl - width)
     # the bottom padding; the slack after it is read only by lanes that are never stored
-    _emit_fill(xq, base + (pt + g.height) * row_width, g.pads[2] * row_width, zp_u8)
+    _emit_fill_planes(xq, planes, base + (pt + g.height) * row_width, g.pads[2] * row_width)
 
 
 def _tap_window(xq, start, lane_offsets: list[int], dilation: int) -> tirx.PrimExpr:
@@ -772,8 +889,8 @@ def _emit_depthwise_direct(x, w, bias, mult, rnd, shift, y, yf, n, c, g: ConvGeo
                         window = zero_points
                     else:
                         start, indices = planned
-                        load = _as_u8(tirx.BufferLoad(x, [n, c, 0, tirx.Ramp(oh0 * sh * g.width + start, 1, 64)]),
-                                      signed)
+                        load = _as_unsigned(
+                            tirx.BufferLoad(x, [n, c, 0, tirx.Ramp(oh0 * sh * g.width + start, 1, 64)]), signed)
                         window = tirx.Shuffle([load, zero_points], indices)
                     weights = tirx.reinterpret("int8x64", tirx.Broadcast(tirx.BufferLoad(w, [c, kh * G + gi]), LANES))
                     acc = tirx.call_llvm_pure_intrin("int32x16", VNNI, acc, window, weights)
@@ -837,8 +954,7 @@ def depthwise_vnni_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: 
     rows = depthwise_vnni_rows(g)
     if not rows:
         raise ValueError(f"strides {g.strides} / dilations {g.dilations} do not fit a 64-byte window")
-    signed = x_dtype == "int8"
-    zp_u8 = tirx.const(x_zero_point + (128 if signed else 0), "uint8")  # after the shift to uint8
+    NP = XPlanes(x_dtype, x_zero_point).count
     N, C, H, W = g.batch, g.in_channels, g.height, g.width
     KH, KW = g.kernel
     (sh, sw), (dh, dw) = g.strides, g.dilations
@@ -862,10 +978,14 @@ def depthwise_vnni_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: 
     channel_loop = _loop(C * Ho * Wo * KH * KW, MIN_PARALLEL_MACS)
     # Channels read straight from x (no padded plane: the copy was 15-45% of the kernel) are
     # all but the last few, whose 64-byte loads could run past the end of x; those, or every
-    # channel when some window spans more than 64 bytes, take the padded plane.
+    # channel when some window spans more than 64 bytes, take the padded plane. 16-bit x: every
+    # channel, split into its low- and high-byte planes, one accumulator each (see XPlanes).
     windows = DirectWindows(g, rows, col_starts)
-    tail = math.ceil((windows.max_start + 64 - H * W) / (H * W)) if windows.fits else C
+    tail = math.ceil((windows.max_start + 64 - H * W) / (H * W)) if windows.fits and NP == 1 else C
     direct = max(0, C - max(tail, 0))
+    planes = XPlanes(x_dtype, x_zero_point, stride=(C - direct) * L)
+    plane_loop = _loop((C - direct) * Ho * Wo * KH * KW * NP, MIN_PARALLEL_MACS)
+    ACC = NV * LANES  # accumulators of one plane
 
     def col_start(v):
         """First output column of vector ``v`` of a row (the last one overlaps its predecessor)."""
@@ -886,38 +1006,47 @@ def depthwise_vnni_kernel(g: ConvGeometry, x_dtype: str, x_zero_point: int, rq: 
         y: T.Buffer((N, C, Ho, Wo), rq.y_dtype),
     ):
         T.func_attr({"tirx.noalias": True})
-        xq = T.alloc_buffer(((C - direct) * L,), "uint8")
+        xq = T.alloc_buffer((NP * (C - direct) * L,), "uint8")
         yf = T.decl_buffer((N * C * Ho * Wo,), rq.y_dtype, data=y.data)
         for n in range(N):
-            for c in channel_loop(direct):
-                _emit_depthwise_direct(x, w, bias, mult, rnd, shift, y, yf, n, c, g, windows, rq, zp_u8, signed)
-            for c in range(direct, C):
-                _emit_pad_plane(xq, x, n, c, (c - direct) * L, g, WP, zp_u8, signed)
+            if direct > 0:  # (never for 16-bit x: its windows are 8-bit)
+                for c in channel_loop(direct):
+                    _emit_depthwise_direct(x, w, bias, mult, rnd, shift, y, yf, n, c, g, windows, rq, planes.fill(0),
+                                           planes.signed)
+            for c in plane_loop(direct, C):
+                _emit_pad_plane(xq, x, n, c, (c - direct) * L, g, WP, planes)
                 for group in range(groups):
-                    acc = T.alloc_buffer((NV * LANES,), "int32", scope=SCRATCH_SCOPE)
+                    acc = T.alloc_buffer((NP * ACC,), "int32", scope=SCRATCH_SCOPE)
                     for v in T.unroll(NV):
-                        if rq.tie_free:  # the accumulator starts at the bias
+                        if rq.tie_free:  # the accumulator (of the low byte) starts at the bias
                             acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(bias[c], LANES)
                         else:
                             acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                    if NP == 2:
+                        for v in T.unroll(NV):
+                            acc[T.ramp(ACC + v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
                     for kh in T.unroll(KH):
                         for gi in T.unroll(G):
-                            for v in T.unroll(NV):
-                                acc[T.ramp(v * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                                    "int32x16",
-                                    VNNI,
-                                    acc[T.ramp(v * LANES, 1, LANES)],
-                                    _tap_window(xq, (c - direct) * L + (first_row(group) * sh + kh * dh) * WP
-                                                + col_start(v) * sw + gi * 4 * dw, lane_offsets, dw),
-                                    T.reinterpret("int8x64", T.broadcast(w[c, kh * G + gi], LANES)),
-                                )
+                            for p in T.unroll(NP):
+                                for v in T.unroll(NV):
+                                    acc[T.ramp(p * ACC + v * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                                        "int32x16",
+                                        VNNI,
+                                        acc[T.ramp(p * ACC + v * LANES, 1, LANES)],
+                                        _tap_window(xq, p * planes.stride + (c - direct) * L
+                                                    + (first_row(group) * sh + kh * dh) * WP
+                                                    + col_start(v) * sw + gi * 4 * dw, lane_offsets, dw),
+                                        T.reinterpret("int8x64", T.broadcast(w[c, kh * G + gi], LANES)),
+                                    )
                     if wide:
                         for v in T.unroll(NV):
                             y[n, c, group, T.ramp(col_start(v), 1, LANES)] = requant_expr(
-                                acc[T.ramp(v * LANES, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq)
+                                _accumulated(acc, v * LANES, LANES, planes, ACC, rq.tie_free),
+                                bias[c], mult[c], rnd[c], shift[c], rq)
                     else:
                         _emit_store_lanes(yf, ((n * C + c) * Ho + first_row(group)) * Wo, requant_expr(
-                            acc[T.ramp(0, 1, LANES)], bias[c], mult[c], rnd[c], shift[c], rq), rows * Wo, rq.y_dtype)
+                            _accumulated(acc, 0, LANES, planes, ACC, rq.tie_free), bias[c], mult[c], rnd[c], shift[c],
+                            rq), rows * Wo, rq.y_dtype)
 
     return depthwise_vnni
 
@@ -945,8 +1074,8 @@ def maxpool_kernel(g: ConvGeometry, x_dtype: str) -> tvm.tirx.PrimFunc:
 
     def back(value):
         """uint8 view -> the tensor's dtype."""
-        return _as_u8(value, signed) if not signed else tirx.reinterpret(
-            f"int8x{_lanes(value)}" if _lanes(value) > 1 else "int8", _as_u8(value, True))
+        return _as_unsigned(value, signed) if not signed else tirx.reinterpret(
+            f"int8x{_lanes(value)}" if _lanes(value) > 1 else "int8", _as_unsigned(value, True))
 
     @T.prim_func
     def maxpool(x: T.Buffer((N, C, H, W), x_dtype), y: T.Buffer((N, C, Ho, Wo), x_dtype)):
@@ -954,7 +1083,7 @@ def maxpool_kernel(g: ConvGeometry, x_dtype: str) -> tvm.tirx.PrimFunc:
         xq = T.alloc_buffer((C * NPH * L,), "uint8")
         for n in range(N):
             for c in channel_loop(C):
-                _emit_pack(xq, x, n, c, g, pp, low, signed, False)
+                _emit_pack(xq, x, n, c, g, pp, XPlanes(x_dtype, -128 if signed else 0), False)
                 for oh in range(Ho):
                     acc = T.alloc_buffer((NVR * LANES,), "uint8", scope=SCRATCH_SCOPE)
                     for v in T.unroll(NVR):
@@ -981,17 +1110,19 @@ def gemm_kernel(
 
     PrimFunc parameters: ``x [N,K]``, ``w`` packed ``[M/16, K/4, 64]`` int8 (see
     :func:`targets.cpu.schedules.pack_gemm_weights`), ``bias/mult/rnd/shift [M_pad]``,
-    ``y [N, M]``. Returns the function and the vectors (of 16 features) per tile.
+    ``y [N, M]``. Returns the function and the vectors (of 16 features) per tile. 16-bit ``x``:
+    a low- and a high-byte plane of the shifted input, one accumulator each (:class:`XPlanes`).
     """
     rq = dataclasses.replace(rq, tie_free=False)  # its epilogue takes per-lane constants
-    signed = x_dtype == "int8"
     K4 = math.ceil(k / 4)
     MV16 = math.ceil(m / LANES)
-    MV = vectors or max(1, min(8, MV16 // 2))
+    planes = XPlanes(x_dtype, 0)
+    NP = planes.count
+    MV = vectors or max(1, min(8, MAX_ACCUMULATORS // NP, MV16 // 2))
+    ACC = MV * LANES  # accumulators of one plane
     NMT = math.ceil(MV16 / MV)
     M_pad = NMT * MV * LANES
     N = batch
-    x_signed = signed
     tile_loop = _loop(k * m if NMT > 1 else 0, MIN_PARALLEL_MACS)
 
     @T.prim_func
@@ -1005,27 +1136,30 @@ def gemm_kernel(
         y: T.Buffer((N, m), rq.y_dtype),
     ):
         T.func_attr({"tirx.noalias": True})
-        xs = T.alloc_buffer((N, K4 * 4), "uint8")
-        for n, kk in T.grid(N, K4 * 4):
-            xs[n, kk] = T.if_then_else(kk < k, _as_u8(x[n, T.min(kk, k - 1)], x_signed), T.uint8(0))
+        xs = T.alloc_buffer((NP, N, K4 * 4), "uint8")
+        for p, n, kk in T.grid(NP, N, K4 * 4):
+            xs[p, n, kk] = T.if_then_else(
+                kk < k, planes.plane(_as_unsigned(x[n, T.min(kk, k - 1)], planes.signed), p), T.uint8(0))
         for n in range(N):
             for t in tile_loop(NMT):
-                acc = T.alloc_buffer((MV * LANES,), "int32", scope=SCRATCH_SCOPE)
+                acc = T.alloc_buffer((NP * ACC,), "int32", scope=SCRATCH_SCOPE)
                 res = T.alloc_buffer((LANES,), rq.y_dtype, scope=SCRATCH_SCOPE)
-                for v in T.unroll(MV):
+                for v in T.unroll(NP * MV):
                     acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
                 for k4 in range(K4):
-                    for v in T.unroll(MV):
-                        acc[T.ramp(v * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                            "int32x16",
-                            VNNI,
-                            acc[T.ramp(v * LANES, 1, LANES)],
-                            T.reinterpret("uint8x64", T.broadcast(T.reinterpret("int32", xs[n, T.ramp(k4 * 4, 1, 4)]), LANES)),
-                            w[t * MV + v, k4, T.ramp(0, 1, 64)],
-                        )
+                    for p in T.unroll(NP):
+                        for v in T.unroll(MV):
+                            acc[T.ramp(p * ACC + v * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                                "int32x16",
+                                VNNI,
+                                acc[T.ramp(p * ACC + v * LANES, 1, LANES)],
+                                T.reinterpret("uint8x64", T.broadcast(
+                                    T.reinterpret("int32", xs[p, n, T.ramp(k4 * 4, 1, 4)]), LANES)),
+                                w[t * MV + v, k4, T.ramp(0, 1, 64)],
+                            )
                 for v in range(MV):
                     res[T.ramp(0, 1, LANES)] = requant_expr(
-                        acc[T.ramp(v * LANES, 1, LANES)],
+                        _accumulated(acc, v * LANES, LANES, planes, ACC, False),
                         bias[T.ramp((t * MV + v) * LANES, 1, LANES)],
                         mult[T.ramp((t * MV + v) * LANES, 1, LANES)],
                         rnd[T.ramp((t * MV + v) * LANES, 1, LANES)],

@@ -23,10 +23,15 @@ took 3 ms of ResNet-18's 9 ms) and ``QAdd`` of two same-shape activations.
 
 Covered: QConv 2-D with ``group == 1`` (any kernel, stride, dilation, padding)
 or depthwise (``group == C == O``; variant ``conv_depthwise_vnni`` where the target
-has AVX-512 VBMI, else ``conv_depthwise``), QGemm; uint8 or int8 activations; int8
-weights (any ``w_bits <= 8``); uint8/int8 outputs, or uint16/int16 (an 8-bit layer read
-by a 16-bit one; QAdd too); per-tensor or per-channel
-requantization (``ScheduledKernel.epilogue``: ``exact`` or ``tie_free``).
+has AVX-512 VBMI, else ``conv_depthwise``), QGemm; uint8, int8, uint16 or int16
+activations (16-bit ones as a low- and a high-byte plane, each through ``vpdpbusd`` into
+its own int32 accumulator, combined as ``256 * hi + lo`` before the epilogue; int16 is read
+as x + 32768 with the weight sums moved into the bias, as int8 is read as x + 128); int8
+weights (any ``w_bits <= 8``); uint8/int8 outputs, or uint16/int16 (QAdd too, for 8-bit
+inputs); per-tensor or per-channel requantization (``ScheduledKernel.epilogue``: ``exact``
+or ``tie_free``). Not covered (generic compute): a shifted bias or a byte plane's partial
+sums that would not fit int32 (int16 input with a weight sum beyond about 65000, or
+``255 * sum|w| >= 2**31``).
 """
 
 from __future__ import annotations
@@ -46,9 +51,11 @@ from targets.cpu.kernels import ConvGeometry, Requant
 
 log = logging.getLogger(__name__)
 
-# The VNNI kernels read 8-bit activations; they write 8- or 16-bit ones (an 8-bit layer feeding a
-# 16-bit one writes 16-bit output: the epilogue clamps in int32/int64 either way).
+# MaxPool and QAdd read 8-bit activations. The VNNI conv/gemm kernels read 8- or 16-bit ones (16-bit:
+# as a low- and a high-byte plane, kernels.XPlanes) and write 8- or 16-bit ones (an 8-bit layer
+# feeding a 16-bit one writes 16-bit output: the epilogue clamps in int32/int64 either way).
 X_DTYPES = ("uint8", "int8")
+MAC_X_DTYPES = (*X_DTYPES, "uint16", "int16")
 Y_DTYPES = ("uint8", "int8", "uint16", "int16")
 
 
@@ -146,14 +153,23 @@ def requant_constants(
     return arrays, rq
 
 
-def _u8_bias(bias: np.ndarray, weight_sums: np.ndarray, x_dtype: str) -> np.ndarray:
-    """Bias for the kernels' uint8 view of the input: int8 x is read as x + 128."""
+def _unsigned_bias(bias: np.ndarray, weight_sums: np.ndarray, x_dtype: str) -> np.ndarray | None:
+    """Bias for the kernels' unsigned view of the input: int8 x is read as x + 128, int16 x as
+    x + 32768 (``sum((x + d) * w) = sum(x * w) + d * sum(w)``, so the bias takes ``-d * sum(w)``).
+    ``None`` when that does not fit the kernels' int32 bias (int16 input, huge weight sums)."""
     bias = np.asarray(bias, dtype=np.int64)
-    if x_dtype == "int8":
-        bias = bias - 128 * weight_sums
+    if x_dtype.startswith("int"):
+        bias = bias - (1 << (8 * np.dtype(x_dtype).itemsize - 1)) * weight_sums
     if np.any(np.abs(bias) >= 2**31):
-        raise ValueError("bias does not fit int32 after the int8 -> uint8 shift")
+        return None
     return bias
+
+
+def _partial_sums_fit(abs_weight_sums: np.ndarray, plane_max: int) -> bool:
+    """Whether every int32 accumulator of a kernel holds its partial sums exactly: products of
+    plane values in [0, ``plane_max``] (255 for a byte plane) with the weights, starting at 0
+    (the tie-free epilogue's bias start is covered by :func:`tie_free_epilogue`'s bound)."""
+    return bool(np.all(np.asarray(abs_weight_sums, np.int64) * plane_max < 2**31))
 
 
 def pack_conv_weights(w: np.ndarray, tile_rows: int, depthwise: bool, taps_per_word: int = 1) -> np.ndarray:
@@ -220,14 +236,25 @@ def _conv_kernel(
     if geometry.out_height < 1 or geometry.out_width < 1:
         return None
     weights = w.reshape(o, -1).astype(np.int64)
-    u8_bias = _u8_bias(bias, weights.sum(axis=1), x_dtype)
-    # the kernel reads uint8 activations (0..255): every partial sum of acc + bias is within this
-    acc_bound = np.abs(weights).sum(axis=1) * 255 + np.abs(u8_bias)
-    _, rq = requant_constants(attrs, u8_bias, o, o, acc_bound)
+    u_bias = _unsigned_bias(bias, weights.sum(axis=1), x_dtype)
+    if u_bias is None:
+        log.debug("%s: bias does not fit int32 after the shift of %s x to unsigned", node.name, x_dtype)
+        return None
+    # the kernel reads unsigned activations (0..255 or 0..65535): every partial sum of acc + bias
+    # (for 16-bit x: 256 * acc_hi + acc_lo + bias) is within this
+    abs_sums = np.abs(weights).sum(axis=1)
+    acc_bound = abs_sums * ((1 << (8 * np.dtype(x_dtype).itemsize)) - 1) + np.abs(u_bias)
+    _, rq = requant_constants(attrs, u_bias, o, o, acc_bound)
     x_zero_point = int(attrs.get("x_zero_point", 0))
     variant = "conv_depthwise" if depthwise else "conv_dense"
     taps_per_word = 1
-    if depthwise and target_has_vbmi(target) and kernels.depthwise_vnni_rows(geometry):
+    vnni_depthwise = depthwise and target_has_vbmi(target) and kernels.depthwise_vnni_rows(geometry)
+    # one int32 accumulator per byte plane; the depthwise kernel without VBMI keeps 16-bit x whole
+    plane_max = kernels.XPlanes(x_dtype, x_zero_point, split=not depthwise or bool(vnni_depthwise)).max_value
+    if not _partial_sums_fit(abs_sums, plane_max):
+        log.debug("%s: partial sums could overflow the int32 accumulators", node.name)
+        return None
+    if vnni_depthwise:
         built = kernels.depthwise_vnni_kernel(geometry, x_dtype, x_zero_point, rq), (1, 1)
         variant, taps_per_word = "conv_depthwise_vnni", 4
     else:
@@ -238,7 +265,7 @@ def _conv_kernel(
     func, tile = built
     ob = tile[0]
     padded = o if depthwise else math.ceil(o / ob) * ob
-    arrays, _ = requant_constants(attrs, u8_bias, o, padded, acc_bound)
+    arrays, _ = requant_constants(attrs, u_bias, o, padded, acc_bound)
     packed = pack_conv_weights(w, ob, depthwise, taps_per_word)
     return ScheduledKernel(
         func=func,
@@ -259,11 +286,18 @@ def _gemm_kernel(
         return None
     n, k = (int(v) for v in x_shape)
     m = w.shape[1]
+    weights = w.astype(np.int64)
+    u_bias = _unsigned_bias(bias, weights.sum(axis=0), x_dtype)
+    if u_bias is None:
+        log.debug("%s: bias does not fit int32 after the shift of %s x to unsigned", node.name, x_dtype)
+        return None
+    if not _partial_sums_fit(np.abs(weights).sum(axis=0), 255):  # byte planes
+        log.debug("%s: partial sums could overflow the int32 accumulators", node.name)
+        return None
     _, rq = requant_constants(attrs, bias, m, m)
     func, vectors = kernels.gemm_kernel(n, k, m, x_dtype, rq)
     padded = math.ceil(m / (vectors * kernels.LANES)) * vectors * kernels.LANES
-    weight_sums = w.astype(np.int64).sum(axis=0)
-    arrays, _ = requant_constants(attrs, _u8_bias(bias, weight_sums, x_dtype), m, padded)
+    arrays, _ = requant_constants(attrs, u_bias, m, padded)
     return ScheduledKernel(
         func=func,
         constants=[pack_gemm_weights(w, vectors), *arrays],
@@ -383,7 +417,7 @@ def schedule_for(
     if node.op_type not in ("QConv", "QGemm"):
         return None
     x_dtype = np.dtype((input_dtypes or ["uint8"])[0]).name
-    if x_dtype not in X_DTYPES:
+    if x_dtype not in MAC_X_DTYPES:
         log.debug("%s: activation dtype %s has no kernel", node.name, x_dtype)
         return None
     if _dtype_name(attrs.get("y_dtype", "uint8")) not in Y_DTYPES:

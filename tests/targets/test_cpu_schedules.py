@@ -85,8 +85,10 @@ def _case(rng, op, x_shape, w_shape, x_dtype, y_dtype, per_channel, ties=None, *
     bias = rng.integers(-20000, 20000, out_channels).astype(np.int32)
     reduction = int(np.prod(w_shape[1:])) if op == "QConv" else w_shape[0]
     count = out_channels if per_channel else 1
-    # acc spans about +-128*128*sqrt(K) and M ~ 2**30.5: this shift maps it to about +-64 steps.
-    shift = 31 + int(np.log2(128 * 128 * np.sqrt(reduction) / 64)) + rng.integers(-1, 2, count)
+    # acc spans about +-128*128*sqrt(K) (16-bit x: 256 times that) and M ~ 2**30.5: this shift
+    # maps it to about +-64 steps.
+    x_range_bits = 8 * np.dtype(x_dtype).itemsize - 8
+    shift = 31 + x_range_bits + int(np.log2(128 * 128 * np.sqrt(reduction) / 64)) + rng.integers(-1, 2, count)
     mult = rng.integers(2**30, 2**31, count)
     if ties:
         # Every third channel is acc = x[first tap] + bias halved exactly (M = 2**30, s = 31):
@@ -97,7 +99,8 @@ def _case(rng, op, x_shape, w_shape, x_dtype, y_dtype, per_channel, ties=None, *
         w_by_channel[tie_channels] = 0
         w_by_channel[tie_channels, 0] = 1
         w[...] = w_by_channel.reshape(w.shape) if op == "QConv" else w_by_channel.T.reshape(w.shape)
-        bias[tie_channels] = -128 if x_dtype == "uint8" else 0
+        # centred (unsigned x), and of both parities: with one x value (a 1-row QGemm) some channel ties
+        bias[tie_channels] = (-(np.iinfo(x_dtype).max // 2 + 1) if x_dtype.startswith("u") else 0) + tie_channels % 2
         mult[tie_channels] = 2**30
         shift[tie_channels] = 31
     lo, hi = np.iinfo(y_dtype).min, np.iinfo(y_dtype).max
@@ -177,6 +180,11 @@ NO_VBMI = {"kind": "llvm", "mcpu": "cascadelake"}
     # 8-bit in, 16-bit out: an 8-bit layer whose reader takes 16-bit activations
     ("uint8", "uint16", True, True),
     ("int8", "int16", False, False),
+    # 16-bit in (two byte planes, 256 * acc_hi + acc_lo), 16- and 8-bit out
+    ("uint16", "uint16", True, True),
+    ("int16", "int8", False, False),
+    ("uint16", "uint8", True, False),
+    ("int16", "int16", True, True),
 ])
 def test_qconv_kernels_bit_exact(x_shape, w_shape, attrs, variant, x_dtype, y_dtype, per_channel, ties):
     rng = _rng(x_shape, w_shape, x_dtype, ties)
@@ -192,15 +200,16 @@ def test_qconv_kernels_bit_exact(x_shape, w_shape, attrs, variant, x_dtype, y_dt
     ((1, 8, 30, 37), (8, 1, 3, 3), dict(group=8, pads=(1, 1, 1, 1)), "conv_depthwise", 1),
     ((1, 1280), (1280, 40), {}, "gemm", 1),  # the shifted input (1280 bytes: over the stack limit)
 ])
-def test_tile_scratch_is_not_heap_allocated(x_shape, w_shape, attrs, variant, heap_buffers):
+@pytest.mark.parametrize("x_dtype", ["uint8", "int16"])  # 16-bit: twice the accumulators, still on the stack
+def test_tile_scratch_is_not_heap_allocated(x_shape, w_shape, attrs, variant, heap_buffers, x_dtype):
     """Per-tile accumulators and staging are stack allocas (registers, once LLVM promotes them):
     only the kernel-wide buffers call TVMBackendAllocWorkspace. A "local"-scope or 1 KiB tile
     buffer becomes a workspace call per tile with accumulators kept in memory (1.2-2.4x slower)."""
     op = "QGemm" if variant == "gemm" else "QConv"
-    node, x, w, bias, full = _case(_rng(x_shape, w_shape), op, x_shape, w_shape, "uint8", "uint8", False, False,
+    node, x, w, bias, full = _case(_rng(x_shape, w_shape), op, x_shape, w_shape, x_dtype, "uint8", False, False,
                                    **attrs)
     kernel = schedules.schedule_for(node, [x.shape, w.shape, bias.shape], full, {"w": w, "b": bias},
-                                    ["uint8", "int8", "int32"])
+                                    [x_dtype, "int8", "int32"])
     assert kernel is not None and kernel.variant == (HOST_DEPTHWISE if variant == "conv_depthwise" else variant)
     llvm_ir = schedules.build_kernel(kernel).inspect_source("ll")
     assert llvm_ir.count("load ptr, ptr @__TVMBackendAllocWorkspace") == heap_buffers
@@ -224,7 +233,9 @@ def test_tie_free_epilogue_at_the_smallest_shift(x_shape, w_shape, attrs, varian
 
 @pytest.mark.parametrize("x_shape, w_shape, attrs, variant", DEPTHWISE_CASES)
 @pytest.mark.parametrize("x_dtype, y_dtype, per_channel, ties", [("uint8", "uint8", True, True),
-                                                                 ("int8", "int8", False, False)])
+                                                                 ("int8", "int8", False, False),
+                                                                 ("uint16", "uint16", True, True),  # one uint16 plane
+                                                                 ("int16", "int8", False, False)])
 def test_depthwise_kernel_without_vbmi_bit_exact(x_shape, w_shape, attrs, variant, x_dtype, y_dtype, per_channel,
                                                  ties):
     """The depthwise kernel for VNNI CPUs without VBMI (e.g. Cascade Lake), run on this one."""
@@ -256,11 +267,39 @@ def test_tie_free_epilogue_decision_is_exact():
 
 
 @pytest.mark.parametrize("n, k, m", [(1, 1280, 1000), (1, 27, 10), (3, 64, 40)])
-@pytest.mark.parametrize("x_dtype, y_dtype", [("uint8", "uint8"), ("int8", "uint8"), ("uint8", "int16")])
+@pytest.mark.parametrize("x_dtype, y_dtype", [("uint8", "uint8"), ("int8", "uint8"), ("uint8", "int16"),
+                                              ("uint16", "uint8"), ("int16", "int16")])
 def test_qgemm_kernel_bit_exact(n, k, m, x_dtype, y_dtype):
     rng = np.random.default_rng(k * 1000 + m)
     node, x, w, bias, attrs = _case(rng, "QGemm", (n, k), (k, m), x_dtype, y_dtype, True)
     _check(node, x, w, bias, attrs, "gemm")
+
+
+@pytest.mark.parametrize("op, x_shape, w_shape, attrs", [
+    ("QConv", (1, 128, 9, 9), (16, 128, 3, 3), dict(pads=(1, 1, 1, 1))),
+    ("QGemm", (2, 1024), (1024, 48), {}),
+])
+@pytest.mark.parametrize("x_dtype", ["uint16", "int16"])
+def test_16_bit_accumulators_beyond_int32_are_exact(op, x_shape, w_shape, attrs, x_dtype):
+    """Inputs at the ends of the 16-bit range whose sign matches the weights': sum(x * w) passes
+    2**31, so only the int64 combination 256 * acc_hi + acc_lo gives it, while each byte plane's
+    sum (and, the weights summing to about 0, the int16 -> uint16 bias) stays in int32."""
+    rng = _rng(op, x_shape, x_dtype)
+    node, x, w, bias, full = _case(rng, op, x_shape, w_shape, x_dtype, "int16", True, False, **attrs)
+    info = np.iinfo(x_dtype)
+    reduced = w_shape[1] if op == "QConv" else w_shape[0]  # the input channel / feature axis
+    sign = rng.permutation(np.resize([-1, 1], reduced))
+    magnitude = rng.integers(100, 128, w.shape)
+    w[...] = magnitude * (sign.reshape(1, -1, 1, 1) if op == "QConv" else sign.reshape(-1, 1))
+    top = rng.integers(info.max - 3000, info.max + 1, x.shape)
+    bottom = rng.integers(info.min, info.min + 3001, x.shape)
+    x[...] = np.where((sign.reshape(1, -1, 1, 1) if op == "QConv" else sign.reshape(1, -1)) > 0, top, bottom)
+    acc = (accumulate_qconv if op == "QConv" else accumulate_qgemm)(x, w, bias.astype(np.int64), full)
+    assert np.abs(acc).max() >= 2**31
+    # one multiplier and shift that map the largest |acc| to about 30000: no saturation
+    full["shift"] = [31 + int(np.ceil(np.log2(np.abs(acc).max() / 30000)))]
+    full["multiplier"], full["y_zero_point"] = [int(rng.integers(2**30, 2**31))], 0
+    _check(node, x, w, bias, full, "conv_dense" if op == "QConv" else "gemm", "exact")
 
 
 def test_uncovered_nodes_fall_back_to_generic():
