@@ -26,7 +26,7 @@ activations are stored as int8/uint8 with ``y_min/y_max`` = the 4-bit range).
                                 ``y = clip(round_half_even(x / scale) + y_zero_point)``
                                 in float32 (ONNX QuantizeLinear).
 ``Dequantize(x) -> y``          float output edge: ``y = (x - zero_point) * scale``.
-``QConv(x, w, bias) -> y``      ``x`` int8/uint8 NCHW, ``w`` int8 OIHW (symmetric,
+``QConv(x, w, bias) -> y``      ``x`` int8/uint8/int16/uint16 NCHW, ``w`` int8 OIHW (symmetric,
                                 zero point 0), ``bias`` int32 [O] *with the input
                                 zero point folded in*:
                                 ``bias = round(b / (sx * sw)) - x_zero_point * sum(w[o])``.
@@ -35,7 +35,8 @@ activations are stored as int8/uint8 with ``y_min/y_max`` = the 4-bit range).
                                 (ONNX Conv meaning), ``x_zero_point``,
                                 ``multiplier shift`` (per channel or per tensor),
                                 ``y_zero_point y_min y_max``, ``y_dtype``, ``w_bits``.
-                                ``acc = sum(x * w) + bias`` (int32), where padded
+                                ``acc = sum(x * w) + bias`` (exact: int64, as 16-bit x
+                                can take it past int32), where padded
                                 positions of x hold x_zero_point;
                                 ``y = clip(requant(acc, M, s) + y_zero_point)``.
 ``QGemm(x, w, bias) -> y``      x [..., K] (rank >= 2), w [K, M] int8 (already
