@@ -31,13 +31,15 @@ orders of magnitude), of
 1. the runner around the library: input step = ``i0 + e_in * input_elems``,
    whole - core - input step = ``o0 + e_out * output_elems``;
 2. the core = ``c_call + overhead_s * layers + seconds_per_byte * bytes +
-   seconds_per_mac[kind][w,a] * macs``.
+   q * input_elems + seconds_per_mac[kind][w,a] * macs +
+   seconds_per_layer_output_elem[kind][w,a] * output elements +
+   seconds_per_channel[kind][w,a] * output channels``.
 
 The table targets/cpu/cost_table.json (read by targets/cpu/cost.py) gets
-``call_overhead_s = i0 + o0 + c_call`` and the per-element terms ``e_in``,
+``call_overhead_s = i0 + o0 + c_call`` and the per-element terms ``e_in + q``,
 ``e_out`` (charged once per model, through ``CpuCostModel.fixed_costs``),
-``overhead_s`` (per layer),
-``seconds_per_byte`` and ``seconds_per_mac``, with the host, the measurements
+``overhead_s`` (per layer), ``seconds_per_byte`` and the per-(kind, bit pair)
+tables, with the host, the measurements
 and the fit's relative errors (whole path and core). Single-thread latencies
 (``TVM_NUM_THREADS=1`` unless set): with 2 threads on this 2-vCPU VM some
 single-layer libraries stall ~4 ms per run waking TVM's worker, which no linear
@@ -83,6 +85,9 @@ GRID = [
     # input, a cost per input element that stride-1 layers cannot tell from their MACs)
     ("conv", 3, 32, 224, 3, 2), ("depthwise", 96, 96, 112, 3, 2), ("depthwise", 144, 144, 56, 3, 2),
     ("depthwise", 576, 576, 14, 3, 2),
+    # 5x5 depthwise (EfficientNet-Lite0): MACs per output element other than 9, so the depthwise MAC
+    # and output-element terms can be told apart
+    ("depthwise", 240, 240, 14, 5), ("depthwise", 144, 144, 28, 5, 2),
     ("gemm", 512, 256, 1, 1), ("gemm", 1280, 1000, 1, 1),
 ]
 # Small layers (little MAC time) chained N times: the slope over N is the per-layer overhead,
@@ -155,6 +160,8 @@ def build(point, bits: str, layers: int, work: Path) -> dict:
     return {"kind": point[0], "point": list(point), "layers": layers, "bits": [w_bits, a_bits],
             "macs": sum(s.macs for s in shapes), "bytes": sum(traffic_bytes(s, w_bits, a_bits) for s in shapes),
             "input_elems": shapes[0].input_elems, "output_elems": shapes[-1].output_elems,
+            "layer_output_elems": sum(s.output_elems for s in shapes),
+            "output_channels": sum(s.output_channels for s in shapes),
             "bit_exact": verify["bit_exact"], "build_s": round(build_s, 1), "out": str(out), "x_shape": x_shape}
 
 
@@ -219,6 +226,36 @@ def _errors(predicted: np.ndarray, target: np.ndarray) -> dict[str, float]:
     return {"median": float(np.median(relative)), "max": float(np.max(relative))}
 
 
+# Per (layer kind, bit pair): table name -> the measurement's quantity it multiplies. Beside the MACs,
+# each output element (the epilogue: requantize and store) and each output channel (a depthwise
+# channel's plane packed, a tile's constants loaded) cost time of their own.
+PER_KEY_TERMS = {"seconds_per_mac": "macs", "seconds_per_layer_output_elem": "layer_output_elems",
+                 "seconds_per_channel": "output_channels"}
+
+
+def _derived(m: dict, name: str) -> float:
+    """A per-layer quantity measurements made before it was recorded have implicitly: their
+    chains repeat one layer, whose output channels are the point's third entry."""
+    if name == "layer_output_elems":
+        return m["output_elems"] * m["layers"]
+    if name == "output_channels":
+        return m["point"][2] * m["layers"]
+    raise KeyError(name)
+
+
+def _by_kind(keys: list[tuple[str, str]], values: np.ndarray) -> dict[str, dict[str, float]]:
+    """kind -> "w,a" -> coefficient; 4-bit weights take the 8-bit value (they run the int8 kernels,
+    stored as int8 in the integer graph), "default" (kinds not measured) takes conv's."""
+    table: dict[str, dict[str, float]] = {}
+    for (kind, pair), value in zip(keys, values, strict=True):
+        table.setdefault(kind, {})[pair] = float(value)
+        w, a = pair.split(",")
+        if w == "8":
+            table[kind].setdefault(f"4,{a}", float(value))
+    table["default"] = dict(table.get("conv", next(iter(table.values()))))
+    return table
+
+
 def fit(measurements: list[dict]) -> dict:
     """The two NNLS fits of the module docstring; the table's coefficients and fit errors."""
     whole = np.asarray([m["median_s"] for m in measurements])
@@ -232,28 +269,27 @@ def fit(measurements: list[dict]) -> dict:
     i0, e_in = _nnls(input_rows, input_step)
     o0, e_out = _nnls(output_rows, output_step)
     e0 = i0 + o0
-    # 2. the library call
+    # 2. the library call: shared terms, then per (kind, bit pair) ones
     keys = sorted({(m["kind"], f"{m['bits'][0]},{m['bits'][1]}") for m in measurements})
     rows = []
     for m in measurements:
         key = (m["kind"], f"{m['bits'][0]},{m['bits'][1]}")
-        rows.append([1.0, m["layers"], m["bytes"], m["input_elems"]] + [m["macs"] if key == k else 0.0 for k in keys])
+        per_key = [m[name] if name in m else _derived(m, name) for name in PER_KEY_TERMS.values()]
+        rows.append([1.0, m["layers"], m["bytes"], m["input_elems"]]
+                    + [value if key == k else 0.0 for value in per_key for k in keys])
     matrix = np.asarray(rows, dtype=float)
     solution = _nnls(matrix, core)
     c_call, per_layer, per_byte, quantize_per_elem = solution[:4]
     core_predicted = matrix @ solution
     whole_predicted = core_predicted + input_rows @ np.asarray([i0, e_in]) + output_rows @ np.asarray([o0, e_out])
-    per_mac: dict[str, dict[str, float]] = {}
-    for (kind, pair), value in zip(keys, solution[4:], strict=True):
-        per_mac.setdefault(kind, {})[pair] = float(value)
-        w, a = pair.split(",")
-        if w == "8":  # int4 weights run the int8 kernels (stored as int8 in the integer graph)
-            per_mac[kind].setdefault(f"4,{a}", float(value))
-    per_mac["default"] = dict(per_mac.get("conv", next(iter(per_mac.values()))))
+    per_key_tables = {}
+    for index, table_name in enumerate(PER_KEY_TERMS):
+        values = solution[4 + index * len(keys): 4 + (index + 1) * len(keys)]
+        per_key_tables[table_name] = _by_kind(keys, values)
     chains = np.asarray([bool(m.get("chain")) for m in measurements])
     a_bits = np.asarray([m["bits"][1] for m in measurements])
     return {
-        "seconds_per_mac": per_mac,
+        **per_key_tables,
         "seconds_per_byte": float(per_byte),
         "overhead_s": float(per_layer),  # per layer (before 2026-11-23 it also held the per-call overhead)
         "call_overhead_s": float(e0 + c_call),  # once per model call

@@ -1,13 +1,15 @@
 """Cost model of the ``cpu`` target: latency of the code edgeq itself generates.
 
-Per layer: ``overhead_s + seconds_per_mac[kind][(w_bits, a_bits)] * macs +
-seconds_per_byte * bytes moved``; once per model call (through
-:meth:`CpuCostModel.fixed_costs`, which the allocator adds to every plan's
-total): ``call_overhead_s + seconds_per_input_elem * input elements +
-seconds_per_output_elem * output elements`` -- the library call and the Python
-runner around it (the float input copied in, the output copied out and
-dequantized), the first layer's input and the last layer's output standing for
-the model's. Per sample, one thread, on the host this runs on.
+Per layer: ``overhead_s + seconds_per_byte * bytes moved`` plus, by layer kind
+and (w_bits, a_bits), ``seconds_per_mac * macs + seconds_per_layer_output_elem *
+output elements (the epilogue) + seconds_per_channel * output channels``; once
+per model call (through :meth:`CpuCostModel.fixed_costs`, which the allocator
+adds to every plan's total): ``call_overhead_s + seconds_per_input_elem * input
+elements + seconds_per_output_elem * output elements`` -- the library call, the
+library quantizing its float input, and the Python runner around it (the input
+copied in, the output copied out and dequantized), the first layer's input and
+the last layer's output standing for the model's. Per sample, one thread, on the
+host this runs on.
 
 The coefficients come from ``cost_table.json`` next to this file when it exists:
 tools/fit_cpu_cost.py times the kernels targets/cpu lowers (real TVM builds of
@@ -17,15 +19,14 @@ verified bit-exact) and fits the coefficients by non-negative least squares,
 recording the host, the date, the measurements and the fit error in the file;
 tools/validate_cpu_cost.py compares the model with whole compiled models.
 Tables written before the per-call term existed have only ``overhead_s``
-(then per layer and per call at once): they load with no per-call cost. On the
-host it was measured on, a call costs ~20 us (mostly the Python runner), a
-layer ~0.3 us, and 16-bit activations cost ~10-80x the time per MAC of 8-bit
-ones (the hand-written VNNI schedules read 8-bit activations; 16-bit inputs run
-generic kernels); 4-bit weights run the 8-bit kernels. A layer at 8-bit
-activations whose output feeds a 16-bit layer writes 16-bit output from the
-same 8-bit kernel, so a layer's cost depends on its own bits only
-(tools/validate_cpu_cost.py: a plan of the bundled CNN mixing widths, predicted
-0.092 ms, measured 0.074 ms; 0.318 ms when such layers ran the generic kernel).
+(then per layer and per call at once): they load with no per-call cost; tables
+without the output-element or channel terms load with those at 0. On the host it
+was measured on, a call costs ~20 us (mostly the Python runner), a layer
+~0.3 us; 16-bit activations cost ~2x (conv) to ~3x (depthwise) the time per MAC
+of 8-bit ones (the VNNI kernels read them as two byte planes); 4-bit weights run
+the 8-bit kernels. A layer at 8-bit activations whose output feeds a 16-bit
+layer writes 16-bit output from the same kernel, so a layer's cost depends on
+its own bits only.
 Without a table the model falls back to an analytic estimate anchored on one measurement in
 DESIGN.md (untuned Relax int8 MobileNetV2, ~300 M MACs in ~80 ms on one thread
 of this host: ~2.7e-10 s/MAC); only the ratios between bit pairs matter to the
@@ -57,6 +58,9 @@ class CpuCoefficients:
     call_overhead_s: float = 0.0  # once per model call
     seconds_per_input_elem: float = 0.0  # once per call, per element of the model's (float) input
     seconds_per_output_elem: float = 0.0  # once per call, per element of the model's output
+    # kind -> "w,a" -> seconds per element of the layer's output (epilogue) / per output channel
+    seconds_per_layer_output_elem: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds_per_channel: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _analytic() -> CpuCoefficients:
@@ -87,6 +91,8 @@ def load_coefficients(path: Path = TABLE_PATH) -> CpuCoefficients:
         call_overhead_s=data.get("call_overhead_s", 0.0),
         seconds_per_input_elem=data.get("seconds_per_input_elem", 0.0),
         seconds_per_output_elem=data.get("seconds_per_output_elem", 0.0),
+        seconds_per_layer_output_elem=data.get("seconds_per_layer_output_elem", {}),
+        seconds_per_channel=data.get("seconds_per_channel", {}),
     )
 
 
@@ -99,22 +105,17 @@ class CpuCostModel(CostModel):
         self.coefficients = coefficients or load_coefficients()
 
     def seconds_per_mac(self, kind: str, w_bits: int | None, a_bits: int) -> float:
-        table = self.coefficients.seconds_per_mac
-        pairs = table.get(kind) or table["default"]
-        a = nearest_supported(a_bits, _WIDTHS)
-        w = nearest_supported(w_bits, _WIDTHS) if w_bits else a
-        key = f"{w},{a}"
-        if key not in pairs:  # a pair the fit did not cover: same activations, widest weights measured
-            same_activations = [k for k in pairs if k.endswith(f",{a}")] or list(pairs)
-            key = max(same_activations, key=lambda k: int(k.split(",")[0]))
-        return pairs[key]
+        return _per_kind(self.coefficients.seconds_per_mac, kind, w_bits, a_bits)
 
     def layer_cost(self, layer: LayerShape, w_bits: int | None, a_bits: int) -> LayerCost:
         cost = base_layer_cost(layer, w_bits, a_bits)
         coefficients = self.coefficients
+        w = w_bits if layer.weight_params else None
         cost.latency_s = (
             coefficients.overhead_s
-            + self.seconds_per_mac(layer.kind, w_bits if layer.weight_params else None, a_bits) * layer.macs
+            + self.seconds_per_mac(layer.kind, w, a_bits) * layer.macs
+            + _per_kind(coefficients.seconds_per_layer_output_elem, layer.kind, w, a_bits) * layer.output_elems
+            + _per_kind(coefficients.seconds_per_channel, layer.kind, w, a_bits) * layer.output_channels
             + coefficients.seconds_per_byte * traffic_bytes(layer, w_bits, a_bits)
         )
         return cost
@@ -134,6 +135,21 @@ class CpuCostModel(CostModel):
         totals = super().fixed_costs(layers, online_ops)
         totals["latency_s"] = totals.get("latency_s", 0.0) + self.call_latency_s(list(layers))
         return totals
+
+
+def _per_kind(table: dict[str, dict[str, float]], kind: str, w_bits: int | None, a_bits: int) -> float:
+    """``table[kind]["w,a"]`` (kind "default" when not measured); a pair the fit did not cover takes
+    the widest weights measured at the same activations; 0 for a table the fit did not have."""
+    if not table:
+        return 0.0
+    pairs = table.get(kind) or table["default"]
+    a = nearest_supported(a_bits, _WIDTHS)
+    w = nearest_supported(w_bits, _WIDTHS) if w_bits else a
+    key = f"{w},{a}"
+    if key not in pairs:
+        same_activations = [k for k in pairs if k.endswith(f",{a}")] or list(pairs)
+        key = max(same_activations, key=lambda k: int(k.split(",")[0]))
+    return pairs[key]
 
 
 def cost_model(device: str | None = None) -> CpuCostModel:

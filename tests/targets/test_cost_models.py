@@ -132,6 +132,22 @@ def test_cpu_model_reads_a_fitted_table(tmp_path):
     assert model.fixed_costs([CONV]).get("latency_s", 0.0) == 0.0
 
 
+def test_cpu_model_charges_output_elements_and_channels_by_kind(tmp_path):
+    table = tmp_path / "table.json"
+    table.write_text('{"seconds_per_mac": {"default": {"8,8": 1e-12, "8,16": 2e-12}}, "seconds_per_byte": 0.0,'
+                     ' "overhead_s": 0.0, "source": "test",'
+                     ' "seconds_per_layer_output_elem": {"default": {"8,8": 1e-11, "8,16": 1e-11},'
+                     ' "depthwise": {"8,8": 3e-11, "8,16": 0.0}},'
+                     ' "seconds_per_channel": {"default": {"8,8": 0.0, "8,16": 5e-8}}}')
+    model = cpu_cost.CpuCostModel(cpu_cost.load_coefficients(table))
+    assert model.layer_cost(CONV, 8, 8).latency_s == pytest.approx(CONV.macs * 1e-12 + CONV.output_elems * 1e-11)
+    assert model.layer_cost(CONV, 8, 16).latency_s == pytest.approx(
+        CONV.macs * 2e-12 + CONV.output_elems * 1e-11 + CONV.output_channels * 5e-8)
+    depthwise = LayerShape("dw", "Conv", "depthwise", 9 * 4096, 9 * 64, 4096, 4096, 64)
+    # its own kind's output term; the channel term falls back to "default" (not fitted for depthwise)
+    assert model.layer_cost(depthwise, 8, 8).latency_s == pytest.approx(depthwise.macs * 1e-12 + 4096 * 3e-11)
+
+
 def _chain(length: int) -> list[LayerShape]:
     return [LayerShape(f"c{i}", "Conv", "conv", macs=8 * 8 * 64 * 9, weight_params=8 * 8 * 9, input_elems=8 * 64,
                        output_elems=8 * 64, output_channels=8) for i in range(length)]
@@ -164,7 +180,8 @@ def test_cpu_call_overhead_is_charged_once_per_model(tmp_path):
 def test_cpu_fitted_table_separates_call_and_layer_overhead():
     """The fitted table prices one call well above one layer's overhead (measured: ~20 us vs
     ~0.3 us), so the bundled CNN's 8 layers are not charged 8 calls, and 16-bit activations
-    still cost many times the MAC time of 8-bit ones -- the difference the allocator trades."""
+    cost more than 8-bit ones but not the generic kernels' 10-80x: the VNNI kernels read them as
+    two byte planes (about twice the work) -- the difference the allocator trades."""
     if not cpu_cost.TABLE_PATH.exists():
         pytest.skip("no fitted table")
     model = cpu_cost.cost_model()
@@ -173,8 +190,9 @@ def test_cpu_fitted_table_separates_call_and_layer_overhead():
     eight = _chain(8)
     a8, a16 = _plan_latency(model, eight, 8), _plan_latency(model, eight, 16)
     assert a8 < 3 * model.call_latency_s(eight)  # a small 8-layer int8 model is mostly its call
-    assert model.layer_cost(CONV, 8, 16).latency_s > 10 * model.layer_cost(CONV, 8, 8).latency_s
-    assert a16 > 1.5 * a8
+    ratio = model.layer_cost(CONV, 8, 16).latency_s / model.layer_cost(CONV, 8, 8).latency_s
+    assert 1.3 < ratio < 4
+    assert a16 > a8
 
 
 @pytest.mark.parametrize("model", ALL_MODELS, ids=lambda m: m.name)

@@ -9,18 +9,22 @@ from tools.fit_cpu_cost import fit
 # What the synthetic host charges (seconds): the fit must find these again.
 TRUE = {"call": 1.2e-6, "layer": 0.3e-6, "byte": 1e-11, "quantize": 8e-11, "runner_in": 9e-6,
         "runner_in_elem": 8e-11, "runner_out": 1e-5, "runner_out_elem": 8e-10,
-        "mac": {("conv", "8,8"): 3e-12, ("depthwise", "8,8"): 8e-12, ("conv", "8,16"): 2.7e-10}}
+        "mac": {("conv", "8,8"): 3e-12, ("depthwise", "8,8"): 8e-12, ("conv", "8,16"): 6e-12},
+        "out_elem": {("conv", "8,8"): 2e-11, ("depthwise", "8,8"): 0.0, ("conv", "8,16"): 5e-11},
+        "channel": {("conv", "8,8"): 0.0, ("depthwise", "8,8"): 4e-8, ("conv", "8,16"): 1e-8}}
 
 
 def measurement(kind: str, bits: str, macs: int, bytes_: int, input_elems: int, output_elems: int,
-                layers: int = 1, chain: bool = False) -> dict:
+                channels: int, layers: int = 1, chain: bool = False) -> dict:
+    key = (kind, bits)
     core = (TRUE["call"] + TRUE["layer"] * layers + TRUE["byte"] * bytes_ + TRUE["quantize"] * input_elems
-            + TRUE["mac"][(kind, bits)] * macs)
+            + TRUE["mac"][key] * macs + TRUE["out_elem"][key] * output_elems * layers
+            + TRUE["channel"][key] * channels * layers)
     runner_in = TRUE["runner_in"] + TRUE["runner_in_elem"] * input_elems
     runner_out = TRUE["runner_out"] + TRUE["runner_out_elem"] * output_elems
     w_bits, a_bits = (int(part) for part in bits.split(","))
-    return {"kind": kind, "bits": [w_bits, a_bits], "macs": macs, "bytes": bytes_, "input_elems": input_elems,
-            "output_elems": output_elems, "layers": layers, "chain": chain,
+    return {"kind": kind, "point": [kind, 0, channels], "bits": [w_bits, a_bits], "macs": macs, "bytes": bytes_,
+            "input_elems": input_elems, "output_elems": output_elems, "layers": layers, "chain": chain,
             "core_median_s": core, "input_median_s": runner_in, "median_s": core + runner_in + runner_out}
 
 
@@ -28,26 +32,32 @@ def grid() -> list[dict]:
     rows = []
     for bits in ("8,8", "8,16"):
         scale = 2 if bits == "8,16" else 1
-        rows += [measurement("conv", bits, 4_718_592, 53_760 * scale, 16_384, 32_768),
-                 measurement("conv", bits, 1_179_648, 40_000 * scale, 32_768, 16_384),
-                 measurement("conv", bits, 10_838_016, 500_000 * scale, 150_528, 401_408),  # strided stem
-                 measurement("conv", bits, 2_359_296, 70_000 * scale, 4_096, 4_096)]
+        rows += [measurement("conv", bits, 4_718_592, 53_760 * scale, 16_384, 32_768, 32),
+                 measurement("conv", bits, 4_718_592, 80_000 * scale, 32_768, 16_384, 64),
+                 measurement("conv", bits, 10_838_016, 500_000 * scale, 150_528, 401_408, 32),  # strided stem
+                 measurement("conv", bits, 2_359_296, 70_000 * scale, 4_096, 4_096, 64),
+                 measurement("conv", bits, 2_097_152, 90_000 * scale, 32_768, 65_536, 64),
+                 measurement("conv", bits, 1_048_576, 30_000 * scale, 8_192, 8_192, 128)]
     # depthwise, stride 1 (MACs = 9 x input) and stride 2 (MACs = 9/4 x input)
-    rows += [measurement("depthwise", "8,8", 294_912, 65_824, 32_768, 32_768),
-             measurement("depthwise", "8,8", 2_709_504, 602_976, 301_056, 301_056),
-             measurement("depthwise", "8,8", 2_709_504, 1_505_280, 1_204_224, 301_056),
-             measurement("depthwise", "8,8", 1_016_064, 564_480, 451_584, 112_896)]
-    rows += [measurement("conv", "8,8", 36_864 * n, 1_300 * n, 512, 512, layers=n, chain=True) for n in (1, 4, 8)]
+    rows += [measurement("depthwise", "8,8", 294_912, 65_824, 32_768, 32_768, 32),
+             measurement("depthwise", "8,8", 2_709_504, 602_976, 301_056, 301_056, 96),
+             measurement("depthwise", "8,8", 2_709_504, 1_505_280, 1_204_224, 301_056, 96),
+             measurement("depthwise", "8,8", 1_016_064, 564_480, 451_584, 112_896, 144),
+             measurement("depthwise", "8,8", 254_016, 61_632, 28_224, 28_224, 576),
+             measurement("depthwise", "8,8", 705_600, 100_000, 28_224, 28_224, 576)]  # 5x5
+    rows += [measurement("conv", "8,8", 36_864 * n, 1_300 * n, 512, 512, 8, layers=n, chain=True) for n in (1, 4, 8)]
     return rows
 
 
-def test_fit_recovers_the_per_call_quantize_term_and_the_macs() -> None:
+def test_fit_recovers_the_per_call_quantize_term_and_the_per_layer_terms() -> None:
     table = fit(grid())
     terms = table["fit_terms"]
     assert terms["library_quantize_per_elem_s"] == pytest.approx(TRUE["quantize"], rel=0.02)
     assert table["seconds_per_input_elem"] == pytest.approx(TRUE["quantize"] + TRUE["runner_in_elem"], rel=0.02)
-    assert table["seconds_per_mac"]["depthwise"]["8,8"] == pytest.approx(TRUE["mac"][("depthwise", "8,8")], rel=0.02)
-    assert table["seconds_per_mac"]["conv"]["8,16"] == pytest.approx(TRUE["mac"][("conv", "8,16")], rel=0.02)
+    for name, truth in (("seconds_per_mac", "mac"), ("seconds_per_layer_output_elem", "out_elem"),
+                        ("seconds_per_channel", "channel")):
+        for (kind, pair), value in TRUE[truth].items():
+            assert table[name][kind][pair] == pytest.approx(value, rel=0.02, abs=1e-15), (name, kind, pair)
     assert table["seconds_per_mac"]["conv"]["4,8"] == table["seconds_per_mac"]["conv"]["8,8"]  # int4 runs int8
     assert table["overhead_s"] == pytest.approx(TRUE["layer"], rel=0.05)
     assert table["call_overhead_s"] == pytest.approx(TRUE["call"] + TRUE["runner_in"] + TRUE["runner_out"], rel=0.02)
