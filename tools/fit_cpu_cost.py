@@ -135,11 +135,6 @@ def layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, stride: 
     return model
 
 
-def single_layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, stride: int = 1,
-                       seed: int = 0) -> onnx.ModelProto:
-    return layer_model(kind, cin, cout, size, kernel, stride, seed)
-
-
 def build(point, bits: str, layers: int, work: Path) -> dict:
     """Compile (and verify) one model; its shapes and where the artifact is."""
     from compiler.pipeline import CompileOptions, compile_model
