@@ -394,10 +394,12 @@ def check_latency(plan: QuantPlan, target, out_dir: Path, inputs: dict[str, np.n
     sections = plan.totals.setdefault("report_sections", {})
     sections["Bit allocation"] = sections.get("Bit allocation", "") + "\n\n" + line
     if measured > limit:
+        # the prediction's error as a ratio: the budget whose plan should measure within the limit
+        hint = (f"; try --budget latency={format_metric('latency_s', limit * predicted / measured)}"
+                if predicted else "; a tighter --budget latency gives a faster plan")
         warn(f"the compiled model runs in {format_metric('latency_s', measured)} per sample on this machine, over "
              f"the latency budget {format_metric('latency_s', limit)}"
-             + (f" (predicted {format_metric('latency_s', predicted)})" if predicted else "")
-             + "; a tighter --budget latency gives a faster plan")
+             + (f" (predicted {format_metric('latency_s', predicted)})" if predicted else "") + hint)
     return record
 
 

@@ -251,8 +251,8 @@ def test_a_plan_over_its_latency_budget_when_measured_is_warned_about(capsys, tm
     assert record["latency_s"] == pytest.approx(1.8e-3) and not record["within_budget"]
     assert plan.totals["allocation"]["measured"] is record
     assert "Measured on this machine: 1.8ms per sample" in plan.totals["report_sections"]["Bit allocation"]
-    assert "runs in 1.8ms per sample on this machine, over the latency budget 1.5ms (predicted 1.45ms)" \
-        in capsys.readouterr().err
+    assert ("runs in 1.8ms per sample on this machine, over the latency budget 1.5ms (predicted 1.45ms); "
+            "try --budget latency=1.208ms") in capsys.readouterr().err
     within = _allocated_plan(1.5e-3, 1.45e-3)
     assert check_latency(within, _TimedTarget(1.2), tmp_path, {})["within_budget"]
     assert capsys.readouterr().err == ""
