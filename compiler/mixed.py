@@ -40,8 +40,10 @@ from passes.allocate import (
     drop_dominated_choices,
     greedy,
     layer_metric,
+    minimum,
     pareto,
     problem_from_model,
+    resolve_budget,
 )
 from passes.gptq import gptq_candidates
 from passes.sensitivity import (
@@ -394,9 +396,15 @@ def check_latency(plan: QuantPlan, target, out_dir: Path, inputs: dict[str, np.n
     sections = plan.totals.setdefault("report_sections", {})
     sections["Bit allocation"] = sections.get("Bit allocation", "") + "\n\n" + line
     if measured > limit:
-        # the prediction's error as a ratio: the budget whose plan should measure within the limit
-        hint = (f"; try --budget latency={format_metric('latency_s', limit * predicted / measured)}"
-                if predicted else "; a tighter --budget latency gives a faster plan")
+        hint = "; a tighter --budget latency gives a faster plan"
+        if predicted:  # the prediction's error as a ratio: the budget whose plan should measure within the limit
+            suggested = limit * predicted / measured
+            fastest = allocation.get("fastest_latency_s")
+            if fastest is not None and suggested < fastest:
+                hint = (f"; the cost model's fastest plan within the other budgets is predicted at "
+                        f"{format_metric('latency_s', fastest)}: try --budget latency={format_metric('latency_s', fastest)}")
+            else:
+                hint = f"; try --budget latency={format_metric('latency_s', suggested)}"
         warn(f"the compiled model runs in {format_metric('latency_s', measured)} per sample on this machine, over "
              f"the latency budget {format_metric('latency_s', limit)}"
              + (f" (predicted {format_metric('latency_s', predicted)})" if predicted else "") + hint)
@@ -414,6 +422,9 @@ def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
                           pins=pins, options=options, metrics=resolve_metric_names(budget), recipe=recipe)
     problem = mixed.problem
     allocation = solve_into_plan(mixed, plan, budget, options)
+    if "latency_s" in budget:  # the floor of the measured check's hint (check_latency)
+        others = resolve_budget(problem, {metric: value for metric, value in budget.items() if metric != "latency_s"})
+        plan.totals["allocation"]["fastest_latency_s"] = minimum(problem, "latency_s", limits=others)
     metric = _pareto_metric(budget, target.name)
     points = pareto(problem, metric, PARETO_POINTS, limits=budget)  # the frontier within the other budgets
     svg = pareto_svg([(point.totals[metric], point.objective) for point in points], metric,

@@ -253,6 +253,11 @@ def test_a_plan_over_its_latency_budget_when_measured_is_warned_about(capsys, tm
     assert "Measured on this machine: 1.8ms per sample" in plan.totals["report_sections"]["Bit allocation"]
     assert ("runs in 1.8ms per sample on this machine, over the latency budget 1.5ms (predicted 1.45ms); "
             "try --budget latency=1.208ms") in capsys.readouterr().err
+    fastest = _allocated_plan(1.5e-3, 1.45e-3)
+    fastest.totals["allocation"]["fastest_latency_s"] = 1.3e-3  # above the scaled 1.208ms: name it instead
+    check_latency(fastest, _TimedTarget(1.8), tmp_path, {})
+    assert ("; the cost model's fastest plan within the other budgets is predicted at 1.3ms: try --budget "
+            "latency=1.3ms") in capsys.readouterr().err
     within = _allocated_plan(1.5e-3, 1.45e-3)
     assert check_latency(within, _TimedTarget(1.2), tmp_path, {})["within_budget"]
     assert capsys.readouterr().err == ""
@@ -270,4 +275,5 @@ def test_cpu_compile_under_a_latency_budget_times_what_it_built(tmp_path):
                                           out_dir=str(tmp_path / "out"), progress=False))
     measured = result.plan.totals["allocation"]["measured"]
     assert 0 < measured["latency_s"] < 0.1 and measured["threads"] == 1 and measured["runs"] == 50
+    assert 0 < result.plan.totals["allocation"]["fastest_latency_s"] <= measured["predicted_latency_s"]
     assert "Measured on this machine" in (tmp_path / "out" / "report.md").read_text()
