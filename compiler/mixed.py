@@ -400,7 +400,9 @@ def check_latency(plan: QuantPlan, target, out_dir: Path, inputs: dict[str, np.n
         if predicted:  # the prediction's error as a ratio: the budget whose plan should measure within the limit
             suggested = limit * predicted / measured
             fastest = allocation.get("fastest_latency_s")
-            if fastest is not None and suggested < fastest:
+            if fastest is not None and predicted <= fastest * (1 + 1e-6):
+                hint = "; it is the cost model's fastest plan within the other budgets, so no plan meets it here"
+            elif fastest is not None and suggested < fastest:
                 hint = (f"; the cost model's fastest plan within the other budgets is predicted at "
                         f"{format_metric('latency_s', fastest)}: try --budget latency={format_metric('latency_s', fastest)}")
             else:

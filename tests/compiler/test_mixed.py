@@ -258,6 +258,10 @@ def test_a_plan_over_its_latency_budget_when_measured_is_warned_about(capsys, tm
     check_latency(fastest, _TimedTarget(1.8), tmp_path, {})
     assert ("; the cost model's fastest plan within the other budgets is predicted at 1.3ms: try --budget "
             "latency=1.3ms") in capsys.readouterr().err
+    already = _allocated_plan(1.5e-3, 1.45e-3)
+    already.totals["allocation"]["fastest_latency_s"] = 1.45e-3  # the plan is the fastest: nothing to suggest
+    check_latency(already, _TimedTarget(1.8), tmp_path, {})
+    assert "fastest plan within the other budgets, so no plan meets it here" in capsys.readouterr().err
     within = _allocated_plan(1.5e-3, 1.45e-3)
     assert check_latency(within, _TimedTarget(1.2), tmp_path, {})["within_budget"]
     assert capsys.readouterr().err == ""
