@@ -149,7 +149,7 @@ def _compile(args: argparse.Namespace) -> int:
     measured = allocation.get("measured")
     if measured:
         summary.append(f"latency {format_metric('latency_s', measured['latency_s'])} per sample on this machine "
-                       f"({measured['threads']} thread; budget {format_metric('latency_s', measured['budget_s'])}, "
+                       f"({measured['threads']} thread; budget {format_metric('latency_s', allocation['budget']['latency_s'])}, "
                        f"predicted {format_metric('latency_s', measured['predicted_latency_s'])})")
     print("\n".join(summary))
     return 0

@@ -146,9 +146,6 @@ class MixedPrecision:
     record: dict = field(default_factory=dict)  # what was done: plan.totals["allocation"]["allocator"]
     device: str = ""  # the cost model's device, e.g. "mcu:cortex-m4"
     device_limits: dict[str, float] = field(default_factory=dict)  # what the device has (CostModel.resources)
-    budget: dict[str, float] = field(default_factory=dict)  # the user's, parsed
-    options: AllocatorOptions | None = None
-    target_name: str = ""
 
 
 def parse_pins(texts: list[str] | None, plan: QuantPlan) -> dict[str, tuple[int | None, int | None]]:
@@ -367,19 +364,17 @@ def device_overruns(device: str, limits: dict[str, float], budget: dict[str, flo
     return messages
 
 
-def check_latency(plan: QuantPlan, target, out_dir: Path, inputs: dict[str, np.ndarray],
-                  limit: float | None = None) -> dict | None:
-    """The compiled artifact timed on this machine against the latency budget (``limit``, default
-    the plan's).
+def check_latency(plan: QuantPlan, target, out_dir: Path, inputs: dict[str, np.ndarray]) -> dict | None:
+    """The compiled artifact timed on this machine against the plan's latency budget.
 
     Only when the plan was allocated under a latency budget and the target can time
     its artifact here (``Target.measure_latency``). The cost model's estimate is a
     fit, so the measurement is what the user can hold the budget to: it goes into
-    plan.json (``totals.allocation.measured``) and the report. A failed timing is a
-    warning, not a failed compile.
+    plan.json (``totals.allocation.measured``) and the report, with a warning when
+    over the budget. A failed timing is a warning, not a failed compile.
     """
     allocation = plan.totals.get("allocation") or {}
-    limit = limit if limit is not None else (allocation.get("budget") or {}).get("latency_s")
+    limit = (allocation.get("budget") or {}).get("latency_s")
     if limit is None:
         return None
     try:
@@ -392,7 +387,7 @@ def check_latency(plan: QuantPlan, target, out_dir: Path, inputs: dict[str, np.n
     measured = timing["median_ms"] / 1e3
     predicted = (allocation.get("totals") or {}).get("latency_s")
     record = {"latency_s": measured, "runs": timing.get("runs"), "threads": timing.get("threads"),
-              "budget_s": limit, "predicted_latency_s": predicted, "within_budget": measured <= limit}
+              "predicted_latency_s": predicted, "within_budget": measured <= limit}
     allocation["measured"] = record
     line = (f"Measured on this machine: {format_metric('latency_s', measured)} per sample (median of "
             f"{record['runs']} runs, {record['threads']} thread) against the budget "
@@ -400,71 +395,22 @@ def check_latency(plan: QuantPlan, target, out_dir: Path, inputs: dict[str, np.n
             + (f"; the cost model predicted {format_metric('latency_s', predicted)}" if predicted else "") + ".")
     sections = plan.totals.setdefault("report_sections", {})
     sections["Bit allocation"] = sections.get("Bit allocation", "") + "\n\n" + line
-    return record
-
-
-def _fastest(allocation: dict, predicted: float) -> bool:
-    fastest = allocation.get("fastest_latency_s")
-    return fastest is not None and predicted <= fastest * (1 + 1e-6)
-
-
-def _scaled_latency(allocation: dict) -> float | None:
-    """The latency budget the measured error implies: the limit scaled by predicted / measured
-    (the cost model's error taken as a ratio), floored at the fastest plan's prediction."""
-    record = allocation.get("measured") or {}
-    predicted = record.get("predicted_latency_s")
-    if not record or record["within_budget"] or not predicted:
-        return None
-    suggested = record["budget_s"] * predicted / record["latency_s"]
-    fastest = allocation.get("fastest_latency_s")
-    return max(suggested, fastest) if fastest is not None else suggested
-
-
-def latency_retry(mixed: MixedPrecision, plan: QuantPlan) -> dict[str, float] | None:
-    """The budget to plan again under when the compiled plan measured over its latency budget and a
-    faster plan exists (:func:`_scaled_latency`); None otherwise. One retry is the pipeline's rule."""
-    allocation = plan.totals.get("allocation") or {}
-    tighter = _scaled_latency(allocation)
-    if tighter is None or _fastest(allocation, allocation["measured"]["predicted_latency_s"]):
-        return None
-    record = allocation["measured"]
-    warn(f"the compiled model runs in {format_metric('latency_s', record['latency_s'])} per sample on this machine, "
-         f"over the latency budget {format_metric('latency_s', record['budget_s'])} (predicted "
-         f"{format_metric('latency_s', record['predicted_latency_s'])}): planning again under latency="
-         f"{format_metric('latency_s', tighter)}")
-    return {**mixed.budget, "latency_s": tighter}
-
-
-def replan_for_latency(mixed: MixedPrecision, plan: QuantPlan, budget: dict[str, float], first: dict) -> Allocation:
-    """:func:`plan_allocation` under the tighter ``budget`` of :func:`latency_retry`, recorded in plan.json
-    (``totals.allocation.latency_retry``) and the report with the ``first`` attempt's measurement."""
-    allocation = plan_allocation(mixed, plan, budget)
-    plan.totals["allocation"]["latency_retry"] = {"first_attempt": first, "planned_under_s": budget["latency_s"]}
-    sections = plan.totals["report_sections"]
-    sections["Bit allocation"] = (
-        f"The first plan measured {format_metric('latency_s', first['latency_s'])} per sample against the budget "
-        f"{format_metric('latency_s', first['budget_s'])} (predicted "
-        f"{format_metric('latency_s', first['predicted_latency_s'])}), so this one was planned under latency="
-        f"{format_metric('latency_s', budget['latency_s'])}.\n\n" + sections["Bit allocation"])
-    return allocation
-
-
-def warn_over_latency(plan: QuantPlan) -> None:
-    """The last word on a latency budget the compiled plan measured over: by how much, and what to try."""
-    allocation = plan.totals.get("allocation") or {}
-    record = allocation.get("measured")
-    if not record or record["within_budget"]:
-        return
-    predicted = record["predicted_latency_s"]
-    if not predicted:
+    if measured > limit:
         hint = "; a tighter --budget latency gives a faster plan"
-    elif _fastest(allocation, predicted):
-        hint = "; it is the cost model's fastest plan within the other budgets, so no plan meets it here"
-    else:
-        hint = f"; try --budget latency={format_metric('latency_s', _scaled_latency(allocation))}"
-    warn(f"the compiled model runs in {format_metric('latency_s', record['latency_s'])} per sample on this machine, "
-         f"over the latency budget {format_metric('latency_s', record['budget_s'])}"
-         + (f" (predicted {format_metric('latency_s', predicted)})" if predicted else "") + hint)
+        if predicted:  # the prediction's error as a ratio: the budget whose plan should measure within the limit
+            suggested = limit * predicted / measured
+            fastest = allocation.get("fastest_latency_s")
+            if fastest is not None and predicted <= fastest * (1 + 1e-6):
+                hint = "; it is the cost model's fastest plan within the other budgets, so no plan meets it here"
+            elif fastest is not None and suggested < fastest:
+                hint = (f"; the cost model's fastest plan within the other budgets is predicted at "
+                        f"{format_metric('latency_s', fastest)}: try --budget latency={format_metric('latency_s', fastest)}")
+            else:
+                hint = f"; try --budget latency={format_metric('latency_s', suggested)}"
+        warn(f"the compiled model runs in {format_metric('latency_s', measured)} per sample on this machine, over "
+             f"the latency budget {format_metric('latency_s', limit)}"
+             + (f" (predicted {format_metric('latency_s', predicted)})" if predicted else "") + hint)
+    return record
 
 
 def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,
@@ -476,19 +422,12 @@ def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     budget = parse_budget(budget_text)
     mixed = build_problem(model, plan, calib, target, device, integer_only=integer_only,
                           pins=pins, options=options, metrics=resolve_metric_names(budget), recipe=recipe)
-    mixed.budget, mixed.options, mixed.target_name = budget, options, target.name
-    plan_allocation(mixed, plan, budget)
-    return mixed
-
-
-def plan_allocation(mixed: MixedPrecision, plan: QuantPlan, budget: dict[str, float]) -> Allocation:
-    """Solve ``mixed`` for ``budget`` into ``plan``: the bits, the report section, the Pareto plot."""
     problem = mixed.problem
-    allocation = solve_into_plan(mixed, plan, budget, mixed.options or AllocatorOptions())
-    if "latency_s" in budget:  # the floor of a latency retry and of the measured check's hint
+    allocation = solve_into_plan(mixed, plan, budget, options)
+    if "latency_s" in budget:  # the floor of the measured check's hint (check_latency)
         others = resolve_budget(problem, {metric: value for metric, value in budget.items() if metric != "latency_s"})
         plan.totals["allocation"]["fastest_latency_s"] = minimum(problem, "latency_s", limits=others)
-    metric = _pareto_metric(budget, mixed.target_name)
+    metric = _pareto_metric(budget, target.name)
     points = pareto(problem, metric, PARETO_POINTS, limits=budget)  # the frontier within the other budgets
     svg = pareto_svg([(point.totals[metric], point.objective) for point in points], metric,
                      chosen=(allocation.totals[metric], allocation.objective), title=f"Pareto frontier: {metric}")
@@ -496,7 +435,7 @@ def plan_allocation(mixed: MixedPrecision, plan: QuantPlan, budget: dict[str, fl
     summary += f"\n\n![Pareto frontier along {metric}, chosen plan in red](pareto.svg)"
     plan.totals.setdefault("report_sections", {})["Bit allocation"] = summary
     mixed.allocation, mixed.pareto_svg = allocation, svg
-    return allocation
+    return mixed
 
 
 def allocation_summary(problem: AllocationProblem, allocation: Allocation, record: dict | None = None) -> str:

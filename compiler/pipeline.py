@@ -10,8 +10,6 @@
   -> fidelity -> write model.qdq.onnx, plan.json, report.md
   -> target lowering (integer graph, code) when the target is not "onnx"
   -> under a latency budget, the artifact timed on this machine against it
-     (over it: allocated, exported and lowered once more under the budget the
-     measured error implies)
 
 Everything a run writes goes to a temporary folder first and is moved into
 ``out_dir`` only when the whole run succeeded.
@@ -19,7 +17,6 @@ Everything a run writes goes to a temporary folder first and is moved into
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 import time
@@ -225,26 +222,22 @@ def compile_model(options: CompileOptions) -> CompileResult:
     if options.pins and not options.budget:  # with a budget the allocator keeps them
         apply_pins(plan, options.pins, target.cost_model(options.device).bit_pairs)
     if options.budget:
-        from compiler.mixed import (
-            allocate_bits,
-            latency_retry,
-            replan_for_latency,
-            warn_over_latency,
-        )
+        from compiler.mixed import allocate_bits
 
         mixed = stage("allocate", lambda: allocate_bits(model, plan, calib, target, options.device, options.budget,
                                                         integer_only=integer_only, pins=options.pins,
                                                         options=options.allocator, recipe=recipe))
-        allocated = copy.deepcopy(plan)  # before export fills it in: a latency retry plans again from here
 
-    def build(plan: QuantPlan, tmp: Path) -> tuple[onnx.ModelProto, QuantPlan]:
-        """Export, fidelity, the QDQ model and the target's artifact into ``tmp``, the latency check."""
-        qdq, plan = export_plan(model, plan, calib, recipe, integer_only=integer_only, batch_size=options.batch_size,
-                                progress=options.progress, stage=stage)
-        # model has float_model's function; its tensors are what the QDQ model approximates
-        stage("fidelity", lambda: _measure_fidelity(plan, float_model, model, qdq, calib, evaluation, options))
-        plan.totals["onnxruntime_kernels"] = stage("ort_kernels", lambda: kernel_usage(qdq))
-        plan.update_totals()
+    transformed = model  # same function as float_model; its tensors are what the QDQ model approximates
+    qdq, plan = export_plan(model, plan, calib, recipe, integer_only=integer_only, batch_size=options.batch_size,
+                            progress=options.progress, stage=stage)
+    stage("fidelity", lambda: _measure_fidelity(plan, float_model, transformed, qdq, calib, evaluation, options))
+    plan.totals["onnxruntime_kernels"] = stage("ort_kernels", lambda: kernel_usage(qdq))
+    plan.update_totals()
+
+    out_dir = Path(options.out_dir)
+    files: list[Path] = []
+    with atomic_dir(out_dir, replaces_outputs=True) as tmp:  # the folder holds this run's outputs only
         onnx.save(qdq, str(tmp / "model.qdq.onnx"))
         if options.budget and mixed.pareto_svg:
             (tmp / "pareto.svg").write_text(mixed.pareto_svg)
@@ -256,21 +249,7 @@ def compile_model(options: CompileOptions) -> CompileResult:
             if options.budget:
                 from compiler.mixed import check_latency
 
-                stage("measure", lambda: check_latency(plan, target, tmp, calib, mixed.budget.get("latency_s")))
-        return qdq, plan
-
-    out_dir = Path(options.out_dir)
-    files: list[Path] = []
-    with atomic_dir(out_dir, replaces_outputs=True) as tmp:  # the folder holds this run's outputs only
-        qdq, plan = build(plan, tmp)
-        retry = latency_retry(mixed, plan) if options.budget else None
-        if retry is not None:  # measured over the latency budget: once more, under the budget the error implies
-            first = plan.totals["allocation"]["measured"]
-            plan = copy.deepcopy(allocated)
-            stage("allocate", lambda: replan_for_latency(mixed, plan, retry, first))
-            qdq, plan = build(plan, tmp)
-        if options.budget:
-            warn_over_latency(plan)
+                stage("measure", lambda: check_latency(plan, target, tmp, calib))
         plan.totals["seconds"] = {name: round(value, 3) for name, value in timings.items()}
         plan.save(str(tmp / "plan.json"))
         from compiler.report import write_report
