@@ -38,7 +38,7 @@ INT_MODEL_FILE = "model.int.onnx"
 VERIFY_FILE = "verify.json"
 CPU_DIR = "cpu"
 DEFAULT_VERIFY_SAMPLES = 16
-MEASURE_REPEAT = 50
+MEASURE_REPEAT = 200  # runs of one sample (a 20 ms model: 4 s); a median of many steadies it on a busy host
 # Run in a fresh process: TVM's thread pool is sized by a process's first run, and compile has run
 # the library already (verification) at the default thread count.
 _MEASURE = ("import json, sys\n"
