@@ -396,21 +396,26 @@ def check_latency(plan: QuantPlan, target, out_dir: Path, inputs: dict[str, np.n
     sections = plan.totals.setdefault("report_sections", {})
     sections["Bit allocation"] = sections.get("Bit allocation", "") + "\n\n" + line
     if measured > limit:
-        hint = "; a tighter --budget latency gives a faster plan"
-        if predicted:  # the prediction's error as a ratio: the budget whose plan should measure within the limit
-            suggested = limit * predicted / measured
-            fastest = allocation.get("fastest_latency_s")
-            if fastest is not None and predicted <= fastest * (1 + 1e-6):
-                hint = "; it is the cost model's fastest plan within the other budgets, so no plan meets it here"
-            elif fastest is not None and suggested < fastest:
-                hint = (f"; the cost model's fastest plan within the other budgets is predicted at "
-                        f"{format_metric('latency_s', fastest)}: try --budget latency={format_metric('latency_s', fastest)}")
-            else:
-                hint = f"; try --budget latency={format_metric('latency_s', suggested)}"
         warn(f"the compiled model runs in {format_metric('latency_s', measured)} per sample on this machine, over "
              f"the latency budget {format_metric('latency_s', limit)}"
-             + (f" (predicted {format_metric('latency_s', predicted)})" if predicted else "") + hint)
+             + (f" (predicted {format_metric('latency_s', predicted)})" if predicted else "")
+             + _latency_hint(limit, measured, predicted, allocation.get("fastest_latency_s")))
     return record
+
+
+def _latency_hint(limit: float, measured: float, predicted: float | None, fastest: float | None) -> str:
+    """What to try after a plan measured over its latency budget: the budget whose plan should measure
+    within the limit (the prediction's error taken as a ratio), floored at the fastest plan."""
+    if not predicted:
+        return "; a tighter --budget latency gives a faster plan"
+    if fastest is None:
+        return f"; try --budget latency={format_metric('latency_s', limit * predicted / measured)}"
+    if predicted <= fastest * (1 + 1e-6):
+        return "; it is the cost model's fastest plan within the other budgets, so no plan meets it here"
+    if limit * predicted / measured < fastest:
+        return (f"; the cost model's fastest plan within the other budgets is predicted at "
+                f"{format_metric('latency_s', fastest)}: try --budget latency={format_metric('latency_s', fastest)}")
+    return f"; try --budget latency={format_metric('latency_s', limit * predicted / measured)}"
 
 
 def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.ndarray], target,

@@ -155,8 +155,6 @@ def build(point, bits: str, layers: int, work: Path) -> dict:
     return {"kind": point[0], "point": list(point), "layers": layers, "bits": [w_bits, a_bits],
             "macs": sum(s.macs for s in shapes), "bytes": sum(traffic_bytes(s, w_bits, a_bits) for s in shapes),
             "input_elems": shapes[0].input_elems, "output_elems": shapes[-1].output_elems,
-            "layer_output_elems": sum(s.output_elems for s in shapes),
-            "output_channels": sum(s.output_channels for s in shapes),
             "bit_exact": verify["bit_exact"], "build_s": round(build_s, 1), "out": str(out), "x_shape": x_shape}
 
 
@@ -221,21 +219,17 @@ def _errors(predicted: np.ndarray, target: np.ndarray) -> dict[str, float]:
     return {"median": float(np.median(relative)), "max": float(np.max(relative))}
 
 
-# Per (layer kind, bit pair): table name -> the measurement's quantity it multiplies. Beside the MACs,
-# each output element (the epilogue: requantize and store) and each output channel (a depthwise
-# channel's plane packed, a tile's constants loaded) cost time of their own.
-PER_KEY_TERMS = {"seconds_per_mac": "macs", "seconds_per_layer_output_elem": "layer_output_elems",
-                 "seconds_per_channel": "output_channels"}
+# Per (layer kind, bit pair), the tables of the terms beside the shared ones: each MAC, each output
+# element (the epilogue: requantize and store) and each output channel (a depthwise channel's plane
+# packed, a tile's constants loaded) cost time of their own.
+PER_KEY_TERMS = ("seconds_per_mac", "seconds_per_layer_output_elem", "seconds_per_channel")
 
 
-def _derived(m: dict, name: str) -> float:
-    """A per-layer quantity measurements made before it was recorded have implicitly: their
-    chains repeat one layer, whose output channels are the point's third entry."""
-    if name == "layer_output_elems":
-        return m["output_elems"] * m["layers"]
-    if name == "output_channels":
-        return m["point"][2] * m["layers"]
-    raise KeyError(name)
+def _per_key_quantities(m: dict) -> list[float]:
+    """What each of PER_KEY_TERMS multiplies in measurement ``m``: its MACs, its layers' output
+    elements and output channels (a chain repeats one layer, whose output channels are the
+    point's third entry)."""
+    return [m["macs"], m["output_elems"] * m["layers"], m["point"][2] * m["layers"]]
 
 
 def _by_kind(keys: list[tuple[str, str]], values: np.ndarray) -> dict[str, dict[str, float]]:
@@ -269,9 +263,8 @@ def fit(measurements: list[dict]) -> dict:
     rows = []
     for m in measurements:
         key = (m["kind"], f"{m['bits'][0]},{m['bits'][1]}")
-        per_key = [m[name] if name in m else _derived(m, name) for name in PER_KEY_TERMS.values()]
         rows.append([1.0, m["layers"], m["bytes"], m["input_elems"]]
-                    + [value if key == k else 0.0 for value in per_key for k in keys])
+                    + [value if key == k else 0.0 for value in _per_key_quantities(m) for k in keys])
     matrix = np.asarray(rows, dtype=float)
     solution = _nnls(matrix, core)
     c_call, per_layer, per_byte, quantize_per_elem = solution[:4]

@@ -153,23 +153,24 @@ def requant_constants(
     return arrays, rq
 
 
-def _unsigned_bias(bias: np.ndarray, weight_sums: np.ndarray, x_dtype: str) -> np.ndarray | None:
-    """Bias for the kernels' unsigned view of the input: int8 x is read as x + 128, int16 x as
-    x + 32768 (``sum((x + d) * w) = sum(x * w) + d * sum(w)``, so the bias takes ``-d * sum(w)``).
-    ``None`` when that does not fit the kernels' int32 bias (int16 input, huge weight sums)."""
-    bias = np.asarray(bias, dtype=np.int64)
+def _unsigned_bias(node: onnx.NodeProto, bias: np.ndarray, weight_rows: np.ndarray, x_dtype: str,
+                   plane_max: int) -> np.ndarray | None:
+    """Bias for the kernels' unsigned view of the input (``weight_rows``: one row per output channel):
+    int8 x is read as x + 128, int16 x as x + 32768 (``sum((x + d) * w) = sum(x * w) + d * sum(w)``, so
+    the bias takes ``-d * sum(w)``). ``None`` (logged) where the kernel's int32 arithmetic could
+    overflow: the shifted bias (int16 input, huge weight sums), or a plane's partial sums -- products
+    of plane values in [0, ``plane_max``] (255 for a byte plane) with the weights, from 0 (the tie-free
+    epilogue's start at the bias is covered by :func:`tie_free_epilogue`'s bound)."""
+    shifted = np.asarray(bias, dtype=np.int64)
     if x_dtype.startswith("int"):
-        bias = bias - (1 << (8 * np.dtype(x_dtype).itemsize - 1)) * weight_sums
-    if np.any(np.abs(bias) >= 2**31):
+        shifted = shifted - (1 << (8 * np.dtype(x_dtype).itemsize - 1)) * weight_rows.sum(axis=1)
+    if np.any(np.abs(shifted) >= 2**31):
+        log.debug("%s: bias does not fit int32 after the shift of %s x to unsigned", node.name, x_dtype)
         return None
-    return bias
-
-
-def _partial_sums_fit(abs_weight_sums: np.ndarray, plane_max: int) -> bool:
-    """Whether every int32 accumulator of a kernel holds its partial sums exactly: products of
-    plane values in [0, ``plane_max``] (255 for a byte plane) with the weights, starting at 0
-    (the tie-free epilogue's bias start is covered by :func:`tie_free_epilogue`'s bound)."""
-    return bool(np.all(np.asarray(abs_weight_sums, np.int64) * plane_max < 2**31))
+    if np.any(np.abs(weight_rows).sum(axis=1) * plane_max >= 2**31):
+        log.debug("%s: partial sums could overflow the int32 accumulators", node.name)
+        return None
+    return shifted
 
 
 def pack_conv_weights(w: np.ndarray, tile_rows: int, depthwise: bool, taps_per_word: int = 1) -> np.ndarray:
@@ -236,24 +237,19 @@ def _conv_kernel(
     if geometry.out_height < 1 or geometry.out_width < 1:
         return None
     weights = w.reshape(o, -1).astype(np.int64)
-    u_bias = _unsigned_bias(bias, weights.sum(axis=1), x_dtype)
-    if u_bias is None:
-        log.debug("%s: bias does not fit int32 after the shift of %s x to unsigned", node.name, x_dtype)
-        return None
-    # the kernel reads unsigned activations (0..255 or 0..65535): every partial sum of acc + bias
-    # (for 16-bit x: 256 * acc_hi + acc_lo + bias) is within this
-    abs_sums = np.abs(weights).sum(axis=1)
-    acc_bound = abs_sums * ((1 << (8 * np.dtype(x_dtype).itemsize)) - 1) + np.abs(u_bias)
-    _, rq = requant_constants(attrs, u_bias, o, o, acc_bound)
     x_zero_point = int(attrs.get("x_zero_point", 0))
-    variant = "conv_depthwise" if depthwise else "conv_dense"
-    taps_per_word = 1
     vnni_depthwise = depthwise and target_has_vbmi(target) and kernels.depthwise_vnni_rows(geometry)
     # one int32 accumulator per byte plane; the depthwise kernel without VBMI keeps 16-bit x whole
     plane_max = kernels.XPlanes(x_dtype, x_zero_point, split=not depthwise or bool(vnni_depthwise)).max_value
-    if not _partial_sums_fit(abs_sums, plane_max):
-        log.debug("%s: partial sums could overflow the int32 accumulators", node.name)
+    u_bias = _unsigned_bias(node, bias, weights, x_dtype, plane_max)
+    if u_bias is None:
         return None
+    # the kernel reads unsigned activations (0..255 or 0..65535): every partial sum of acc + bias
+    # (for 16-bit x: 256 * acc_hi + acc_lo + bias) is within this
+    acc_bound = np.abs(weights).sum(axis=1) * ((1 << (8 * np.dtype(x_dtype).itemsize)) - 1) + np.abs(u_bias)
+    _, rq = requant_constants(attrs, u_bias, o, o, acc_bound)
+    variant = "conv_depthwise" if depthwise else "conv_dense"
+    taps_per_word = 1
     if vnni_depthwise:
         built = kernels.depthwise_vnni_kernel(geometry, x_dtype, x_zero_point, rq), (1, 1)
         variant, taps_per_word = "conv_depthwise_vnni", 4
@@ -286,13 +282,8 @@ def _gemm_kernel(
         return None
     n, k = (int(v) for v in x_shape)
     m = w.shape[1]
-    weights = w.astype(np.int64)
-    u_bias = _unsigned_bias(bias, weights.sum(axis=0), x_dtype)
+    u_bias = _unsigned_bias(node, bias, w.astype(np.int64).T, x_dtype, 255)  # byte planes
     if u_bias is None:
-        log.debug("%s: bias does not fit int32 after the shift of %s x to unsigned", node.name, x_dtype)
-        return None
-    if not _partial_sums_fit(np.abs(weights).sum(axis=0), 255):  # byte planes
-        log.debug("%s: partial sums could overflow the int32 accumulators", node.name)
         return None
     _, rq = requant_constants(attrs, bias, m, m)
     func, vectors = kernels.gemm_kernel(n, k, m, x_dtype, rq)
