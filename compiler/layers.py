@@ -130,6 +130,8 @@ def _layer_shape(model: onnx.ModelProto, node: onnx.NodeProto, shapes: dict) -> 
         output_channels = out_ch
         if group > 1 and in_per_group == 1:
             kind = "depthwise"
+        elif group == 1 and _elems(weight.shape[2:]) == 1:
+            kind = "pointwise"  # a matrix product per pixel: priced apart from KxK convs (targets/cpu)
     elif op == "ConvTranspose":
         group = attribute(node, "group", 1)
         output_channels = weight.shape[1] * group

@@ -5,8 +5,9 @@ Two kinds of float model go through the real pipeline
 TVM build, bit-exact verification -- a build that is not bit-exact is left out
 of the fit) at each activation width the CPU lowering handles:
 
-* ``GRID``: single layers of realistic sizes (3x3 / 1x1 convs, a first layer on
-  3 channels, depthwise convs on large and small maps, fully connected layers)
+* ``GRID``: single layers of realistic sizes (3x3 convs, 1x1 convs from 16 to 960
+  input channels, a first layer on 3 channels, depthwise convs on large and
+  small maps, fully connected layers)
   -- they price the MACs and bytes of each layer kind;
 * ``CHAINS``: chains of N identical small layers (N in ``CHAIN_LENGTHS``) --
   with them the time that comes once per call of the model (the library call,
@@ -88,6 +89,12 @@ GRID = [
     # 5x5 depthwise (EfficientNet-Lite0): MACs per output element other than 9, so the depthwise MAC
     # and output-element terms can be told apart
     ("depthwise", 240, 240, 14, 5), ("depthwise", 144, 144, 28, 5, 2),
+    # 1x1 convs at both ends of MACs per output element, as in MobileNetV2's blocks: an expansion of
+    # few channels on a large map (16 MACs per output) and projections of 576 / 960 channels on
+    # 14x14 / 7x7 maps -- with only the 32- and 128-channel 1x1 points above, the fit priced
+    # output elements too high and MACs too low (MobileNetV2's 960->320 projection: 39 us
+    # predicted, 60 us in the compiled model)
+    ("conv", 16, 96, 112, 1), ("conv", 576, 96, 14, 1), ("conv", 960, 320, 7, 1), ("conv", 160, 960, 7, 1),
     ("gemm", 512, 256, 1, 1), ("gemm", 1280, 1000, 1, 1),
 ]
 # Small layers (little MAC time) chained N times: the slope over N is the per-layer overhead,
@@ -152,7 +159,7 @@ def build(point, bits: str, layers: int, work: Path) -> dict:
     shapes = list(layer_shapes(model, [n.name for n in model.graph.node if n.name.startswith("layer")]).values())
     w_bits, a_bits = (int(part) for part in bits[1:].split("a"))
     x_shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
-    return {"kind": point[0], "point": list(point), "layers": layers, "bits": [w_bits, a_bits],
+    return {"kind": shapes[0].kind, "point": list(point), "layers": layers, "bits": [w_bits, a_bits],
             "macs": sum(s.macs for s in shapes), "bytes": sum(traffic_bytes(s, w_bits, a_bits) for s in shapes),
             "input_elems": shapes[0].input_elems, "output_elems": shapes[-1].output_elems,
             "bit_exact": verify["bit_exact"], "build_s": round(build_s, 1), "out": str(out), "x_shape": x_shape}

@@ -22,9 +22,11 @@ Tables written before the per-call term existed have only ``overhead_s``
 (then per layer and per call at once): they load with no per-call cost; tables
 without the output-element or channel terms load with those at 0. On the host it
 was measured on, a call costs ~20 us (mostly the Python runner), a layer
-~0.3 us; 16-bit activations cost ~2x (conv) to ~3x (depthwise) the time per MAC
-of 8-bit ones (the VNNI kernels read them as two byte planes); 4-bit weights run
-the 8-bit kernels. A layer at 8-bit activations whose output feeds a 16-bit
+~0.3 us; 16-bit activations cost ~2x (KxK conv) to ~2.5x (1x1 "pointwise" conv,
+depthwise) the time per MAC of 8-bit ones (the VNNI kernels read them as two
+byte planes); 4-bit weights run the 8-bit kernels. Pointwise convs have their
+own row: priced as KxK convs, MobileNetV2's 960->320 projection came out at
+half its time in the compiled model. A layer at 8-bit activations whose output feeds a 16-bit
 layer writes 16-bit output from the same kernel, so a layer's cost depends on
 its own bits only.
 Without a table the model falls back to an analytic estimate anchored on one measurement in

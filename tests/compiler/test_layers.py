@@ -46,6 +46,21 @@ def test_macs_and_elements_per_sample():
     assert (fc.kind, fc.macs, fc.weight_params, fc.output_channels) == ("gemm", 40, 40, 5)
 
 
+def test_one_by_one_convs_are_pointwise_unless_grouped():
+    """A 1x1 conv of one group is a matrix product per pixel, priced apart from KxK convs (the CPU
+    table has its own row); a grouped 1x1 conv stays a conv."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["p"], name="pointwise"),
+             helper.make_node("Conv", ["p", "w2"], ["y"], name="grouped", group=2)]
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w1", (8, 4, 1, 1)), ("w2", (8, 4, 1, 1)))]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 5, 5])], initializer=inits)
+    shapes = layer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert (shapes["pointwise"].kind, shapes["pointwise"].macs) == ("pointwise", 8 * 25 * 4)
+    assert (shapes["grouped"].kind, shapes["grouped"].macs) == ("conv", 8 * 25 * 4)
+
+
 def test_batch_and_selection():
     shapes = layer_shapes(_model(), ["fc"], input_shapes={"x": [4, 3, 16, 16]})
     assert list(shapes) == ["fc"] and shapes["fc"].macs == 4 * 40
