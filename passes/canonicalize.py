@@ -9,6 +9,12 @@ Guarantees:
     into that layer's weight and bias;
   * Identity and inference-mode Dropout are removed; a zero Pad feeding only a
     Conv becomes that Conv's padding;
+  * a Reshape whose target shape is computed from tensor shapes (PyTorch's
+    ``x.view(x.size(0), -1)`` exports as Shape -> Gather -> Unsqueeze ->
+    Concat) gets a constant target where every entry is known: a static
+    dimension, or 0 ("keep this dimension") for a dynamic one read from the
+    same position of a tensor whose dimension there is the data's own -- so
+    integer-only targets are not left with a float Shape computation;
   * unused nodes and initializers are dropped, nodes are topologically sorted
     and every node has a unique, stable name (existing names are kept);
   * shapes are inferred (value_info filled in).
@@ -31,6 +37,7 @@ from compiler.graph import (
     graph_output_names,
     initializer_array,
     opset_version,
+    producers,
     set_attribute,
     set_initializer,
     topological_sort,
@@ -55,6 +62,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     _fold_constants(model)
     _fold_batchnorm(model)
     _fold_zero_pad_into_conv(model)
+    _fold_reshape_shapes(model)
     _remove_dead_code(model)
     topological_sort(model)
     _name_nodes(model)
@@ -258,6 +266,74 @@ def _fold_zero_pad_into_conv(model: onnx.ModelProto) -> None:
         set_attribute(conv, "pads", merged)
         conv.input[0] = pad.input[0]
         graph.node.remove(pad)
+
+
+# A Reshape target entry, as far as it is known: an int, or (tensor, axis) -- that tensor's
+# dimension there, not known statically.
+_ShapeEntry = int | tuple[str, int]
+
+
+def _fold_reshape_shapes(model: onnx.ModelProto) -> None:
+    """A Reshape's computed target shape becomes an initializer where every entry is known (see the
+    module docstring); anything not understood leaves the Reshape as it is."""
+    inferred = infer_shapes(model)
+    dims = {value.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                         for d in value.type.tensor_type.shape.dim]
+            for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+            if value.type.tensor_type.HasField("shape")}
+    made = producers(model)
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or initializer_array(model, node.input[1]) is not None:
+            continue
+        entries = _shape_entries(model, made, dims, node.input[1])
+        if entries is None:
+            log.debug("Reshape %s keeps its computed shape: not a known shape expression", node.name)
+            continue
+        data_dims = dims.get(node.input[0], [])
+        target = []
+        for position, entry in enumerate(entries):
+            if isinstance(entry, int):
+                target.append(entry)
+                continue
+            tensor, axis = entry
+            own = data_dims[position] if position < len(data_dims) else None
+            if attribute(node, "allowzero", 0) or axis != position or own is None or own != dims[tensor][axis]:
+                log.debug("Reshape %s keeps its computed shape: entry %d is %s's dim %d", node.name, position,
+                          tensor, axis)
+                break
+            target.append(0)
+        else:
+            name = f"{node.name or node.output[0]}_shape"
+            set_initializer(model, name, np.asarray(target, dtype=np.int64))
+            node.input[1] = name
+
+
+def _shape_entries(model: onnx.ModelProto, made: dict, dims: dict, name: str) -> list[_ShapeEntry] | None:
+    """The 1-D int64 tensor ``name`` as a list of entries, or None where it is not a Shape / Gather /
+    Unsqueeze / Concat / Squeeze expression over tensors whose ranks are known."""
+    value = initializer_array(model, name)
+    if value is not None:
+        return [int(v) for v in np.asarray(value).reshape(-1)] if value.dtype.kind in "iu" else None
+    node = made.get(name)
+    if node is None:
+        return None
+    if node.op_type == "Shape":
+        shape = dims.get(node.input[0])
+        if shape is None or attribute(node, "start", 0) or attribute(node, "end", None) is not None:
+            return None
+        return [d if isinstance(d, int) and d > 0 else (node.input[0], axis) for axis, d in enumerate(shape)]
+    if node.op_type == "Gather" and not attribute(node, "axis", 0):
+        source, index = _shape_entries(model, made, dims, node.input[0]), initializer_array(model, node.input[1])
+        if source is None or index is None:
+            return None
+        return [source[int(i)] for i in np.asarray(index).reshape(-1)]
+    if node.op_type in ("Unsqueeze", "Squeeze"):  # of a scalar / one-element shape value: same entry
+        source = _shape_entries(model, made, dims, node.input[0])
+        return source if source is not None and len(source) == 1 else None
+    if node.op_type == "Concat" and attribute(node, "axis", 0) == 0:
+        parts = [_shape_entries(model, made, dims, part) for part in node.input]
+        return None if any(part is None for part in parts) else [entry for part in parts for entry in part]
+    return None
 
 
 def _pad_fold_blocker(model, pad, readers, outputs) -> str | None:
