@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.quantizers import (
+    MIN_CHANNEL_SCALE_RATIO,
     dequantize_weight,
     fake_quantize_weight,
     quantize_weight,
@@ -20,9 +21,24 @@ from compiler.quantizers import (
 
 def test_scale_is_channel_absmax_over_qmax():
     weight = np.array([[1.0, -3.0], [0.5, 0.25], [0.0, 0.0]], dtype=np.float32)
-    np.testing.assert_allclose(weight_scale(weight, 0, 8), [3 / 127, 0.5 / 127, 1.0], rtol=1e-7)
+    floor = 3 / 127 * MIN_CHANNEL_SCALE_RATIO  # the all-zero channel: any scale is exact
+    np.testing.assert_allclose(weight_scale(weight, 0, 8), [3 / 127, 0.5 / 127, floor], rtol=1e-7)
     np.testing.assert_allclose(weight_scale(weight, 1, 4), [1 / 7, 3 / 7], rtol=1e-7)
     np.testing.assert_allclose(weight_scale(weight, None, 8), [3 / 127], rtol=1e-7)
+
+
+def test_a_dead_channel_scale_is_floored_so_its_int32_bias_stays_small():
+    """A channel 1e-9 of the largest (a dead one after BatchNorm folding) gets 2**-12 of the largest
+    scale: its weights' error stays far below the largest channel's rounding step, and its bias at
+    ``sx * sw`` far from int32's limit."""
+    weight = np.array([[1.0, -3.0], [2e-9, -1e-9], [1e-3, 2e-3]], dtype=np.float32)
+    scale = weight_scale(weight, 0, 8)
+    assert scale[1] == pytest.approx(3 / 127 * MIN_CHANNEL_SCALE_RATIO, rel=1e-6)
+    assert scale[2] == pytest.approx(2e-3 / 127, rel=1e-6)  # above the floor: its own
+    error = np.abs(fake_quantize_weight(weight, 0, 8) - weight)
+    assert error[1].max() <= scale[1] / 2 < (3 / 127) / 2 / 1000
+    bias_at_input_scale = 0.5 / (0.02 * scale[1])  # bias 0.5, input scale 0.02
+    assert abs(bias_at_input_scale) < 2**24
 
 
 def test_quantize_rounds_half_to_even_and_hits_the_extremes():
