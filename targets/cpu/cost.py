@@ -26,10 +26,11 @@ was measured on, a call costs ~20 us (mostly the Python runner), a layer
 depthwise) the time per MAC of 8-bit ones (the VNNI kernels read them as two
 byte planes); 4-bit weights run the 8-bit kernels. Pointwise convs have their
 own row: priced as KxK convs, MobileNetV2's 960->320 projection came out at
-half its time in the compiled model. A layer at 8-bit activations whose output feeds a 16-bit
-layer writes 16-bit output from the same kernel; the wider store is not priced
-(a layer's cost depends on its own bits only): in a compiled MobileNetV2 plan
-it cost five depthwise layers ~0.1 ns per output element, ~30 us in all (2%).
+half its time in the compiled model. A layer at 8-bit activations whose output
+feeds a 16-bit layer writes 16-bit output from the same kernel; the wider store
+is not priced (a layer's cost depends on its own bits only): in a compiled
+MobileNetV2 plan it cost five depthwise layers ~0.1 ns per output element,
+~30 us in all (2%).
 Without a table the model falls back to an analytic estimate anchored on one measurement in
 DESIGN.md (untuned Relax int8 MobileNetV2, ~300 M MACs in ~80 ms on one thread
 of this host: ~2.7e-10 s/MAC); only the ratios between bit pairs matter to the
