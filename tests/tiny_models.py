@@ -53,5 +53,31 @@ def tiny_cnn(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     return model
 
 
+def flatten_by_batch_model(gather_index: int = 0) -> onnx.ModelProto:
+    """x [batch, 3, 4, 4] -> Conv -> GlobalAveragePool -> Reshape(to [x.shape[gather_index], -1]) -> Gemm,
+    the target computed as PyTorch's ``x.view(x.size(0), -1)`` exports it."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "index"], ["b"], name="gather", axis=0),
+        helper.make_node("Unsqueeze", ["b", "axes"], ["b1"], name="unsqueeze"),
+        helper.make_node("Concat", ["b1", "minus_one"], ["target"], name="concat", axis=0),
+        helper.make_node("Reshape", ["g", "target"], ["f"], name="reshape"),
+        helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((5, 6)).astype(np.float32), "wf"),
+             numpy_helper.from_array(np.array(gather_index, np.int64), "index"),
+             numpy_helper.from_array(np.array([0], np.int64), "axes"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
 def random_inputs(shape: tuple[int, ...], n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 1, (n, *shape)).astype(np.float32)

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compiler.errors import EdgeqError
 from compiler.graph import attribute, opset_version
 from passes.canonicalize import canonicalize
-from tests.tiny_models import random_inputs, tiny_cnn
+from tests.tiny_models import flatten_by_batch_model, random_inputs, tiny_cnn
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -104,34 +104,8 @@ def test_zero_pad_folds_into_the_following_conv():
     np.testing.assert_allclose(run(result, x), run(model, x), rtol=1e-5, atol=1e-5)
 
 
-def _flatten_by_batch(gather_index: int) -> onnx.ModelProto:
-    """x [batch, 3, 4, 4] -> Conv -> GlobalAveragePool -> Reshape(to [x.shape[gather_index], -1]) -> Gemm,
-    the target computed as PyTorch's ``x.view(x.size(0), -1)`` exports it."""
-    rng = np.random.default_rng(0)
-    nodes = [
-        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-        helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
-        helper.make_node("Shape", ["x"], ["s"], name="shape"),
-        helper.make_node("Gather", ["s", "index"], ["b"], name="gather", axis=0),
-        helper.make_node("Unsqueeze", ["b", "axes"], ["b1"], name="unsqueeze"),
-        helper.make_node("Concat", ["b1", "minus_one"], ["target"], name="concat", axis=0),
-        helper.make_node("Reshape", ["g", "target"], ["f"], name="reshape"),
-        helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1),
-    ]
-    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 1, 1)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.standard_normal((5, 6)).astype(np.float32), "wf"),
-             numpy_helper.from_array(np.array(gather_index, np.int64), "index"),
-             numpy_helper.from_array(np.array([0], np.int64), "axes"),
-             numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    return model
-
-
 def test_reshape_to_the_batch_size_gets_a_constant_target():
-    model = _flatten_by_batch(0)
+    model = flatten_by_batch_model(0)
     result = canonicalize(model)
     reshape = next(node for node in result.graph.node if node.op_type == "Reshape")
     target = next(init for init in result.graph.initializer if init.name == reshape.input[1])
@@ -145,10 +119,10 @@ def test_reshape_to_the_batch_size_gets_a_constant_target():
 def test_reshape_to_another_dimension_keeps_its_computed_target():
     """x.size(1) is 3 (static): [3, -1] is a constant target too; but a dynamic dimension read at
     another position than the one it fills cannot be written as 0."""
-    static = canonicalize(_flatten_by_batch(1))
+    static = canonicalize(flatten_by_batch_model(1))
     reshape = next(node for node in static.graph.node if node.op_type == "Reshape")
     assert numpy_helper.to_array(next(i for i in static.graph.initializer if i.name == reshape.input[1])).tolist() == [3, -1]
-    model = _flatten_by_batch(0)
+    model = flatten_by_batch_model(0)
     concat = next(node for node in model.graph.node if node.op_type == "Concat")
     concat.input[:] = ["minus_one", "b1"]  # [-1, batch]: the batch size lands in position 1
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "rows"

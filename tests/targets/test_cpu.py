@@ -164,6 +164,20 @@ def test_layer_feeding_16_bit_activations_keeps_its_vnni_kernel(tmp_path):
     assert "generic_QConv" not in manifest["kernels"], manifest["kernels"]
 
 
+def test_reshape_by_the_batch_size_compiles_integer_only(tmp_path):
+    """``x.view(x.size(0), -1)`` before the classifier (EfficientNet-Lite0's head) once failed with
+    "Shape node would stay in float"; canonicalize gives the Reshape a constant target."""
+    from compiler.pipeline import CompileOptions, compile_model
+    from tests.tiny_models import flatten_by_batch_model
+
+    onnx.save(flatten_by_batch_model(), tmp_path / "model.onnx")
+    compile_model(CompileOptions(model=str(tmp_path / "model.onnx"), random_calib=8, target="cpu",
+                                 out_dir=str(tmp_path / "out"), progress=False))
+    assert json.loads((tmp_path / "out" / "verify.json").read_text())["bit_exact"]
+    int_ops = {node.op_type for node in onnx.load(tmp_path / "out" / "model.int.onnx").graph.node}
+    assert "Shape" not in int_ops and "Reshape" in int_ops
+
+
 @pytest.mark.slow
 def test_mobilenet_v2_compiles_in_minutes_and_is_bit_exact(tmp_path):
     model = mobilenet_v2_like_model()
