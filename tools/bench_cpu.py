@@ -1,6 +1,6 @@
 """Batch-1 CPU latency: onnxruntime (float, its own u8s8 QDQ, edgeq's QDQ) vs the edgeq CPU library.
 
-For each model (MobileNetV2 from models/zoo, a ResNet-18-shaped network built
+For each model (MobileNetV2 and EfficientNet-Lite0 from models/zoo, a ResNet-18-shaped network built
 here with random weights, the bundled Fashion-MNIST CNN when present) this
 tool
 
@@ -52,7 +52,7 @@ from onnx import TensorProto, helper, numpy_helper
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODELS = ("mobilenetv2", "resnet18", "fashion_cnn")
+MODELS = ("mobilenetv2", "efficientnet_lite0", "resnet18", "fashion_cnn")
 THREADS = (1, 2)
 ENGINES = ("ort_float", "ort_u8s8_qdq", "ort_edgeq_qdq", "edgeq_cpu", "edgeq_core")
 
@@ -118,10 +118,10 @@ def resnet18_model(seed: int = 0) -> onnx.ModelProto:
 
 def model_path(name: str, work: Path) -> Path | None:
     """The float ONNX file of ``name`` (built on demand), or None when it is not available."""
-    if name == "mobilenetv2":
+    if name in ("mobilenetv2", "efficientnet_lite0"):
         from models import zoo
 
-        return Path(zoo.build("mobilenetv2"))
+        return Path(zoo.build(name))
     if name == "resnet18":
         path = work / "resnet18.onnx"
         if not path.exists():
