@@ -119,12 +119,13 @@ def weight_scale(weight: np.ndarray, axis: int | None, bits: int, block_size: in
     At 2 bits the clipped ``r * max|w| / qmax``, ``r`` in [0.5, 1], with the least squared error instead."""
     weight = np.asarray(weight, dtype=np.float32)
     if bits <= SEARCHED_SCALE_MAX_BITS and weight.size:
-        return _searched_scale(weight, axis, bits, block_size)
-    if block_size:
-        absmax = np.max(np.abs(block_view(weight, axis, block_size)), axis=axis % weight.ndim + 1)
+        scale = _searched_scale(weight, axis, bits, block_size)
     else:
-        absmax = np.max(np.abs(weight), axis=_reduce_axes(weight.ndim, axis)).reshape(-1)
-    scale = (absmax / np.float32(qmax_for(bits))).astype(np.float32)
+        if block_size:
+            absmax = np.max(np.abs(block_view(weight, axis, block_size)), axis=axis % weight.ndim + 1)
+        else:
+            absmax = np.max(np.abs(weight), axis=_reduce_axes(weight.ndim, axis)).reshape(-1)
+        scale = (absmax / np.float32(qmax_for(bits))).astype(np.float32)
     if axis is not None and not block_size and scale.size > 1:
         scale = np.maximum(scale, np.float32(scale.max() * MIN_CHANNEL_SCALE_RATIO))
     scale[~(scale > 0)] = np.float32(1.0)  # all-zero tensor or block: any scale is exact
