@@ -239,7 +239,7 @@ def build_relax_module(int_model: onnx.ModelProto, types: Types | None = None, u
                     func = parallelize(kernel.func)
                     args = [_arg(name, env, kernel, int_model, inits) for name in kernel.args[:-1]]
                     counts[f"generic_{node.op_type}"] = counts.get(f"generic_{node.op_type}", 0) + 1
-                symbol = f"k{index}_{_var_name(node.op_type.lower())}"
+                symbol = kernel_symbol(index, node)
                 gvar = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
                 env[node.output[0]] = bb.emit(
                     relax.call_tir(gvar, args, relax.TensorType(list(out_shape), out_dtype)))
@@ -249,6 +249,11 @@ def build_relax_module(int_model: onnx.ModelProto, types: Types | None = None, u
             result = bb.emit_output(relax.Tuple([env[entry["core"]] for entry in sig.outputs]))
         bb.emit_func_output(result)
     return bb.get(), sig, counts
+
+
+def kernel_symbol(index: int, node: onnx.NodeProto) -> str:
+    """The library's name for the kernel of the ``index``-th node kernel (tools/profile_cpu.py reads it)."""
+    return f"k{index}_{_var_name(node.op_type.lower())}"
 
 
 def _arg(name: str, env: dict, kernel: NodeKernel, int_model: onnx.ModelProto, inits: set[str]) -> relax.Expr:
