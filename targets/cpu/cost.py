@@ -13,8 +13,9 @@ host this runs on.
 
 The coefficients come from ``cost_table.json`` next to this file when it exists:
 tools/fit_cpu_cost.py times the kernels targets/cpu lowers (real TVM builds of
-single layers of a grid of shapes, and of chains of 1, 4 and 8 identical small
-layers that separate the per-call from the per-layer overhead; every build
+single layers of a grid of shapes, of chains of 1, 4 and 8 identical small
+layers that separate the per-call from the per-layer overhead, and of
+MobileNet-style block stacks that put layers in a model's context; every build
 verified bit-exact) and fits the coefficients by non-negative least squares,
 recording the host, the date, the measurements and the fit error in the file;
 tools/validate_cpu_cost.py compares the model with whole compiled models.

@@ -1,4 +1,5 @@
-"""tools/fit_cpu_cost.py: the NNLS fit recovers known coefficients from timings made with them."""
+"""tools/fit_cpu_cost.py: the NNLS fit recovers known coefficients from timings made with them (single layers,
+chains of one layer, and block stacks of several kinds)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,24 @@ def grid() -> list[dict]:
              measurement("depthwise", "8,8", 254_016, 61_632, 28_224, 28_224, 576),
              measurement("depthwise", "8,8", 705_600, 100_000, 28_224, 28_224, 576)]  # 5x5
     rows += [measurement("conv", "8,8", 36_864 * n, 1_300 * n, 512, 512, 8, layers=n, chain=True) for n in (1, 4, 8)]
+    rows += [stack(scale) for scale in (1, 2, 3)]
     return rows
+
+
+def stack(scale: int) -> dict:
+    """A block stack: layers of two kinds in one build, priced layer by layer (``per_layer``)."""
+    per_layer = [["conv", 1_000_000 * scale, 20_000, 64], ["depthwise", 200_000, 20_000 * scale, 96],
+                 ["conv", 500_000, 10_000, 32 * scale]]
+    core = TRUE["call"] + TRUE["layer"] * 3 + TRUE["byte"] * 90_000 + TRUE["quantize"] * 8_000
+    for kind, macs, outputs, channels in per_layer:
+        key = (kind, "8,8")
+        core += TRUE["mac"][key] * macs + TRUE["out_elem"][key] * outputs + TRUE["channel"][key] * channels
+    runner_in = TRUE["runner_in"] + TRUE["runner_in_elem"] * 8_000
+    runner_out = TRUE["runner_out"] + TRUE["runner_out_elem"] * 10_000
+    return {"kind": "conv", "point": ["stack", 0, 0, 0], "bits": [8, 8], "macs": sum(layer[1] for layer in per_layer),
+            "bytes": 90_000, "input_elems": 8_000, "output_elems": 10_000, "layers": 3, "chain": False,
+            "per_layer": per_layer, "core_median_s": core, "input_median_s": runner_in,
+            "median_s": core + runner_in + runner_out}
 
 
 def test_fit_recovers_the_per_call_quantize_term_and_the_per_layer_terms() -> None:
