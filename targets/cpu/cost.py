@@ -116,12 +116,14 @@ class CpuCostModel(CostModel):
         cost = base_layer_cost(layer, w_bits, a_bits)
         coefficients = self.coefficients
         w = w_bits if layer.weight_params else None
+        # the library holds sub-byte weights as int8 (passes/integerize): they move 8-bit bytes
+        stored_w = max(w, 8) if w else None
         cost.latency_s = (
             coefficients.overhead_s
             + self.seconds_per_mac(layer.kind, w, a_bits) * layer.macs
             + _per_kind(coefficients.seconds_per_layer_output_elem, layer.kind, w, a_bits) * layer.output_elems
             + _per_kind(coefficients.seconds_per_channel, layer.kind, w, a_bits) * layer.output_channels
-            + coefficients.seconds_per_byte * traffic_bytes(layer, w_bits, a_bits)
+            + coefficients.seconds_per_byte * traffic_bytes(layer, stored_w, a_bits)
         )
         return cost
 
