@@ -109,11 +109,30 @@ CHAINS = [("conv", 8, 8, 8, 3), ("gemm", 64, 64, 1, 1)]
 CHAIN_LENGTHS = (1, 4, 8)
 # Stacks of MobileNet-style blocks (1x1 expand x6, 3x3 depthwise, 1x1 project), random weights:
 # (channels, map size, blocks). A layer inside a model runs slower than the same layer built
-# alone (its weights were evicted by the rest of the model since the last call: MobileNetV2's
-# library 3-6% over the sum of its layers alone); with these in the fit the per-layer terms
-# absorb that.
+# alone (MobileNetV2's library 3-6% over the sum of its layers alone; the single-layer fit
+# under-predicted these stacks by 7-11%); with these in the fit the per-layer terms absorb that.
 STACKS = [("stack", 24, 56, 2), ("stack", 32, 28, 3), ("stack", 64, 14, 4), ("stack", 160, 7, 3)]
 BURST = 10
+
+
+def _conv_relu(rng: np.random.Generator, source: str, suffix: str, out: str, cin: int, cout: int, kernel: int,
+               group: int = 1, stride: int = 1) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Conv ``layer{suffix}`` (random weights, "same" padding) + Relu, from ``source`` to ``out``."""
+    weight = rng.standard_normal((cout, cin // group, kernel, kernel)).astype(np.float32)
+    weight /= np.sqrt(cin // group * kernel * kernel)
+    nodes = [helper.make_node("Conv", [source, f"w{suffix}", f"b{suffix}"], [f"c{suffix}"], name=f"layer{suffix}",
+                              group=group, pads=[kernel // 2] * 4, strides=[stride] * 2),
+             helper.make_node("Relu", [f"c{suffix}"], [out], name=f"relu{suffix}")]
+    return nodes, [numpy_helper.from_array(weight, f"w{suffix}"),
+                   numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, f"b{suffix}")]
+
+
+def _float_model(nodes: list, inits: list, x_shape: list, y_shape: list) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "layers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
 
 
 def layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, stride: int = 1, seed: int = 0,
@@ -127,57 +146,37 @@ def layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, stride: 
     current = "x"
     for index in range(layers):
         suffix = "" if layers == 1 else str(index)
-        w, b, out = f"w{suffix}", f"b{suffix}", "y" if index == layers - 1 else f"t{index}"
+        out = "y" if index == layers - 1 else f"t{index}"
         if kind == "gemm":
-            weight = rng.standard_normal((cout, cin)).astype(np.float32) / np.sqrt(cin)
-            nodes.append(helper.make_node("Gemm", [current, w, b], [out], name=f"layer{suffix}", transB=1))
+            weight = (rng.standard_normal((cout, cin)).astype(np.float32) / np.sqrt(cin)).astype(np.float32)
+            nodes.append(helper.make_node("Gemm", [current, f"w{suffix}", f"b{suffix}"], [out], name=f"layer{suffix}",
+                                          transB=1))
+            inits += [numpy_helper.from_array(weight, f"w{suffix}"),
+                      numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, f"b{suffix}")]
         else:
-            group = cin if kind == "depthwise" else 1
-            weight = rng.standard_normal((cout, cin // group, kernel, kernel)).astype(np.float32)
-            weight /= np.sqrt(cin // group * kernel * kernel)
-            pad = kernel // 2
-            nodes += [helper.make_node("Conv", [current, w, b], [f"c{suffix}"], name=f"layer{suffix}",
-                                       group=group, pads=[pad] * 4, strides=[stride] * 2),
-                      helper.make_node("Relu", [f"c{suffix}"], [out], name=f"relu{suffix}")]
-        inits += [numpy_helper.from_array(weight.astype(np.float32), w),
-                  numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, b)]
+            conv_nodes, conv_inits = _conv_relu(rng, current, suffix, out, cin, cout, kernel,
+                                                cin if kind == "depthwise" else 1, stride)
+            nodes, inits = nodes + conv_nodes, inits + conv_inits
         current = out
     if kind == "gemm":
-        x_shape, y_shape = ["N", cin], ["N", cout]
-    else:
-        out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
-        x_shape, y_shape = ["N", cin, size, size], ["N", cout, out_size, out_size]
-    graph = helper.make_graph(nodes, "layers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    return model
+        return _float_model(nodes, inits, ["N", cin], ["N", cout])
+    out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
+    return _float_model(nodes, inits, ["N", cin, size, size], ["N", cout, out_size, out_size])
 
 
 def stack_model(kind: str, channels: int, size: int, blocks: int, seed: int = 0) -> onnx.ModelProto:
     """``blocks`` blocks of 1x1 expand (x6), 3x3 depthwise, 1x1 project, each conv + Relu; nodes
     ``layer0`` ... in order (``kind`` is "stack", for the point's tuple)."""
     rng = np.random.default_rng(seed)
-    nodes, inits, current, index = [], [], "x", 0
+    nodes, inits, current = [], [], "x"
     wide = 6 * channels
-    for _ in range(blocks):
-        for cin, cout, kernel, group in ((channels, wide, 1, 1), (wide, wide, 3, wide), (wide, channels, 1, 1)):
-            weight = rng.standard_normal((cout, cin // group, kernel, kernel)).astype(np.float32)
-            weight /= np.sqrt(cin // group * kernel * kernel)
-            w, b, out = f"w{index}", f"b{index}", f"t{index}"
-            nodes += [helper.make_node("Conv", [current, w, b], [f"c{index}"], name=f"layer{index}", group=group,
-                                       pads=[kernel // 2] * 4),
-                      helper.make_node("Relu", [f"c{index}"], [out], name=f"relu{index}")]
-            inits += [numpy_helper.from_array(weight, w),
-                      numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), b)]
-            current, index = out, index + 1
-    nodes[-1].output[0] = "y"
+    layers = [(channels, wide, 1, 1), (wide, wide, 3, wide), (wide, channels, 1, 1)] * blocks
+    for index, (cin, cout, kernel, group) in enumerate(layers):
+        out = "y" if index == len(layers) - 1 else f"t{index}"
+        conv_nodes, conv_inits = _conv_relu(rng, current, str(index), out, cin, cout, kernel, group)
+        nodes, inits, current = nodes + conv_nodes, inits + conv_inits, out
     shape = ["N", channels, size, size]
-    graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    return model
+    return _float_model(nodes, inits, shape, shape)
 
 
 def build(point, bits: str, layers: int, work: Path) -> dict:

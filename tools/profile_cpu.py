@@ -113,10 +113,11 @@ def profile(out_dir: Path, runs: int = 50, model_path: Path | None = None) -> di
     measured, plain_s = time_in_place(out_dir, runs)
     nodes = kernel_layers(out_dir)
     predicted = predictions(out_dir, model_path)
+    layers = list(predicted)
     rows = []
     for symbol, seconds in measured.items():
         node = nodes.get(symbol)
-        layer = layer_of(node, list(predicted)) if node else None
+        layer = layer_of(node, layers) if node else None
         bits, predicted_s = predicted.get(layer, (None, None)) if layer else (None, None)
         rows.append({"kernel": symbol, "node": node, "layer": layer, "bits": bits,
                      "measured_s": seconds, "predicted_s": predicted_s})

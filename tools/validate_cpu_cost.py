@@ -58,9 +58,9 @@ def cases(mobilenet: bool, budgets: list[str], mobilenet_budgets: list[str] = ()
     ]
     if mobilenet:
         zoo_cases = ["mobilenetv2", *(f"mobilenetv2:{budget}" for budget in mobilenet_budgets), *zoo_cases]
-    for case in zoo_cases:
-        from models import zoo
+    from models import zoo
 
+    for case in zoo_cases:
         name, _, budget = case.partition(":")
         args = ["--budget", budget] if budget else ["--bits", "w8a8"]
         found.append({"name": f"{name} {budget and '--budget '}{budget or 'w8a8'}", "model": Path(zoo.build(name)),
