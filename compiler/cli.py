@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="held-out data for the fidelity report (same formats as --calib)")
     _add_weight_block_option(compile_cmd)
     compile_cmd.add_argument("--target-triple", help="cross-compile, e.g. aarch64-linux-gnu")
+    compile_cmd.add_argument("--latency-rounds", type=int, default=None, metavar="N",
+                             help="under --budget latency: while the built model measures over the budget on this "
+                                  "machine, re-plan from the measurement and build again, up to N times (default 2)")
     compile_cmd.add_argument("-o", "--output", default="out", help="output folder (default: out)")
     compile_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -150,7 +153,9 @@ def _compile(args: argparse.Namespace) -> int:
     if measured:
         summary.append(f"latency {format_metric('latency_s', measured['latency_s'])} per sample on this machine "
                        f"({measured['threads']} thread; budget {format_metric('latency_s', allocation['budget']['latency_s'])}, "
-                       f"predicted {format_metric('latency_s', measured['predicted_latency_s'])})")
+                       f"predicted {format_metric('latency_s', measured['predicted_latency_s'])}"
+                       + (f"; re-planned {len(allocation['latency_rounds']) - 1}x from measurements"
+                          if allocation.get("latency_rounds") else "") + ")")
     print("\n".join(summary))
     return 0
 

@@ -12,6 +12,7 @@ into the plan (:class:`AllocatorOptions` says how; plan.json records it under
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import numpy as np
 import onnx
 
 from compiler.budget import format_metric, parse_budget
-from compiler.console import warn
+from compiler.console import note, warn
 from compiler.errors import EdgeqError
 from compiler.export import export_plan
 from compiler.pareto_plot import pareto_svg
@@ -97,6 +98,12 @@ class AllocatorOptions:
     at every point it loses (benchmarks/mixed.md).
     ``solver``: "ilp" (default) or "greedy", the baseline the ILP is compared
     with (passes/allocate.greedy), for side-by-side runs on the same table.
+    ``latency_rounds``: under a latency budget, ``edgeq compile`` times what it
+    built on this machine; while that measures over the budget it re-plans, up
+    to this many times, to a predicted latency scaled by the measured/predicted
+    ratio (:func:`next_latency_plan`) and builds again. The cost model is a fit
+    that misses whole models by 7-17 % (benchmarks/cpu.md); a round costs one
+    export and lowering (~20 s for MobileNetV2 on the CPU target).
     """
 
     sensitivity: str = "single-layer"
@@ -107,6 +114,7 @@ class AllocatorOptions:
     rerank_samples: int = 32
     pairs: tuple[tuple[int, int], ...] | None = None  # None: the target cost model's bit_pairs
     solver: str = "ilp"
+    latency_rounds: int = 2
 
     def __post_init__(self) -> None:
         if self.sensitivity not in SENSITIVITY_MODES:
@@ -118,6 +126,8 @@ class AllocatorOptions:
             raise EdgeqError("--rerank and --refine re-solve the ILP; they do not apply to --solver greedy")
         if self.rerank < 0 or self.refine < 0:
             raise EdgeqError(f"rerank and refine must be >= 0, not {self.rerank} / {self.refine}")
+        if self.latency_rounds < 0:
+            raise EdgeqError(f"latency rounds must be >= 0, not {self.latency_rounds}")
         for option, samples in (("sensitivity", self.sensitivity_samples), ("rerank", self.rerank_samples)):
             if samples < 1:
                 raise EdgeqError(f"{option} samples must be >= 1, not {samples}")
@@ -129,8 +139,8 @@ SOLVERS = ("ilp", "greedy")
 
 def allocator_options(args: argparse.Namespace) -> AllocatorOptions:
     """The allocator options of ``edgeq compile`` / ``edgeq allocate`` (--sensitivity, --rerank, --refine,
-    --solver, and --sensitivity-samples / --rerank-samples where the CLI defines them)."""
-    extra = {option: getattr(args, option) for option in ("sensitivity_samples", "rerank_samples")
+    --solver, and --sensitivity-samples / --rerank-samples / --latency-rounds where the CLI defines them)."""
+    extra = {option: getattr(args, option) for option in ("sensitivity_samples", "rerank_samples", "latency_rounds")
              if getattr(args, option, None) is not None}
     return AllocatorOptions(sensitivity=args.sensitivity, rerank=args.rerank, refine=args.refine,
                             solver=getattr(args, "solver", "ilp"), **extra)
@@ -146,6 +156,13 @@ class MixedPrecision:
     record: dict = field(default_factory=dict)  # what was done: plan.totals["allocation"]["allocator"]
     device: str = ""  # the cost model's device, e.g. "mcu:cortex-m4"
     device_limits: dict[str, float] = field(default_factory=dict)  # what the device has (CostModel.resources)
+    budget: dict[str, float] = field(default_factory=dict)  # the user's
+    fastest_latency_s: float | None = None  # the cost model's fastest plan within the other budgets
+    pareto_metric: str = "weight_bytes"  # what the frontier is drawn along
+    pareto_points: list[Allocation] = field(default_factory=list)  # the frontier, within the other budgets
+    latency_rounds: list[dict] = field(default_factory=list)  # each build timed under a latency budget
+    base_plan: QuantPlan | None = None  # the plan before allocation, kept for re-planning under a latency budget
+    options: AllocatorOptions = field(default_factory=lambda: AllocatorOptions())
 
 
 def parse_pins(texts: list[str] | None, plan: QuantPlan) -> dict[str, tuple[int | None, int | None]]:
@@ -370,8 +387,9 @@ def check_latency(plan: QuantPlan, target, out_dir: Path, inputs: dict[str, np.n
     Only when the plan was allocated under a latency budget and the target can time
     its artifact here (``Target.measure_latency``). The cost model's estimate is a
     fit, so the measurement is what the user can hold the budget to: it goes into
-    plan.json (``totals.allocation.measured``) and the report, with a warning when
-    over the budget. A failed timing is a warning, not a failed compile.
+    plan.json (``totals.allocation.measured``) and the report. A failed timing is a
+    warning, not a failed compile; a plan over its budget is re-planned
+    (:func:`next_latency_plan`) and, if still over, warned of (:func:`record_latency_rounds`).
     """
     allocation = plan.totals.get("allocation") or {}
     limit = (allocation.get("budget") or {}).get("latency_s")
@@ -395,12 +413,73 @@ def check_latency(plan: QuantPlan, target, out_dir: Path, inputs: dict[str, np.n
             + (f"; the cost model predicted {format_metric('latency_s', predicted)}" if predicted else "") + ".")
     sections = plan.totals.setdefault("report_sections", {})
     sections["Bit allocation"] = sections.get("Bit allocation", "") + "\n\n" + line
-    if measured > limit:
-        warn(f"the compiled model runs in {format_metric('latency_s', measured)} per sample on this machine, over "
-             f"the latency budget {format_metric('latency_s', limit)}"
-             + (f" (predicted {format_metric('latency_s', predicted)})" if predicted else "")
-             + _latency_hint(limit, measured, predicted, allocation.get("fastest_latency_s")))
     return record
+
+
+def next_latency_plan(mixed: MixedPrecision, built: QuantPlan) -> QuantPlan | None:
+    """The plan to build next after ``built`` was timed against the latency budget; None to keep ``built``.
+
+    The cost model's error is taken as the largest ratio of measured to predicted
+    latency seen so far, so the next plan is held to a predicted ``budget /
+    ratio``; the last re-plan (``AllocatorOptions.latency_rounds``) takes the
+    fastest plan within the other budgets, so that a budget that plan meets is
+    met. (On MobileNetV2 the ratio grows toward the all-8-bit plan, 1.04-1.09,
+    so the last measured ratio alone closes in too slowly: benchmarks/cpu.md.)
+    None when ``built`` was not timed, measured within the budget, is already
+    the fastest plan, or the re-plans are spent. Each timed build is recorded
+    in ``mixed.latency_rounds``.
+    """
+    allocation = built.totals.get("allocation") or {}
+    measured = allocation.get("measured")
+    if measured is None or mixed.base_plan is None:
+        return None
+    limit = mixed.budget["latency_s"]
+    predicted = measured["predicted_latency_s"]
+    mixed.latency_rounds.append({"planned_latency_s": allocation["planned_latency_s"],
+                                 "predicted_latency_s": predicted, "measured_latency_s": measured["latency_s"],
+                                 "within_budget": measured["within_budget"],
+                                 "objective": allocation["objective"]})
+    fastest = mixed.fastest_latency_s
+    replans = len(mixed.latency_rounds) - 1
+    if (measured["within_budget"] or replans >= mixed.options.latency_rounds or not predicted
+            or fastest is None or predicted <= fastest * (1 + 1e-6)):
+        return None
+    ratio = max(item["measured_latency_s"] / item["predicted_latency_s"] for item in mixed.latency_rounds)
+    last = replans + 1 == mixed.options.latency_rounds
+    planned = fastest if last else max(limit / ratio, fastest)
+    note(f"measured {format_metric('latency_s', measured['latency_s'])} per sample, over the latency budget "
+         f"{format_metric('latency_s', limit)}: re-planning to a predicted {format_metric('latency_s', planned)}"
+         + (" (the fastest plan)" if planned == fastest else "")
+         + f", build {replans + 2} of at most {mixed.options.latency_rounds + 1}")
+    plan = copy.deepcopy(mixed.base_plan)
+    plan_bits(mixed, plan, latency_limit=planned)
+    return plan
+
+
+def record_latency_rounds(mixed: MixedPrecision, plan: QuantPlan) -> None:
+    """The timed builds into ``plan`` (plan.json and the report) when there was more than one, and a
+    warning when the kept one is still over the latency budget, with a budget to try."""
+    allocation = plan.totals.get("allocation") or {}
+    measured = allocation.get("measured")
+    if measured is None:
+        return
+    if len(mixed.latency_rounds) > 1:
+        allocation["latency_rounds"] = mixed.latency_rounds
+        rows = ["", "", "Each build was timed and, while over the budget, re-planned to the budget divided by the "
+                "largest measured/predicted ratio so far (the last re-plan: the fastest plan):", "",
+                "| build | planned to | predicted | measured | total sensitivity |", "|---|---|---|---|---|"]
+        rows += [f"| {index} | {format_metric('latency_s', item['planned_latency_s'])} | "
+                 f"{format_metric('latency_s', item['predicted_latency_s'])} | "
+                 f"{format_metric('latency_s', item['measured_latency_s'])} | {item['objective']:.4g} |"
+                 for index, item in enumerate(mixed.latency_rounds, 1)]
+        sections = plan.totals.setdefault("report_sections", {})
+        sections["Bit allocation"] = sections.get("Bit allocation", "") + "\n".join(rows)
+    if not measured["within_budget"]:
+        limit, predicted = mixed.budget["latency_s"], measured["predicted_latency_s"]
+        warn(f"the compiled model runs in {format_metric('latency_s', measured['latency_s'])} per sample on this "
+             f"machine, over the latency budget {format_metric('latency_s', limit)}"
+             + (f" (predicted {format_metric('latency_s', predicted)})" if predicted else "")
+             + _latency_hint(limit, measured["latency_s"], predicted, mixed.fastest_latency_s))
 
 
 def _latency_hint(limit: float, measured: float, predicted: float | None, fastest: float | None) -> str:
@@ -428,19 +507,36 @@ def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     mixed = build_problem(model, plan, calib, target, device, integer_only=integer_only,
                           pins=pins, options=options, metrics=resolve_metric_names(budget), recipe=recipe)
     problem = mixed.problem
-    allocation = solve_into_plan(mixed, plan, budget, options)
-    if "latency_s" in budget:  # the floor of the measured check's hint (check_latency)
+    mixed.budget, mixed.options = budget, options
+    if "latency_s" in budget:  # the floor of re-planning and of the hint, and the plan re-planning starts from
         others = resolve_budget(problem, {metric: value for metric, value in budget.items() if metric != "latency_s"})
-        plan.totals["allocation"]["fastest_latency_s"] = minimum(problem, "latency_s", limits=others)
-    metric = _pareto_metric(budget, target.name)
-    points = pareto(problem, metric, PARETO_POINTS, limits=budget)  # the frontier within the other budgets
-    svg = pareto_svg([(point.totals[metric], point.objective) for point in points], metric,
+        mixed.fastest_latency_s = minimum(problem, "latency_s", limits=others)
+        mixed.base_plan = copy.deepcopy(plan)
+    mixed.pareto_metric = _pareto_metric(budget, target.name)
+    mixed.pareto_points = pareto(problem, mixed.pareto_metric, PARETO_POINTS, limits=budget)  # within the others
+    plan_bits(mixed, plan)
+    return mixed
+
+
+def plan_bits(mixed: MixedPrecision, plan: QuantPlan, latency_limit: float | None = None) -> None:
+    """Solve for the user's budget -- the latency held to ``latency_limit`` where given -- and write the
+    bits, the report's "Bit allocation" section and the Pareto plot with the chosen point into ``plan``."""
+    budget = dict(mixed.budget)
+    if latency_limit is not None:
+        budget["latency_s"] = latency_limit
+    allocation = solve_into_plan(mixed, plan, budget, mixed.options)
+    record = plan.totals["allocation"]
+    if "latency_s" in budget:
+        record["planned_latency_s"] = budget["latency_s"]
+        record["fastest_latency_s"] = mixed.fastest_latency_s
+        record["budget"]["latency_s"] = plan.budget["latency_s"] = mixed.budget["latency_s"]  # the user's
+    metric = mixed.pareto_metric
+    svg = pareto_svg([(point.totals[metric], point.objective) for point in mixed.pareto_points], metric,
                      chosen=(allocation.totals[metric], allocation.objective), title=f"Pareto frontier: {metric}")
-    summary = allocation_summary(problem, allocation, mixed.record)
+    summary = allocation_summary(mixed.problem, allocation, mixed.record)
     summary += f"\n\n![Pareto frontier along {metric}, chosen plan in red](pareto.svg)"
     plan.totals.setdefault("report_sections", {})["Bit allocation"] = summary
     mixed.allocation, mixed.pareto_svg = allocation, svg
-    return mixed
 
 
 def allocation_summary(problem: AllocationProblem, allocation: Allocation, record: dict | None = None) -> str:

@@ -9,7 +9,8 @@
   chosen) -> recipe's weight rounding (GPTQ, bias correction) -> insert QDQ
   -> fidelity -> write model.qdq.onnx, plan.json, report.md
   -> target lowering (integer graph, code) when the target is not "onnx"
-  -> under a latency budget, the artifact timed on this machine against it
+  -> under a latency budget, the artifact timed on this machine against it,
+     and while over it re-planned and built again (--latency-rounds)
 
 Everything a run writes goes to a temporary folder first and is moved into
 ``out_dir`` only when the whole run succeeded.
@@ -28,7 +29,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from compiler.atomic import atomic_dir, check_output_dir
+from compiler.atomic import atomic_dir, check_output_dir, empty_dir
+from compiler.budget import parse_budget
 from compiler.console import warn
 from compiler.errors import EdgeqError
 from compiler.export import export_plan, run_stage
@@ -189,7 +191,7 @@ def compile_model(options: CompileOptions) -> CompileResult:
     def stage(name: str, func: Callable[[], Any]) -> Any:
         start = time.perf_counter()
         result = func()
-        timings[name] = time.perf_counter() - start
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start  # summed over latency rounds
         log.info("%-12s %.2fs", name, timings[name])
         return result
 
@@ -197,6 +199,8 @@ def compile_model(options: CompileOptions) -> CompileResult:
     check_output_dir(options.out_dir)  # a bad -o fails before any work
     if not options.budget:
         check_no_allocator_options(options.allocator, "--budget")
+    elif "latency_s" not in parse_budget(options.budget):
+        check_no_allocator_options(options.allocator, "--budget latency=...", fields=("latency_rounds",))
     w_bits, a_bits = parse_bits(options.bits)
     target = get_target(options.target)
     target.check_can_lower()  # a target without a lowering fails before any work
@@ -229,18 +233,15 @@ def compile_model(options: CompileOptions) -> CompileResult:
                                                         options=options.allocator, recipe=recipe))
 
     transformed = model  # same function as float_model; its tensors are what the QDQ model approximates
-    qdq, plan = export_plan(model, plan, calib, recipe, integer_only=integer_only, batch_size=options.batch_size,
-                            progress=options.progress, stage=stage)
-    stage("fidelity", lambda: _measure_fidelity(plan, float_model, transformed, qdq, calib, evaluation, options))
-    plan.totals["onnxruntime_kernels"] = stage("ort_kernels", lambda: kernel_usage(qdq))
-    plan.update_totals()
 
-    out_dir = Path(options.out_dir)
-    files: list[Path] = []
-    with atomic_dir(out_dir, replaces_outputs=True) as tmp:  # the folder holds this run's outputs only
+    def build(plan: QuantPlan, tmp: Path) -> tuple[onnx.ModelProto, QuantPlan]:
+        """Export ``plan``, measure its fidelity, write the QDQ model, lower it and, under a budget, time it."""
+        qdq, plan = export_plan(model, plan, calib, recipe, integer_only=integer_only,
+                                batch_size=options.batch_size, progress=options.progress, stage=stage)
+        stage("fidelity", lambda: _measure_fidelity(plan, float_model, transformed, qdq, calib, evaluation, options))
+        plan.totals["onnxruntime_kernels"] = stage("ort_kernels", lambda: kernel_usage(qdq))
+        plan.update_totals()
         onnx.save(qdq, str(tmp / "model.qdq.onnx"))
-        if options.budget and mixed.pareto_svg:
-            (tmp / "pareto.svg").write_text(mixed.pareto_svg)
         if options.target != "onnx":
             ctx = CompileContext(out_dir=tmp, qdq_model_path=tmp / "model.qdq.onnx", plan=plan,
                                  calib_inputs=calib,
@@ -250,6 +251,21 @@ def compile_model(options: CompileOptions) -> CompileResult:
                 from compiler.mixed import check_latency
 
                 stage("measure", lambda: check_latency(plan, target, tmp, calib))
+        return qdq, plan
+
+    out_dir = Path(options.out_dir)
+    files: list[Path] = []
+    with atomic_dir(out_dir, replaces_outputs=True) as tmp:  # the folder holds this run's outputs only
+        qdq, plan = build(plan, tmp)
+        if options.budget:  # a plan timed over a latency budget is re-planned from the measurement
+            from compiler.mixed import next_latency_plan, record_latency_rounds
+
+            while (replanned := next_latency_plan(mixed, plan)) is not None:
+                empty_dir(tmp)
+                qdq, plan = build(replanned, tmp)
+            record_latency_rounds(mixed, plan)
+            if mixed.pareto_svg:
+                (tmp / "pareto.svg").write_text(mixed.pareto_svg)
         plan.totals["seconds"] = {name: round(value, 3) for name, value in timings.items()}
         plan.save(str(tmp / "plan.json"))
         from compiler.report import write_report
@@ -263,7 +279,8 @@ def compile_model(options: CompileOptions) -> CompileResult:
 # AllocatorOptions fields and the CLI options that set them (for messages).
 ALLOCATOR_FLAGS = {"sensitivity": "--sensitivity", "sensitivity_samples": "--sensitivity-samples",
                    "rerank": "--rerank", "rerank_samples": "--rerank-samples", "refine": "--refine",
-                   "solver": "--solver", "context": "allocator context", "pairs": "allocator pairs"}
+                   "solver": "--solver", "latency_rounds": "--latency-rounds", "context": "allocator context",
+                   "pairs": "allocator pairs"}
 
 
 def check_no_allocator_options(allocator: Any, needed: str, fields: tuple[str, ...] | None = None) -> None:

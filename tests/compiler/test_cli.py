@@ -508,7 +508,8 @@ def test_pin_without_budget_sets_that_layers_bits_on_top_of_bits(workspace, caps
 
 
 @pytest.mark.parametrize("option", [["--solver", "greedy"], ["--rerank", "4"], ["--sensitivity", "proxy"],
-                                    ["--refine", "2"], ["--sensitivity-samples", "16"], ["--rerank-samples", "8"]])
+                                    ["--refine", "2"], ["--sensitivity-samples", "16"], ["--rerank-samples", "8"],
+                                    ["--latency-rounds", "0"]])
 def test_allocator_options_without_a_budget_are_refused(workspace, capsys, monkeypatch, option):
     import compiler.pipeline
 
@@ -520,6 +521,10 @@ def test_allocator_options_without_a_budget_are_refused(workspace, capsys, monke
                               "-o", workspace / "out", "-q")
     assert code == 2 and stderr.count("\n") == 1 and option[0] in stderr and "--budget" in stderr
     assert not (workspace / "out").exists()
+    if option[0] == "--latency-rounds":  # re-planning needs a latency budget, not any budget
+        code, _, stderr = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                                  "--budget", "size=0.7", *option, "-o", workspace / "out", "-q")
+        assert code == 2 and stderr.count("\n") == 1 and "--budget latency=" in stderr
     if option[0] in ("--solver", "--rerank", "--refine", "--rerank-samples"):  # nothing to solve with --pareto alone
         code, _, stderr = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
                                   "--pareto", *option, "-o", workspace / "out", "-q")

@@ -243,31 +243,81 @@ def _allocated_plan(budget_s: float | None, predicted_s: float):
     return plan
 
 
+def _timed_and_kept(plan, median_ms: float, fastest_s: float | None, tmp_path) -> dict:
+    """``plan`` timed at ``median_ms`` and kept as the last build (what the user is warned of)."""
+    from compiler.mixed import MixedPrecision, check_latency, record_latency_rounds
+
+    record = check_latency(plan, _TimedTarget(median_ms), tmp_path, {})
+    budget = plan.totals["allocation"]["budget"]
+    record_latency_rounds(MixedPrecision(problem=None, budget=budget, fastest_latency_s=fastest_s), plan)
+    return record
+
+
 def test_a_plan_over_its_latency_budget_when_measured_is_warned_about(capsys, tmp_path):
     from compiler.mixed import check_latency
 
     plan = _allocated_plan(1.5e-3, 1.45e-3)
-    record = check_latency(plan, _TimedTarget(1.8), tmp_path, {})
+    record = _timed_and_kept(plan, 1.8, None, tmp_path)
     assert record["latency_s"] == pytest.approx(1.8e-3) and not record["within_budget"]
     assert plan.totals["allocation"]["measured"] is record
     assert "Measured on this machine: 1.8ms per sample" in plan.totals["report_sections"]["Bit allocation"]
     assert ("runs in 1.8ms per sample on this machine, over the latency budget 1.5ms (predicted 1.45ms); "
             "try --budget latency=1.208ms") in capsys.readouterr().err
-    fastest = _allocated_plan(1.5e-3, 1.45e-3)
-    fastest.totals["allocation"]["fastest_latency_s"] = 1.3e-3  # above the scaled 1.208ms: name it instead
-    check_latency(fastest, _TimedTarget(1.8), tmp_path, {})
+    _timed_and_kept(_allocated_plan(1.5e-3, 1.45e-3), 1.8, 1.3e-3, tmp_path)  # above the scaled 1.208ms: name it
     assert ("; the cost model's fastest plan within the other budgets is predicted at 1.3ms: try --budget "
             "latency=1.3ms") in capsys.readouterr().err
-    already = _allocated_plan(1.5e-3, 1.45e-3)
-    already.totals["allocation"]["fastest_latency_s"] = 1.45e-3  # the plan is the fastest: nothing to suggest
-    check_latency(already, _TimedTarget(1.8), tmp_path, {})
+    _timed_and_kept(_allocated_plan(1.5e-3, 1.45e-3), 1.8, 1.45e-3, tmp_path)  # it is the fastest plan
     assert "fastest plan within the other budgets, so no plan meets it here" in capsys.readouterr().err
-    within = _allocated_plan(1.5e-3, 1.45e-3)
-    assert check_latency(within, _TimedTarget(1.2), tmp_path, {})["within_budget"]
+    assert _timed_and_kept(_allocated_plan(1.5e-3, 1.45e-3), 1.2, None, tmp_path)["within_budget"]
     assert capsys.readouterr().err == ""
     # no latency budget, or a target that cannot time its artifact here: nothing to check
     assert check_latency(_allocated_plan(None, 1e-3), _TimedTarget(1.2), tmp_path, {}) is None
     assert check_latency(_allocated_plan(1e-3, 1e-3), _TimedTarget(None), tmp_path, {}) is None
+
+
+def test_a_plan_measured_over_its_latency_budget_is_re_planned_from_the_measurement(capsys, tmp_path):
+    """Every build 'runs' 1% over the budget: the second plan is held to budget / 1.01 (the first's
+    measured/predicted ratio), the last re-plan to the fastest plan; the builds are recorded and the user
+    warned only of the one kept."""
+    import copy
+
+    from compiler.mixed import check_latency, next_latency_plan, record_latency_rounds
+
+    model, plan, calib = _setup(16)
+    cpu = get_target("cpu")
+    probe = allocate_bits(model, copy.deepcopy(plan), calib, cpu, None, "latency=1s", integer_only=True,
+                          options=AllocatorOptions(sensitivity="proxy"))
+    slowest, fastest = probe.allocation.totals["latency_s"], probe.fastest_latency_s
+    budget = slowest  # the first plan is the least sensitive one
+    assert budget / 1.01 > fastest * 1.001  # room to re-plan in
+    mixed = allocate_bits(model, plan, calib, cpu, None, f"latency={budget * 1e3}ms", integer_only=True,
+                          options=AllocatorOptions(sensitivity="proxy", latency_rounds=2))
+    builds, built = [], plan
+    while built is not None:
+        check_latency(built, _TimedTarget(1.01 * budget * 1e3), tmp_path, {})
+        builds.append(built)
+        built = next_latency_plan(mixed, built)
+    assert len(builds) == 3 and [item["within_budget"] for item in mixed.latency_rounds] == [False, False, False]
+    planned = [item["planned_latency_s"] for item in mixed.latency_rounds]
+    assert planned[0] == pytest.approx(budget) and planned[1] == pytest.approx(budget / 1.01)
+    assert planned[2] == pytest.approx(fastest)  # the last re-plan: the fastest plan
+    for item in mixed.latency_rounds:
+        assert item["predicted_latency_s"] <= item["planned_latency_s"] * (1 + 1e-6)
+    kept = builds[-1].totals["allocation"]
+    assert kept["budget"]["latency_s"] == pytest.approx(budget) == builds[-1].budget["latency_s"]  # the user's
+    assert "re-planning to a predicted" in capsys.readouterr().err
+    record_latency_rounds(mixed, builds[-1])
+    assert len(kept["latency_rounds"]) == 3
+    assert "| 3 | " in builds[-1].totals["report_sections"]["Bit allocation"]
+    assert "it is the cost model's fastest plan" in capsys.readouterr().err
+    # Within the budget at once: one build, nothing re-planned, nothing warned.
+    model, plan, calib = _setup(16)
+    mixed = allocate_bits(model, plan, calib, cpu, None, f"latency={budget * 1e3}ms", integer_only=True,
+                          options=AllocatorOptions(sensitivity="proxy"))
+    check_latency(plan, _TimedTarget(0.5 * budget * 1e3), tmp_path, {})
+    assert next_latency_plan(mixed, plan) is None and len(mixed.latency_rounds) == 1
+    record_latency_rounds(mixed, plan)
+    assert "latency_rounds" not in plan.totals["allocation"] and capsys.readouterr().err == ""
 
 
 @pytest.mark.slow
@@ -282,3 +332,36 @@ def test_cpu_compile_under_a_latency_budget_times_what_it_built(tmp_path):
     assert 0 < measured["latency_s"] < 0.1 and measured["threads"] == 1 and measured["runs"] == MEASURE_REPEAT
     assert 0 < result.plan.totals["allocation"]["fastest_latency_s"] <= measured["predicted_latency_s"]
     assert "Measured on this machine" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_cpu_compile_re_plans_a_build_measured_over_its_latency_budget(tmp_path, monkeypatch, capsys):
+    """The first build 'runs' 10% over the budget, the second within it: two builds, the second kept whole."""
+    import json
+
+    from compiler.pipeline import CompileOptions, compile_model
+    from models import bundled
+    from targets.cpu import CpuTarget
+
+    times_ms = iter([1.1, 0.5])
+    monkeypatch.setattr(CpuTarget, "measure_latency",
+                        lambda self, out_dir, inputs: {"median_ms": next(times_ms), "runs": 3, "threads": 1})
+    out = tmp_path / "out"
+    result = compile_model(CompileOptions(model=str(bundled.model_path()), target="cpu", budget="latency=1ms",
+                                          out_dir=str(out), progress=False))
+    allocation = json.loads((out / "plan.json").read_text())["totals"]["allocation"]
+    first, second = allocation["latency_rounds"]
+    assert first["planned_latency_s"] == pytest.approx(1e-3) and not first["within_budget"]
+    assert second["planned_latency_s"] == pytest.approx(1e-3 * first["predicted_latency_s"] / 1.1e-3)
+    assert second["planned_latency_s"] > allocation["fastest_latency_s"]  # not floored: the ratio was used
+    assert second["within_budget"] and allocation["measured"]["latency_s"] == pytest.approx(0.5e-3)
+    assert allocation["budget"]["latency_s"] == pytest.approx(1e-3)  # the user's budget, not the planned one
+    assert allocation["totals"]["latency_s"] == pytest.approx(second["predicted_latency_s"])
+    a_bits = {layer.a_bits for layer in result.plan.layers.values()}
+    qdq = onnx.load(str(out / "model.qdq.onnx"))  # the kept build's model, not the first one's
+    stored = {tensor.data_type for tensor in qdq.graph.initializer if tensor.name.endswith("zero_point")}
+    assert 16 in a_bits and onnx.TensorProto.UINT16 in stored
+    assert sorted(path.name for path in out.iterdir() if not path.name.startswith(".")) == \
+        sorted(path.name for path in result.files)
+    assert "| 2 | " in (out / "report.md").read_text()
+    assert "re-planning to a predicted" in capsys.readouterr().err
