@@ -45,8 +45,9 @@ def kernel_layers(out_dir: Path) -> dict[str, str]:
             for index, kernel in enumerate(node_kernels(int_model, tensor_types(int_model)))}
 
 
-def time_in_place(out_dir: Path, runs: int) -> tuple[dict[str, float], float]:
-    """Median seconds per model call of each VM call (by symbol), and of the whole call without the hook."""
+def time_in_place(out_dir: Path, runs: int) -> tuple[dict[str, tuple[float, float]], float]:
+    """Each VM call's symbol -> (median seconds per model call, calls per model call: the runtime's
+    alloc_tensor is called once per intermediate tensor), and the whole call's seconds without the hook."""
     import tvm
 
     from targets.cpu import runner
@@ -76,8 +77,8 @@ def time_in_place(out_dir: Path, runs: int) -> tuple[dict[str, float], float]:
     module.vm.set_instrument(tvm.runtime.convert(hook))
     for _ in range(runs):
         module.main(*args)
-    return ({symbol: float(np.median(times)) * len(times) / runs for symbol, times in calls.items()},
-            float(np.median(plain)))
+    return ({symbol: (float(np.median(times)) * len(times) / runs, len(times) / runs)
+             for symbol, times in calls.items()}, float(np.median(plain)))
 
 
 def predictions(out_dir: Path, model_path: Path | None) -> dict[str, tuple[str, float]]:
@@ -115,16 +116,16 @@ def profile(out_dir: Path, runs: int = 50, model_path: Path | None = None) -> di
     predicted = predictions(out_dir, model_path)
     layers = list(predicted)
     rows = []
-    for symbol, seconds in measured.items():
+    for symbol, (seconds, calls) in measured.items():
         node = nodes.get(symbol)
         layer = layer_of(node, layers) if node else None
         bits, predicted_s = predicted.get(layer, (None, None)) if layer else (None, None)
-        rows.append({"kernel": symbol, "node": node, "layer": layer, "bits": bits,
+        rows.append({"kernel": symbol, "node": node, "layer": layer, "bits": bits, "calls": calls,
                      "measured_s": seconds, "predicted_s": predicted_s})
     hooked_sum_s = sum(row["measured_s"] for row in rows)
-    hook_s = max(0.0, (hooked_sum_s - plain_s) / max(len(rows), 1))
+    hook_s = max(0.0, (hooked_sum_s - plain_s) / max(sum(row["calls"] for row in rows), 1))
     for row in rows:
-        row["measured_s"] = max(row["measured_s"] - hook_s, 0.0)
+        row["measured_s"] = max(row["measured_s"] - hook_s * row["calls"], 0.0)
     rows.sort(key=lambda row: -row["measured_s"])
     return {"runs": runs, "threads": int(os.environ.get("TVM_NUM_THREADS", "0")), "library_call_s": plain_s,
             "hooked_sum_s": hooked_sum_s, "hook_per_call_s": hook_s, "rows": rows}
@@ -140,7 +141,8 @@ def table(result: dict, limit: int | None) -> str:
                      f" | {error} |")
     priced = [row for row in result["rows"] if row["predicted_s"] is not None]
     lines += ["", f"Library call {result['library_call_s'] * 1e6:.0f} us without the hook, "
-              f"{result['hooked_sum_s'] * 1e6:.0f} us summed over {len(result['rows'])} VM calls with it "
+              f"{result['hooked_sum_s'] * 1e6:.0f} us summed over its "
+              f"{sum(row['calls'] for row in result['rows']):.0f} VM calls with it "
               f"(median of {result['runs']} calls, {result['threads']} thread(s)); "
               f"{result['hook_per_call_s'] * 1e6:.1f} us taken off each call. The {len(priced)} priced layers: "
               f"{sum(r['measured_s'] for r in priced) * 1e6:.0f} us in place, "
