@@ -39,6 +39,7 @@ VERIFY_FILE = "verify.json"
 CPU_DIR = "cpu"
 DEFAULT_VERIFY_SAMPLES = 16
 MEASURE_REPEAT = 200  # runs of one sample (a 20 ms model: 4 s); a median of many steadies it on a busy host
+MEASURE_BLOCKS = 4  # ... and the lowest of 4 block medians, 0.25 s apart, is steadier still (runner.benchmark)
 # Run in a fresh process: TVM's thread pool is sized by a process's first run, and compile has run
 # the library already (verification) at the default thread count.
 _MEASURE = ("import json, sys\n"
@@ -46,7 +47,8 @@ _MEASURE = ("import json, sys\n"
             "import numpy as np\n"
             "from targets.cpu import TARGET\n"
             "inputs = dict(np.load(sys.argv[2]))\n"
-            "print(json.dumps(TARGET.benchmark(Path(sys.argv[1]), inputs, repeat=int(sys.argv[3]), threads=1)))\n")
+            "print(json.dumps(TARGET.benchmark(Path(sys.argv[1]), inputs, repeat=int(sys.argv[3]), threads=1,\n"
+            "                                  blocks=int(sys.argv[4]))))\n")
 
 
 # The cpu target's name for the shared comparison (tests and tools import it from here).
@@ -115,7 +117,8 @@ class CpuTarget(Target):
         with tempfile.TemporaryDirectory(prefix="edgeq_measure_") as tmp:
             sample = Path(tmp) / "sample.npz"
             np.savez(sample, **{name: np.asarray(value)[:1] for name, value in inputs.items()})
-            done = subprocess.run([sys.executable, "-c", _MEASURE, str(out_dir), str(sample), str(MEASURE_REPEAT)],
+            done = subprocess.run([sys.executable, "-c", _MEASURE, str(out_dir), str(sample), str(MEASURE_REPEAT),
+                                   str(MEASURE_BLOCKS)],
                                   capture_output=True, text=True, env=env)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -128,7 +131,8 @@ class CpuTarget(Target):
 
         threads = runner.configure_threads(options.get("threads"))
         result = runner.benchmark(Path(out_dir), self.check_inputs(out_dir, inputs), repeat=repeat,
-                                  warmup=int(options.get("warmup", 5)))
+                                  warmup=int(options.get("warmup", 5)), blocks=int(options.get("blocks", 1)),
+                                  pause_s=float(options.get("pause_s", 0.25)))
         return {**result, "threads": threads}
 
 

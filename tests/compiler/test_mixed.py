@@ -228,9 +228,11 @@ class _TimedTarget:
 
     def __init__(self, median_ms: float | None) -> None:
         self.median_ms = median_ms
+        self.extra: dict = {}
 
     def measure_latency(self, out_dir, inputs):
-        return None if self.median_ms is None else {"median_ms": self.median_ms, "runs": 50, "threads": 1}
+        return None if self.median_ms is None else {"median_ms": self.median_ms, "runs": 50, "threads": 1,
+                                                    **self.extra}
 
 
 def _allocated_plan(budget_s: float | None, predicted_s: float):
@@ -270,6 +272,14 @@ def test_a_plan_over_its_latency_budget_when_measured_is_warned_about(capsys, tm
     assert "fastest plan within the other budgets, so no plan meets it here" in capsys.readouterr().err
     assert _timed_and_kept(_allocated_plan(1.5e-3, 1.45e-3), 1.2, None, tmp_path)["within_budget"]
     assert capsys.readouterr().err == ""
+    # a target timing in blocks: the budget is held to the lowest block median
+    blocked = _allocated_plan(1.5e-3, 1.45e-3)
+    target = _TimedTarget(1.6)
+    target.extra = {"settled_ms": 1.4, "block_medians_ms": [1.7, 1.4, 1.6, 1.5]}
+    record = check_latency(blocked, target, tmp_path, {})
+    assert record["latency_s"] == pytest.approx(1.4e-3) and record["median_latency_s"] == pytest.approx(1.6e-3)
+    assert record["within_budget"] and record["blocks"] == 4
+    assert "the lowest of 4 block medians of 50 runs" in blocked.totals["report_sections"]["Bit allocation"]
     # no latency budget, or a target that cannot time its artifact here: nothing to check
     assert check_latency(_allocated_plan(None, 1e-3), _TimedTarget(1.2), tmp_path, {}) is None
     assert check_latency(_allocated_plan(1e-3, 1e-3), _TimedTarget(None), tmp_path, {}) is None
@@ -324,12 +334,14 @@ def test_a_plan_measured_over_its_latency_budget_is_re_planned_from_the_measurem
 def test_cpu_compile_under_a_latency_budget_times_what_it_built(tmp_path):
     from compiler.pipeline import CompileOptions, compile_model
     from models import bundled
-    from targets.cpu import MEASURE_REPEAT
+    from targets.cpu import MEASURE_BLOCKS, MEASURE_REPEAT
 
     result = compile_model(CompileOptions(model=str(bundled.model_path()), target="cpu", budget="latency=1ms",
                                           out_dir=str(tmp_path / "out"), progress=False))
     measured = result.plan.totals["allocation"]["measured"]
     assert 0 < measured["latency_s"] < 0.1 and measured["threads"] == 1 and measured["runs"] == MEASURE_REPEAT
+    # the lowest of the blocks' medians, which is never above the median of all runs
+    assert measured["blocks"] == MEASURE_BLOCKS and measured["latency_s"] <= measured["median_latency_s"] * 1.0001
     assert 0 < result.plan.totals["allocation"]["fastest_latency_s"] <= measured["predicted_latency_s"]
     assert "Measured on this machine" in (tmp_path / "out" / "report.md").read_text()
 

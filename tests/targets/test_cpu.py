@@ -126,7 +126,10 @@ def test_compile_verify_run_and_cross_compile(tmp_path):
     outputs = TARGET.run(tmp_path, calib)
     assert np.array_equal(outputs["y"], run_integer_graph(int_model, calib)["y"])
     timing = TARGET.benchmark(tmp_path, calib, repeat=5)
-    assert timing["median_ms"] > 0 and timing["runs"] == 5
+    assert timing["median_ms"] > 0 and timing["runs"] == 5 and "settled_ms" not in timing
+    blocked = TARGET.benchmark(tmp_path, calib, repeat=12, blocks=3, pause_s=0.0)
+    assert blocked["runs"] == 12 and len(blocked["block_medians_ms"]) == 3
+    assert blocked["settled_ms"] == min(blocked["block_medians_ms"]) <= blocked["median_ms"] * 1.0001
 
 
 def test_vnni_schedules_plug_in_bit_exact(tmp_path):
