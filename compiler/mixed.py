@@ -100,10 +100,10 @@ class AllocatorOptions:
     with (passes/allocate.greedy), for side-by-side runs on the same table.
     ``latency_rounds``: under a latency budget, ``edgeq compile`` times what it
     built on this machine; while that measures over the budget it re-plans, up
-    to this many times, to a predicted latency scaled by the measured/predicted
-    ratio (:func:`next_latency_plan`) and builds again. The cost model is a fit
-    that misses whole models by 7-17 % (benchmarks/cpu.md); a round costs one
-    export and lowering (~20 s for MobileNetV2 on the CPU target).
+    to this many times, and builds again (:func:`next_latency_plan`: the budget
+    scaled by the measured/predicted ratio, the last time the fastest plan). The
+    cost model is a fit that misses whole models by 7-17 % (benchmarks/cpu.md);
+    a round costs one export and lowering (~20 s for MobileNetV2 on the CPU target).
     """
 
     sensitivity: str = "single-layer"
@@ -162,7 +162,7 @@ class MixedPrecision:
     pareto_points: list[Allocation] = field(default_factory=list)  # the frontier, within the other budgets
     latency_rounds: list[dict] = field(default_factory=list)  # each build timed under a latency budget
     base_plan: QuantPlan | None = None  # the plan before allocation, kept for re-planning under a latency budget
-    options: AllocatorOptions = field(default_factory=lambda: AllocatorOptions())
+    options: AllocatorOptions = field(default_factory=AllocatorOptions)
 
 
 def parse_pins(texts: list[str] | None, plan: QuantPlan) -> dict[str, tuple[int | None, int | None]]:
