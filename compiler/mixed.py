@@ -103,7 +103,9 @@ class AllocatorOptions:
     to this many times, and builds again (:func:`next_latency_plan`: the budget
     scaled by the measured/predicted ratio, the last time the fastest plan). The
     cost model is a fit that misses whole models by 7-17 % (benchmarks/cpu.md);
-    a round costs one export and lowering (~20 s for MobileNetV2 on the CPU target).
+    a round costs one export and lowering (~20 s for MobileNetV2 on the CPU
+    target), and re-solves as configured (``rerank`` / ``refine`` included) on
+    the same sensitivity table.
     """
 
     sensitivity: str = "single-layer"
