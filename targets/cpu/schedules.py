@@ -51,9 +51,10 @@ from targets.cpu.kernels import ConvGeometry, Requant
 
 log = logging.getLogger(__name__)
 
-# MaxPool and QAdd read 8-bit activations. The VNNI conv/gemm kernels read 8- or 16-bit ones (16-bit:
+# MaxPool reads 8-bit activations. The VNNI conv/gemm kernels read 8- or 16-bit ones (16-bit:
 # as a low- and a high-byte plane, kernels.XPlanes) and write 8- or 16-bit ones (an 8-bit layer
 # feeding a 16-bit one writes 16-bit output: the epilogue clamps in int32/int64 either way).
+# QAdd reads either: its int64 sum holds 16-bit operands times 32-bit multipliers.
 X_DTYPES = ("uint8", "int8")
 MAC_X_DTYPES = (*X_DTYPES, "uint16", "int16")
 Y_DTYPES = ("uint8", "int8", "uint16", "int16")
@@ -346,7 +347,7 @@ def _qadd_kernel(node: onnx.NodeProto, input_shapes: list[tuple[int, ...]], inpu
         return None
     dtypes = [np.dtype(d).name for d in input_dtypes]
     y_dtype = _dtype_name(attrs.get("y_dtype", "uint8"))
-    if any(d not in X_DTYPES for d in dtypes) or y_dtype not in Y_DTYPES:
+    if any(d not in MAC_X_DTYPES for d in dtypes) or y_dtype not in Y_DTYPES:
         log.debug("%s: dtypes %s -> %s have no kernel", node.name, dtypes, y_dtype)
         return None
     rq = Requant(int(attrs.get("y_zero_point", 0)), int(attrs["y_min"]), int(attrs["y_max"]), y_dtype)

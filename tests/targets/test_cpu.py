@@ -167,6 +167,26 @@ def test_layer_feeding_16_bit_activations_keeps_its_vnni_kernel(tmp_path):
     assert "generic_QConv" not in manifest["kernels"], manifest["kernels"]
 
 
+def test_residual_add_of_16_bit_activations_runs_the_qadd_kernel(tmp_path):
+    """A residual Add between 16-bit activations (a16 plans of MobileNetV2) ran the generic kernel;
+    the vectorized QAdd reads 16-bit operands too, bit-exact in the whole library."""
+    schedules = pytest.importorskip("targets.cpu.schedules")
+    if not schedules.host_has_vnni():
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    b = QDQBuilder(seed=11, opset=21)
+    x = b.input("x", [1, 8, 10, 10], scale=0.02, zero_point=120)
+    wide = b.qdq(b.node("Conv", [x, b.weight((16, 8, 3, 3)), b.bias(16, 0.0004)], pads=[1, 1, 1, 1]),
+                 0.0005, 30000, np.uint16)
+    branch = b.qdq(b.node("Conv", [wide, b.weight((16, 16, 1, 1))]), 0.0004, 32000, np.uint16)
+    summed = b.qdq(b.node("Add", [wide, branch]), 0.0009, 31000, np.uint16)
+    y = b.qdq(b.node("Conv", [summed, b.weight((8, 16, 1, 1))]), 0.0008, 0, np.int16)
+    int_model = integerize(b.model(y))
+    assert any(node.op_type == "QAdd" for node in int_model.graph.node)
+    inputs = {"x": np.random.default_rng(5).normal(0, 1.0, (2, 8, 10, 10)).astype(np.float32)}
+    manifest = assert_library_matches_interpreter(int_model, inputs, tmp_path / "cpu", use_schedules=True)
+    assert manifest["kernels"].get("qadd") == 1 and "generic_QAdd" not in manifest["kernels"], manifest["kernels"]
+
+
 def test_reshape_by_the_batch_size_compiles_integer_only(tmp_path):
     """``x.view(x.size(0), -1)`` before the classifier (EfficientNet-Lite0's head) once failed with
     "Shape node would stay in float"; canonicalize gives the Reshape a constant target."""
