@@ -148,17 +148,24 @@ def test_vnni_schedules_plug_in_bit_exact(tmp_path):
     assert manifest["inputs"][0]["library_dtype"] == "float32"  # the library quantizes its input itself
 
 
+def _conv_writing_16_bits(seed: int):
+    """A QDQ builder whose graph so far is an 8-bit-input 3x3 conv writing uint16 activations (skips
+    without AVX-512 VNNI, which the kernels under test need); the builder and that tensor."""
+    schedules = pytest.importorskip("targets.cpu.schedules")
+    if not schedules.host_has_vnni():
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    b = QDQBuilder(seed=seed, opset=21)
+    x = b.input("x", [1, 8, 10, 10], scale=0.02, zero_point=120)
+    wide = b.qdq(b.node("Conv", [x, b.weight((16, 8, 3, 3)), b.bias(16, 0.0004)], pads=[1, 1, 1, 1]),
+                 0.0005, 30000, np.uint16)
+    return b, wide
+
+
 def test_layer_feeding_16_bit_activations_keeps_its_vnni_kernel(tmp_path):
     """An 8-bit-input conv whose reader takes 16-bit activations writes 16-bit output from the VNNI
     kernel (mixed plans paid the generic kernel's 16-bit cost here before); the 16-bit-input conv
     after it runs the VNNI kernel too (its input as two byte planes), bit-exact in the whole library."""
-    schedules = pytest.importorskip("targets.cpu.schedules")
-    if not schedules.host_has_vnni():
-        pytest.skip("no AVX-512 VNNI on this CPU")
-    b = QDQBuilder(seed=7, opset=21)
-    x = b.input("x", [1, 8, 10, 10], scale=0.02, zero_point=120)
-    wide = b.qdq(b.node("Conv", [x, b.weight((16, 8, 3, 3)), b.bias(16, 0.0004)], pads=[1, 1, 1, 1]),
-                 0.0005, 30000, np.uint16)
+    b, wide = _conv_writing_16_bits(seed=7)
     y = b.qdq(b.node("Conv", [wide, b.weight((8, 16, 1, 1))]), 0.0008, 0, np.int16)
     int_model = integerize(b.model(y))
     inputs = {"x": np.random.default_rng(3).normal(0, 1.0, (2, 8, 10, 10)).astype(np.float32)}
@@ -170,13 +177,7 @@ def test_layer_feeding_16_bit_activations_keeps_its_vnni_kernel(tmp_path):
 def test_residual_add_of_16_bit_activations_runs_the_qadd_kernel(tmp_path):
     """A residual Add between 16-bit activations (a16 plans of MobileNetV2) ran the generic kernel;
     the vectorized QAdd reads 16-bit operands too, bit-exact in the whole library."""
-    schedules = pytest.importorskip("targets.cpu.schedules")
-    if not schedules.host_has_vnni():
-        pytest.skip("no AVX-512 VNNI on this CPU")
-    b = QDQBuilder(seed=11, opset=21)
-    x = b.input("x", [1, 8, 10, 10], scale=0.02, zero_point=120)
-    wide = b.qdq(b.node("Conv", [x, b.weight((16, 8, 3, 3)), b.bias(16, 0.0004)], pads=[1, 1, 1, 1]),
-                 0.0005, 30000, np.uint16)
+    b, wide = _conv_writing_16_bits(seed=11)
     branch = b.qdq(b.node("Conv", [wide, b.weight((16, 16, 1, 1))]), 0.0004, 32000, np.uint16)
     summed = b.qdq(b.node("Add", [wide, branch]), 0.0009, 31000, np.uint16)
     y = b.qdq(b.node("Conv", [summed, b.weight((8, 16, 1, 1))]), 0.0008, 0, np.int16)
