@@ -431,10 +431,11 @@ def next_latency_plan(mixed: MixedPrecision, built: QuantPlan) -> QuantPlan | No
 
     The cost model's error is taken as the largest ratio of measured to predicted
     latency seen so far, so the next plan is held to a predicted ``budget /
-    ratio``, less REPLAN_MARGIN for the timing's own noise; the last re-plan (``AllocatorOptions.latency_rounds``) takes the
-    fastest plan within the other budgets, so that a budget that plan meets is
-    met. (On MobileNetV2 the ratio grows toward the all-8-bit plan, 1.04-1.09,
-    so the last measured ratio alone closes in too slowly: benchmarks/cpu.md.)
+    ratio`` less :data:`REPLAN_MARGIN` (the timing's own noise); the last
+    re-plan (``AllocatorOptions.latency_rounds``) takes the fastest plan within
+    the other budgets, so that a budget that plan meets is met. (On MobileNetV2
+    the ratio grows toward the all-8-bit plan, so the last ratio alone closed in
+    by ~1% a build: benchmarks/cpu.md.)
     None when ``built`` was not timed, measured within the budget, is already
     the fastest plan, or the re-plans are spent. Each timed build is recorded
     in ``mixed.latency_rounds``.
@@ -476,7 +477,8 @@ def record_latency_rounds(mixed: MixedPrecision, plan: QuantPlan) -> None:
     if len(mixed.latency_rounds) > 1:
         allocation["latency_rounds"] = mixed.latency_rounds
         rows = ["", "", "Each build was timed and, while over the budget, re-planned to the budget divided by the "
-                "largest measured/predicted ratio so far (the last re-plan: the fastest plan):", "",
+                f"largest measured/predicted ratio so far, less {REPLAN_MARGIN:.0%} (the last re-plan: the fastest "
+                "plan):", "",
                 "| build | planned to | predicted | measured | total sensitivity |", "|---|---|---|---|---|"]
         rows += [f"| {index} | {format_metric('latency_s', item['planned_latency_s'])} | "
                  f"{format_metric('latency_s', item['predicted_latency_s'])} | "
