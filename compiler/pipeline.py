@@ -7,10 +7,11 @@
   -> select layers -> allocate bits (when a budget is given)
   -> calibrate activation ranges -> weight grids (block-wise scales, when
   chosen) -> recipe's weight rounding (GPTQ, bias correction) -> insert QDQ
-  -> fidelity -> write model.qdq.onnx, plan.json, report.md
+  -> write model.qdq.onnx
   -> target lowering (integer graph, code) when the target is not "onnx"
   -> under a latency budget, the artifact timed on this machine against it,
      and while over it re-planned and built again (--latency-rounds)
+  -> fidelity of the kept model -> write plan.json, report.md
 
 Everything a run writes goes to a temporary folder first and is moved into
 ``out_dir`` only when the whole run succeeded.
@@ -235,10 +236,9 @@ def compile_model(options: CompileOptions) -> CompileResult:
     transformed = model  # same function as float_model; its tensors are what the QDQ model approximates
 
     def build(plan: QuantPlan, tmp: Path) -> tuple[onnx.ModelProto, QuantPlan]:
-        """Export ``plan``, measure its fidelity, write the QDQ model, lower it and, under a budget, time it."""
+        """Export ``plan``, write the QDQ model, lower it and, under a budget, time it."""
         qdq, plan = export_plan(model, plan, calib, recipe, integer_only=integer_only,
                                 batch_size=options.batch_size, progress=options.progress, stage=stage)
-        stage("fidelity", lambda: _measure_fidelity(plan, float_model, transformed, qdq, calib, evaluation, options))
         plan.totals["onnxruntime_kernels"] = stage("ort_kernels", lambda: kernel_usage(qdq))
         plan.update_totals()
         onnx.save(qdq, str(tmp / "model.qdq.onnx"))
@@ -266,6 +266,8 @@ def compile_model(options: CompileOptions) -> CompileResult:
             record_latency_rounds(mixed, plan)
             if mixed.pareto_svg:
                 (tmp / "pareto.svg").write_text(mixed.pareto_svg)
+        # of the kept build only: a re-planned one's fidelity would be thrown away
+        stage("fidelity", lambda: _measure_fidelity(plan, float_model, transformed, qdq, calib, evaluation, options))
         plan.totals["seconds"] = {name: round(value, 3) for name, value in timings.items()}
         plan.save(str(tmp / "plan.json"))
         from compiler.report import write_report
