@@ -463,7 +463,11 @@ def next_latency_plan(mixed: MixedPrecision, built: QuantPlan) -> QuantPlan | No
          + (" (the fastest plan)" if planned == fastest else "")
          + f", build {replans + 2} of at most {mixed.options.latency_rounds + 1}")
     plan = copy.deepcopy(mixed.base_plan)
-    plan_bits(mixed, plan, latency_limit=planned)
+    try:
+        plan_bits(mixed, plan, latency_limit=planned * (1 + 1e-9))  # the fastest plan exactly, not a rounding under
+    except EdgeqError as error:  # e.g. greedy's demotions stuck: the build at hand is still a valid answer
+        warn(f"re-planning for the latency budget stopped: {error}")
+        return None
     return plan
 
 

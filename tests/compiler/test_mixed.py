@@ -333,6 +333,27 @@ def test_a_plan_measured_over_its_latency_budget_is_re_planned_from_the_measurem
     assert "latency_rounds" not in plan.totals["allocation"] and capsys.readouterr().err == ""
 
 
+def test_a_re_plan_that_finds_no_plan_keeps_the_build_and_says_why(capsys, tmp_path, monkeypatch):
+    """greedy's demotions can get stuck under a tighter limit: the build already made is kept, not the
+    whole compile failed."""
+    import compiler.mixed
+    from compiler.mixed import check_latency, next_latency_plan
+
+    model, plan, calib = _setup(16)
+    mixed = allocate_bits(model, plan, calib, get_target("cpu"), None, "latency=1s", integer_only=True,
+                          options=AllocatorOptions(sensitivity="proxy"))
+    mixed.budget["latency_s"] = plan.totals["allocation"]["budget"]["latency_s"] = 0.9 * mixed.allocation.totals[
+        "latency_s"]  # as if the budget had been tighter than this build measured
+
+    def stuck(*args, **kwargs):
+        raise EdgeqError("greedy found no plan within the budget")
+
+    monkeypatch.setattr(compiler.mixed, "solve", stuck)
+    check_latency(plan, _TimedTarget(1e3), tmp_path, {})
+    assert next_latency_plan(mixed, plan) is None
+    assert "re-planning for the latency budget stopped: greedy found no plan" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_cpu_compile_under_a_latency_budget_times_what_it_built(tmp_path):
     from compiler.pipeline import CompileOptions, compile_model
