@@ -161,7 +161,4 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def empty_dir(path: Path) -> None:
     """Remove everything inside ``path`` (a temporary build folder about to be written again)."""
     for entry in path.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+        _remove(entry)

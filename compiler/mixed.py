@@ -409,7 +409,7 @@ def check_latency(plan: QuantPlan, target, out_dir: Path, inputs: dict[str, np.n
     if timing is None:
         return None
     # a target timing in blocks reports the lowest block median (``settled_ms``: steadier on a shared host)
-    blocks = len(timing.get("block_medians_ms") or [None])
+    blocks = len(timing.get("block_medians_ms", ())) or 1
     measured = timing.get("settled_ms", timing["median_ms"]) / 1e3
     predicted = (allocation.get("totals") or {}).get("latency_s")
     record = {"latency_s": measured, "median_latency_s": timing["median_ms"] / 1e3, "runs": timing.get("runs"),
