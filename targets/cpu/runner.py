@@ -20,8 +20,10 @@ which is one thread on a 2-core machine. :func:`configure_threads` sets it first
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,27 @@ def configure_threads(threads: int | None = None) -> int:
     return int(os.environ["TVM_NUM_THREADS"])
 
 
+def load_library(path: Path):
+    """``tvm.runtime.load_module`` of the library as it is on disk now.
+
+    dlopen hands back the library already loaded under the same path name, even once the file
+    has been replaced: a compile that re-plans writes its second build's lib.so where the first
+    one's was, and verifying it in the same process ran the first build's code (and a script that
+    compiles twice into one folder would run the old library). So the library is loaded from a
+    copy named by its content (a replaced file gets a new name; the same content may share the
+    loaded one), removed once loaded."""
+    import tvm
+
+    content = path.read_bytes()
+    digest = hashlib.sha256(content).hexdigest()[:20]
+    copy = Path(tempfile.gettempdir()) / f"edgeq-lib-{os.getpid()}-{digest}{path.suffix}"
+    copy.write_bytes(content)
+    try:
+        return tvm.runtime.load_module(str(copy))
+    finally:
+        copy.unlink(missing_ok=True)
+
+
 class CpuModule:
     """A loaded library with its manifest."""
 
@@ -57,7 +80,7 @@ class CpuModule:
         if not manifest_path.exists():
             raise EdgeqError(f"{cpu_dir} has no {MANIFEST}: compile with --target cpu first")
         self.manifest = json.loads(manifest_path.read_text())
-        library = tvm.runtime.load_module(str(cpu_dir / self.manifest["library"]))
+        library = load_library(cpu_dir / self.manifest["library"])
         self.device = tvm.cpu()
         self.vm = relax.VirtualMachine(library, self.device)
         self.main = self.vm["main"]

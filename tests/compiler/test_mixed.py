@@ -403,3 +403,4 @@ def test_cpu_compile_re_plans_a_build_measured_over_its_latency_budget(tmp_path,
         sorted(path.name for path in result.files)
     assert "| 2 | " in (out / "report.md").read_text()
     assert "re-planning to a predicted" in capsys.readouterr().err
+    assert json.loads((out / "verify.json").read_text())["bit_exact"]  # the re-built library, checked against its own model

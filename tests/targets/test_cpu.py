@@ -71,6 +71,39 @@ def test_every_op_is_bit_exact_on_random_inputs(builder, tmp_path):
     assert kinds == emitted
 
 
+def test_a_library_rebuilt_in_place_loads_as_rebuilt(tmp_path):
+    """A second build written where the first one's library was (a compile that re-plans, a script
+    compiling twice into one folder) runs its own code in the same process, not the first's that
+    dlopen already holds under that path."""
+    model = conv_block_model()
+    calib = random_inputs(model, 16)
+    inputs = batch(random_inputs(model, 2, seed=5))
+    first = integerize(quantize_qdq(model, calib))
+    assert_library_matches_interpreter(first, inputs, tmp_path / "cpu")
+    # other ranges: other scales, other integer outputs
+    second = integerize(quantize_qdq(model, [{k: 4 * v for k, v in sample.items()} for sample in calib]))
+    assert not np.array_equal(*(next(iter(run_integer_graph_raw(m, inputs).values())) for m in (first, second)))
+    shutil.rmtree(tmp_path / "cpu")
+    assert_library_matches_interpreter(second, inputs, tmp_path / "cpu")
+
+
+def test_a_library_that_differs_from_the_interpreter_is_warned_about(tmp_path, monkeypatch, capsys):
+    from targets.cpu import CpuTarget
+
+    model = conv_block_model()
+    onnx.save(quantize_qdq(model, random_inputs(model, 16)), tmp_path / "model.qdq.onnx")
+    calib = batch(random_inputs(model, 3, seed=8))
+    honest = CpuTarget.run_raw
+    monkeypatch.setattr(CpuTarget, "run_raw", lambda self, out_dir, inputs: {
+        name: value + (value < 100).astype(value.dtype) for name, value in honest(self, out_dir, inputs).items()})
+    TARGET.lower(CompileContext(out_dir=tmp_path, qdq_model_path=tmp_path / "model.qdq.onnx", plan=None,
+                                calib_inputs=calib))
+    assert not json.loads((tmp_path / "verify.json").read_text())["bit_exact"]
+    err = capsys.readouterr().err
+    assert "cpu library differs from the reference interpreter on 3 calibration samples (y: " in err
+    assert "see verify.json" in err
+
+
 def test_requantization_extremes_are_bit_exact(tmp_path):
     """Huge and tiny rescales, int16 activations, clamps at both ends."""
     model = conv_block_model(seed=3)
