@@ -23,7 +23,10 @@ this tool (and each ``--zoo`` model: EfficientNet-Lite0, say, which the fit neve
 What it showed (benchmarks/cpu.md): first, a plan mixing widths -71%, because an
 8-bit layer feeding a 16-bit one ran the generic 16-bit kernel; then, with the VNNI
 kernels reading and writing 16-bit activations and the refit, MobileNetV2 w8a8 -1%,
-its `--budget latency=1.5ms` plan -11%, the bundled CNN -15%..-20%.
+its `--budget latency=1.5ms` plan -11%, the bundled CNN -15%..-20%; with the
+context factor the fit now takes from whole MobileNetV2 builds (2026-11-23), the
+bundled CNN -5%..0%, MobileNetV2 -8%..-3% and EfficientNet-Lite0, which the fit
+never saw, -13%/-14% (-18%/-19% without the factor; a slow phase of the host).
 """
 
 from __future__ import annotations

@@ -32,6 +32,11 @@ feeds a 16-bit layer writes 16-bit output from the same kernel; the wider store
 is not priced (a layer's cost depends on its own bits only): in a compiled
 MobileNetV2 plan it cost five depthwise layers ~0.1 ns per output element,
 ~30 us in all (2%).
+Last, each layer's latency is multiplied by the table's ``context_factor`` for
+its activation width: whole compiled models run slower than the sum of their
+layers priced as above (MobileNetV2 and EfficientNet-Lite0 by 7-17%, more at
+16-bit activations; the cause is not settled), so the fit also times whole
+zoo models at each width and takes the factor from them (tables without it: 1).
 Without a table the model falls back to an analytic estimate anchored on one measurement in
 DESIGN.md (untuned Relax int8 MobileNetV2, ~300 M MACs in ~80 ms on one thread
 of this host: ~2.7e-10 s/MAC); only the ratios between bit pairs matter to the
@@ -66,6 +71,8 @@ class CpuCoefficients:
     # kind -> "w,a" -> seconds per element of the layer's output (epilogue) / per output channel
     seconds_per_layer_output_elem: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds_per_channel: dict[str, dict[str, float]] = field(default_factory=dict)
+    # a_bits -> how much slower a layer runs inside a whole compiled model than its terms above say
+    context_factor: dict[str, float] = field(default_factory=dict)
 
 
 def _analytic() -> CpuCoefficients:
@@ -86,18 +93,23 @@ def _analytic() -> CpuCoefficients:
 def load_coefficients(path: Path = TABLE_PATH) -> CpuCoefficients:
     if not path.exists():
         return _analytic()
-    data = json.loads(path.read_text())
+    return coefficients_from_table(json.loads(path.read_text()), default_source=str(path))
+
+
+def coefficients_from_table(data: dict, default_source: str = "cost table") -> CpuCoefficients:
+    """The coefficients of a cost table as tools/fit_cpu_cost.py writes it (terms it lacks: 0)."""
     return CpuCoefficients(
         seconds_per_mac=data["seconds_per_mac"],
         seconds_per_byte=data["seconds_per_byte"],
         overhead_s=data["overhead_s"],
-        source=data.get("source", str(path)),
+        source=data.get("source", default_source),
         info=data.get("info", {}),
         call_overhead_s=data.get("call_overhead_s", 0.0),
         seconds_per_input_elem=data.get("seconds_per_input_elem", 0.0),
         seconds_per_output_elem=data.get("seconds_per_output_elem", 0.0),
         seconds_per_layer_output_elem=data.get("seconds_per_layer_output_elem", {}),
         seconds_per_channel=data.get("seconds_per_channel", {}),
+        context_factor=data.get("context_factor", {}),
     )
 
 
@@ -124,8 +136,13 @@ class CpuCostModel(CostModel):
             + _per_kind(coefficients.seconds_per_layer_output_elem, layer.kind, w, a_bits) * layer.output_elems
             + _per_kind(coefficients.seconds_per_channel, layer.kind, w, a_bits) * layer.output_channels
             + coefficients.seconds_per_byte * traffic_bytes(layer, stored_w, a_bits)
-        )
+        ) * self.context_factor(a_bits)
         return cost
+
+    def context_factor(self, a_bits: int) -> float:
+        """The table's whole-model factor for layers at ``a_bits`` (1 when it has none)."""
+        factors = self.coefficients.context_factor
+        return factors.get(str(nearest_supported(a_bits, _WIDTHS)), 1.0) if factors else 1.0
 
     def call_latency_s(self, layers: list[LayerShape]) -> float:
         """Seconds one call of a model with these layers (in execution order) costs beyond its

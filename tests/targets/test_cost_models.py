@@ -159,6 +159,23 @@ def test_cpu_model_charges_output_elements_and_channels_by_kind(tmp_path):
     assert model.layer_cost(depthwise, 8, 8).latency_s == pytest.approx(depthwise.macs * 1e-12 + 4096 * 3e-11)
 
 
+def test_cpu_context_factor_scales_layers_by_their_width_not_the_call(tmp_path):
+    """A table's context_factor (whole models run slower than their layers' terms) multiplies each
+    layer's latency by the factor of its own activation width; the per-call cost stays as it is."""
+    terms = ('"seconds_per_mac": {"default": {"8,8": 1e-12, "8,16": 2e-12}}, "seconds_per_byte": 1e-11,'
+             ' "overhead_s": 3e-7, "call_overhead_s": 2e-5, "source": "test"')
+    plain, scaled = tmp_path / "plain.json", tmp_path / "scaled.json"
+    plain.write_text("{" + terms + "}")
+    scaled.write_text("{" + terms + ', "context_factor": {"8": 1.1, "16": 1.25}}')
+    before = cpu_cost.CpuCostModel(cpu_cost.load_coefficients(plain))
+    after = cpu_cost.CpuCostModel(cpu_cost.load_coefficients(scaled))
+    for a_bits, factor in ((8, 1.1), (16, 1.25)):
+        assert after.layer_cost(CONV, 8, a_bits).latency_s == pytest.approx(
+            factor * before.layer_cost(CONV, 8, a_bits).latency_s)
+    assert after.fixed_costs([CONV])["latency_s"] == pytest.approx(before.fixed_costs([CONV])["latency_s"])
+    assert before.context_factor(16) == 1.0  # no factor in the table: layers as their terms say
+
+
 def _chain(length: int) -> list[LayerShape]:
     return [LayerShape(f"c{i}", "Conv", "conv", macs=8 * 8 * 64 * 9, weight_params=8 * 8 * 9, input_elems=8 * 64,
                        output_elems=8 * 64, output_channels=8) for i in range(length)]

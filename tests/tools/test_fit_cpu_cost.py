@@ -1,10 +1,13 @@
 """tools/fit_cpu_cost.py: the NNLS fit recovers known coefficients from timings made with them (single layers,
-chains of one layer, and block stacks of several kinds)."""
+chains of one layer, and block stacks of several kinds), and the context factor of whole models."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 
+from targets.base import LayerShape
 from tools.fit_cpu_cost import fit
 
 # What the synthetic host charges (seconds): the fit must find these again.
@@ -80,3 +83,33 @@ def test_fit_recovers_the_per_call_quantize_term_and_the_per_layer_terms() -> No
     assert table["overhead_s"] == pytest.approx(TRUE["layer"], rel=0.05)
     assert table["call_overhead_s"] == pytest.approx(TRUE["call"] + TRUE["runner_in"] + TRUE["runner_out"], rel=0.02)
     assert table["fit_relative_error"]["max"] < 0.01
+
+
+def whole_model(a_bits_of_layers: list[int], table: dict, factor: dict[int, float]) -> dict:
+    """A whole-model measurement whose layers run ``factor[a_bits]`` times slower than ``table`` prices them, as
+    compile's latency check times it (``settled_s``; the burst median, cache-cold, is slower)."""
+    from targets.cpu.cost import CpuCostModel, coefficients_from_table
+
+    cost_model = CpuCostModel(coefficients_from_table(table))
+    shapes = [LayerShape(f"l{i}", "Conv", "conv", 2_000_000, 9_216, 16_384, 16_384, 64)
+              for i in range(len(a_bits_of_layers))]
+    seconds = cost_model.call_latency_s(shapes) + sum(
+        factor[a] * cost_model.layer_cost(shape, 8, a).latency_s for shape, a in zip(shapes, a_bits_of_layers, strict=True))
+    return {"context_model": "net", "bits": [8, max(a_bits_of_layers)], "layers": len(shapes),
+            "plan_layers": [{"shape": asdict(shape), "bits": [8, a]} for shape, a in zip(shapes, a_bits_of_layers, strict=True)],
+            "settled_s": seconds, "median_s": 1.3 * seconds, "core_median_s": seconds, "input_median_s": 0.0}
+
+
+def test_context_factor_per_width_from_whole_models_leaves_the_layer_terms_alone() -> None:
+    layers_only = fit(grid())
+    truth = {8: 1.08, 16: 1.2}
+    # as compiled at --bits w8a8 and w8a16: the 16-bit build keeps its first layer at 8 bits
+    models = [whole_model([8] * 6, layers_only, truth), whole_model([8] + [16] * 5, layers_only, truth)]
+    table = fit(grid() + models)
+    assert table["seconds_per_mac"] == layers_only["seconds_per_mac"]  # whole models stay out of the layer fit
+    assert table["context_factor"]["8"] == pytest.approx(truth[8], rel=1e-6)
+    assert table["context_factor"]["16"] == pytest.approx(truth[16], rel=1e-6)
+    for entry in table["context_fit"]:
+        assert entry["predicted_s"] == pytest.approx(entry["measured_s"], rel=1e-6)
+        assert entry["predicted_without_factor_s"] < entry["measured_s"]
+    assert "context_factor" not in layers_only
