@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from compiler.atomic import atomic_write_text
+from compiler.budget import format_metric
 from compiler.plan import QuantPlan
 
 
@@ -56,7 +57,7 @@ def render_report(plan: QuantPlan) -> str:
                  + (f" + {totals['weight_scale_bytes']:,} bytes of scales and zero points"
                     if "weight_scale_bytes" in totals else ""))
     if plan.budget:
-        lines.append("- budget: " + ", ".join(f"{key}={_fmt(value)}" for key, value in plan.budget.items()))
+        lines.append("- budget: " + ", ".join(f"{key}={format_metric(key, value)}" for key, value in plan.budget.items()))
     lines.append("")
 
     fidelity = plan.fidelity

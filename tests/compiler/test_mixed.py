@@ -367,7 +367,8 @@ def test_cpu_compile_under_a_latency_budget_times_what_it_built(tmp_path):
     # the lowest of the blocks' medians, which is never above the median of all runs
     assert measured["blocks"] == MEASURE_BLOCKS and measured["latency_s"] <= measured["median_latency_s"] * 1.0001
     assert 0 < result.plan.totals["allocation"]["fastest_latency_s"] <= measured["predicted_latency_s"]
-    assert "Measured on this machine" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Measured on this machine" in report and "- budget: latency_s=1ms\n" in report  # in the unit given
 
 
 @pytest.mark.slow
