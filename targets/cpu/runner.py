@@ -48,7 +48,7 @@ def configure_threads(threads: int | None = None) -> int:
     return int(os.environ["TVM_NUM_THREADS"])
 
 
-def load_library(path: Path):
+def load_library(path: Path) -> Any:
     """``tvm.runtime.load_module`` of the library as it is on disk now.
 
     dlopen hands back the library already loaded under the same path name, even once the file
