@@ -620,18 +620,53 @@ def _candidate_label(candidate: dict) -> str:
     return f"refine step {candidate['step']}{changed}"
 
 
-def allocate_command(args: argparse.Namespace) -> int:
-    """``edgeq allocate``: the plan (or the Pareto frontier) without compiling."""
-    from compiler.atomic import atomic_dir, check_output_dir
-    from compiler.pipeline import (
-        CompileOptions,
-        check_no_allocator_options,
-        choose_weight_block,
-        load_model_and_data,
-    )
+def allocation_problem(options, metrics: list[str] | None = None) -> tuple[QuantPlan, MixedPrecision]:
+    """The plan and allocation problem of ``options`` (a ``compiler.pipeline.CompileOptions``): model and
+    data loaded, transformed and layer-selected as ``edgeq compile`` does, every layer priced for
+    ``metrics`` (default: those ``options.budget`` names). Nothing is solved or written."""
+    from compiler.pipeline import choose_weight_block, load_model_and_data, normalize_options
     from compiler.recipe import apply_transforms, resolve_recipe
     from passes.select_layers import select_layers
     from targets.base import get_target
+
+    normalize_options(options)
+    target = get_target(options.target)
+    # Model and data exactly as `edgeq compile` loads them (the bundled model with its data by default).
+    model_path, model, calib, _ = load_model_and_data(options)
+    integer_only = target.needs_integer_graph
+    recipe = resolve_recipe(options.recipe, model)
+    model = apply_transforms(recipe, model, calib)  # planned on the graph `edgeq compile` would quantize
+    plan = select_layers(model, integer_only=integer_only)
+    plan.model, plan.target = str(model_path), options.target
+    plan.weight_block_size, plan.recipe["weight_block_source"] = choose_weight_block(
+        options.weight_block, recipe, options.target, integer_only)
+    if metrics is None:
+        metrics = resolve_metric_names(parse_budget(options.budget) if options.budget else {})
+    mixed = build_problem(model, plan, calib, target, options.device, integer_only=integer_only,
+                          pins=options.pins, options=options.allocator or AllocatorOptions(), metrics=metrics,
+                          recipe=recipe)
+    return plan, mixed
+
+
+def allocate_model(options) -> QuantPlan:
+    """``edgeq allocate --budget`` from Python: the plan that ``options.budget`` gets on
+    ``options.target`` (a ``compiler.pipeline.CompileOptions``; its model, data, device, pins,
+    recipe and ``allocator`` are used as compile uses them). Each layer's bits, its sensitivity at
+    every candidate and its cost are in ``plan.layers``, the totals against the budget in
+    ``plan.totals["allocation"]``; nothing is compiled or written. An infeasible budget raises an
+    EdgeqError naming the smallest achievable value."""
+    if not options.budget:
+        raise EdgeqError("allocate_model needs a budget, e.g. CompileOptions(budget='size=0.5')")
+    plan, mixed = allocation_problem(options)
+    solve_into_plan(mixed, plan, parse_budget(options.budget), options.allocator or AllocatorOptions())
+    plan.update_totals()
+    return plan
+
+
+def allocate_command(args: argparse.Namespace) -> int:
+    """``edgeq allocate``: the plan (or the Pareto frontier) without compiling."""
+    from compiler.atomic import atomic_dir, check_output_dir
+    from compiler.pipeline import CompileOptions, check_no_allocator_options
 
     if not args.budget and not args.pareto:
         raise EdgeqError("edgeq allocate needs --budget (e.g. size=0.5) or --pareto")
@@ -639,25 +674,15 @@ def allocate_command(args: argparse.Namespace) -> int:
     options = allocator_options(args)
     if not args.budget:  # --pareto alone sweeps the table: nothing is solved, re-ranked or refined
         check_no_allocator_options(options, "--budget", ("solver", "rerank", "rerank_samples", "refine"))
-    target = get_target(args.target)
-    # Model and data exactly as `edgeq compile` loads them (the bundled model with its data by default).
-    model_path, model, calib, _ = load_model_and_data(CompileOptions(
-        model=args.model, calib=args.calib, preprocess=args.preprocess, random_calib=args.random_calib,
-        max_calib_samples=args.max_calib_samples))
-    integer_only = target.needs_integer_graph
-    recipe = resolve_recipe(args.recipe, model)
-    model = apply_transforms(recipe, model, calib)  # planned on the graph `edgeq compile` would quantize
-    plan = select_layers(model, integer_only=integer_only)
-    plan.model, plan.target = str(model_path), args.target
-    plan.weight_block_size, plan.recipe["weight_block_source"] = choose_weight_block(
-        args.weight_block, recipe, args.target, integer_only)
     budget = parse_budget(args.budget) if args.budget else {}
     metrics = resolve_metric_names(budget)
-    pareto_metric = _pareto_metric(budget, target.name)
+    pareto_metric = _pareto_metric(budget, args.target)
     if args.pareto and pareto_metric not in metrics:  # each metric named once (in the record and report)
         metrics.append(pareto_metric)
-    mixed = build_problem(model, plan, calib, target, args.device, integer_only=integer_only, pins=args.pin,
-                          options=options, metrics=metrics, recipe=recipe)
+    plan, mixed = allocation_problem(CompileOptions(
+        model=args.model, calib=args.calib, preprocess=args.preprocess, random_calib=args.random_calib,
+        max_calib_samples=args.max_calib_samples, target=args.target, device=args.device, budget=args.budget,
+        pins=args.pin, recipe=args.recipe, weight_block=args.weight_block, allocator=options), metrics)
     problem = mixed.problem
     out = Path(args.output)
     messages = []  # printed only once everything is in place: a failed run reports nothing as written

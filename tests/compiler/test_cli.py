@@ -578,3 +578,31 @@ def test_run_a_fixed_batch_model_on_more_samples(tmp_path, capsys):
     assert code == 0
     with np.load(tmp_path / "y.npz") as outputs:
         assert len(outputs["y"]) == 3
+
+
+def test_allocate_model_from_python_gives_the_plan_edgeq_allocate_writes(workspace, capsys):
+    """The issue's Python entry point: model, data, target and budget in, the plan out, nothing written."""
+    from compiler.errors import EdgeqError
+    from compiler.mixed import allocate_model
+    from compiler.pipeline import CompileOptions
+
+    code, _, _ = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                         "--target", "mcu", "--budget", "size=0.7", "--pin", "conv1=w8a8", "-o",
+                         workspace / "alloc", "-q")
+    assert code == 0
+    written = json.loads((workspace / "alloc" / "plan.json").read_text())
+    before = set(workspace.iterdir())
+    plan = allocate_model(CompileOptions(model=str(workspace / "tiny.onnx"), calib=str(workspace / "calib"),
+                                         target="mcu", budget="size=0.7", pins="conv1=w8a8"))
+    assert set(workspace.iterdir()) == before  # nothing written
+    assert {name: (layer.w_bits, layer.a_bits) for name, layer in plan.layers.items()} == {
+        layer["node"]: (layer["w_bits"], layer["a_bits"]) for layer in written["layers"]}
+    assert (plan.layers["conv1"].w_bits, plan.layers["conv1"].a_bits) == (8, 8)
+    allocation = plan.totals["allocation"]
+    assert allocation["totals"]["size_fraction"] <= allocation["budget"]["size_fraction"] == 0.7
+    assert any(layer.w_bits == 4 for layer in plan.layers.values())  # the budget bought something
+    with pytest.raises(EdgeqError, match="needs a budget"):
+        allocate_model(CompileOptions(model=str(workspace / "tiny.onnx"), calib=str(workspace / "calib")))
+    with pytest.raises(EdgeqError, match="smallest"):
+        allocate_model(CompileOptions(model=str(workspace / "tiny.onnx"), calib=str(workspace / "calib"),
+                                      budget="size=0.01"))
