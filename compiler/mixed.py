@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -58,6 +59,9 @@ from passes.sensitivity import (
     with_opset_for,
 )
 from targets.base import LayerShape
+
+if TYPE_CHECKING:  # the pipeline imports this module
+    from compiler.pipeline import CompileOptions
 
 PARETO_POINTS = 8
 # A re-planned build aims this far under the budget: repeated timings of one build on this project's
@@ -620,7 +624,7 @@ def _candidate_label(candidate: dict) -> str:
     return f"refine step {candidate['step']}{changed}"
 
 
-def allocation_problem(options, metrics: list[str] | None = None) -> tuple[QuantPlan, MixedPrecision]:
+def allocation_problem(options: CompileOptions, metrics: list[str] | None = None) -> tuple[QuantPlan, MixedPrecision]:
     """The plan and allocation problem of ``options`` (a ``compiler.pipeline.CompileOptions``): model and
     data loaded, transformed and layer-selected as ``edgeq compile`` does, every layer priced for
     ``metrics`` (default: those ``options.budget`` names). Nothing is solved or written."""
@@ -648,7 +652,7 @@ def allocation_problem(options, metrics: list[str] | None = None) -> tuple[Quant
     return plan, mixed
 
 
-def allocate_model(options) -> QuantPlan:
+def allocate_model(options: CompileOptions) -> QuantPlan:
     """``edgeq allocate --budget`` from Python: the plan that ``options.budget`` gets on
     ``options.target`` (a ``compiler.pipeline.CompileOptions``; its model, data, device, pins,
     recipe and ``allocator`` are used as compile uses them). Each layer's bits, its sensitivity at
