@@ -27,9 +27,13 @@ of the fit) at each activation width the CPU lowering handles:
   than predicted, more at 16-bit activations, so the table also gets a
   ``context_factor`` per activation width: NNLS of each whole model's time as
   compile's latency check measures it (``time_context_models``), less its
-  per-call cost, on the sums of its layers' predicted times by width.
-  EfficientNet-Lite0 stays out: tools/validate_cpu_cost.py checks the factor
-  on it.
+  per-call cost, on the sums of its layers' predicted times by width; and,
+  from the same models' kernels timed in place (tools/profile_cpu.py), a
+  ``context_group_factor`` per width and ``targets.cpu.cost.context_group``
+  (a layer kind, 1x1 projections apart): how much more or less than the
+  model as a whole each group slows down, normalised so that the model's
+  total stays as fitted. EfficientNet-Lite0 stays out: tools/validate_cpu_cost.py
+  and tools/profile_cpu.py check both on it.
 
 Timing: every build is loaded into this process and the builds take turns
 (``--runs`` runs each, in bursts of 10 after 3 untimed runs, the order reversed
@@ -305,6 +309,20 @@ def time_context_models(builds: list[dict], rounds: int) -> None:
         m["settled_s"] = float(np.median(m["settled_rounds_s"]))
 
 
+def profile_context_models(builds: list[dict], runs: int = 50) -> None:
+    """Each whole model's layers timed in place (tools/profile_cpu.py: the Relax VM's instrument hook,
+    its cost taken off): ``in_place_s``, plan layer -> seconds per model call."""
+    from tools.profile_cpu import profile
+
+    for m in builds:
+        if m.get("context_model"):
+            in_place: dict[str, float] = {}
+            for row in profile(Path(m["out"]), runs)["rows"]:
+                if row["layer"]:
+                    in_place[row["layer"]] = in_place.get(row["layer"], 0.0) + row["measured_s"]
+            m["in_place_s"] = in_place
+
+
 def _nnls(matrix: np.ndarray, target: np.ndarray, iterations: int = 8) -> np.ndarray:
     """Non-negative least squares of the error ratio, symmetric in over- and under-prediction.
 
@@ -423,30 +441,50 @@ def fit(measurements: list[dict]) -> dict:
 def context_fit(models: list[dict], table: dict) -> dict:
     """``context_factor`` (a_bits -> factor): NNLS of each whole model's measured time less its
     per-call cost on its layers' times as ``table``'s terms price them, summed by activation width;
-    and, per model, the prediction without and with the factor."""
+    ``context_group_factor`` (a_bits -> group -> factor) from the layers timed in place, where the
+    models have them; and, per model, the prediction without and with the factors."""
     from scipy.optimize import nnls
 
     from targets.base import LayerShape
-    from targets.cpu.cost import CpuCostModel, coefficients_from_table
+    from targets.cpu.cost import CpuCostModel, coefficients_from_table, context_group
 
-    cost_model = CpuCostModel(coefficients_from_table({k: v for k, v in table.items() if k != "context_factor"}))
+    cost_model = CpuCostModel(coefficients_from_table(
+        {k: v for k, v in table.items() if k not in ("context_factor", "context_group_factor")}))
     widths = sorted({layer["bits"][1] for m in models for layer in m["plan_layers"]})
     rows, targets, calls = [], [], []
+    in_place_by_group: dict[tuple[int, str], list[float]] = {}  # (a_bits, group) -> [in place, predicted]
     for m in models:
         shapes = [LayerShape(**layer["shape"]) for layer in m["plan_layers"]]
         by_width = dict.fromkeys(widths, 0.0)
         for shape, layer in zip(shapes, m["plan_layers"], strict=True):
             w_bits, a_bits = layer["bits"]
-            by_width[a_bits] += cost_model.layer_cost(shape, w_bits, a_bits).latency_s
+            predicted = cost_model.layer_cost(shape, w_bits, a_bits).latency_s
+            by_width[a_bits] += predicted
+            seconds = m.get("in_place_s", {}).get(shape.node)
+            if seconds is not None and predicted > 0:
+                sums = in_place_by_group.setdefault((a_bits, context_group(shape)), [0.0, 0.0])
+                sums[0] += seconds
+                sums[1] += predicted
         calls.append(cost_model.call_latency_s(shapes))
         rows.append([by_width[a] for a in widths])
         targets.append(m["settled_s"] - calls[-1])
     factors, _ = nnls(np.asarray(rows), np.asarray(targets))
+    group_factor: dict[str, dict[str, float]] = {}
+    for a_bits in widths:  # each group's in-place/predicted ratio over the whole width's ratio
+        groups = {group: sums for (a, group), sums in in_place_by_group.items() if a == a_bits}
+        if groups:
+            overall = sum(sums[0] for sums in groups.values()) / sum(sums[1] for sums in groups.values())
+            group_factor[str(a_bits)] = {group: sums[0] / sums[1] / overall for group, sums in sorted(groups.items())}
+    fitted = CpuCostModel(coefficients_from_table(
+        {**table, "context_factor": {str(a): float(f) for a, f in zip(widths, factors, strict=True)},
+         "context_group_factor": group_factor}))
     return {
         "context_factor": {str(a): float(f) for a, f in zip(widths, factors, strict=True) if f > 0},
+        "context_group_factor": group_factor,
         "context_fit": [{"model": m["context_model"], "bits": m["bits"], "measured_s": m["settled_s"],
                          "predicted_without_factor_s": call + sum(row),
-                         "predicted_s": call + float(np.dot(row, factors))}
+                         "predicted_s": call + sum(fitted.layer_cost(LayerShape(**layer["shape"]), *layer["bits"]
+                                                                     ).latency_s for layer in m["plan_layers"])}
                         for m, row, call in zip(models, rows, calls, strict=True)],
     }
 
@@ -507,6 +545,7 @@ def main() -> None:
             started, load_before = time.perf_counter(), os.getloadavg()[0]
             time_builds(builds, args.runs)
             time_context_models(builds, args.context_rounds)
+            profile_context_models(builds)
             load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
             print(f"timed in {time.perf_counter() - started:.0f} s, load average {load}", flush=True)
         for entry in builds:

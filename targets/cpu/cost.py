@@ -36,7 +36,10 @@ Last, each layer's latency is multiplied by the table's ``context_factor`` for
 its activation width: whole compiled models run slower than the sum of their
 layers priced as above (MobileNetV2 and EfficientNet-Lite0 by 7-17%, more at
 16-bit activations; the cause is not settled), so the fit also times whole
-zoo models at each width and takes the factor from them (tables without it: 1).
+zoo models at each width and takes the factor from them; and by its group's
+``context_group_factor`` (:func:`context_group`), fitted from the same models'
+layers timed in place, which shares that slowdown out by where it falls (tables
+without them: 1).
 Without a table the model falls back to an analytic estimate anchored on one measurement in
 DESIGN.md (untuned Relax int8 MobileNetV2, ~300 M MACs in ~80 ms on one thread
 of this host: ~2.7e-10 s/MAC); only the ratios between bit pairs matter to the
@@ -73,6 +76,8 @@ class CpuCoefficients:
     seconds_per_channel: dict[str, dict[str, float]] = field(default_factory=dict)
     # a_bits -> how much slower a layer runs inside a whole compiled model than its terms above say
     context_factor: dict[str, float] = field(default_factory=dict)
+    # a_bits -> context_group -> that group's in-model slowdown relative to the model's as a whole
+    context_group_factor: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _analytic() -> CpuCoefficients:
@@ -110,6 +115,7 @@ def coefficients_from_table(data: dict, default_source: str = "cost table") -> C
         seconds_per_layer_output_elem=data.get("seconds_per_layer_output_elem", {}),
         seconds_per_channel=data.get("seconds_per_channel", {}),
         context_factor=data.get("context_factor", {}),
+        context_group_factor=data.get("context_group_factor", {}),
     )
 
 
@@ -136,13 +142,16 @@ class CpuCostModel(CostModel):
             + _per_kind(coefficients.seconds_per_layer_output_elem, layer.kind, w, a_bits) * layer.output_elems
             + _per_kind(coefficients.seconds_per_channel, layer.kind, w, a_bits) * layer.output_channels
             + coefficients.seconds_per_byte * traffic_bytes(layer, stored_w, a_bits)
-        ) * self.context_factor(a_bits)
+        ) * self.context_factor(layer, a_bits)
         return cost
 
-    def context_factor(self, a_bits: int) -> float:
-        """The table's whole-model factor for layers at ``a_bits`` (1 when it has none)."""
-        factors = self.coefficients.context_factor
-        return factors.get(str(nearest_supported(a_bits, _WIDTHS)), 1.0) if factors else 1.0
+    def context_factor(self, layer: LayerShape, a_bits: int) -> float:
+        """How much slower ``layer`` runs at ``a_bits`` inside a compiled model than its terms say: the
+        table's whole-model factor for the width times its group's relative one (1 where it has none)."""
+        width = str(nearest_supported(a_bits, _WIDTHS))
+        coefficients = self.coefficients
+        return (coefficients.context_factor.get(width, 1.0)
+                * coefficients.context_group_factor.get(width, {}).get(context_group(layer), 1.0))
 
     def call_latency_s(self, layers: list[LayerShape]) -> float:
         """Seconds one call of a model with these layers (in execution order) costs beyond its
@@ -159,6 +168,15 @@ class CpuCostModel(CostModel):
         totals = super().fixed_costs(layers, online_ops)
         totals["latency_s"] = totals.get("latency_s", 0.0) + self.call_latency_s(list(layers))
         return totals
+
+
+def context_group(layer: LayerShape) -> str:
+    """The group whose in-model slowdown a layer shares: its kind, with the 1x1 convs that reduce
+    channels ("projection") apart from those that widen them -- in place in MobileNetV2 and
+    EfficientNet-Lite0 the former ran 1.1-1.6x their terms, the latter 0.9-1.2x (benchmarks/cpu.md)."""
+    if layer.kind == "pointwise" and layer.weight_params > layer.output_channels ** 2:  # in channels > out
+        return "projection"
+    return layer.kind
 
 
 def _per_kind(table: dict[str, dict[str, float]], kind: str, w_bits: int | None, a_bits: int) -> float:

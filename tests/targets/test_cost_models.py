@@ -173,7 +173,24 @@ def test_cpu_context_factor_scales_layers_by_their_width_not_the_call(tmp_path):
         assert after.layer_cost(CONV, 8, a_bits).latency_s == pytest.approx(
             factor * before.layer_cost(CONV, 8, a_bits).latency_s)
     assert after.fixed_costs([CONV])["latency_s"] == pytest.approx(before.fixed_costs([CONV])["latency_s"])
-    assert before.context_factor(16) == 1.0  # no factor in the table: layers as their terms say
+    assert before.context_factor(CONV, 16) == 1.0  # no factor in the table: layers as their terms say
+
+
+def test_cpu_context_group_factor_prices_projections_apart_from_expansions(tmp_path):
+    """1x1 convs that reduce channels slow down more in a model than those that widen them: the
+    table's group factor multiplies the width's factor for the layer's group only."""
+    table = tmp_path / "table.json"
+    table.write_text('{"seconds_per_mac": {"default": {"8,8": 1e-12, "8,16": 2e-12}}, "seconds_per_byte": 0.0,'
+                     ' "overhead_s": 0.0, "source": "test", "context_factor": {"8": 1.1},'
+                     ' "context_group_factor": {"8": {"projection": 1.3, "pointwise": 0.9}}}')
+    model = cpu_cost.CpuCostModel(cpu_cost.load_coefficients(table))
+    projection = LayerShape("p", "Conv", "pointwise", 960 * 160 * 49, 960 * 160, 960 * 49, 160 * 49, 160)
+    expansion = LayerShape("e", "Conv", "pointwise", 160 * 960 * 49, 160 * 960, 160 * 49, 960 * 49, 960)
+    assert cpu_cost.context_group(projection) == "projection" and cpu_cost.context_group(expansion) == "pointwise"
+    assert model.layer_cost(projection, 8, 8).latency_s == pytest.approx(projection.macs * 1e-12 * 1.1 * 1.3)
+    assert model.layer_cost(expansion, 8, 8).latency_s == pytest.approx(expansion.macs * 1e-12 * 1.1 * 0.9)
+    assert model.layer_cost(CONV, 8, 8).latency_s == pytest.approx(CONV.macs * 1e-12 * 1.1)  # no group factor
+    assert model.layer_cost(projection, 8, 16).latency_s == pytest.approx(projection.macs * 2e-12)  # none at a16
 
 
 def _chain(length: int) -> list[LayerShape]:

@@ -85,19 +85,33 @@ def test_fit_recovers_the_per_call_quantize_term_and_the_per_layer_terms() -> No
     assert table["fit_relative_error"]["max"] < 0.01
 
 
-def whole_model(a_bits_of_layers: list[int], table: dict, factor: dict[int, float]) -> dict:
+def whole_model(a_bits_of_layers: list[int], table: dict, factor: dict[int, float],
+                projection_slowdown: float = 1.0) -> dict:
     """A whole-model measurement whose layers run ``factor[a_bits]`` times slower than ``table`` prices them, as
-    compile's latency check times it (``settled_s``; the burst median, cache-cold, is slower)."""
+    compile's latency check times it (``settled_s``; the burst median, cache-cold, is slower), every other layer a
+    1x1 projection; ``in_place_s``: each layer timed in place, projections ``projection_slowdown`` times slower
+    than the rest (relative to ``factor``, which stays the model's overall slowdown)."""
     from targets.cpu.cost import CpuCostModel, coefficients_from_table
 
     cost_model = CpuCostModel(coefficients_from_table(table))
-    shapes = [LayerShape(f"l{i}", "Conv", "conv", 2_000_000, 9_216, 16_384, 16_384, 64)
-              for i in range(len(a_bits_of_layers))]
-    seconds = cost_model.call_latency_s(shapes) + sum(
-        factor[a] * cost_model.layer_cost(shape, 8, a).latency_s for shape, a in zip(shapes, a_bits_of_layers, strict=True))
+    shapes = [LayerShape(f"l{i}", "Conv", "pointwise", 16 * 64 * 64 * 4, 64 * 64 * 4, 16 * 64 * 4, 16 * 64 * 4, 64)
+              if i % 2 else LayerShape(f"l{i}", "Conv", "pointwise", 16 * 64 * 256, 256 * 64, 16 * 64, 16 * 256, 256)
+              for i in range(len(a_bits_of_layers))]  # odd: 256 -> 64 channels; even: 64 -> 256
+    predicted = [cost_model.layer_cost(shape, 8, a).latency_s for shape, a in zip(shapes, a_bits_of_layers, strict=True)]
+    relative = [projection_slowdown if i % 2 else 1.0 for i in range(len(shapes))]
+    for a in set(a_bits_of_layers):  # the model's total at each width stays factor[a] x predicted
+        mask = [layer_a == a for layer_a in a_bits_of_layers]
+        mean = (sum(r * p for r, p, m in zip(relative, predicted, mask, strict=True) if m)
+                / sum(p for p, m in zip(predicted, mask, strict=True) if m))
+        relative = [r / mean if m else r for r, m in zip(relative, mask, strict=True)]
+    in_place = {shape.node: factor[a] * r * p
+                for shape, a, r, p in zip(shapes, a_bits_of_layers, relative, predicted, strict=True)}
+    seconds = cost_model.call_latency_s(shapes) + sum(in_place.values())
     return {"context_model": "net", "bits": [8, max(a_bits_of_layers)], "layers": len(shapes),
-            "plan_layers": [{"shape": asdict(shape), "bits": [8, a]} for shape, a in zip(shapes, a_bits_of_layers, strict=True)],
-            "settled_s": seconds, "median_s": 1.3 * seconds, "core_median_s": seconds, "input_median_s": 0.0}
+            "plan_layers": [{"shape": asdict(shape), "bits": [8, a]} for shape, a in zip(shapes, a_bits_of_layers,
+                                                                                            strict=True)],
+            "settled_s": seconds, "median_s": 1.3 * seconds, "core_median_s": seconds, "input_median_s": 0.0,
+            "in_place_s": in_place}
 
 
 def test_context_factor_per_width_from_whole_models_leaves_the_layer_terms_alone() -> None:
@@ -113,3 +127,17 @@ def test_context_factor_per_width_from_whole_models_leaves_the_layer_terms_alone
         assert entry["predicted_s"] == pytest.approx(entry["measured_s"], rel=1e-6)
         assert entry["predicted_without_factor_s"] < entry["measured_s"]
     assert "context_factor" not in layers_only
+
+
+def test_context_group_factor_puts_the_slowdown_where_the_layers_timed_in_place_had_it() -> None:
+    layers_only = fit(grid())
+    truth = {8: 1.1, 16: 1.2}
+    models = [whole_model([8] * 6, layers_only, truth, projection_slowdown=1.5),
+              whole_model([16] * 6, layers_only, truth, projection_slowdown=1.5)]
+    table = fit(grid() + models)
+    for width in ("8", "16"):
+        groups = table["context_group_factor"][width]
+        assert groups["projection"] / groups["pointwise"] == pytest.approx(1.5, rel=1e-6)
+        assert table["context_factor"][width] == pytest.approx(truth[int(width)], rel=1e-6)
+    for entry in table["context_fit"]:  # the groups share the slowdown out; the model's total stays as measured
+        assert entry["predicted_s"] == pytest.approx(entry["measured_s"], rel=1e-6)
