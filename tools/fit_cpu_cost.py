@@ -1,6 +1,6 @@
 """Measure the CPU target's generated code, then fit the CPU cost model.
 
-Two kinds of float model go through the real pipeline
+Four kinds of float model go through the real pipeline
 (``compiler.pipeline.compile_model`` with ``--target cpu``: QDQ, integer graph,
 TVM build, bit-exact verification -- a build that is not bit-exact is left out
 of the fit) at each activation width the CPU lowering handles:
@@ -37,7 +37,7 @@ of the fit) at each activation width the CPU lowering handles:
 
 Timing: every build is loaded into this process and the builds take turns
 (``--runs`` runs each, in bursts of 10 after 3 untimed runs, the order reversed
-every round), so the host's slow phases, which last seconds, fall on every
+every round), so the host's short slow spells fall on every
 build alike. Each build is timed three ways: the whole per-sample path
 ``targets.cpu.runner.benchmark`` (and ``edgeq run --repeat``) times -- float
 input copied in, the library (which quantizes its input itself), output
