@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ def configure_threads(threads: int | None = None) -> int:
     return int(os.environ["TVM_NUM_THREADS"])
 
 
+_LOADING = threading.Lock()  # one copy per content and process: threads must not remove it under each other
+
+
 def load_library(path: Path) -> Any:
     """``tvm.runtime.load_module`` of the library as it is on disk now.
 
@@ -62,11 +66,12 @@ def load_library(path: Path) -> Any:
     content = path.read_bytes()
     digest = hashlib.sha256(content).hexdigest()[:20]
     copy = Path(tempfile.gettempdir()) / f"edgeq-lib-{os.getpid()}-{digest}{path.suffix}"
-    copy.write_bytes(content)
-    try:
-        return tvm.runtime.load_module(str(copy))
-    finally:
-        copy.unlink(missing_ok=True)
+    with _LOADING:
+        copy.write_bytes(content)
+        try:
+            return tvm.runtime.load_module(str(copy))
+        finally:
+            copy.unlink(missing_ok=True)
 
 
 class CpuModule:

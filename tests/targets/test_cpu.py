@@ -87,6 +87,21 @@ def test_a_library_rebuilt_in_place_loads_as_rebuilt(tmp_path):
     assert_library_matches_interpreter(second, inputs, tmp_path / "cpu")
 
 
+def test_threads_loading_one_library_at_once_all_get_it(tmp_path):
+    """load_library's temporary copy is per content and process: threads loading the same library at
+    the same moment must not remove it from under each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = conv_block_model()
+    int_model = integerize(quantize_qdq(model, random_inputs(model, 16)))
+    inputs = batch(random_inputs(model, 1, seed=5))
+    assert_library_matches_interpreter(int_model, inputs, tmp_path / "cpu")
+    with ThreadPoolExecutor(8) as pool:
+        outputs = list(pool.map(lambda _: load(tmp_path).run_raw(inputs), range(16)))
+    expected = run_integer_graph_raw(int_model, inputs)
+    assert all(np.array_equal(got[name], expected[name]) for got in outputs for name in expected)
+
+
 def test_a_library_that_differs_from_the_interpreter_is_warned_about(tmp_path, monkeypatch, capsys):
     from targets.cpu import CpuTarget
 
