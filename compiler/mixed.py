@@ -296,7 +296,7 @@ def build_problem(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
         record["online_ops"] = problem.online_ops
         record["fixed_costs"] = dict(problem.fixed)
     return MixedPrecision(problem, distance=distance, sensitivity_around=around, record=record,
-                          device=cost_model.name, device_limits=cost_model.resources())
+                          device=cost_model.name, device_limits=cost_model.resources(), options=options)
 
 
 def _compiled_by(model: onnx.ModelProto, recipe: Recipe, data: dict[str, np.ndarray],
@@ -522,12 +522,11 @@ def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
                   pins: list[str] | None = None, options: AllocatorOptions | None = None,
                   recipe: Recipe | None = None) -> MixedPrecision:
     """Solve the ILP for ``budget_text`` and write the chosen bits into ``plan``."""
-    options = options or AllocatorOptions()
     budget = parse_budget(budget_text)
     mixed = build_problem(model, plan, calib, target, device, integer_only=integer_only,
                           pins=pins, options=options, metrics=resolve_metric_names(budget), recipe=recipe)
     problem = mixed.problem
-    mixed.budget, mixed.options = budget, options
+    mixed.budget = budget
     if "latency_s" in budget:  # the floor of re-planning and of the hint, and the plan re-planning starts from
         others = resolve_budget(problem, {metric: value for metric, value in budget.items() if metric != "latency_s"})
         mixed.fastest_latency_s = minimum(problem, "latency_s", limits=others)
@@ -647,8 +646,7 @@ def allocation_problem(options: CompileOptions, metrics: list[str] | None = None
     if metrics is None:
         metrics = resolve_metric_names(parse_budget(options.budget) if options.budget else {})
     mixed = build_problem(model, plan, calib, target, options.device, integer_only=integer_only,
-                          pins=options.pins, options=options.allocator or AllocatorOptions(), metrics=metrics,
-                          recipe=recipe)
+                          pins=options.pins, options=options.allocator, metrics=metrics, recipe=recipe)
     return plan, mixed
 
 
@@ -662,7 +660,7 @@ def allocate_model(options: CompileOptions) -> QuantPlan:
     if not options.budget:
         raise EdgeqError("allocate_model needs a budget, e.g. CompileOptions(budget='size=0.5')")
     plan, mixed = allocation_problem(options)
-    solve_into_plan(mixed, plan, parse_budget(options.budget), options.allocator or AllocatorOptions())
+    solve_into_plan(mixed, plan, parse_budget(options.budget), mixed.options)
     plan.update_totals()
     return plan
 

@@ -448,8 +448,7 @@ def context_fit(models: list[dict], table: dict) -> dict:
     from targets.base import LayerShape
     from targets.cpu.cost import CpuCostModel, coefficients_from_table, context_group
 
-    cost_model = CpuCostModel(coefficients_from_table(
-        {k: v for k, v in table.items() if k not in ("context_factor", "context_group_factor")}))
+    cost_model = CpuCostModel(coefficients_from_table(table))  # the terms alone: no factors yet
     widths = sorted({layer["bits"][1] for m in models for layer in m["plan_layers"]})
     rows, targets, calls = [], [], []
     in_place_by_group: dict[tuple[int, str], list[float]] = {}  # (a_bits, group) -> [in place, predicted]
@@ -475,11 +474,11 @@ def context_fit(models: list[dict], table: dict) -> dict:
         if groups:
             overall = sum(sums[0] for sums in groups.values()) / sum(sums[1] for sums in groups.values())
             group_factor[str(a_bits)] = {group: sums[0] / sums[1] / overall for group, sums in sorted(groups.items())}
+    context_factor = {str(a): float(f) for a, f in zip(widths, factors, strict=True) if f > 0}
     fitted = CpuCostModel(coefficients_from_table(
-        {**table, "context_factor": {str(a): float(f) for a, f in zip(widths, factors, strict=True)},
-         "context_group_factor": group_factor}))
+        {**table, "context_factor": context_factor, "context_group_factor": group_factor}))
     return {
-        "context_factor": {str(a): float(f) for a, f in zip(widths, factors, strict=True) if f > 0},
+        "context_factor": context_factor,
         "context_group_factor": group_factor,
         "context_fit": [{"model": m["context_model"], "bits": m["bits"], "measured_s": m["settled_s"],
                          "predicted_without_factor_s": call + sum(row),
