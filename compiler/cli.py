@@ -39,7 +39,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
                         help="image preprocessing, e.g. size=224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225,layout=NCHW")
     parser.add_argument("--random-calib", type=int, default=0, metavar="N",
                         help="calibrate on N random samples (no real data; ranges will be poor)")
-    parser.add_argument("--max-calib-samples", type=int, default=512, metavar="N")
+    parser.add_argument("--max-calib-samples", type=int, default=512, metavar="N",
+                        help="use at most the first N calibration samples (default 512)")
     parser.add_argument("--calibrate-method", default="auto",
                         choices=["auto", "minmax", "percentile", "entropy", "mse"],
                         help="activation range estimation (auto: MSE-optimal clipping, outputs min-max)")
@@ -48,7 +49,9 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
     from targets.base import target_names
 
-    parser.add_argument("--target", default="onnx", choices=target_names())
+    parser.add_argument("--target", default="onnx", choices=target_names(),
+                        help="onnx: the QDQ model only (default); cpu, mcu: + TVM integer-only code; gpu, fpga: "
+                             "cost model only (edgeq allocate)")
     parser.add_argument("--device", help="device preset of the target (e.g. cortex-m4)")
     parser.add_argument("--bits", default="w8a8",
                         help="default weight/activation bits, e.g. w8a8, w4a8, w8a16, w2a8 (target onnx)")
@@ -97,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_cmd.add_argument("--eval", dest="eval_data", metavar="PATH",
                              help="held-out data for the fidelity report (same formats as --calib)")
     _add_weight_block_option(compile_cmd)
-    compile_cmd.add_argument("--target-triple", help="cross-compile, e.g. aarch64-linux-gnu")
+    compile_cmd.add_argument("--target-triple", metavar="TRIPLE", help="cross-compile, e.g. aarch64-linux-gnu")
     compile_cmd.add_argument("--latency-rounds", type=int, default=None, metavar="N",
                              help="under --budget latency: while the built model measures over the budget on this "
                                   "machine, re-plan from the measurement and build again, up to N times (default 2)")
@@ -110,18 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_options(allocate_cmd)
     _add_weight_block_option(allocate_cmd)
     allocate_cmd.add_argument("--pareto", action="store_true", help="sweep the budget: the whole frontier")
-    allocate_cmd.add_argument("-o", "--output", default="out")
-    allocate_cmd.add_argument("-q", "--quiet", action="store_true")
+    allocate_cmd.add_argument("-o", "--output", default="out",
+                              help="output folder for plan.json / pareto.json and pareto.svg (default: out)")
+    allocate_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     run_cmd = commands.add_parser("run", help="run a compiled artifact (any target) on inputs")
     run_cmd.add_argument("artifact", help="output folder of 'edgeq compile'")
     run_cmd.add_argument("--inputs", required=True, help=".npz keyed by input name (first axis = samples)")
     run_cmd.add_argument("-o", "--output", help="write the outputs to this .npz")
-    run_cmd.add_argument("--repeat", type=int, default=0, help="time N runs of one sample")
+    run_cmd.add_argument("--repeat", type=int, default=0, metavar="N", help="time N runs of one sample")
     run_cmd.add_argument("--json", action="store_true",
                          help="print JSON: the latency with --repeat, else each output's shape, dtype and first values")
-    run_cmd.add_argument("--threads", type=int, help="CPU threads (default: every CPU this process may use)")
-    run_cmd.add_argument("--on", default=None, help="where to run (mcu: qemu or host)")
+    run_cmd.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: every CPU this process may use)")
+    run_cmd.add_argument("--on", default=None, metavar="WHERE", help="where to run (mcu: qemu or host)")
     return parser
 
 

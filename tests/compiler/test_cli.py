@@ -606,3 +606,17 @@ def test_allocate_model_from_python_gives_the_plan_edgeq_allocate_writes(workspa
     with pytest.raises(EdgeqError, match="smallest"):
         allocate_model(CompileOptions(model=str(workspace / "tiny.onnx"), calib=str(workspace / "calib"),
                                       budget="size=0.01"))
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """`edgeq COMMAND --help` is the manual: no option may appear there without a line of help."""
+    import argparse
+
+    from compiler.cli import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    silent = [f"{name} {action.option_strings or action.dest}"
+              for name, command in commands.choices.items() for action in command._actions
+              if not isinstance(action, argparse._HelpAction) and not action.help]
+    assert not silent, silent
