@@ -40,6 +40,7 @@ from passes.allocate import (
     apply_allocation,
     choice_label,
     drop_dominated_choices,
+    frontier,
     greedy,
     layer_metric,
     minimum,
@@ -550,12 +551,20 @@ def plan_bits(mixed: MixedPrecision, plan: QuantPlan, latency_limit: float | Non
         record["fastest_latency_s"] = mixed.fastest_latency_s
         record["budget"]["latency_s"] = plan.budget["latency_s"] = mixed.budget["latency_s"]  # the user's
     metric = mixed.pareto_metric
-    svg = pareto_svg([(point.totals[metric], point.objective) for point in mixed.pareto_points], metric,
-                     chosen=(allocation.totals[metric], allocation.objective), title=f"Pareto frontier: {metric}")
+    points = frontier([*mixed.pareto_points, allocation], metric)  # the sweep's budgets step over the user's
+    svg = frontier_plot(mixed.problem, metric, [(point.totals[metric], point.objective) for point in points],
+                        (allocation.totals[metric], allocation.objective), mixed.budget)
     summary = allocation_summary(mixed.problem, allocation, mixed.record)
     summary += f"\n\n![Pareto frontier along {metric}, chosen plan in red](pareto.svg)"
     plan.totals.setdefault("report_sections", {})["Bit allocation"] = summary
     mixed.allocation, mixed.pareto_svg = allocation, svg
+
+
+def frontier_plot(problem: AllocationProblem, metric: str, points: list[tuple[float, float]],
+                  chosen: tuple[float, float] | None, budget: dict[str, float]) -> str:
+    """The Pareto SVG along ``metric`` with the chosen plan and the user's limit on that metric."""
+    limit = resolve_budget(problem, budget).get(metric)
+    return pareto_svg(points, metric, chosen=chosen, title=f"Pareto frontier: {metric}", budget=limit)
 
 
 def allocation_summary(problem: AllocationProblem, allocation: Allocation, record: dict | None = None) -> str:
@@ -697,14 +706,16 @@ def allocate_command(args: argparse.Namespace) -> int:
         if args.pareto:
             metric = pareto_metric
             points = pareto(problem, metric, limits=budget)  # the frontier within the other budgets
+            if args.budget:  # the sweep's evenly spaced budgets step over the user's
+                points = frontier([*points, allocation], metric)
             rows = [{"budget": point.totals[metric], "sensitivity": point.objective,
                      "totals": {name: point.totals[name] for name in metrics if name in point.totals},
                      "choices": {name: list(choice) for name, choice in point.choices.items()}}
                     for point in points]
             chosen = (allocation.totals[metric], allocation.objective) if args.budget else None
             (tmp / "pareto.json").write_text(json.dumps({"metric": metric, "points": rows}, indent=1) + "\n")
-            (tmp / "pareto.svg").write_text(pareto_svg([(row["budget"], row["sensitivity"]) for row in rows],
-                                                       metric, chosen=chosen, title=f"Pareto frontier: {metric}"))
+            (tmp / "pareto.svg").write_text(frontier_plot(problem, metric, [(row["budget"], row["sensitivity"])
+                                                                            for row in rows], chosen, budget))
             messages.append(f"{len(points)} Pareto-optimal plans over {metric} written to {out}/pareto.json "
                             "and pareto.svg")
         if args.budget:

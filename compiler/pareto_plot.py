@@ -4,6 +4,8 @@
 plan marked, so a user sees what a little more (or less) budget would buy.
 Sensitivity is drawn on a log axis (it spans orders of magnitude along the
 frontier); the metric axis is linear, in the unit ``compiler.budget`` prints.
+The user's budget on the metric is a dashed line when it falls near the
+frontier, else a note that every plan drawn fits it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ from xml.sax.saxutils import escape
 from compiler.budget import format_metric
 
 WIDTH, HEIGHT = 560, 360
-LEFT, RIGHT, TOP, BOTTOM = 80, 20, 20, 50
+LEFT, RIGHT, TOP, BOTTOM = 80, 40, 36, 50
+# A budget more than this fraction of the frontier's width beyond its widest plan
+# is noted rather than drawn: drawing it would squash the frontier into a corner.
+BUDGET_REACH = 0.25
+BUDGET_COLOR = "#555555"
 
 
 def pareto_svg(
@@ -22,13 +28,18 @@ def pareto_svg(
     metric: str,
     chosen: tuple[float, float] | None = None,
     title: str = "",
+    budget: float | None = None,
 ) -> str:
-    """SVG text: ``points`` are (metric value, total sensitivity), ``chosen`` is marked in red."""
+    """SVG text: ``points`` are (metric value, total sensitivity), ``chosen`` is marked in red,
+    ``budget`` (the limit on ``metric``) drawn or noted."""
     if not points:
         raise ValueError("no points to plot")
     xs = [x for x, _ in points] + ([chosen[0]] if chosen else [])
     ys = [max(y, 1e-12) for _, y in points] + ([max(chosen[1], 1e-12)] if chosen else [])
     x_lo, x_hi = min(xs), max(xs)
+    draw_budget = budget is not None and x_lo <= budget <= x_hi + BUDGET_REACH * ((x_hi - x_lo) or abs(x_hi))
+    if draw_budget:
+        x_hi = max(x_hi, budget)
     y_lo, y_hi = math.log10(min(ys)), math.log10(max(ys))
     x_span = (x_hi - x_lo) or 1.0
     y_span = (y_hi - y_lo) or 1.0
@@ -53,17 +64,41 @@ def pareto_svg(
     if chosen:
         px, py = at(*chosen)
         parts.append(f'<circle cx="{px}" cy="{py}" r="6" fill="none" stroke="#d62728" stroke-width="2"/>')
-        parts.append(f'<text x="{px + 8}" y="{py - 8}" fill="#d62728">chosen</text>')
-    for x in (x_lo, x_hi):
+        parts.append(_label(px, py - 10, "chosen", 'fill="#d62728"'))
+    if draw_budget:
+        px, _ = at(budget, 10**y_lo)
+        parts.append(f'<line x1="{px}" y1="{TOP}" x2="{px}" y2="{HEIGHT - BOTTOM}" stroke="{BUDGET_COLOR}" '
+                     'stroke-dasharray="5,4"/>')
+        parts.append(_label(px, TOP + 12, f"budget {format_metric(metric, budget)}", f'fill="{BUDGET_COLOR}"'))
+    elif budget is not None:
+        parts.append(f'<text x="{WIDTH - RIGHT}" y="{TOP - 20}" text-anchor="end" fill="{BUDGET_COLOR}">budget '
+                     f'{escape(format_metric(metric, budget))}: every plan drawn fits</text>')
+    for x, anchor in ((x_lo, "start"), (x_hi, "end")):  # the ends of the axis, inside the picture
         px, _ = at(x, 10**y_lo)
-        parts.append(f'<text x="{px}" y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{escape(format_metric(metric, x))}</text>')
-    for y in (y_lo, y_hi):
+        parts.append(f'<text x="{px}" y="{HEIGHT - BOTTOM + 16}" text-anchor="{anchor}">'
+                     f'{escape(format_metric(metric, x))}</text>')
+    for y in _log_ticks(y_lo, y_hi):
         _, py = at(x_lo, 10**y)
+        parts.append(f'<line x1="{LEFT - 4}" y1="{py}" x2="{LEFT}" y2="{py}" stroke="black"/>')
         parts.append(f'<text x="{LEFT - 6}" y="{py + 4}" text-anchor="end">{10**y:.3g}</text>')
     parts.append(f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 12}" text-anchor="middle">{escape(metric)}</text>')
     parts.append(f'<text x="16" y="{(TOP + HEIGHT - BOTTOM) / 2}" transform="rotate(-90 16 {(TOP + HEIGHT - BOTTOM) / 2})" '
                  'text-anchor="middle">total sensitivity (log)</text>')
     if title:
-        parts.append(f'<text x="{LEFT}" y="{TOP - 4}">{escape(title)}</text>')
+        parts.append(f'<text x="{LEFT}" y="{TOP - 20}">{escape(title)}</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
+
+
+def _label(px: float, py: float, text: str, style: str) -> str:
+    """Text beside a mark, on the side with room for it (left of marks in the right half)."""
+    right_half = px > (LEFT + WIDTH - RIGHT) / 2
+    x, anchor = (px - 8, "end") if right_half else (px + 8, "start")
+    return f'<text x="{x}" y="{py}" text-anchor="{anchor}" {style}>{escape(text)}</text>'
+
+
+def _log_ticks(y_lo: float, y_hi: float) -> list[float]:
+    """The axis ends and the powers of ten between them that do not crowd an end (log10 values)."""
+    inner = [float(k) for k in range(math.ceil(y_lo), math.floor(y_hi) + 1)
+             if min(k - y_lo, y_hi - k) > 0.12 * ((y_hi - y_lo) or 1.0)]
+    return [y_lo, *inner, y_hi] if y_hi > y_lo else [y_lo]

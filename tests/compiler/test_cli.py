@@ -620,3 +620,17 @@ def test_every_option_of_every_command_says_what_it_does():
               for name, command in commands.choices.items() for action in command._actions
               if not isinstance(action, argparse._HelpAction) and not action.help]
     assert not silent, silent
+
+
+@pytest.mark.parametrize("size", ["0.5", "0.6", "0.7"])
+def test_allocate_pareto_frontier_holds_the_chosen_plan(workspace, capsys, size):
+    """The sweep's evenly spaced budgets step over the user's: the chosen plan is added, so the frontier
+    drawn passes through it (once the marker sat below the line between two sweep points: here at 0.6)."""
+    code, _, _ = run_cli(capsys, "allocate", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                         "--budget", f"size={size}", "--pareto", "--sensitivity", "proxy", "-o", workspace / "p", "-q")
+    assert code == 0
+    points = json.loads((workspace / "p" / "pareto.json").read_text())["points"]
+    chosen = json.loads((workspace / "p" / "plan.json").read_text())["totals"]["allocation"]
+    on_frontier = [point for point in points if point["sensitivity"] == pytest.approx(chosen["objective"])]
+    assert on_frontier, (chosen["objective"], [point["sensitivity"] for point in points])
+    assert "budget " in (workspace / "p" / "pareto.svg").read_text()
