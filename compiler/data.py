@@ -40,6 +40,8 @@ PREPROCESS_EXAMPLE = "size=224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225,layo
 PREPROCESS_KEYS = ("size", "resize", "mean", "std", "layout", "scale", "channels")
 # Flags named in messages (the CLI's spelling).
 CALIB_FLAG = "--calib"
+# What the data are for, as messages name them, and the option that gives them.
+ROLE_FLAGS = {"calibration": CALIB_FLAG, "evaluation": "--eval"}
 PREPROCESS_FLAG = "--preprocess"
 RANDOM_FLAG = "--random-calib"
 
@@ -86,26 +88,26 @@ def _expected_files(specs: list[InputSpec]) -> str:
     return ", ".join(f"{_file_stem(spec.name)}.npy" for spec in specs)
 
 
-def _layout_hint(specs: list[InputSpec]) -> str:
+def _layout_hint(specs: list[InputSpec], role: str = "calibration") -> str:
     names = ", ".join(f"'{spec.name}'" for spec in specs)
-    return f"pass {CALIB_FLAG} DIR with one <input>.npy per model input ({names})"
+    return f"pass {ROLE_FLAGS[role]} DIR with one <input>.npy per model input ({names})"
 
 
 # -- arrays ----------------------------------------------------------------------------
-def _load_npy_dir(folder: Path, files: list[Path], specs: list[InputSpec]) -> dict[str, np.ndarray]:
+def _load_npy_dir(folder: Path, files: list[Path], specs: list[InputSpec], role: str) -> dict[str, np.ndarray]:
     by_stem = {path.stem: path for path in files}
     arrays = {}
     for spec in specs:
         path = by_stem.pop(_file_stem(spec.name), None)
         if path is None:
             raise EdgeqError(
-                f"calibration folder {folder}/ has no {_file_stem(spec.name)}.npy for model input '{spec.name}'; expected {_expected_files(specs)}"
+                f"{role} folder {folder}/ has no {_file_stem(spec.name)}.npy for model input '{spec.name}'; expected {_expected_files(specs)}"
             )
         arrays[spec.name] = _read_npy(path)
     if by_stem:
         extra = ", ".join(sorted(f"{stem}.npy" for stem in by_stem))
         raise EdgeqError(
-            f"calibration folder {folder}/ has {extra} which match no model input; expected {_expected_files(specs)}"
+            f"{role} folder {folder}/ has {extra} which match no model input; expected {_expected_files(specs)}"
         )
     return arrays
 
@@ -257,14 +259,14 @@ def _load_image(path: Path, channels: int, size: tuple[int, int], resize: int | 
     return array.reshape(height, width, channels)
 
 
-def _load_images(folder: Path, files: list[Path], specs: list[InputSpec], preprocess: str | None):
+def _load_images(folder: Path, files: list[Path], specs: list[InputSpec], preprocess: str | None, role: str):
     if len(specs) != 1:
         raise EdgeqError(
-            f"calibration folder {folder}/ holds images but the model has {len(specs)} inputs; images work for single-input models only: {_layout_hint(specs)}"
+            f"{role} folder {folder}/ holds images but the model has {len(specs)} inputs; images work for single-input models only: {_layout_hint(specs, role)}"
         )
     if preprocess is None:
         raise EdgeqError(
-            f"calibration folder {folder}/ holds images; say how to preprocess them with {PREPROCESS_FLAG} '{PREPROCESS_EXAMPLE}'"
+            f"{role} folder {folder}/ holds images; say how to preprocess them with {PREPROCESS_FLAG} '{PREPROCESS_EXAMPLE}'"
         )
     try:
         import PIL  # noqa: F401
@@ -402,11 +404,13 @@ def load_calibration(
     random_samples: int = 0,
     max_samples: int | None = None,
     seed: int = 0,
+    role: str = "calibration",
 ) -> dict[str, np.ndarray]:
     """Calibration data for ``model`` as ``{input name: array [N, ...]}`` (see module doc).
 
     ``max_samples`` keeps the first N samples (file/name order is sorted, so the
-    choice is deterministic).
+    choice is deterministic). ``role`` ("calibration" or "evaluation") is what
+    errors call the data, and names the option that gives them.
     """
     specs = model_inputs(model)
     if not specs:
@@ -420,7 +424,7 @@ def load_calibration(
                 f"no calibration data given; {_layout_hint(specs)} (or {RANDOM_FLAG} N for random data, which gives poor ranges)"
             )
     else:
-        arrays, source = _load_path(Path(path), specs, preprocess)
+        arrays, source = _load_path(Path(path), specs, preprocess, role)
     checked = {spec.name: _checked(spec, arrays[spec.name], source) for spec in specs}
     counts = {name: len(array) for name, array in checked.items()}
     if len(set(counts.values())) > 1:
@@ -434,16 +438,17 @@ def load_calibration(
     return checked
 
 
-def _load_path(path: Path, specs: list[InputSpec], preprocess: str | None):
+def _load_path(path: Path, specs: list[InputSpec], preprocess: str | None, role: str):
     if not path.exists():
-        raise EdgeqError(f"calibration data {path} does not exist; {_layout_hint(specs)}")
+        raise EdgeqError(f"{role} data {path} does not exist; {_layout_hint(specs, role)}")
     if path.is_file():
+        warn_preprocess_unused(preprocess, f"{role} data {path}")
         if path.suffix.lower() == ".npz":
             return _load_npz_files([path], specs), str(path)
         if path.suffix.lower() == ".npy" and len(specs) == 1:
             return {specs[0].name: _read_npy(path)}, str(path)
         raise EdgeqError(
-            f"calibration data {path} is a file but not an .npz archive; {_layout_hint(specs)}, or an .npz keyed by input name"
+            f"{role} data {path} is a file but not an .npz archive; {_layout_hint(specs, role)}, or an .npz keyed by input name"
         )
     entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     npy = [p for p in entries if p.suffix.lower() == ".npy"]
@@ -452,18 +457,26 @@ def _load_path(path: Path, specs: list[InputSpec], preprocess: str | None):
     kinds = [kind for kind, files in (("npy", npy), ("npz", npz), ("image", images)) if files]
     if not kinds:
         raise EdgeqError(
-            f"calibration folder {path}/ has no .npy/.npz/image files; {_layout_hint(specs)}"
+            f"{role} folder {path}/ has no .npy/.npz/image files; {_layout_hint(specs, role)}"
         )
     if len(kinds) > 1:
         raise EdgeqError(
-            f"calibration folder {path}/ mixes {' and '.join(kinds)} files; keep one kind per folder"
+            f"{role} folder {path}/ mixes {' and '.join(kinds)} files; keep one kind per folder"
         )
-    source = f"calibration folder {path}/"
+    source = f"{role} folder {path}/"
+    if not images:
+        warn_preprocess_unused(preprocess, source)
     if npy:
-        return _load_npy_dir(path, npy, specs), source
+        return _load_npy_dir(path, npy, specs, role), source
     if npz:
         return _load_npz_files(npz, specs), source
-    return _load_images(path, images, specs, preprocess), source
+    return _load_images(path, images, specs, preprocess, role), source
+
+
+def warn_preprocess_unused(preprocess: str | None, source: str) -> None:
+    """Arrays are used as they are: a --preprocess meant for them would otherwise be dropped silently."""
+    if preprocess is not None:
+        warn(f"{PREPROCESS_FLAG} applies to folders of images only; {source}: arrays, used as they are")
 
 
 def iterate_batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -106,9 +106,14 @@ def normalize_options(options: CompileOptions) -> None:
 
     ``pins``: one "LAYER=w8a8" string is one pin (not its characters); else a
     list of such strings. ``allocator``: an AllocatorOptions, or a dict of its
-    fields (converted). Run again by compile_model: fields may be set after
-    construction.
+    fields (converted). ``preprocess`` is parsed here, so a bad spec fails before
+    any work even when the data turn out not to be images. Run again by
+    compile_model: fields may be set after construction.
     """
+    if options.preprocess is not None:
+        from compiler.data import parse_preprocess
+
+        parse_preprocess(options.preprocess)
     pins = options.pins
     if isinstance(pins, str):
         options.pins = [pins]
@@ -367,7 +372,7 @@ def _load(options: CompileOptions) -> tuple[Path, onnx.ModelProto]:
 def _data(options: CompileOptions, model: onnx.ModelProto,
           bundled_model: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Calibration inputs, and the evaluation set (inputs, optional labels) for fidelity."""
-    from compiler.data import load_calibration
+    from compiler.data import load_calibration, warn_preprocess_unused
 
     labels = None
     if options.calib_data is not None:
@@ -378,8 +383,11 @@ def _data(options: CompileOptions, model: onnx.ModelProto,
 
         calib = bundled.calibration_data()
         eval_inputs, labels = bundled.test_data()
-        if options.eval_data:
-            eval_inputs, labels = load_calibration(options.eval_data, model, preprocess=options.preprocess), None
+        if not options.eval_data:
+            warn_preprocess_unused(options.preprocess, "the bundled model's data")
+        else:
+            eval_inputs, labels = load_calibration(options.eval_data, model, preprocess=options.preprocess,
+                                                   role="evaluation"), None
     else:
         if options.calib is None and not options.random_calib:
             raise EdgeqError("no calibration data: pass --calib DIR (one <input>.npy per model input, "
@@ -393,7 +401,7 @@ def _data(options: CompileOptions, model: onnx.ModelProto,
                                  max_samples=options.max_calib_samples)
         eval_inputs = calib
         if options.eval_data:
-            eval_inputs = load_calibration(options.eval_data, model, preprocess=options.preprocess)
+            eval_inputs = load_calibration(options.eval_data, model, preprocess=options.preprocess, role="evaluation")
     calib = {name: value[: options.max_calib_samples] for name, value in calib.items()}
     held_out = labels is not None or options.eval_data or options.eval_inputs is not None
     return calib, {"inputs": eval_inputs, "labels": labels,

@@ -634,3 +634,18 @@ def test_allocate_pareto_frontier_holds_the_chosen_plan(workspace, capsys, size)
     on_frontier = [point for point in points if point["sensitivity"] == pytest.approx(chosen["objective"])]
     assert on_frontier, (chosen["objective"], [point["sensitivity"] for point in points])
     assert "budget " in (workspace / "p" / "pareto.svg").read_text()
+
+
+def test_bad_preprocess_spec_fails_before_any_work_even_for_array_data(workspace, capsys):
+    """The spec is checked up front: with .npy data it used to be ignored without a word."""
+    code, _, err = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                           "--preprocess", "size=abc", "-o", workspace / "out")
+    assert code == 2 and "bad preprocessing spec 'size=abc'" in err and len(err.strip().splitlines()) == 1
+    assert not (workspace / "out").exists()
+
+
+def test_missing_eval_data_names_the_eval_option(workspace, capsys):
+    code, _, err = run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib",
+                           "--eval", workspace / "nope", "-o", workspace / "out")
+    assert code == 2 and "evaluation data" in err and "--eval DIR" in err and "--calib" not in err
+    assert not (workspace / "out").exists()

@@ -139,6 +139,23 @@ def test_missing_path(tmp_path, two_inputs):
         load_calibration(tmp_path / "nope", two_inputs)
 
 
+def test_evaluation_data_errors_name_the_eval_option(tmp_path, two_inputs):
+    """Held-out data go through the same loader; its errors once told the user to fix --calib."""
+    with pytest.raises(EdgeqError, match=r"^evaluation data .*nope does not exist; pass --eval DIR"):
+        load_calibration(tmp_path / "nope", two_inputs, role="evaluation")
+    np.save(tmp_path / "ids.npy", arrays()["ids"])
+    with pytest.raises(EdgeqError, match=r"^evaluation folder .* has no image\.npy"):
+        load_calibration(tmp_path, two_inputs, role="evaluation")
+
+
+def test_preprocess_for_arrays_is_reported_not_silently_dropped(tmp_path, two_inputs, capsys):
+    np.savez(tmp_path / "all.npz", **arrays())
+    load_calibration(tmp_path, two_inputs, preprocess="size=4")
+    assert "--preprocess applies to folders of images only" in capsys.readouterr().err
+    load_calibration(tmp_path, two_inputs)
+    assert "--preprocess" not in capsys.readouterr().err
+
+
 def test_empty_folder(tmp_path, two_inputs):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(EdgeqError, match=r"has no \.npy/\.npz/image files; pass --calib DIR with one <input>\.npy"):
