@@ -37,6 +37,9 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
                              ".npz file(s) keyed by input name, or a folder of images (with --preprocess)")
     parser.add_argument("--preprocess", metavar="SPEC",
                         help="image preprocessing, e.g. size=224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225,layout=NCHW")
+    parser.add_argument("--input-shape", action="append", metavar="[NAME:]D,D,...",
+                        help="fix an input's symbolic dims, e.g. input:3,224,224 or input:1,3,224,224 (repeatable; the "
+                             "batch axis stays as the model has it; integer-only code needs static dims)")
     parser.add_argument("--random-calib", type=int, default=0, metavar="N",
                         help="calibrate on N random samples (no real data; ranges will be poor)")
     parser.add_argument("--max-calib-samples", type=int, default=512, metavar="N",
@@ -135,8 +138,8 @@ def _compile(args: argparse.Namespace) -> int:
     from compiler.pipeline import CompileOptions, compile_model
 
     options = CompileOptions(
-        model=args.model, calib=args.calib, preprocess=args.preprocess, random_calib=args.random_calib,
-        max_calib_samples=args.max_calib_samples, eval_data=args.eval_data, target=args.target,
+        model=args.model, input_shapes=args.input_shape, calib=args.calib, preprocess=args.preprocess,
+        random_calib=args.random_calib, max_calib_samples=args.max_calib_samples, eval_data=args.eval_data, target=args.target,
         device=args.device, target_triple=args.target_triple, bits=args.bits, weight_block=args.weight_block,
         activation_type=args.activation_type, calibrate_method=args.calibrate_method,
         budget=args.budget, pins=args.pin, recipe=args.recipe, out_dir=args.output, progress=not args.quiet,

@@ -127,8 +127,11 @@ def tensor_sqnr(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, data: 
     quant_session = make_session(expose_tensors(qdq_model, quant_names))
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
+    if not names:
+        return {}
     for batch, count in model_batches(float_model, data, batch_size):
-        values = dict(zip(computed, float_session.run(computed, batch), strict=True))
+        # onnxruntime's run([]) means every output, so a graph whose only quantized tensors are inputs runs nothing
+        values = dict(zip(computed, float_session.run(computed, batch), strict=True)) if computed else {}
         reference = [batch[name] if name in graph_inputs else values[name] for name in names]
         quantized = quant_session.run(quant_names, batch)
         for name, ref, q in zip(names, reference, quantized, strict=True):

@@ -42,3 +42,68 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         first = str(error).strip().splitlines()[0] if str(error).strip() else "invalid model"
         raise EdgeqError(f"{path} is not a valid ONNX model: {first}") from None
     return model
+
+
+INPUT_SHAPE_EXAMPLE = "input:3,224,224"
+
+
+def parse_input_shapes(texts: list[str], model: onnx.ModelProto) -> dict[str, list[int]]:
+    """``--input-shape`` values as ``{input: dims after the batch axis}``.
+
+    Each text is ``NAME:D,D,...`` (``NAME:`` may be left out for a one-input
+    model), with the dims after the batch axis or the whole shape: onnxsim and
+    polygraphy take the whole shape, edgeq's data files the per-sample one. The
+    batch axis stays as the model has it, since edgeq runs batches of samples.
+    """
+    from compiler.graph import graph_input_names
+
+    real = set(graph_input_names(model))
+    declared = {value.name: [dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+                             for dim in value.type.tensor_type.shape.dim]
+                for value in model.graph.input if value.name in real}
+    inputs = {name: len(dims) for name, dims in declared.items()}
+    shapes: dict[str, list[int]] = {}
+    for text in texts:
+        name, _, dims_text = text.rpartition(":")
+        if not name:
+            if len(inputs) != 1:
+                raise EdgeqError(f"--input-shape '{text}': name the input (the model has {len(inputs)}: "
+                                 f"{', '.join(inputs)}), e.g. {INPUT_SHAPE_EXAMPLE}")
+            name = next(iter(inputs))
+        if name not in inputs:
+            raise EdgeqError(f"--input-shape '{text}': the model has no input '{name}' (inputs: {', '.join(inputs)})")
+        if name in shapes:
+            raise EdgeqError(f"--input-shape gives input '{name}' twice")
+        try:
+            dims = [int(part) for part in dims_text.replace("x", ",").split(",") if part.strip()]
+        except ValueError:
+            dims = []
+        if not dims or any(dim <= 0 for dim in dims):
+            raise EdgeqError(f"--input-shape '{text}': expected positive integers, e.g. {INPUT_SHAPE_EXAMPLE}")
+        rank = inputs[name]
+        if len(dims) not in (rank, rank - 1):
+            raise EdgeqError(f"--input-shape '{text}': input '{name}' has rank {rank}, so give {rank - 1} dims "
+                             f"after the batch axis (or all {rank})")
+        shapes[name] = dims[1:] if len(dims) == rank else dims
+        clash = [(index + 1, fixed, given) for index, (fixed, given) in enumerate(zip(declared[name][1:], shapes[name],
+                                                                                      strict=True))
+                 if fixed is not None and fixed != given]
+        if clash:
+            axis, fixed, given = clash[0]
+            raise EdgeqError(f"--input-shape '{text}': axis {axis} of input '{name}' is {fixed} in the model, not {given}")
+    return shapes
+
+
+def with_sample_dims(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs have ``shapes`` after the batch axis (the original is untouched);
+    inferred shapes are dropped, to be inferred again from the new ones."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name not in shapes:
+            continue
+        for dim, size in zip(value.type.tensor_type.shape.dim[1:], shapes[value.name], strict=True):
+            dim.Clear()
+            dim.dim_value = size
+    del fixed.graph.value_info[:]
+    return fixed

@@ -691,8 +691,8 @@ def allocate_command(args: argparse.Namespace) -> int:
     if args.pareto and pareto_metric not in metrics:  # each metric named once (in the record and report)
         metrics.append(pareto_metric)
     plan, mixed = allocation_problem(CompileOptions(
-        model=args.model, calib=args.calib, preprocess=args.preprocess, random_calib=args.random_calib,
-        max_calib_samples=args.max_calib_samples, target=args.target, device=args.device, budget=args.budget,
+        model=args.model, input_shapes=args.input_shape, calib=args.calib, preprocess=args.preprocess,
+        random_calib=args.random_calib, max_calib_samples=args.max_calib_samples, target=args.target, device=args.device, budget=args.budget,
         pins=args.pin, recipe=args.recipe, weight_block=args.weight_block, allocator=options), metrics)
     problem = mixed.problem
     out = Path(args.output)

@@ -35,7 +35,7 @@ from compiler.budget import parse_budget
 from compiler.console import warn
 from compiler.errors import EdgeqError
 from compiler.export import export_plan, run_stage
-from compiler.loader import load_model
+from compiler.loader import load_model, parse_input_shapes, with_sample_dims
 from compiler.ort_kernels import kernel_usage
 from compiler.plan import QuantPlan
 from compiler.quantizers import WEIGHT_BITS
@@ -62,6 +62,8 @@ class CompileOptions:
     """Everything ``edgeq compile`` can be told; the defaults are the CLI's."""
 
     model: str | None = None  # None: the bundled Fashion-MNIST CNN with its data
+    # "NAME:3,224,224" (one, or a list): fixes an input's symbolic dims after the batch axis
+    input_shapes: list[str] | str | None = None
     calib: str | None = None
     # In-memory data for Python callers (used instead of ``calib`` / ``eval_data``).
     calib_data: dict[str, np.ndarray] | None = None
@@ -104,8 +106,8 @@ class CompileResult:
 def normalize_options(options: CompileOptions) -> None:
     """Python callers' spellings in the types the pipeline uses, or a one-line EdgeqError.
 
-    ``pins``: one "LAYER=w8a8" string is one pin (not its characters); else a
-    list of such strings. ``allocator``: an AllocatorOptions, or a dict of its
+    ``pins``, ``input_shapes``: one string is one item (not its characters);
+    else a list of strings. ``allocator``: an AllocatorOptions, or a dict of its
     fields (converted). ``preprocess`` is parsed here, so a bad spec fails before
     any work even when the data turn out not to be images. Run again by
     compile_model: fields may be set after construction.
@@ -114,14 +116,8 @@ def normalize_options(options: CompileOptions) -> None:
         from compiler.data import parse_preprocess
 
         parse_preprocess(options.preprocess)
-    pins = options.pins
-    if isinstance(pins, str):
-        options.pins = [pins]
-    elif pins is not None:
-        if not isinstance(pins, list | tuple) or not all(isinstance(pin, str) for pin in pins):
-            raise EdgeqError(f"CompileOptions.pins must be a 'LAYER=w8a8' string or a list of them, "
-                             f"not {pins!r}")
-        options.pins = list(pins)
+    options.pins = _string_list(options.pins, "pins", "'LAYER=w8a8'")
+    options.input_shapes = _string_list(options.input_shapes, "input_shapes", "'NAME:3,224,224'")
     allocator = options.allocator
     if allocator is None:
         return
@@ -142,6 +138,15 @@ def normalize_options(options: CompileOptions) -> None:
     elif not isinstance(allocator, AllocatorOptions):
         raise EdgeqError(f"CompileOptions.allocator must be a compiler.mixed.AllocatorOptions or a dict of its "
                          f"fields, not {type(allocator).__name__}")
+
+
+def _string_list(value: Any, field_name: str, example: str) -> list[str] | None:
+    """One string is one item (not its characters); else a list or tuple of strings."""
+    if value is None or isinstance(value, str):
+        return None if value is None else [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+        raise EdgeqError(f"CompileOptions.{field_name} must be a {example} string or a list of them, not {value!r}")
+    return list(value)
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -366,7 +371,10 @@ def _load(options: CompileOptions) -> tuple[Path, onnx.ModelProto]:
         path = bundled.model_path()
     else:
         path = Path(options.model)
-    return path, load_model(path)
+    model = load_model(path)
+    if options.input_shapes:
+        model = with_sample_dims(model, parse_input_shapes(options.input_shapes, model))
+    return path, model
 
 
 def _data(options: CompileOptions, model: onnx.ModelProto,

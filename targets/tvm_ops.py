@@ -41,7 +41,7 @@ import onnx
 from tvm import te, tirx, topi
 
 from compiler.errors import EdgeqError
-from compiler.graph import attribute, graph_input_names, initializer_array
+from compiler.graph import attribute, initializer_array, input_sample_dims
 from compiler.interpreter import pad_widths, run_all, slice_ranges
 
 Types = dict[str, tuple[tuple[int, ...], str]]
@@ -65,15 +65,7 @@ class NodeKernel:
 
 def tensor_types(int_model: onnx.ModelProto, batch: int = 1) -> Types:
     """Shape and dtype of every tensor, from one interpreter run on zeros (batch ``batch``)."""
-    inputs = {}
-    for value in int_model.graph.input:
-        if value.name not in graph_input_names(int_model):
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                for d in value.type.tensor_type.shape.dim]
-        if any(d is None for d in dims[1:]):
-            raise EdgeqError(f"input '{value.name}' needs static dims after the batch axis, got {dims}")
-        inputs[value.name] = np.zeros([batch, *dims[1:]] if dims else [], np.float32)
+    inputs = {name: np.zeros([batch, *dims], np.float32) for name, dims in input_sample_dims(int_model).items()}
     return {name: (tuple(int(d) for d in np.shape(v)), np.asarray(v).dtype.name)
             for name, v in run_all(int_model, inputs).items()}
 

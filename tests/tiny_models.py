@@ -81,3 +81,23 @@ def flatten_by_batch_model(gather_index: int = 0) -> onnx.ModelProto:
 
 def random_inputs(shape: tuple[int, ...], n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 1, (n, *shape)).astype(np.float32)
+
+
+def single_conv(dims: list, extra_input: bool = False) -> onnx.ModelProto:
+    """x [dims] -> Conv(3 -> 4, 3x3, same padding); optionally a second input added to the output."""
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3],
+                                np.random.default_rng(0).normal(size=108).astype(np.float32).tolist())
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)]
+    output = "y"
+    if extra_input:
+        inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [1, 4, 1, 1]))
+        nodes.append(helper.make_node("Add", ["y", "bias"], ["z"]))
+        output = "z"
+    output_dims = [dims[0], 4, *dims[2:]]  # same padding: the input's map size
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, output_dims)],
+                              [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model

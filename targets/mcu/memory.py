@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from compiler.errors import EdgeqError
-from compiler.graph import graph_input_names, graph_output_names, value_shapes
+from compiler.graph import graph_input_names, graph_output_names, input_sample_dims, value_shapes
 from compiler.intgraph import INT_DOMAIN
 
 log = logging.getLogger(__name__)
@@ -167,18 +167,14 @@ def _mcu_graph(model: onnx.ModelProto, types: dict | None = None) -> _Graph:
 def activation_types(int_model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shape (batch 1) and dtype of every tensor, from value_info or, where that has no
     shapes, from one run of the reference interpreter on a zero input."""
+    sample_dims = input_sample_dims(int_model)  # value_info's symbolic dims would read as 1 below
     types = tensor_types(int_model)
     produced = [o for n in int_model.graph.node for o in n.output if o]
     if all(name in types for name in produced):
         return types
     from compiler.interpreter import run_all
 
-    inputs = {}
-    for value in int_model.graph.input:
-        if value.name in graph_input_names(int_model):
-            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
-                    for d in value.type.tensor_type.shape.dim]
-            inputs[value.name] = np.zeros(dims, np.float32)
+    inputs = {name: np.zeros([1, *dims], np.float32) for name, dims in sample_dims.items()}
     for name, value in run_all(int_model, inputs).items():
         if name in produced or name in inputs:
             types.setdefault(name, (tuple(int(d) for d in np.shape(value)), str(np.asarray(value).dtype)))

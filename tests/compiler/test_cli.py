@@ -14,7 +14,7 @@ from onnx import helper
 
 from compiler.cli import main
 from compiler.errors import EdgeqError
-from tests.tiny_models import random_inputs, tiny_cnn
+from tests.tiny_models import random_inputs, single_conv, tiny_cnn
 
 
 @pytest.fixture
@@ -649,3 +649,35 @@ def test_missing_eval_data_names_the_eval_option(workspace, capsys):
                            "--eval", workspace / "nope", "-o", workspace / "out")
     assert code == 2 and "evaluation data" in err and "--eval DIR" in err and "--calib" not in err
     assert not (workspace / "out").exists()
+
+
+@pytest.fixture
+def dynamic_map(tmp_path):
+    """A one-Conv model whose map size is symbolic (as many exported detectors are), with 16x16 data."""
+    onnx.save(single_conv(["N", 3, "H", "W"]), str(tmp_path / "dyn.onnx"))
+    np.savez(tmp_path / "calib.npz", x=random_inputs((3, 16, 16), 8))
+    return tmp_path
+
+
+def test_symbolic_map_size_on_an_integer_target_names_the_fix(dynamic_map, capsys):
+    for target in ("cpu", "mcu"):  # the MCU target once read the symbolic dims as 1 and failed on the data
+        code, _, err = run_cli(capsys, "compile", dynamic_map / "dyn.onnx", "--calib", dynamic_map / "calib.npz",
+                               "--target", target, "-o", dynamic_map / "out", "-q")
+        assert code == 2 and "--input-shape x:" in err and len(err.strip().splitlines()) == 1, err
+        assert not (dynamic_map / "out").exists()
+
+
+def test_input_shape_fixes_the_map_size_and_leaves_the_model_alone(dynamic_map, capsys):
+    before = (dynamic_map / "dyn.onnx").read_bytes()
+    code, _, err = run_cli(capsys, "compile", dynamic_map / "dyn.onnx", "--calib", dynamic_map / "calib.npz",
+                           "--input-shape", "x:3,16,16", "--target", "cpu", "-o", dynamic_map / "out", "-q")
+    assert code == 0, err
+    assert json.loads((dynamic_map / "out" / "verify.json").read_text())["bit_exact"] is True
+    assert (dynamic_map / "dyn.onnx").read_bytes() == before
+
+
+def test_a_model_whose_only_quantized_activation_is_its_input_compiles(dynamic_map, capsys):
+    """The per-tensor SQNR once asked onnxruntime for no outputs, which it reads as all of them, and crashed."""
+    code, _, err = run_cli(capsys, "compile", dynamic_map / "dyn.onnx", "--calib", dynamic_map / "calib.npz",
+                           "-o", dynamic_map / "out", "-q")
+    assert code == 0, err
