@@ -170,6 +170,22 @@ def _layer_output(model: onnx.ModelProto, layer: LayerPlan) -> str:
     return fused.output[0] if fused is not None else layer.outputs[0]
 
 
+def _concat_inputs_to_share(model: onnx.ModelProto, layer: LayerPlan) -> list[str]:
+    """The Concat inputs that take the output's quantizer: those nothing else reads.
+
+    The output's range covers every input's, so an input read only by the
+    Concat loses nothing by sharing it (and needs no requantization). An input
+    that another op or a graph output also reads keeps its own quantizer and is
+    requantized into the Concat: tied, a small-range input would reach its other
+    readers at the whole Concat's coarse scale (a Relu map concatenated with a
+    100x larger branch: -0.4 dB SQNR where its own range gives 40 dB).
+    """
+    readers = consumers(model)
+    outputs = set(graph_output_names(model))
+    return [name for name in layer.inputs
+            if len(readers.get(name, [])) == 1 and name not in outputs]
+
+
 def activation_groups(model: onnx.ModelProto, plan: QuantPlan, *, integer_only: bool = False) -> list[ActivationGroup]:
     """Which activation tensors get a quantizer, grouped by shared quantizer."""
     sets = DisjointSets()
@@ -183,7 +199,7 @@ def activation_groups(model: onnx.ModelProto, plan: QuantPlan, *, integer_only: 
             bits[name] = max(bits.get(name, 0), layer.a_bits)
             quantized_readers.add(name)
         if layer.op_type == "Concat":
-            for name in layer.inputs:
+            for name in _concat_inputs_to_share(model, layer):
                 union(name, _layer_output(model, layer))
 
     # Data movement passes a quantized tensor's quantizer on to its output,

@@ -264,3 +264,32 @@ def test_opset_is_lifted_only_when_a_weight_is_block_wise():
     qdq = quantize_model(model, plan, collect_ranges(model, calib, tensors_to_calibrate(model, plan), progress=False))
     assert opset_version(qdq) == opset_version(model) < 21
     assert not any(tq.block_wise for tq in plan.tensors.values())
+
+
+def test_concat_input_read_elsewhere_keeps_its_own_quantizer():
+    """A small Relu map concatenated with a 100x larger branch, and also upsampled into a conv: tied to the
+    Concat's quantizer it reached that conv at the Concat's coarse scale (model SQNR 1.7 dB). It is now
+    requantized into the Concat, and an input only the Concat reads still shares the Concat's quantizer."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv_small", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Resize", ["r", "", "scales"], ["u"], name="upsample", mode="nearest"),
+        helper.make_node("Conv", ["u", "w2"], ["big"], name="conv_big", pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["big"], ["d"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Concat", ["d", "r"], ["cat"], name="concat", axis=1),
+    ]
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(8, 4, 3, 3)).astype(np.float32) * 10, "w2"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    graph = helper.make_graph(nodes, "concat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("cat", TensorProto.FLOAT, ["N", 12, 8, 8])], inits)
+    model = canonicalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    plan = select_layers(model)
+    calib = {"x": rng.normal(size=(16, 3, 8, 8)).astype(np.float32)}
+    ranges = collect_ranges(model, calib, tensors_to_calibrate(model, plan), progress=False)
+    qdq = quantize_model(model, plan, ranges)
+    assert plan.tensors["d"].scale == plan.tensors["cat"].scale  # read only by the Concat: shared
+    assert plan.tensors["r"].scale[0] < plan.tensors["cat"].scale[0] / 20  # its own range
+    reference, quantized = (session(m).run(None, calib)[0] for m in (model, qdq))
+    assert compare_outputs(reference, quantized)["sqnr_db"] > 30
