@@ -190,6 +190,8 @@ def _run(args: argparse.Namespace) -> int:
     from compiler.plan import QuantPlan
     from targets.base import get_target
 
+    if args.repeat < 0:
+        raise EdgeqError(f"--repeat must be >= 1 to time runs (0, the default, times none), not {args.repeat}")
     if args.output:
         check_output_file(args.output)
     plan_path = Path(args.artifact) / "plan.json"
@@ -198,6 +200,10 @@ def _run(args: argparse.Namespace) -> int:
     target = get_target(QuantPlan.load(str(plan_path)).target)
     inputs = target.check_inputs(Path(args.artifact), _load_npz(args.inputs), source=args.inputs)
     options = {key: value for key, value in (("threads", args.threads), ("on", args.on)) if value is not None}
+    for key in options:
+        if key not in target.run_options:
+            takes = " and ".join(f"--{name}" for name in sorted(target.run_options)) or "no options"
+            raise EdgeqError(f"--{key} does not apply to {target.name} builds (they take {takes})")
     outputs = target.run(Path(args.artifact), inputs, **options)
     if args.output:
         import io
@@ -218,7 +224,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.output:
             summary["written_to"] = str(args.output)
         print(json.dumps(summary))
-    elif not args.output:
+    elif args.output:
+        print(f"wrote {', '.join(outputs)} to {args.output}")
+    else:
         for name, value in outputs.items():
             print(f"{name}: shape {list(value.shape)}, first sample {np.array2string(value[0].ravel()[:10], precision=4)}")
     return 0

@@ -120,6 +120,9 @@ class Target(ABC):
     # False for a target the allocator can plan for but whose lowering does not exist yet:
     # edgeq compile refuses it before any work (check_can_lower), edgeq allocate takes it.
     can_lower: bool = True
+    # The options ``run``/``benchmark`` take (``edgeq run --threads`` / ``--on``): one given for a
+    # target without it is refused, not ignored.
+    run_options: frozenset[str] = frozenset()
 
     def check_can_lower(self) -> None:
         """A one-line EdgeqError unless ``edgeq compile`` can produce this target's artifact."""

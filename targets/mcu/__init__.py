@@ -96,6 +96,7 @@ def graph_kernels(int_model: onnx.ModelProto, nodes: list[onnx.NodeProto], types
 
 class McuTarget(Target):
     name = "mcu"
+    run_options = frozenset({"on"})  # qemu (the firmware) or host (the same C, built natively)
     needs_integer_graph = True
 
     def lower(self, ctx: CompileContext) -> list[Path]:

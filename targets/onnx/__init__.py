@@ -34,6 +34,7 @@ def session(out_dir: Path, threads: int | None = None) -> ort.InferenceSession:
 
 class OnnxTarget(Target):
     name = "onnx"
+    run_options = frozenset({"threads"})
     needs_integer_graph = False
 
     def lower(self, ctx: CompileContext) -> list[Path]:

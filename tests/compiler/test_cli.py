@@ -131,14 +131,26 @@ def test_run_command_and_latency_json(workspace, capsys):
     out = workspace / "out"
     assert run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib", "-o", out, "-q")[0] == 0
     np.savez(workspace / "x.npz", input=random_inputs((3, 16, 16), 3))
-    code, _, _ = run_cli(capsys, "run", out, "--inputs", workspace / "x.npz", "-o", workspace / "y.npz")
-    assert code == 0
+    code, stdout, _ = run_cli(capsys, "run", out, "--inputs", workspace / "x.npz", "-o", workspace / "y.npz")
+    assert code == 0 and stdout.strip() == f"wrote logits to {workspace / 'y.npz'}"
     with np.load(workspace / "y.npz") as outputs:
         assert outputs["logits"].shape == (3, 10)
     code, stdout, _ = run_cli(capsys, "run", out, "--inputs", workspace / "x.npz", "--repeat", "5", "--json")
     assert code == 0
     latency = json.loads(stdout)
     assert latency["runs"] == 5 and latency["median_ms"] > 0
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--on", "qemu"], "--on does not apply to onnx builds (they take --threads)"),  # it was ignored
+    (["--repeat", "-3"], "--repeat must be >= 1"),  # it timed one run
+])
+def test_run_refuses_options_it_would_ignore(workspace, capsys, option, message):
+    out = workspace / "out"
+    assert run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib", "-o", out, "-q")[0] == 0
+    np.savez(workspace / "x.npz", input=random_inputs((3, 16, 16), 3))
+    code, _, err = run_cli(capsys, "run", out, "--inputs", workspace / "x.npz", *option)
+    assert code == 2 and message in err
 
 
 def test_console_script_prints_no_traceback(workspace):
