@@ -176,13 +176,18 @@ def _allocate(args: argparse.Namespace) -> int:
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
+    from compiler.data import UNNAMED_ARRAY
+
     if not Path(path).is_file():
         raise EdgeqError(f"inputs file not found: {path}")
     try:
-        with np.load(path) as archive:
-            return {name: archive[name] for name in archive.files}
-    except (OSError, ValueError) as error:
-        raise EdgeqError(f"cannot read {path} as .npz: {error}") from None
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        raise EdgeqError(f"{path} is neither an .npz archive nor an .npy array") from None
+    if isinstance(loaded, np.ndarray):  # one .npy array: a one-input model's input, as an unnamed .npz holds it
+        return {UNNAMED_ARRAY: loaded}
+    with loaded as archive:
+        return {name: archive[name] for name in archive.files}
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -40,6 +40,8 @@ PREPROCESS_EXAMPLE = "size=224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225,layo
 PREPROCESS_KEYS = ("size", "resize", "mean", "std", "layout", "scale", "channels")
 # Flags named in messages (the CLI's spelling).
 CALIB_FLAG = "--calib"
+# The key np.savez gives an array passed without a name; a one-input model takes it as its input.
+UNNAMED_ARRAY = "arr_0"
 # What the data are for, as messages name them, and the option that gives them.
 ROLE_FLAGS = {"calibration": CALIB_FLAG, "evaluation": "--eval"}
 PREPROCESS_FLAG = "--preprocess"
@@ -128,8 +130,8 @@ def _load_npz_files(files: list[Path], specs: list[InputSpec]) -> dict[str, np.n
                 content = {key: archive[key] for key in archive.files}
         except Exception as error:  # noqa: BLE001
             raise EdgeqError(f"cannot read {path} as a .npz archive: {error}") from error
-        if len(names) == 1 and list(content) == ["arr_0"]:
-            content = {names[0]: content["arr_0"]}
+        if len(names) == 1 and list(content) == [UNNAMED_ARRAY]:
+            content = {names[0]: content[UNNAMED_ARRAY]}
         missing = [name for name in names if name not in content]
         extra = [key for key in content if key not in names]
         if missing or extra:
@@ -367,6 +369,8 @@ def check_run_inputs(model: onnx.ModelProto | list[InputSpec], inputs: dict[str,
     """
     specs = model_inputs(model) if isinstance(model, onnx.ModelProto) else model
     names = [spec.name for spec in specs]
+    if len(names) == 1 and list(inputs) == [UNNAMED_ARRAY]:  # as for calibration: one unnamed array
+        inputs = {names[0]: inputs[UNNAMED_ARRAY]}
     missing = [name for name in names if name not in inputs]
     extra = [name for name in inputs if name not in names]
     if missing or extra:

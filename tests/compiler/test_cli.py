@@ -693,3 +693,23 @@ def test_a_model_whose_only_quantized_activation_is_its_input_compiles(dynamic_m
     code, _, err = run_cli(capsys, "compile", dynamic_map / "dyn.onnx", "--calib", dynamic_map / "calib.npz",
                            "-o", dynamic_map / "out", "-q")
     assert code == 0, err
+
+
+def test_run_takes_a_bare_array_for_a_one_input_model_as_calibration_does(workspace, capsys):
+    """A .npy (it crashed with a traceback) or an unnamed .npz array is the one input; a text file is refused."""
+    out = workspace / "out"
+    assert run_cli(capsys, "compile", workspace / "tiny.onnx", "--calib", workspace / "calib", "-o", out, "-q")[0] == 0
+    x = random_inputs((3, 16, 16), 2)
+    np.savez(workspace / "named.npz", input=x)
+    np.save(workspace / "bare.npy", x)
+    np.savez(workspace / "unnamed.npz", x)
+    results = []
+    for name in ("named.npz", "bare.npy", "unnamed.npz"):
+        assert run_cli(capsys, "run", out, "--inputs", workspace / name, "-o", workspace / f"y_{name}.npz")[0] == 0
+        with np.load(workspace / f"y_{name}.npz") as outputs:
+            results.append(outputs["logits"])
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
+    (workspace / "notes.npz").write_text("not an array")
+    code, _, err = run_cli(capsys, "run", out, "--inputs", workspace / "notes.npz")
+    assert code == 2 and "neither an .npz archive nor an .npy array" in err
