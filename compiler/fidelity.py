@@ -120,6 +120,8 @@ def tensor_sqnr(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, data: 
 
     mapping = dequantized_tensor_names(qdq_model)
     names = [name for name in tensors if name in mapping]
+    if not names:
+        return {}
     graph_inputs = set(graph_input_names(float_model))
     computed = [name for name in names if name not in graph_inputs]
     float_session = make_session(expose_tensors(float_model, computed))
@@ -127,8 +129,6 @@ def tensor_sqnr(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, data: 
     quant_session = make_session(expose_tensors(qdq_model, quant_names))
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
-    if not names:
-        return {}
     for batch, count in model_batches(float_model, data, batch_size):
         # onnxruntime's run([]) means every output, so a graph whose only quantized tensors are inputs runs nothing
         values = dict(zip(computed, float_session.run(computed, batch), strict=True)) if computed else {}

@@ -62,6 +62,12 @@ def graph_input_names(model: onnx.ModelProto) -> list[str]:
     return [value.name for value in model.graph.input if value.name not in inits]
 
 
+def static_dims(value: onnx.ValueInfoProto) -> list[int | None]:
+    """A value's dims, None where not a fixed positive size (symbolic or unknown)."""
+    return [dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+            for dim in value.type.tensor_type.shape.dim]
+
+
 def input_sample_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Each real graph input's dims after the batch axis.
 
@@ -76,11 +82,10 @@ def input_sample_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
     for value in model.graph.input:
         if value.name not in real:
             continue
-        dims = [dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
-                for dim in value.type.tensor_type.shape.dim]
+        dims = static_dims(value)
         if any(dim is None for dim in dims[1:]):
-            shown = [dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else (dim.dim_param or "?")
-                     for dim in value.type.tensor_type.shape.dim]
+            shown = [size if size is not None else (dim.dim_param or "?")
+                     for size, dim in zip(dims, value.type.tensor_type.shape.dim, strict=True)]
             raise EdgeqError(f"input '{value.name}' needs static dims after the batch axis for integer-only code, "
                              f"got {shown}: fix them with --input-shape {value.name}:D,D,...")
         result[value.name] = [int(dim) for dim in dims[1:]]

@@ -55,12 +55,10 @@ def parse_input_shapes(texts: list[str], model: onnx.ModelProto) -> dict[str, li
     polygraphy take the whole shape, edgeq's data files the per-sample one. The
     batch axis stays as the model has it, since edgeq runs batches of samples.
     """
-    from compiler.graph import graph_input_names
+    from compiler.graph import graph_input_names, static_dims
 
     real = set(graph_input_names(model))
-    declared = {value.name: [dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
-                             for dim in value.type.tensor_type.shape.dim]
-                for value in model.graph.input if value.name in real}
+    declared = {value.name: static_dims(value) for value in model.graph.input if value.name in real}
     inputs = {name: len(dims) for name, dims in declared.items()}
     shapes: dict[str, list[int]] = {}
     for text in texts:
@@ -85,12 +83,10 @@ def parse_input_shapes(texts: list[str], model: onnx.ModelProto) -> dict[str, li
             raise EdgeqError(f"--input-shape '{text}': input '{name}' has rank {rank}, so give {rank - 1} dims "
                              f"after the batch axis (or all {rank})")
         shapes[name] = dims[1:] if len(dims) == rank else dims
-        clash = [(index + 1, fixed, given) for index, (fixed, given) in enumerate(zip(declared[name][1:], shapes[name],
-                                                                                      strict=True))
-                 if fixed is not None and fixed != given]
-        if clash:
-            axis, fixed, given = clash[0]
-            raise EdgeqError(f"--input-shape '{text}': axis {axis} of input '{name}' is {fixed} in the model, not {given}")
+        for axis, (fixed, given) in enumerate(zip(declared[name][1:], shapes[name], strict=True), start=1):
+            if fixed is not None and fixed != given:  # only symbolic dims are the user's to set
+                raise EdgeqError(f"--input-shape '{text}': axis {axis} of input '{name}' is {fixed} in the model, "
+                                 f"not {given}")
     return shapes
 
 
