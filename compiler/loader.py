@@ -29,18 +29,24 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise EdgeqError(f"{path} is not an ONNX model ({type(error).__name__})") from None
     except OSError as error:
         raise EdgeqError(f"cannot read {path}: {error.strerror or error}") from None
+    return check_model(model, str(path))
+
+
+def check_model(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    """``model`` if edgeq can take it (nodes, a supported opset, onnx.checker); else a one-line
+    EdgeqError that names it by ``label`` (its path, or what a Python caller passed)."""
     if not model.graph.node:
-        raise EdgeqError(f"{path} is not an ONNX model (no graph nodes)")
+        raise EdgeqError(f"{label} is not an ONNX model (no graph nodes)")
     version = opset_version(model)
     if version and version < MIN_SUPPORTED_OPSET:
-        raise EdgeqError(f"{path} uses opset {version}; edgeq supports opsets {MIN_SUPPORTED_OPSET}..{MAX_SUPPORTED_OPSET}")
+        raise EdgeqError(f"{label} uses opset {version}; edgeq supports opsets {MIN_SUPPORTED_OPSET}..{MAX_SUPPORTED_OPSET}")
     if version > MAX_SUPPORTED_OPSET:
-        raise EdgeqError(f"{path} uses opset {version}; edgeq supports opsets {MIN_SUPPORTED_OPSET}..{MAX_SUPPORTED_OPSET}")
+        raise EdgeqError(f"{label} uses opset {version}; edgeq supports opsets {MIN_SUPPORTED_OPSET}..{MAX_SUPPORTED_OPSET}")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else "invalid model"
-        raise EdgeqError(f"{path} is not a valid ONNX model: {first}") from None
+        raise EdgeqError(f"{label} is not a valid ONNX model: {first}") from None
     return model
 
 

@@ -20,6 +20,7 @@ Everything a run writes goes to a temporary folder first and is moved into
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from compiler.budget import parse_budget
 from compiler.console import warn
 from compiler.errors import EdgeqError
 from compiler.export import export_plan, run_stage
-from compiler.loader import load_model, parse_input_shapes, with_sample_dims
+from compiler.loader import check_model, load_model, parse_input_shapes, with_sample_dims
 from compiler.ort_kernels import kernel_usage
 from compiler.plan import QuantPlan
 from compiler.quantizers import WEIGHT_BITS
@@ -61,7 +62,9 @@ TENSOR_SQNR_SAMPLES = 32
 class CompileOptions:
     """Everything ``edgeq compile`` can be told; the defaults are the CLI's."""
 
-    model: str | None = None  # None: the bundled Fashion-MNIST CNN with its data
+    # A path, or an onnx.ModelProto (Python callers; it is not modified); None: the bundled
+    # Fashion-MNIST CNN with its data.
+    model: str | os.PathLike | onnx.ModelProto | None = None
     # "NAME:3,224,224" (one, or a list): fixes an input's symbolic dims after the batch axis
     input_shapes: list[str] | str | None = None
     calib: str | None = None
@@ -112,6 +115,9 @@ def normalize_options(options: CompileOptions) -> None:
     any work even when the data turn out not to be images. Run again by
     compile_model: fields may be set after construction.
     """
+    if options.model is not None and not isinstance(options.model, str | os.PathLike | onnx.ModelProto):
+        raise EdgeqError(f"CompileOptions.model must be an .onnx path or an onnx.ModelProto, "
+                         f"not {type(options.model).__name__}")
     if options.preprocess is not None:
         from compiler.data import parse_preprocess
 
@@ -350,7 +356,8 @@ def load_model_and_data(options: CompileOptions, stage: Callable[[str, Callable[
     stage = stage or run_stage
     model_path, source_model = stage("load", lambda: _load(options))
     float_model = stage("canonicalize", lambda: canonicalize(source_model))
-    calib, evaluation = stage("data", lambda: _data(options, float_model, is_bundled_model(model_path)))
+    bundled = not isinstance(options.model, onnx.ModelProto) and is_bundled_model(model_path)
+    calib, evaluation = stage("data", lambda: _data(options, float_model, bundled))
     return model_path, float_model, calib, evaluation
 
 
@@ -365,13 +372,17 @@ def is_bundled_model(path: Path) -> bool:
 
 
 def _load(options: CompileOptions) -> tuple[Path, onnx.ModelProto]:
-    if options.model is None:
-        from models import bundled
-
-        path = bundled.model_path()
+    if isinstance(options.model, onnx.ModelProto):  # named by its graph in plan.json and the report
+        path = Path(f"{options.model.graph.name or 'model'}.onnx")
+        model = check_model(options.model, f"the model '{path.stem}'")
     else:
-        path = Path(options.model)
-    model = load_model(path)
+        if options.model is None:
+            from models import bundled
+
+            path = bundled.model_path()
+        else:
+            path = Path(options.model)
+        model = load_model(path)
     if options.input_shapes:
         model = with_sample_dims(model, parse_input_shapes(options.input_shapes, model))
     return path, model

@@ -129,3 +129,25 @@ def test_compile_options_take_one_pin_string_and_an_allocator_dict(tmp_path):
                                           progress=False))
     assert result.plan.totals["allocation"]["allocator"]["sensitivity"] == "proxy"
     assert np.isfinite(result.plan.fidelity["outputs"]["logits"]["sqnr_db"])
+
+
+def test_compile_takes_an_in_memory_model_and_leaves_it_as_it_was(tmp_path):
+    """Python callers holding an onnx.ModelProto (from an exporter) pass it as it is, as onnxsim takes one;
+    it once failed with a TypeError from Path()."""
+    from compiler.mixed import allocate_model
+    from tests.tiny_models import random_inputs, tiny_cnn
+
+    model = tiny_cnn()
+    before = model.SerializeToString()
+    calib = {"input": random_inputs((3, 16, 16), 16)}
+    result = compile_model(CompileOptions(model=model, calib_data=calib, out_dir=str(tmp_path / "out"), progress=False))
+    assert result.plan.model == "tiny_cnn.onnx"  # named by its graph
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# edgeq report: tiny_cnn.onnx")
+    assert result.plan.fidelity["outputs"]["logits"]["sqnr_db"] > 25
+    assert model.SerializeToString() == before
+    plan = allocate_model(CompileOptions(model=model, calib_data=calib, budget="size=0.7",
+                                         allocator={"sensitivity": "proxy"}, progress=False))
+    assert plan.totals["allocation"]["totals"]["size_fraction"] <= 0.7
+    assert model.SerializeToString() == before
+    with pytest.raises(EdgeqError, match="must be an .onnx path or an onnx.ModelProto, not int"):
+        CompileOptions(model=42)
