@@ -131,7 +131,7 @@ CONTEXT_MODELS = ("mobilenetv2",)
 BURST = 10
 
 
-def _conv_relu(rng: np.random.Generator, source: str, suffix: str, out: str, cin: int, cout: int, kernel: int,
+def conv_relu(rng: np.random.Generator, source: str, suffix: str, out: str, cin: int, cout: int, kernel: int,
                group: int = 1, stride: int = 1) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Conv ``layer{suffix}`` (random weights, "same" padding) + Relu, from ``source`` to ``out``."""
     weight = rng.standard_normal((cout, cin // group, kernel, kernel)).astype(np.float32)
@@ -143,7 +143,7 @@ def _conv_relu(rng: np.random.Generator, source: str, suffix: str, out: str, cin
                    numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, f"b{suffix}")]
 
 
-def _float_model(nodes: list, inits: list, x_shape: list, y_shape: list) -> onnx.ModelProto:
+def float_model(nodes: list, inits: list, x_shape: list, y_shape: list) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "layers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -170,14 +170,14 @@ def layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, stride: 
             inits += [numpy_helper.from_array(weight, f"w{suffix}"),
                       numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, f"b{suffix}")]
         else:
-            conv_nodes, conv_inits = _conv_relu(rng, current, suffix, out, cin, cout, kernel,
+            conv_nodes, conv_inits = conv_relu(rng, current, suffix, out, cin, cout, kernel,
                                                 cin if kind == "depthwise" else 1, stride)
             nodes, inits = nodes + conv_nodes, inits + conv_inits
         current = out
     if kind == "gemm":
-        return _float_model(nodes, inits, ["N", cin], ["N", cout])
+        return float_model(nodes, inits, ["N", cin], ["N", cout])
     out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
-    return _float_model(nodes, inits, ["N", cin, size, size], ["N", cout, out_size, out_size])
+    return float_model(nodes, inits, ["N", cin, size, size], ["N", cout, out_size, out_size])
 
 
 def stack_model(kind: str, channels: int, size: int, blocks: int, seed: int = 0) -> onnx.ModelProto:
@@ -189,10 +189,10 @@ def stack_model(kind: str, channels: int, size: int, blocks: int, seed: int = 0)
     layers = [(channels, wide, 1, 1), (wide, wide, 3, wide), (wide, channels, 1, 1)] * blocks
     for index, (cin, cout, kernel, group) in enumerate(layers):
         out = "y" if index == len(layers) - 1 else f"t{index}"
-        conv_nodes, conv_inits = _conv_relu(rng, current, str(index), out, cin, cout, kernel, group)
+        conv_nodes, conv_inits = conv_relu(rng, current, str(index), out, cin, cout, kernel, group)
         nodes, inits, current = nodes + conv_nodes, inits + conv_inits, out
     shape = ["N", channels, size, size]
-    return _float_model(nodes, inits, shape, shape)
+    return float_model(nodes, inits, shape, shape)
 
 
 def _compile(path: Path, bits: str, out: Path) -> tuple[float, bool]:
@@ -323,7 +323,7 @@ def profile_context_models(builds: list[dict], runs: int = 50) -> None:
             m["in_place_s"] = in_place
 
 
-def _nnls(matrix: np.ndarray, target: np.ndarray, iterations: int = 8) -> np.ndarray:
+def relative_nnls(matrix: np.ndarray, target: np.ndarray, iterations: int = 8) -> np.ndarray:
     """Non-negative least squares of the error ratio, symmetric in over- and under-prediction.
 
     Times span three orders of magnitude, so errors are relative. Weighting rows by 1/t alone
@@ -395,8 +395,8 @@ def fit(measurements: list[dict]) -> dict:
     ones = np.ones(len(measurements))
     input_rows = np.column_stack([ones, [m["input_elems"] for m in measurements]])
     output_rows = np.column_stack([ones, [m["output_elems"] for m in measurements]])
-    i0, e_in = _nnls(input_rows, input_step)
-    o0, e_out = _nnls(output_rows, output_step)
+    i0, e_in = relative_nnls(input_rows, input_step)
+    o0, e_out = relative_nnls(output_rows, output_step)
     e0 = i0 + o0
     # 2. the library call: shared terms, then per (kind, bit pair) ones
     quantities = [_per_key_quantities(m) for m in measurements]
@@ -407,7 +407,7 @@ def fit(measurements: list[dict]) -> dict:
                     + [per_key.get(k, [0.0] * len(PER_KEY_TERMS))[term] for term in range(len(PER_KEY_TERMS))
                        for k in keys])
     matrix = np.asarray(rows, dtype=float)
-    solution = _nnls(matrix, core)
+    solution = relative_nnls(matrix, core)
     c_call, per_layer, per_byte, quantize_per_elem = solution[:4]
     core_predicted = matrix @ solution
     whole_predicted = core_predicted + input_rows @ np.asarray([i0, e_in]) + output_rows @ np.asarray([o0, e_out])

@@ -4,26 +4,47 @@ Per layer and (w_bits, a_bits): packed weight bytes plus per-channel constants
 (they live in flash), output activation bytes (they live in the SRAM arena),
 cycles, latency at the preset's clock and energy at its run-mode power.
 
+Cycles price the firmware edgeq generates (TVM's C, built for the Cortex-M4 by the
+project's Makefile), not a hand-written kernel library: tools/fit_mcu_cost.py
+compiles one- and two-layer models, runs each build in qemu-system-arm and fits the
+instructions one ``model_run`` executes per MAC (by layer kind and bit pair), per
+output element and per layer; the fit is cost_table.json next to this file, with
+its measurements and a validation on whole models it did not see. That code runs
+5-15 instructions per MAC, and 4-bit weights cost about what 8-bit ones do (the
+kernels unpack a byte per two weights in the MAC loop) -- the CMSIS-NN-class
+estimates this model used before (~1.2 cycles per MAC on the M4, 4-bit weights
+~40% dearer) priced code edgeq does not emit.
+
+qemu counts instructions, not cycles. On the Cortex-M4 most data-processing
+instructions take one cycle, loads two unless pipelined and taken branches two to
+four (Arm Cortex-M4 TRM, DDI 0439B, table 3-1), so cycles = instructions is a lower
+bound there. The other presets run the same code faster per MHz, by Arm's
+CoreMark/MHz: Cortex-M4 3.40, Cortex-M7 5.01 (D. Ibrahim, "ARM-Based
+Microcontroller Projects Using mbed", 2019, table 3.2) and Cortex-M55 4.2, 18.6%
+above the M4 (Arm's figure, as WikiChip's Cortex-M55 page gives it); edgeq's C uses
+neither the M7's dual issue by design nor the M55's Helium vectors.
+
 Presets (``--device``): cortex-m4, cortex-m7, cortex-m55. Each names one
-representative part so flash, SRAM and clock are real numbers from its
-datasheet; cycles per MAC are *estimates* derived from instruction timings and
-the structure of the CMSIS-NN inner loops (sources in the comments), not
-measurements -- qemu-system-arm does not model timing, so edgeq cannot measure
-them here. The allocator only needs them to be right relative to each other:
-on a Cortex-M4/M7, 4-bit weights save flash but *cost* cycles (they must be
-unpacked before SMLAD), which this model captures.
+representative part so flash, SRAM and clock are real numbers from its datasheet.
 
 Code size is estimated (a fixed runtime plus a per-layer kernel size) and
-returned by :meth:`McuCostModel.fixed_costs` so the flash budget covers it.
+returned by :meth:`McuCostModel.fixed_costs` so the flash budget covers it, with
+the per-call instructions of ``model_run``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from compiler.errors import EdgeqError
 from targets.base import FLOAT_BITS, CostModel, LayerCost, LayerShape
-from targets.cost_common import base_layer_cost, constant_bytes, nearest_supported
+from targets.cost_common import base_layer_cost, constant_bytes
+
+TABLE = Path(__file__).with_name("cost_table.json")
 
 
 @dataclass(frozen=True)
@@ -36,73 +57,26 @@ class McuPreset:
     # Energy per clock cycle in run mode (J): datasheet run current per MHz x supply
     # voltage; order-of-magnitude only.
     joules_per_cycle: float
-    # Estimated cycles per MAC of a conv/gemm inner loop, by (weight bits, activation bits)
-    # after rounding each up to a width the kernel handles (2/4/8/16).
-    cycles_per_mac: dict[tuple[int, int], float] = field(default_factory=dict)
-    depthwise_factor: float = 1.5  # depthwise convs reuse nothing: loads dominate
-    cycles_per_elem: float = 4.0  # requantize / eltwise / pool, per output element
-    layer_overhead_cycles: float = 2000.0  # call, pointer setup, per-channel loop heads
-    # Cycles per float32 MAC (an online rotation stays float): see each preset's comment.
-    float_cycles_per_mac: float = 4.0
+    # Instructions of edgeq's (Cortex-M4) code per cycle on this core: CoreMark/MHz over the M4's.
+    speed_vs_m4: float = 1.0
 
 
-# Cortex-M4 (ARMv7E-M with the DSP extension). SMLAD does two 16x16 MACs in one
-# cycle (Arm Cortex-M4 TRM, DDI 0439B, table 3-1); int8 operands are widened with
-# SXTB16 first. CMSIS-NN's s8 kernels (Lai, Suda, Chandra, "CMSIS-NN: Efficient
-# Neural Network Kernels for Arm Cortex-M CPUs", arXiv:1801.06601) widen the
-# activations into an int16 im2col buffer once and the weights 4 at a time in the
-# 2x2 output-tile loop: ~18 cycles per 16 MACs including loads -> ~1.15 cycles/MAC.
-# 4-bit weights add a shift/mask/sign-extend per pair of weights (~8 more cycles
-# per 16 MACs); 2-bit weights roughly twice that. 16-bit activations skip the
-# activation widening. Part: STM32F446RE (ST DS10693): 512 KB flash, 128 KB SRAM,
-# 180 MHz, run mode roughly 100 uA/MHz at 3.3 V -> ~0.33 nJ/cycle.
-_M4_CYCLES = {
-    (8, 8): 1.15, (4, 8): 1.65, (2, 8): 2.1, (16, 8): 1.1,
-    (8, 16): 1.1, (4, 16): 1.6, (2, 16): 2.05, (16, 16): 1.0,
-    (8, 4): 1.35, (4, 4): 1.85, (2, 4): 2.3, (16, 4): 1.3,
-}
-# Cortex-M7: dual-issue pipeline (Arm Cortex-M7 TRM, DDI 0489): loads and SXTB16
-# pair with SMLAD, ~1.8x the M4 per cycle on CMSIS-NN s8 kernels (Arm's CMSIS-NN
-# benchmarks put M7 at 1.6-2x the M4 at equal clock). Part: STM32F746NG
-# (ST DS10916): 1 MB flash, 320 KB SRAM, 216 MHz, ~0.45 nJ/cycle.
-_M7_CYCLES = {key: round(value / 1.8, 3) for key, value in _M4_CYCLES.items()}
-# Cortex-M55 with Helium (MVE). VMLADAVA.S8 reduces 16 int8 products; the M55 is a
-# dual-beat implementation, so a 128-bit MVE instruction issues in 2 cycles (Arm
-# Cortex-M55 TRM, DDI 0553): peak 8 int8 MACs/cycle, 4 int16 MACs/cycle. With
-# loads and requantization in the loop CMSIS-NN's MVE kernels reach roughly half
-# of peak -> ~0.25 cycles/MAC at 8x8, ~0.45 with 16-bit activations; 4-bit weights
-# cost a VSHL/VAND unpack per 16 weights. Class representative: Alif Ensemble E3
-# high-performance core: 400 MHz; flash and SRAM sized 2 MB / 1 MB here;
-# ~0.1 nJ/cycle (22 nm part).
-_M55_CYCLES = {
-    (8, 8): 0.25, (4, 8): 0.32, (2, 8): 0.4, (16, 8): 0.45,
-    (8, 16): 0.45, (4, 16): 0.55, (2, 16): 0.62, (16, 16): 0.5,
-    (8, 4): 0.25, (4, 4): 0.32, (2, 4): 0.4, (16, 4): 0.45,
-}
-
-# Float32 MACs (online rotations stay float). Cortex-M4F: VFMA.F32 issues in 3 cycles
-# and each VLDR.32 operand load takes 1-2 (Arm Cortex-M4 TRM, DDI 0439B, table 7-1):
-# ~4 cycles per MAC in a scalar loop, about 3.5x an int8 MAC. Cortex-M7: the
-# dual-issue FPU pairs the loads with the FMA, same 1.8x as for integers. Cortex-M55:
-# Helium VFMA.F32 does 4 lanes per 128-bit beat pair, 2 float MACs/cycle at peak,
-# about half of that with loads.
-_M4_FLOAT_CYCLES = 4.0
-_M55_FLOAT_CYCLES = 1.0
+M4_COREMARK_PER_MHZ = 3.40
+# A float32 op (an online rotation) loops like its integer kernel, but VFMA.F32 issues in
+# 3 cycles where MLA takes 1 (Arm Cortex-M4 TRM, DDI 0439B, tables 3-1 and 7-1).
+FLOAT_MAC_EXTRA_CYCLES = 2.0
 
 PRESETS: dict[str, McuPreset] = {
-    "cortex-m4": McuPreset(
-        "cortex-m4", "STM32F446RE", 512 * 1024, 128 * 1024, 180e6, 0.33e-9, _M4_CYCLES,
-        cycles_per_elem=4.0, float_cycles_per_mac=_M4_FLOAT_CYCLES,
-    ),
-    "cortex-m7": McuPreset(
-        "cortex-m7", "STM32F746NG", 1024 * 1024, 320 * 1024, 216e6, 0.45e-9, _M7_CYCLES,
-        cycles_per_elem=2.5, float_cycles_per_mac=round(_M4_FLOAT_CYCLES / 1.8, 3),
-    ),
-    "cortex-m55": McuPreset(
-        "cortex-m55", "Alif Ensemble E3 (HP core), memory sized for the class", 2 * 1024 * 1024,
-        1024 * 1024, 400e6, 0.1e-9, _M55_CYCLES, depthwise_factor=1.8, cycles_per_elem=0.75,
-        float_cycles_per_mac=_M55_FLOAT_CYCLES,
-    ),
+    # STM32F446RE (ST DS10693): 512 KB flash, 128 KB SRAM, 180 MHz, run mode roughly
+    # 100 uA/MHz at 3.3 V -> ~0.33 nJ/cycle.
+    "cortex-m4": McuPreset("cortex-m4", "STM32F446RE", 512 * 1024, 128 * 1024, 180e6, 0.33e-9),
+    # STM32F746NG (ST DS10916): 1 MB flash, 320 KB SRAM, 216 MHz, ~0.45 nJ/cycle.
+    "cortex-m7": McuPreset("cortex-m7", "STM32F746NG", 1024 * 1024, 320 * 1024, 216e6, 0.45e-9,
+                           speed_vs_m4=round(5.01 / M4_COREMARK_PER_MHZ, 3)),
+    # Class representative: Alif Ensemble E3 high-performance core: 400 MHz; flash and
+    # SRAM sized 2 MB / 1 MB here; ~0.1 nJ/cycle (22 nm part).
+    "cortex-m55": McuPreset("cortex-m55", "Alif Ensemble E3 (HP core), memory sized for the class",
+                            2 * 1024 * 1024, 1024 * 1024, 400e6, 0.1e-9, speed_vs_m4=1.186),
 }
 DEFAULT_DEVICE = "cortex-m4"
 
@@ -111,33 +85,60 @@ DEFAULT_DEVICE = "cortex-m4"
 # with arm-none-eabi-size of a real build.
 RUNTIME_CODE_BYTES = 6 * 1024
 CODE_BYTES_PER_LAYER = 1536
+# A MatMul runs the Gemm kernel; what the fit has no kind for costs per output element only.
+KIND_AS = {"matmul": "gemm"}
 
-_WEIGHT_WIDTHS = (2, 4, 8, 16)
-_ACTIVATION_WIDTHS = (4, 8, 16)
+
+@functools.lru_cache(maxsize=1)
+def _committed_table() -> dict[str, Any]:
+    if not TABLE.exists():
+        raise EdgeqError(f"the MCU cost table {TABLE} is missing: run python tools/fit_mcu_cost.py")
+    return json.loads(TABLE.read_text())
 
 
 class McuCostModel(CostModel):
     # 8-bit activations only: the MCU lowering of 16-bit activations is not tested in qemu
-    # yet (the cycle table above prices them for when it is). No 2-bit weights either: the
-    # integer-only graph the MCU code is generated from holds int4/int8 weights only.
+    # yet. No 2-bit weights either: the integer-only graph the MCU code is generated from
+    # holds int4/int8 weights only.
     bit_pairs = ((4, 8), (8, 8))
 
-    def __init__(self, preset: McuPreset) -> None:
+    def __init__(self, preset: McuPreset, table: dict[str, Any] | None = None) -> None:
         self.preset = preset
         self.name = f"mcu:{preset.name}"
+        self._table = table
+
+    @property
+    def table(self) -> dict[str, Any]:
+        """The fit prices come from, read when first needed (the fit's own builds construct the model)."""
+        return self._table if self._table is not None else _committed_table()
+
+    def _per_mac(self, kind: str, w_bits: int | None, a_bits: int) -> float:
+        """Fitted instructions per MAC; a bit pair the fit lacks takes the kind's w8a8 entry, scaled by
+        the activation width (a 16-bit activation is two bytes to load)."""
+        entry = self.table["instructions_per_mac"].get(KIND_AS.get(kind, kind))
+        if entry is None:
+            return 0.0
+        if not isinstance(entry, dict):  # weightless kinds: one number
+            return float(entry) * max(a_bits, 8) / 8
+        key = f"w{w_bits}a{a_bits}"
+        if key in entry:
+            return float(entry[key])
+        base = entry.get("w8a8", max(entry.values()))
+        return float(base) * max(a_bits, 8) / 8
+
+    def instructions(self, layer: LayerShape, w_bits: int | None, a_bits: int) -> float:
+        """Instructions edgeq's Cortex-M4 code executes for ``layer`` (cost_table.json's fit)."""
+        w_bits = w_bits if layer.weight_params else None
+        return (layer.macs * self._per_mac(layer.kind, w_bits, a_bits)
+                + layer.output_elems * self.table["instructions_per_output_elem"]
+                + self.table["instructions_per_layer"])
 
     def cycles(self, layer: LayerShape, w_bits: int | None, a_bits: int) -> float:
-        preset = self.preset
-        a_width = nearest_supported(a_bits, _ACTIVATION_WIDTHS)
-        if layer.weight_params and w_bits:
-            w_width = nearest_supported(w_bits, _WEIGHT_WIDTHS)
-            per_mac = preset.cycles_per_mac[(w_width, a_width)]
-            if layer.kind == "depthwise":
-                per_mac *= preset.depthwise_factor
-            mac_cycles = layer.macs * per_mac
-        else:  # eltwise / pool: element work at a_bits (16-bit halves SIMD lanes)
-            mac_cycles = layer.macs * preset.cycles_per_elem * (a_width / 8) * 0.5
-        return mac_cycles + layer.output_elems * preset.cycles_per_elem + preset.layer_overhead_cycles
+        return self.instructions(layer, w_bits, a_bits) / self.preset.speed_vs_m4
+
+    def call_cycles(self) -> float:
+        """Cycles of one ``model_run`` besides its layers (argument and arena set-up)."""
+        return self.table["instructions_per_call"] / self.preset.speed_vs_m4
 
     def layer_cost(self, layer: LayerShape, w_bits: int | None, a_bits: int) -> LayerCost:
         cost = base_layer_cost(layer, w_bits, a_bits)
@@ -151,10 +152,10 @@ class McuCostModel(CostModel):
         return cost
 
     def online_op_cost(self, op: LayerShape) -> LayerCost:
-        """A float op (online rotation): float32 weights in flash, float MACs on the FPU."""
+        """A float op (online rotation): float32 weights in flash, its integer loop's instructions plus
+        the FPU's slower multiply-accumulate."""
         cost = base_layer_cost(op, FLOAT_BITS, FLOAT_BITS)
-        cycles = (op.macs * self.preset.float_cycles_per_mac + op.output_elems * self.preset.cycles_per_elem
-                  + self.preset.layer_overhead_cycles)
+        cycles = self.cycles(op, 8, 8) + op.macs * FLOAT_MAC_EXTRA_CYCLES / self.preset.speed_vs_m4
         cost.latency_s = cycles / self.preset.clock_hz
         cost.energy_j = cycles * self.preset.joules_per_cycle
         cost.resources = {"cycles": cycles, "flash_bytes": cost.weight_bytes}
@@ -165,14 +166,19 @@ class McuCostModel(CostModel):
         totals = super().fixed_costs(layers, online_ops)
         code = RUNTIME_CODE_BYTES + CODE_BYTES_PER_LAYER * (len(layers) + len(online_ops))
         totals["flash_bytes"] = totals.get("flash_bytes", 0.0) + code
+        call = self.call_cycles()
+        for metric, value in (("cycles", call), ("latency_s", call / self.preset.clock_hz),
+                              ("energy_j", call * self.preset.joules_per_cycle)):
+            totals[metric] = totals.get(metric, 0.0) + value
         return totals
 
     def resources(self) -> dict[str, float]:
         return {"flash_bytes": self.preset.flash_bytes, "sram_bytes": self.preset.sram_bytes}
 
 
-def cost_model(device: str | None = None) -> McuCostModel:
+def cost_model(device: str | None = None, table: dict[str, Any] | None = None) -> McuCostModel:
+    """The preset's cost model, priced by ``table`` (tools/fit_mcu_cost.py's fit; default: the committed one)."""
     name = (device or DEFAULT_DEVICE).lower()
     if name not in PRESETS:
         raise EdgeqError(f"unknown MCU device '{device}' (choose from {', '.join(PRESETS)})")
-    return McuCostModel(PRESETS[name])
+    return McuCostModel(PRESETS[name], table)

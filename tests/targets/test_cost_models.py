@@ -68,14 +68,24 @@ def test_mcu_presets(device):
     assert model.fixed_costs([CONV, DEPTHWISE])["flash_bytes"] > model.fixed_costs([CONV])["flash_bytes"]
 
 
-def test_mcu_sub_byte_weights_trade_flash_for_cycles_on_dsp_extension_cores():
-    for device in ("cortex-m4", "cortex-m7"):
-        model = mcu_cost.cost_model(device)
-        w8, w4 = model.layer_cost(CONV, 8, 8), model.layer_cost(CONV, 4, 8)
-        assert w4.resources["flash_bytes"] < w8.resources["flash_bytes"]
-        assert w4.latency_s > w8.latency_s  # unpacking before SMLAD costs cycles
-    m4, m55 = mcu_cost.cost_model("cortex-m4"), mcu_cost.cost_model("cortex-m55")
-    assert m55.cycles(CONV, 8, 8) < m4.cycles(CONV, 8, 8) / 3  # Helium vs SMLAD
+def test_mcu_cycles_price_the_code_edgeq_generates():
+    """cost_table.json is tools/fit_mcu_cost.py's fit of instructions in qemu: every build it used was
+    bit-exact, the whole models it did not see are predicted within 10%, and on that code 4-bit weights
+    save flash at little time (the kernels unpack in the MAC loop), unlike an SMLAD kernel library."""
+    import json
+
+    table = json.loads(mcu_cost.TABLE.read_text())
+    assert table["measurements"] and all(build["bit_exact"] for build in table["measurements"])
+    assert {row["model"] for row in table["validation"]} >= {"fashion_cnn", "resnet8", "dscnn"}
+    assert all(row["bit_exact"] and abs(row["error"]) < 0.1 for row in table["validation"]), table["validation"]
+    m4 = mcu_cost.cost_model("cortex-m4")
+    w8, w4 = m4.layer_cost(CONV, 8, 8), m4.layer_cost(CONV, 4, 8)
+    assert w4.resources["flash_bytes"] < w8.resources["flash_bytes"]
+    assert w8.latency_s < w4.latency_s < 1.25 * w8.latency_s
+    assert m4.cycles(CONV, 8, 8) > 4 * CONV.macs  # TVM's C, not ~1.2 cycles per MAC
+    # the same Cortex-M4 code on faster cores, by CoreMark/MHz
+    cycles = {device: mcu_cost.cost_model(device).cycles(CONV, 8, 8) for device in mcu_cost.PRESETS}
+    assert cycles["cortex-m7"] < cycles["cortex-m55"] < cycles["cortex-m4"]
 
 
 def test_unknown_devices_are_user_errors():

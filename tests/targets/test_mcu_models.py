@@ -53,7 +53,8 @@ def test_bundled_cnn_bit_exact_in_qemu(bits: str, tmp_path) -> None:
     from models import bundled
 
     out_dir = tmp_path / "out"
-    compile_model(CompileOptions(target="mcu", device="cortex-m4", bits=bits, out_dir=str(out_dir), progress=False))
+    result = compile_model(CompileOptions(target="mcu", device="cortex-m4", bits=bits, out_dir=str(out_dir),
+                                          progress=False))
     at_compile = json.loads((out_dir / "verify.json").read_text())  # calibration samples, checked by compile
     assert at_compile["bit_exact"] and at_compile["on"] == "qemu" and at_compile["samples"] == 8
     inputs, _ = bundled.test_data()
@@ -62,3 +63,20 @@ def test_bundled_cnn_bit_exact_in_qemu(bits: str, tmp_path) -> None:
     assert (out_dir / "verify.json").exists()
     memory = json.loads((out_dir / PROJECT_DIR / "memory.json").read_text())
     assert memory["int4_packed"] == (bits == "w4a8")
+    _cost_model_predicts_the_instructions(result, out_dir, {k: v[:1] for k, v in inputs.items()})
+
+
+def _cost_model_predicts_the_instructions(result, out_dir: Path, sample: dict) -> None:
+    """The MCU cost model (fitted to instruction counts of small builds, targets/mcu/cost_table.json) against
+    qemu's count for this whole build: a kernel or codegen change that moves it by 10% needs a refit
+    (python tools/fit_mcu_cost.py --validate)."""
+    from compiler.layers import layer_shapes
+    from targets.mcu import input_bytes, qemu
+    from targets.mcu.cost import cost_model
+
+    model = cost_model("cortex-m4")
+    shapes = layer_shapes(result.float_model, list(result.plan.layers))
+    predicted = sum(model.instructions(shapes[name], layer.w_bits, layer.a_bits)
+                    for name, layer in result.plan.layers.items()) + model.table["instructions_per_call"]
+    measured = qemu.instructions_per_sample(out_dir / PROJECT_DIR, input_bytes(out_dir, sample))[0]
+    assert abs(predicted / measured - 1) < 0.1, (predicted, measured)
