@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["summary", "compare_ort", "models", "calibration", "transforms", "ort_smoothquant", "mixed", "size_budget", "resources",
          "resources_pipeline",
-         "integer-core", "cpu", "mcu", "tflm"]
+         "integer-core", "cpu", "mcu", "mcu_cost", "tflm"]
 
 
 def main() -> int:
