@@ -10,10 +10,10 @@ compiles one- and two-layer models, runs each build in qemu-system-arm and fits 
 instructions one ``model_run`` executes per MAC (by layer kind and bit pair), per
 output element and per layer; the fit is cost_table.json next to this file, with
 its measurements and a validation on whole models it did not see. That code runs
-5-15 instructions per MAC, and 4-bit weights cost about what 8-bit ones do (the
-kernels unpack a byte per two weights in the MAC loop) -- the CMSIS-NN-class
-estimates this model used before (~1.2 cycles per MAC on the M4, 4-bit weights
-~40% dearer) priced code edgeq does not emit.
+5-15 instructions per MAC, and 4-bit weights (unpacked in the MAC loop) cost 7-20%
+more on convolutions and 11% less on a Gemm -- the CMSIS-NN-class estimates this
+model used before (~1.2 cycles per MAC on the M4, 4-bit weights ~40% dearer)
+priced code edgeq does not emit.
 
 qemu counts instructions, not cycles. On the Cortex-M4 most data-processing
 instructions take one cycle, loads two unless pipelined and taken branches two to
@@ -21,8 +21,9 @@ four (Arm Cortex-M4 TRM, DDI 0439B, table 3-1), so cycles = instructions is a lo
 bound there. The other presets run the same code faster per MHz, by Arm's
 CoreMark/MHz: Cortex-M4 3.40, Cortex-M7 5.01 (D. Ibrahim, "ARM-Based
 Microcontroller Projects Using mbed", 2019, table 3.2) and Cortex-M55 4.2, 18.6%
-above the M4 (Arm's figure, as WikiChip's Cortex-M55 page gives it); edgeq's C uses
-neither the M7's dual issue by design nor the M55's Helium vectors.
+above the M4 (Arm's figure, as WikiChip's Cortex-M55 page gives it). CoreMark is
+scalar C too, so the ratio carries the M7's dual issue; the M55's Helium vectors
+go unused by edgeq's C as by CoreMark.
 
 Presets (``--device``): cortex-m4, cortex-m7, cortex-m55. Each names one
 representative part so flash, SRAM and clock are real numbers from its datasheet.
