@@ -158,8 +158,10 @@ def _compile(args: argparse.Namespace) -> int:
     allocation = result.plan.totals.get("allocation") or {}
     measured = allocation.get("measured")
     if measured:
-        summary.append(f"latency {format_metric('latency_s', measured['latency_s'])} per sample on this machine "
-                       f"({measured['threads']} thread; budget {format_metric('latency_s', allocation['budget']['latency_s'])}, "
+        threads = f"{measured['threads']} thread; " if measured.get("threads") else ""
+        summary.append(f"latency {format_metric('latency_s', measured['latency_s'])} per sample "
+                       f"{measured.get('where', 'on this machine')} "
+                       f"({threads}budget {format_metric('latency_s', allocation['budget']['latency_s'])}, "
                        f"predicted {format_metric('latency_s', measured['predicted_latency_s'])}"
                        + (f"; re-planned {len(allocation['latency_rounds']) - 1}x from measurements"
                           if allocation.get("latency_rounds") else "") + ")")

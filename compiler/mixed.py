@@ -417,14 +417,17 @@ def check_latency(plan: QuantPlan, target, out_dir: Path, inputs: dict[str, np.n
     blocks = len(timing.get("block_medians_ms", ())) or 1
     measured = timing.get("settled_ms", timing["median_ms"]) / 1e3
     predicted = (allocation.get("totals") or {}).get("latency_s")
+    # a target that does not time the artifact here (an emulator) says where and how it measured
+    how = timing.get("how") or ((f"the lowest of {blocks} block medians of {timing.get('runs')} runs" if blocks > 1
+                                 else f"median of {timing.get('runs')} runs") + f", {timing.get('threads')} thread")
     record = {"latency_s": measured, "median_latency_s": timing["median_ms"] / 1e3, "runs": timing.get("runs"),
               "blocks": blocks, "threads": timing.get("threads"), "predicted_latency_s": predicted,
-              "within_budget": measured <= limit}
+              "within_budget": measured <= limit, "where": timing.get("where", "on this machine"), "how": how}
+    if "instructions" in timing:
+        record["instructions"] = timing["instructions"]
     allocation["measured"] = record
-    how = (f"the lowest of {blocks} block medians of {record['runs']} runs" if blocks > 1
-           else f"median of {record['runs']} runs")
-    line = (f"Measured on this machine: {format_metric('latency_s', measured)} per sample ({how}, "
-            f"{record['threads']} thread) against the budget {format_metric('latency_s', limit)}"
+    line = (f"Measured {record['where']}: {format_metric('latency_s', measured)} per sample ({how}) "
+            f"against the budget {format_metric('latency_s', limit)}"
             + (f"; the cost model predicted {format_metric('latency_s', predicted)}" if predicted else "") + ".")
     sections = plan.totals.setdefault("report_sections", {})
     sections["Bit allocation"] = sections.get("Bit allocation", "") + "\n\n" + line

@@ -31,6 +31,7 @@ from compiler.intgraph import INT_DOMAIN
 from compiler.requant import dequantize_linear, dtype_range, quantize_linear
 from targets.base import CompileContext, Target, compare_integer_outputs, latency_summary
 from targets.mcu import codegen, qemu
+from targets.mcu.cost import DEFAULT_DEVICE
 from targets.mcu.memory import ALIAS_OPS, MemoryPlan, activation_types, ordered_nodes, plan_memory
 
 PROJECT_DIR = "mcu"
@@ -106,7 +107,8 @@ class McuTarget(Target):
 
             int_model = integerize(onnx.load(str(ctx.qdq_model_path)))
         build = ctx.options.get("build_firmware", True)
-        written = lower_int_model(int_model, Path(ctx.out_dir) / PROJECT_DIR, build=build)
+        written = lower_int_model(int_model, Path(ctx.out_dir) / PROJECT_DIR, build=build,
+                                  device=ctx.options.get("device"))
         samples = ctx.options.get("verify_samples") or VERIFY_SAMPLES
         if build and ctx.calib_inputs:
             # Like the cpu target: the firmware itself, in qemu, against the interpreter.
@@ -117,6 +119,25 @@ class McuTarget(Target):
                      f"values (see verify.json)")
             written.append(Path(ctx.out_dir) / VERIFY_FILE)
         return written
+
+    def measure_latency(self, out_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, Any] | None:
+        """The firmware's instructions for the first sample, counted in qemu (``-icount``), at the
+        clock of the device it was compiled for: qemu has no timing model, and on a Cortex-M cycles
+        are at least the instructions (targets/mcu/cost.py), so this is a lower bound of the
+        latency, priced the way the cost model prices it."""
+        from targets.mcu.cost import cost_model
+
+        project = Path(out_dir) / PROJECT_DIR
+        if not (project / "firmware.elf").exists():
+            return None
+        io = _load_io(project)
+        preset = cost_model(io.get("device")).preset
+        sample = {name: np.asarray(value)[:1] for name, value in inputs.items()}
+        instructions = qemu.instructions_per_sample(project, input_bytes(out_dir, sample))[0]
+        seconds = instructions / preset.speed_vs_m4 / preset.clock_hz
+        return {"median_ms": seconds * 1e3, "runs": 1, "instructions": int(instructions), "where": "in qemu",
+                "how": f"{instructions:,} instructions of the firmware for one sample at the {preset.name} preset's "
+                       f"{preset.clock_hz / 1e6:g} MHz; a lower bound: cycles >= instructions"}
 
     def run(self, out_dir: Path, inputs: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
         inputs = self.check_inputs(out_dir, inputs)
@@ -178,15 +199,17 @@ class McuTarget(Target):
         return report
 
 
-def lower_int_model(int_model: onnx.ModelProto, project: Path, build: bool = True) -> list[Path]:
-    """Plan, generate and (optionally) build the C project of ``int_model`` in ``project``."""
+def lower_int_model(int_model: onnx.ModelProto, project: Path, build: bool = True,
+                    device: str | None = None) -> list[Path]:
+    """Plan, generate and (optionally) build the C project of ``int_model`` in ``project`` (for the
+    ``device`` preset, recorded in io.json: the latency check prices its instructions at that clock)."""
     from targets.mcu.packing import packed_weight_names
 
     types = activation_types(int_model)
     plan = plan_memory(int_model, types)
     packed = packed_weight_names(int_model)
     kernels = graph_kernels(int_model, ordered_nodes(int_model, plan, types), types, packed)
-    paths = write_and_build(project, int_model, plan, types, kernels, build=build, packed=packed)
+    paths = write_and_build(project, int_model, plan, types, kernels, build=build, packed=packed, device=device)
     onnx.save(int_model, str(project / INT_MODEL_FILE))
     return [*paths, project / INT_MODEL_FILE]
 
@@ -213,7 +236,7 @@ def _load_io(project: Path) -> dict:
 
 def write_and_build(project_dir: Path, int_model: onnx.ModelProto, plan: MemoryPlan, types: dict,
                     kernels: list[codegen.Kernel], build: bool = True,
-                    packed: frozenset[str] = frozenset()) -> list[Path]:
+                    packed: frozenset[str] = frozenset(), device: str | None = None) -> list[Path]:
     """Write the C project (atomically), build it and write memory.json / io.json. The
     weights named in ``packed`` are stored two int4 values per byte (the kernels must
     come from :func:`graph_kernels` with the same names)."""
@@ -236,6 +259,7 @@ def write_and_build(project_dir: Path, int_model: onnx.ModelProto, plan: MemoryP
                    "dtype": out_dtype,
                    "scale": float(attribute(out_node, "scale")),
                    "zero_point": int(attribute(out_node, "zero_point", 0))},
+        "device": (device or DEFAULT_DEVICE).lower(),
     }
     spec = codegen.ProjectSpec(plan, types, weights, io["input"], io["output"])
     with atomic_dir(project_dir) as tmp:

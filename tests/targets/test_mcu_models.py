@@ -80,3 +80,23 @@ def _cost_model_predicts_the_instructions(result, out_dir: Path, sample: dict) -
                     for name, layer in result.plan.layers.items()) + model.table["instructions_per_call"]
     measured = qemu.instructions_per_sample(out_dir / PROJECT_DIR, input_bytes(out_dir, sample))[0]
     assert abs(predicted / measured - 1) < 0.1, (predicted, measured)
+
+
+def test_latency_budget_is_checked_against_the_firmwares_instructions(tmp_path) -> None:
+    """Under --budget latency on the MCU, compile counts the built firmware's instructions in qemu and
+    prices them at the device's clock (qemu has no timing: a lower bound), beside the cost model's
+    prediction; the CPU target times its library instead."""
+    from compiler.pipeline import CompileOptions, compile_model
+    from targets.mcu.cost import cost_model
+
+    out_dir = tmp_path / "out"
+    result = compile_model(CompileOptions(target="mcu", device="cortex-m7", budget="latency=100ms",
+                                          out_dir=str(out_dir), progress=False))
+    measured = result.plan.totals["allocation"]["measured"]
+    preset = cost_model("cortex-m7").preset
+    assert measured["where"] == "in qemu" and measured["instructions"] > 1_000_000
+    assert measured["latency_s"] == pytest.approx(measured["instructions"] / preset.speed_vs_m4 / preset.clock_hz)
+    assert abs(measured["predicted_latency_s"] / measured["latency_s"] - 1) < 0.1
+    assert measured["within_budget"]
+    assert "Measured in qemu:" in (out_dir / "report.md").read_text()
+    assert json.loads((out_dir / PROJECT_DIR / "io.json").read_text())["device"] == "cortex-m7"
