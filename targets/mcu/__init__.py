@@ -125,13 +125,10 @@ class McuTarget(Target):
         clock of the device it was compiled for: qemu has no timing model, and on a Cortex-M cycles
         are at least the instructions (targets/mcu/cost.py), so this is a lower bound of the
         latency, priced the way the cost model prices it."""
-        from targets.mcu.cost import cost_model
-
         project = Path(out_dir) / PROJECT_DIR
         if not (project / "firmware.elf").exists():
             return None
-        io = _load_io(project)
-        preset = cost_model(io.get("device")).preset
+        preset = _device_preset(project)
         sample = {name: np.asarray(value)[:1] for name, value in inputs.items()}
         instructions = qemu.instructions_per_sample(project, input_bytes(out_dir, sample))[0]
         seconds = instructions / preset.speed_vs_m4 / preset.clock_hz
@@ -176,9 +173,12 @@ class McuTarget(Target):
             start = time.perf_counter()
             qemu.run_qemu(project, one)
             times.append(time.perf_counter() - start)
+        preset = _device_preset(project)
         return latency_summary(times, instructions_per_inference=instructions,
                                runtime="qemu-system-arm mps2-an386: wall time of the emulator "
-                                       "(includes its start-up), not of a Cortex-M4")
+                                       "(includes its start-up), not of a Cortex-M4",
+                               device=preset.name,
+                               device_ms_at_least=instructions / preset.speed_vs_m4 / preset.clock_hz * 1e3)
 
     def verify(self, out_dir: Path, inputs: dict[str, np.ndarray], int_model: onnx.ModelProto | None = None,
                on: str = "qemu", **options: Any) -> dict:
@@ -225,6 +225,13 @@ def input_bytes(out_dir: Path, inputs: dict[str, np.ndarray]) -> bytes:
     if tuple(x.shape[1:]) != per_sample:
         raise EdgeqError(f"input '{name}' has shape {list(x.shape)}; expected [N, {', '.join(map(str, per_sample))}]")
     return quantize(x, io["input"]).tobytes()
+
+
+def _device_preset(project: Path):
+    """The cost-model preset of the device the project was compiled for (io.json; older builds: the default)."""
+    from targets.mcu.cost import cost_model
+
+    return cost_model(_load_io(project).get("device")).preset
 
 
 def _load_io(project: Path) -> dict:

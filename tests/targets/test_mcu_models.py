@@ -82,7 +82,7 @@ def _cost_model_predicts_the_instructions(result, out_dir: Path, sample: dict) -
     assert abs(predicted / measured - 1) < 0.1, (predicted, measured)
 
 
-def test_latency_budget_is_checked_against_the_firmwares_instructions(tmp_path) -> None:
+def test_latency_budget_is_checked_against_the_firmwares_instructions(tmp_path, capsys) -> None:
     """Under --budget latency on the MCU, compile counts the built firmware's instructions in qemu and
     prices them at the device's clock (qemu has no timing: a lower bound), beside the cost model's
     prediction; the CPU target times its library instead."""
@@ -100,3 +100,17 @@ def test_latency_budget_is_checked_against_the_firmwares_instructions(tmp_path) 
     assert measured["within_budget"]
     assert "Measured in qemu:" in (out_dir / "report.md").read_text()
     assert json.loads((out_dir / PROJECT_DIR / "io.json").read_text())["device"] == "cortex-m7"
+    # edgeq run --repeat prices the same count on the device, and labels qemu's wall time as the emulator's
+    import numpy as np
+
+    from compiler.cli import main
+    from models import bundled
+
+    inputs, _ = bundled.test_data()
+    np.savez(tmp_path / "x.npz", **{name: value[:1] for name, value in inputs.items()})
+    capsys.readouterr()
+    assert main(["run", str(out_dir), "--inputs", str(tmp_path / "x.npz"), "--repeat", "1"]) == 0
+    line = capsys.readouterr().out
+    expected_ms = measured["instructions"] / preset.speed_vs_m4 / preset.clock_hz * 1e3  # of another sample
+    assert line.startswith("mcu: at least ") and "ms per sample on a cortex-m7" in line and "emulator" in line
+    assert float(line.split()[3]) == pytest.approx(expected_ms, rel=0.01)
