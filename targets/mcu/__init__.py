@@ -31,7 +31,7 @@ from compiler.intgraph import INT_DOMAIN
 from compiler.requant import dequantize_linear, dtype_range, quantize_linear
 from targets.base import CompileContext, Target, compare_integer_outputs, latency_summary
 from targets.mcu import codegen, qemu
-from targets.mcu.cost import DEFAULT_DEVICE
+from targets.mcu.cost import DEFAULT_DEVICE, McuPreset, cost_model
 from targets.mcu.memory import ALIAS_OPS, MemoryPlan, activation_types, ordered_nodes, plan_memory
 
 PROJECT_DIR = "mcu"
@@ -131,8 +131,7 @@ class McuTarget(Target):
         preset = _device_preset(project)
         sample = {name: np.asarray(value)[:1] for name, value in inputs.items()}
         instructions = qemu.instructions_per_sample(project, input_bytes(out_dir, sample))[0]
-        seconds = instructions / preset.speed_vs_m4 / preset.clock_hz
-        return {"median_ms": seconds * 1e3, "runs": 1, "instructions": int(instructions), "where": "in qemu",
+        return {"median_ms": preset.seconds(instructions) * 1e3, "runs": 1, "instructions": int(instructions), "where": "in qemu",
                 "how": f"{instructions:,} instructions of the firmware for one sample at the {preset.name} preset's "
                        f"{preset.clock_hz / 1e6:g} MHz; a lower bound: cycles >= instructions"}
 
@@ -178,7 +177,7 @@ class McuTarget(Target):
                                runtime="qemu-system-arm mps2-an386: wall time of the emulator "
                                        "(includes its start-up), not of a Cortex-M4",
                                device=preset.name,
-                               device_ms_at_least=instructions / preset.speed_vs_m4 / preset.clock_hz * 1e3)
+                               device_ms_at_least=preset.seconds(instructions) * 1e3)
 
     def verify(self, out_dir: Path, inputs: dict[str, np.ndarray], int_model: onnx.ModelProto | None = None,
                on: str = "qemu", **options: Any) -> dict:
@@ -227,10 +226,8 @@ def input_bytes(out_dir: Path, inputs: dict[str, np.ndarray]) -> bytes:
     return quantize(x, io["input"]).tobytes()
 
 
-def _device_preset(project: Path):
+def _device_preset(project: Path) -> McuPreset:
     """The cost-model preset of the device the project was compiled for (io.json; older builds: the default)."""
-    from targets.mcu.cost import cost_model
-
     return cost_model(_load_io(project).get("device")).preset
 
 

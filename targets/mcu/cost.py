@@ -61,6 +61,10 @@ class McuPreset:
     # Instructions of edgeq's (Cortex-M4) code per cycle on this core: CoreMark/MHz over the M4's.
     speed_vs_m4: float = 1.0
 
+    def seconds(self, instructions: float) -> float:
+        """Time for ``instructions`` of edgeq's code on this part (cycles = instructions on the M4: a lower bound)."""
+        return instructions / self.speed_vs_m4 / self.clock_hz
+
 
 M4_COREMARK_PER_MHZ = 3.40
 # A float32 op (an online rotation) loops like its integer kernel, but VFMA.F32 issues in
