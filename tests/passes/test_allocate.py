@@ -209,8 +209,9 @@ def test_greedy_meets_the_budget_and_never_beats_the_ilp(direction):
 class _UnpackingCostModel(McuCostModel):
     """A core running CMSIS-NN-style SMLAD kernels: 4-bit weights are unpacked before the MAC (dearer per
     MAC), 16-bit activations skip the widening (cheaper per MAC, but twice the SRAM). edgeq's own
-    Cortex-M4 code has neither trade-off (targets/mcu/cost_table.json); this test is about greedy's moves
-    between budgets that pull apart, so it prices such a core (the estimates edgeq's MCU model used before)."""
+    Cortex-M4 code (targets/mcu/cost_table.json) prices no 16-bit activations; this test is about greedy's
+    moves between budgets that pull apart, so it prices such a core (the estimates edgeq's MCU model used
+    before)."""
 
     CYCLES_PER_MAC = {(8, 8): 1.15, (4, 8): 1.65, (2, 8): 2.1, (16, 8): 1.1,
                       (8, 16): 1.1, (4, 16): 1.6, (2, 16): 2.05, (16, 16): 1.0,

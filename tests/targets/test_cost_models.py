@@ -71,7 +71,7 @@ def test_mcu_presets(device):
 def test_mcu_cycles_price_the_code_edgeq_generates():
     """cost_table.json is tools/fit_mcu_cost.py's fit of instructions in qemu: every build it used was
     bit-exact, the whole models it did not see are predicted within 10%, and on that code 4-bit weights
-    save flash at little time (the kernels unpack in the MAC loop), unlike an SMLAD kernel library."""
+    save flash but cost time (the kernels unpack them in the MAC loop)."""
     import json
 
     table = json.loads(mcu_cost.TABLE.read_text())
@@ -81,8 +81,8 @@ def test_mcu_cycles_price_the_code_edgeq_generates():
     m4 = mcu_cost.cost_model("cortex-m4")
     w8, w4 = m4.layer_cost(CONV, 8, 8), m4.layer_cost(CONV, 4, 8)
     assert w4.resources["flash_bytes"] < w8.resources["flash_bytes"]
-    assert w8.latency_s < w4.latency_s < 1.25 * w8.latency_s
-    assert m4.cycles(CONV, 8, 8) > 4 * CONV.macs  # TVM's C, not ~1.2 cycles per MAC
+    assert w8.latency_s < w4.latency_s < 2 * w8.latency_s
+    assert m4.cycles(CONV, 8, 8) > 3 * CONV.macs  # TVM's C, not ~1.2 cycles per MAC
     # the same Cortex-M4 code on faster cores, by CoreMark/MHz
     cycles = {device: mcu_cost.cost_model(device).cycles(CONV, 8, 8) for device in mcu_cost.PRESETS}
     assert cycles["cortex-m7"] < cycles["cortex-m55"] < cycles["cortex-m4"]
