@@ -10,9 +10,9 @@ resources whose costs disagree about which layer to shrink:
   activations a whole one: BRAM is saved on the big layers, DSPs on any layer
   (every layer has its own engine of 32 multipliers), LUTs spent by 2-bit ones.
 * ``mcu`` (Cortex-M55 preset): flash and latency. 4-bit weights halve flash
-  but cost edgeq's firmware 7-20% more cycles on convolutions (unpacked in the
-  MAC loop; 11% fewer on a Gemm: targets/mcu/cost_table.json), so layers with
-  many weights and few MACs are the ones to shrink. (MobileNetV2's 224x224 activations do not fit the preset's
+  but cost edgeq's firmware 20-50% more cycles (unpacked in the MAC loop:
+  targets/mcu/cost_table.json), so layers with many weights and few MACs are
+  the ones to shrink. (MobileNetV2's 224x224 activations do not fit the preset's
   SRAM: this is the planning problem only, not a build.)
 
 For each model (MobileNetV2, EfficientNet-Lite0):

@@ -9,11 +9,11 @@ project's Makefile), not a hand-written kernel library: tools/fit_mcu_cost.py
 compiles one- and two-layer models, runs each build in qemu-system-arm and fits the
 instructions one ``model_run`` executes per MAC (by layer kind and bit pair), per
 output element and per layer; the fit is cost_table.json next to this file, with
-its measurements and a validation on whole models it did not see. That code runs
-5-15 instructions per MAC, and 4-bit weights (unpacked in the MAC loop) cost 7-20%
-more on convolutions and 11% less on a Gemm -- the CMSIS-NN-class estimates this
-model used before (~1.2 cycles per MAC on the M4, 4-bit weights ~40% dearer)
-priced code edgeq does not emit.
+its measurements and a validation on whole models it did not see. That code
+(-O3 -funroll-loops) runs 3.5-8 instructions per MAC at w8a8, and 4-bit weights,
+unpacked in the MAC loop, cost 20-50% more -- the CMSIS-NN-class estimates this
+model used before (~1.2 cycles per MAC on the M4) were 3.3-4.1x under what the
+firmware executes.
 
 qemu counts instructions, not cycles. On the Cortex-M4 most data-processing
 instructions take one cycle, loads two unless pipelined and taken branches two to
