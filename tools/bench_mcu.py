@@ -171,7 +171,7 @@ def render(results: list[dict], failures: dict[str, str], bundled_rows: list[dic
         "",
         "Measured with `python tools/bench_mcu.py`. edgeq: w8a8, int8 activations, calibrated on",
         "the models' sample inputs (models/data), kernels from TVM's C codegen built with",
-        "arm-none-eabi-gcc -O3 for cortex-m4; run in qemu-system-arm -M mps2-an386.",
+        "arm-none-eabi-gcc -O3 -funroll-loops for cortex-m4; run in qemu-system-arm -M mps2-an386.",
         "TFLM: the shipped int8 .tflite (int8-io variant) in TFLite Micro's host interpreter",
         "(tools/tflm_reference.py; its persistent arena tail holds 64-bit pointers on the host).",
         "Flash: edgeq = text+data of the model objects (model.o weights.o kernels.o",
