@@ -135,16 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _compile(args: argparse.Namespace) -> int:
     from compiler.budget import format_metric
     from compiler.mixed import allocator_options
-    from compiler.pipeline import CompileOptions, compile_model
+    from compiler.pipeline import compile_model, options_from_args
 
-    options = CompileOptions(
-        model=args.model, input_shapes=args.input_shape, calib=args.calib, preprocess=args.preprocess,
-        random_calib=args.random_calib, max_calib_samples=args.max_calib_samples, eval_data=args.eval_data, target=args.target,
-        device=args.device, target_triple=args.target_triple, bits=args.bits, weight_block=args.weight_block,
-        activation_type=args.activation_type, calibrate_method=args.calibrate_method,
-        budget=args.budget, pins=args.pin, recipe=args.recipe, out_dir=args.output, progress=not args.quiet,
-        allocator=allocator_options(args),
-    )
+    options = options_from_args(args, eval_data=args.eval_data, target_triple=args.target_triple,
+                                out_dir=args.output, progress=not args.quiet, allocator=allocator_options(args))
     result = compile_model(options)
     fidelity = result.plan.fidelity
     summary = [f"wrote {', '.join(path.name for path in result.files)} to {result.out_dir}/"]

@@ -58,6 +58,24 @@ class InputSpec:
         return ", ".join("?" if not isinstance(d, int) else str(d) for d in (self.shape or [])[1:])
 
 
+def input_sample_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Each real graph input's dims after the batch axis.
+
+    Integer-only code is generated for fixed shapes, so a symbolic or unknown
+    dim there is a one-line EdgeqError naming the input (the batch axis may be
+    anything).
+    """
+    result = {}
+    for spec in model_inputs(model):
+        dims = spec.shape or []
+        if not all(isinstance(dim, int) for dim in dims[1:]):
+            shown = [dim if dim is not None else "?" for dim in dims]
+            raise EdgeqError(f"input '{spec.name}' needs static dims after the batch axis for integer-only code, "
+                             f"got {shown}: fix them with --input-shape {spec.name}:D,D,...")
+        result[spec.name] = list(dims[1:])
+    return result
+
+
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     """Element type and shape of every real (non-initializer) input."""
     real = set(graph_input_names(model))

@@ -62,36 +62,6 @@ def graph_input_names(model: onnx.ModelProto) -> list[str]:
     return [value.name for value in model.graph.input if value.name not in inits]
 
 
-def static_dims(value: onnx.ValueInfoProto) -> list[int | None]:
-    """A value's dims, None where not a fixed positive size (symbolic or unknown)."""
-    return [dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
-            for dim in value.type.tensor_type.shape.dim]
-
-
-def input_sample_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Each real graph input's dims after the batch axis.
-
-    Integer-only code is generated for fixed shapes, so a symbolic or unknown
-    dim there is a one-line EdgeqError naming the input (the batch axis may be
-    anything).
-    """
-    from compiler.errors import EdgeqError
-
-    real = set(graph_input_names(model))
-    result = {}
-    for value in model.graph.input:
-        if value.name not in real:
-            continue
-        dims = static_dims(value)
-        if any(dim is None for dim in dims[1:]):
-            shown = [size if size is not None else (dim.dim_param or "?")
-                     for size, dim in zip(dims, value.type.tensor_type.shape.dim, strict=True)]
-            raise EdgeqError(f"input '{value.name}' needs static dims after the batch axis for integer-only code, "
-                             f"got {shown}: fix them with --input-shape {value.name}:D,D,...")
-        result[value.name] = [int(dim) for dim in dims[1:]]
-    return result
-
-
 def graph_output_names(model: onnx.ModelProto) -> list[str]:
     return [value.name for value in model.graph.output]
 

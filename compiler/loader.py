@@ -61,21 +61,19 @@ def parse_input_shapes(texts: list[str], model: onnx.ModelProto) -> dict[str, li
     polygraphy take the whole shape, edgeq's data files the per-sample one. The
     batch axis stays as the model has it, since edgeq runs batches of samples.
     """
-    from compiler.graph import graph_input_names, static_dims
+    from compiler.data import model_inputs
 
-    real = set(graph_input_names(model))
-    declared = {value.name: static_dims(value) for value in model.graph.input if value.name in real}
-    inputs = {name: len(dims) for name, dims in declared.items()}
+    declared = {spec.name: spec.shape or [] for spec in model_inputs(model)}  # int where static
     shapes: dict[str, list[int]] = {}
     for text in texts:
         name, _, dims_text = text.rpartition(":")
         if not name:
-            if len(inputs) != 1:
-                raise EdgeqError(f"--input-shape '{text}': name the input (the model has {len(inputs)}: "
-                                 f"{', '.join(inputs)}), e.g. {INPUT_SHAPE_EXAMPLE}")
-            name = next(iter(inputs))
-        if name not in inputs:
-            raise EdgeqError(f"--input-shape '{text}': the model has no input '{name}' (inputs: {', '.join(inputs)})")
+            if len(declared) != 1:
+                raise EdgeqError(f"--input-shape '{text}': name the input (the model has {len(declared)}: "
+                                 f"{', '.join(declared)}), e.g. {INPUT_SHAPE_EXAMPLE}")
+            name = next(iter(declared))
+        if name not in declared:
+            raise EdgeqError(f"--input-shape '{text}': the model has no input '{name}' (inputs: {', '.join(declared)})")
         if name in shapes:
             raise EdgeqError(f"--input-shape gives input '{name}' twice")
         try:
@@ -84,13 +82,13 @@ def parse_input_shapes(texts: list[str], model: onnx.ModelProto) -> dict[str, li
             dims = []
         if not dims or any(dim <= 0 for dim in dims):
             raise EdgeqError(f"--input-shape '{text}': expected positive integers, e.g. {INPUT_SHAPE_EXAMPLE}")
-        rank = inputs[name]
+        rank = len(declared[name])
         if len(dims) not in (rank, rank - 1):
             raise EdgeqError(f"--input-shape '{text}': input '{name}' has rank {rank}, so give {rank - 1} dims "
                              f"after the batch axis (or all {rank})")
         shapes[name] = dims[1:] if len(dims) == rank else dims
         for axis, (fixed, given) in enumerate(zip(declared[name][1:], shapes[name], strict=True), start=1):
-            if fixed is not None and fixed != given:  # only symbolic dims are the user's to set
+            if isinstance(fixed, int) and fixed != given:  # only symbolic dims are the user's to set
                 raise EdgeqError(f"--input-shape '{text}': axis {axis} of input '{name}' is {fixed} in the model, "
                                  f"not {given}")
     return shapes

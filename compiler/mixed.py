@@ -680,7 +680,7 @@ def allocate_model(options: CompileOptions) -> QuantPlan:
 def allocate_command(args: argparse.Namespace) -> int:
     """``edgeq allocate``: the plan (or the Pareto frontier) without compiling."""
     from compiler.atomic import atomic_dir, check_output_dir
-    from compiler.pipeline import CompileOptions, check_no_allocator_options
+    from compiler.pipeline import check_no_allocator_options, options_from_args
 
     if not args.budget and not args.pareto:
         raise EdgeqError("edgeq allocate needs --budget (e.g. size=0.5) or --pareto")
@@ -693,10 +693,7 @@ def allocate_command(args: argparse.Namespace) -> int:
     pareto_metric = _pareto_metric(budget, args.target)
     if args.pareto and pareto_metric not in metrics:  # each metric named once (in the record and report)
         metrics.append(pareto_metric)
-    plan, mixed = allocation_problem(CompileOptions(
-        model=args.model, input_shapes=args.input_shape, calib=args.calib, preprocess=args.preprocess,
-        random_calib=args.random_calib, max_calib_samples=args.max_calib_samples, target=args.target, device=args.device, budget=args.budget,
-        pins=args.pin, recipe=args.recipe, weight_block=args.weight_block, allocator=options), metrics)
+    plan, mixed = allocation_problem(options_from_args(args, allocator=options), metrics)
     problem = mixed.problem
     out = Path(args.output)
     messages = []  # printed only once everything is in place: a failed run reports nothing as written

@@ -146,6 +146,17 @@ def normalize_options(options: CompileOptions) -> None:
                          f"fields, not {type(allocator).__name__}")
 
 
+def options_from_args(args: Any, **fields: Any) -> CompileOptions:
+    """CompileOptions from the options ``edgeq compile`` and ``edgeq allocate`` share (model, data,
+    target, bits, budget, pins, recipe, weight blocks: compiler/cli.py), plus ``fields``."""
+    return CompileOptions(
+        model=args.model, input_shapes=args.input_shape, calib=args.calib, preprocess=args.preprocess,
+        random_calib=args.random_calib, max_calib_samples=args.max_calib_samples,
+        calibrate_method=args.calibrate_method, target=args.target, device=args.device, bits=args.bits,
+        activation_type=args.activation_type, budget=args.budget, pins=args.pin, recipe=args.recipe,
+        weight_block=args.weight_block, **fields)
+
+
 def _string_list(value: Any, field_name: str, example: str) -> list[str] | None:
     """One string is one item (not its characters); else a list or tuple of strings."""
     if value is None or isinstance(value, str):
@@ -372,16 +383,13 @@ def is_bundled_model(path: Path) -> bool:
 
 
 def _load(options: CompileOptions) -> tuple[Path, onnx.ModelProto]:
+    from models import bundled
+
     if isinstance(options.model, onnx.ModelProto):  # named by its graph in plan.json and the report
         path = Path(f"{options.model.graph.name or 'model'}.onnx")
         model = check_model(options.model, f"the model '{path.stem}'")
     else:
-        if options.model is None:
-            from models import bundled
-
-            path = bundled.model_path()
-        else:
-            path = Path(options.model)
+        path = bundled.model_path() if options.model is None else Path(options.model)
         model = load_model(path)
     if options.input_shapes:
         model = with_sample_dims(model, parse_input_shapes(options.input_shapes, model))

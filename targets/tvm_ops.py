@@ -40,8 +40,9 @@ import numpy as np
 import onnx
 from tvm import te, tirx, topi
 
+from compiler.data import input_sample_dims
 from compiler.errors import EdgeqError
-from compiler.graph import attribute, initializer_array, input_sample_dims
+from compiler.graph import attribute, initializer_array
 from compiler.interpreter import pad_widths, run_all, slice_ranges
 
 Types = dict[str, tuple[tuple[int, ...], str]]

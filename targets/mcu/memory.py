@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from compiler.data import input_sample_dims
 from compiler.errors import EdgeqError
-from compiler.graph import graph_input_names, graph_output_names, input_sample_dims, value_shapes
+from compiler.graph import graph_input_names, graph_output_names, value_shapes
 from compiler.intgraph import INT_DOMAIN
 
 log = logging.getLogger(__name__)

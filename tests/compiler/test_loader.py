@@ -3,8 +3,8 @@
 import onnx
 import pytest
 
+from compiler.data import input_sample_dims
 from compiler.errors import EdgeqError
-from compiler.graph import input_sample_dims
 from compiler.loader import parse_input_shapes, with_sample_dims
 from tests.tiny_models import single_conv
 
