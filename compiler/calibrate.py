@@ -189,6 +189,16 @@ def run_batches(
 
 
 # -- ranges -------------------------------------------------------------------------
+def resolve_method(method: str, model: onnx.ModelProto, tensor_names: list[str]) -> tuple[str, dict[str, str]]:
+    """(method, per-tensor overrides) of a ``--calibrate-method``: "auto" is MSE-optimal clipping
+    inside the network and min-max at graph outputs, so the largest logit is never clipped."""
+    if method != "auto":
+        return method, {}
+    from compiler.graph import graph_output_names
+
+    return "mse", {name: "minmax" for name in graph_output_names(model) if name in tensor_names}
+
+
 def collect_observers(
     model: onnx.ModelProto,
     data: dict[str, np.ndarray],

@@ -37,16 +37,10 @@ def calibrate_plan(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.
                    integer_only: bool, method: str = "auto", batch_size: int = 32,
                    progress: bool = False) -> dict[str, tuple[float, float]]:
     """Activation ranges for every tensor ``plan`` quantizes, each fitted for its quantizer's width."""
-    from compiler.calibrate import collect_ranges
-    from compiler.graph import graph_output_names
+    from compiler.calibrate import collect_ranges, resolve_method
 
     names = tensors_to_calibrate(model, plan, integer_only=integer_only)
-    overrides: dict[str, str] = {}
-    if method == "auto":
-        # MSE-optimal clipping inside the network; graph outputs keep their full
-        # range so the largest logit is never clipped.
-        method = "mse"
-        overrides = {name: "minmax" for name in graph_output_names(model) if name in names}
+    method, overrides = resolve_method(method, model, names)
     # Each quantizer's range is fitted for its own width (16-bit layers of a mixed plan).
     widths = {name: plan.a_bits for name in names}
     for group in activation_groups(model, plan, integer_only=integer_only):

@@ -639,22 +639,22 @@ def allocation_problem(options: CompileOptions, metrics: list[str] | None = None
     """The plan and allocation problem of ``options`` (a ``compiler.pipeline.CompileOptions``): model and
     data loaded, transformed and layer-selected as ``edgeq compile`` does, every layer priced for
     ``metrics`` (default: those ``options.budget`` names). Nothing is solved or written."""
-    from compiler.pipeline import choose_weight_block, load_model_and_data, normalize_options
-    from compiler.recipe import apply_transforms, resolve_recipe
-    from passes.select_layers import select_layers
+    from compiler.pipeline import (
+        check_default_bits,
+        load_model_and_data,
+        normalize_options,
+        plan_before_allocation,
+    )
     from targets.base import get_target
 
     normalize_options(options)
     target = get_target(options.target)
-    # Model and data exactly as `edgeq compile` loads them (the bundled model with its data by default).
-    model_path, model, calib, _ = load_model_and_data(options)
+    check_default_bits(options, target)  # a bad --bits fails before any work
+    # Model, data, transforms and plan exactly as `edgeq compile` makes them (the bundled model with
+    # its data by default).
+    model_path, float_model, calib, _ = load_model_and_data(options)
+    recipe, model, plan = plan_before_allocation(options, target, model_path, float_model, calib)
     integer_only = target.needs_integer_graph
-    recipe = resolve_recipe(options.recipe, model)
-    model = apply_transforms(recipe, model, calib)  # planned on the graph `edgeq compile` would quantize
-    plan = select_layers(model, integer_only=integer_only)
-    plan.model, plan.target = str(model_path), options.target
-    plan.weight_block_size, plan.recipe["weight_block_source"] = choose_weight_block(
-        options.weight_block, recipe, options.target, integer_only)
     if metrics is None:
         metrics = resolve_metric_names(parse_budget(options.budget) if options.budget else {})
     mixed = build_problem(model, plan, calib, target, options.device, integer_only=integer_only,

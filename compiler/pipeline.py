@@ -35,7 +35,7 @@ from compiler.atomic import atomic_dir, check_output_dir, empty_dir
 from compiler.budget import parse_budget
 from compiler.console import warn
 from compiler.errors import EdgeqError
-from compiler.export import export_plan, run_stage
+from compiler.export import Stage, export_plan, run_stage
 from compiler.loader import check_model, load_model, parse_input_shapes, with_sample_dims
 from compiler.ort_kernels import kernel_usage
 from compiler.plan import QuantPlan
@@ -229,28 +229,12 @@ def compile_model(options: CompileOptions) -> CompileResult:
         check_no_allocator_options(options.allocator, "--budget")
     elif "latency_s" not in parse_budget(options.budget):
         check_no_allocator_options(options.allocator, "--budget latency=...", fields=("latency_rounds",))
-    w_bits, a_bits = parse_bits(options.bits)
     target = get_target(options.target)
     target.check_can_lower()  # a target without a lowering fails before any work
-    lowered_widths = {w for w, _ in target.cost_model(options.device).bit_pairs}
-    if w_bits not in lowered_widths:
-        raise EdgeqError(f"--bits {options.bits}: target {options.target} does not lower {w_bits}-bit weights "
-                         f"(its weight widths: {', '.join(str(w) for w in sorted(lowered_widths))})")
+    check_default_bits(options, target)
     integer_only = target.needs_integer_graph
     model_path, float_model, calib, evaluation = load_model_and_data(options, stage)
-
-    recipe = resolve_recipe(options.recipe, float_model)
-    weight_block, weight_block_source = choose_weight_block(options.weight_block, recipe, options.target, integer_only)
-    # The recipe's transforms rewrite the graph but keep its float function.
-    model = stage("transforms", lambda: apply_transforms(recipe, float_model, calib, w_bits=w_bits, a_bits=a_bits))
-    plan = stage("select", lambda: select_layers(
-        model, w_bits=w_bits, a_bits=a_bits, integer_only=integer_only,
-        activation_signed=options.activation_type == "int8"))
-    plan.model, plan.target = str(model_path), options.target
-    plan.weight_block_size = weight_block
-    record_recipe(plan, recipe)
-    plan.recipe["calibrate_method"] = options.calibrate_method
-    plan.recipe["weight_block_source"] = weight_block_source
+    recipe, model, plan = plan_before_allocation(options, target, model_path, float_model, calib, stage)
     if options.pins and not options.budget:  # with a budget the allocator keeps them
         apply_pins(plan, options.pins, target.cost_model(options.device).bit_pairs)
     if options.budget:
@@ -303,6 +287,43 @@ def compile_model(options: CompileOptions) -> CompileResult:
         files = sorted(out_dir / path.name for path in tmp.iterdir())
     return CompileResult(out_dir=out_dir, plan=plan, float_model=float_model, qdq_model=qdq,
                          files=files, timings=timings)
+
+
+def check_default_bits(options: CompileOptions, target: Any) -> tuple[int, int]:
+    """``options.bits`` parsed, and checked against the weight widths ``target`` lowers."""
+    w_bits, a_bits = parse_bits(options.bits)
+    lowered_widths = {w for w, _ in target.cost_model(options.device).bit_pairs}
+    if w_bits not in lowered_widths:
+        raise EdgeqError(f"--bits {options.bits}: target {options.target} does not lower {w_bits}-bit weights "
+                         f"(its weight widths: {', '.join(str(w) for w in sorted(lowered_widths))})")
+    return w_bits, a_bits
+
+
+def plan_before_allocation(options: CompileOptions, target: Any, model_path: Path, float_model: onnx.ModelProto,
+                           calib: dict[str, np.ndarray], stage: Stage = run_stage
+                           ) -> tuple[Recipe, onnx.ModelProto, QuantPlan]:
+    """(recipe, transformed model, plan) as ``options`` make them before any bit allocation.
+
+    One place for ``edgeq compile`` and ``edgeq allocate`` (and ``allocate_model``),
+    so a plan allocated without compiling is the one compile would allocate:
+    same transforms, default bits (``--bits``), activation type and
+    calibration method.
+    """
+    w_bits, a_bits = check_default_bits(options, target)
+    integer_only = target.needs_integer_graph
+    recipe = resolve_recipe(options.recipe, float_model)
+    weight_block, weight_block_source = choose_weight_block(options.weight_block, recipe, options.target, integer_only)
+    # The recipe's transforms rewrite the graph but keep its float function.
+    model = stage("transforms", lambda: apply_transforms(recipe, float_model, calib, w_bits=w_bits, a_bits=a_bits))
+    plan = stage("select", lambda: select_layers(
+        model, w_bits=w_bits, a_bits=a_bits, integer_only=integer_only,
+        activation_signed=options.activation_type == "int8"))
+    plan.model, plan.target = str(model_path), options.target
+    plan.weight_block_size = weight_block
+    record_recipe(plan, recipe)
+    plan.recipe["calibrate_method"] = options.calibrate_method
+    plan.recipe["weight_block_source"] = weight_block_source
+    return recipe, model, plan
 
 
 # AllocatorOptions fields and the CLI options that set them (for messages).

@@ -103,18 +103,22 @@ def activation_ranges(
     calib: dict[str, np.ndarray],
     a_bits: Sequence[int],
     *,
-    method: str = "mse",
+    method: str | None = None,
     batch_size: int = 32,
 ) -> dict[int, dict[str, tuple[float, float]]]:
     """Activation ranges fitted for each candidate width and OUTPUT_BITS (one calibration pass).
 
     Every tensor an integer-only export quantizes is covered (layer outputs too).
+    ``method`` defaults to the plan's calibration method (``plan.recipe["calibrate_method"]``,
+    "auto" when unset), so candidates are measured on the ranges the export will use.
     """
-    from compiler.calibrate import collect_observers, observer_range
+    from compiler.calibrate import collect_observers, observer_range, resolve_method
     from passes.insert_qdq import tensors_to_calibrate
 
     names = tensors_to_calibrate(model, plan, integer_only=True)
-    observers = collect_observers(model, calib, names, method=method, batch_size=batch_size, progress=False)
+    method, overrides = resolve_method(method or plan.recipe.get("calibrate_method", "auto"), model, names)
+    observers = collect_observers(model, calib, names, method=method, method_overrides=overrides,
+                                  batch_size=batch_size, progress=False)
     return {
         bits: {name: observer_range(obs, bits, plan.activation_signed, False) for name, obs in observers.items()}
         for bits in sorted({*a_bits, OUTPUT_BITS})

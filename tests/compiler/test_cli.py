@@ -620,6 +620,25 @@ def test_allocate_model_from_python_gives_the_plan_edgeq_allocate_writes(workspa
                                       budget="size=0.01"))
 
 
+def test_allocate_plans_with_the_options_compile_plans_with(workspace, capsys):
+    """--activation-type and --calibrate-method reach the allocator's table in `edgeq allocate` as in
+    `edgeq compile --budget` (once allocate accepted and ignored them, so its plan could differ)."""
+    common = [workspace / "tiny.onnx", "--calib", workspace / "calib", "--budget", "size=0.7", "-q"]
+    chosen = ["--activation-type", "int8", "--calibrate-method", "minmax"]
+    tables = {}
+    for name, command, options in (("allocate", "allocate", chosen), ("compile", "compile", chosen),
+                                   ("default", "allocate", [])):
+        code, _, _ = run_cli(capsys, command, *common, *options, "-o", workspace / name)
+        assert code == 0
+        written = json.loads((workspace / name / "plan.json").read_text())
+        tables[name] = {layer["node"]: layer["info"]["sensitivity"] for layer in written["layers"]}
+        if name != "default":
+            assert written["activation_signed"] is True
+            assert written["recipe"]["calibrate_method"] == "minmax"
+    assert tables["allocate"] == tables["compile"]
+    assert tables["allocate"] != tables["default"]  # min-max ranges measure differently from MSE clipping
+
+
 def test_every_option_of_every_command_says_what_it_does():
     """`edgeq COMMAND --help` is the manual: no option may appear there without a line of help."""
     import argparse

@@ -53,6 +53,21 @@ def test_measured_sensitivity_is_deterministic_across_workers_and_grows_as_bits_
     assert sum(serial[n][(None, 16)] for n in weightless) < sum(serial[n][(None, 8)] for n in weightless)
 
 
+def test_activation_ranges_follow_the_plans_calibration_method():
+    """Candidates are measured on the ranges the export will use: the plan's --calibrate-method, and
+    for "auto" the export's rule (MSE clipping inside, min-max at the graph output y)."""
+    model = _matmul_model()
+    plan = select_layers(model)
+    calib = {"x": np.random.default_rng(0).standard_t(2, (64, 4, 8)).astype(np.float32)}  # heavy tails
+    minmax = sn.activation_ranges(model, plan, calib, (8,), method="minmax")[8]
+    mse = sn.activation_ranges(model, plan, calib, (8,), method="mse")[8]
+    assert mse["x"] != minmax["x"] and mse["y"] != minmax["y"]  # MSE clips these tails
+    auto = sn.activation_ranges(model, plan, calib, (8,))[8]  # no method set: "auto"
+    assert auto["x"] == mse["x"] and auto["y"] == minmax["y"]
+    plan.recipe["calibrate_method"] = "minmax"
+    assert sn.activation_ranges(model, plan, calib, (8,))[8] == minmax
+
+
 def test_proxy_equals_the_measured_relative_error_of_a_linear_layer():
     """For y = x W alone, the proxy is E||dy||^2 / E||y||^2 exactly, up to activation noise."""
     model = _matmul_model()
