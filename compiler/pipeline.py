@@ -231,6 +231,12 @@ def compile_model(options: CompileOptions) -> CompileResult:
         check_no_allocator_options(options.allocator, "--budget latency=...", fields=("latency_rounds",))
     target = get_target(options.target)
     target.check_can_lower()  # a target without a lowering fails before any work
+    if options.target_triple and not target.cross_compiles:
+        from targets.base import target_names
+
+        crossing = " or ".join(name for name in target_names() if get_target(name).cross_compiles)
+        raise EdgeqError(f"--target-triple applies to --target {crossing}; target {options.target} does not "
+                         "cross-compile (drop --target-triple)")
     check_default_bits(options, target)
     integer_only = target.needs_integer_graph
     model_path, float_model, calib, evaluation = load_model_and_data(options, stage)

@@ -123,6 +123,9 @@ class Target(ABC):
     # The options ``run``/``benchmark`` take (``edgeq run --threads`` / ``--on``): one given for a
     # target without it is refused, not ignored.
     run_options: frozenset[str] = frozenset()
+    # Whether the lowering builds for another machine (``edgeq compile --target-triple``); a
+    # triple given to a target that ignores it is refused.
+    cross_compiles: bool = False
 
     def check_can_lower(self) -> None:
         """A one-line EdgeqError unless ``edgeq compile`` can produce this target's artifact."""

@@ -9,6 +9,7 @@ the integer runtimes store them).
 
 from __future__ import annotations
 
+from compiler.errors import EdgeqError
 from targets.base import LayerCost, LayerShape, packed_bytes
 
 # Bytes of the per-output-channel constants an integer layer carries besides
@@ -52,3 +53,10 @@ def nearest_supported(bits: int, supported: tuple[int, ...]) -> int:
         if bits <= width:
             return width
     return max(supported)
+
+
+def refuse_device(target: str, device: str | None, why: str) -> None:
+    """A one-line EdgeqError for ``--device`` given to a target without presets (it would be ignored)."""
+    if device is not None:
+        raise EdgeqError(f"--device {device}: target {target} has no device presets ({why}); "
+                         "presets are for --target mcu, gpu and fpga")

@@ -59,6 +59,7 @@ compare_raw = compare_integer_outputs
 class CpuTarget(Target):
     name = "cpu"
     run_options = frozenset({"threads"})
+    cross_compiles = True
     needs_integer_graph = True
 
     def lower(self, ctx: CompileContext) -> list[Path]:

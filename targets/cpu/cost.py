@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from targets.base import CostModel, LayerCost, LayerShape
-from targets.cost_common import base_layer_cost, nearest_supported, traffic_bytes
+from targets.cost_common import base_layer_cost, nearest_supported, refuse_device, traffic_bytes
 
 TABLE_PATH = Path(__file__).with_name("cost_table.json")
 _WIDTHS = (4, 8, 16)
@@ -195,4 +195,5 @@ def _per_kind(table: dict[str, dict[str, float]], kind: str, w_bits: int | None,
 
 
 def cost_model(device: str | None = None) -> CpuCostModel:
+    refuse_device("cpu", device, "its table is measured on this machine; cross-compile with --target-triple")
     return CpuCostModel()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from passes.insert_qdq import INT2_CONTAINER, INT2_CONTAINER_BITS, int2_weight_form
 from targets.base import CostModel, LayerCost, LayerShape, packed_bytes
-from targets.cost_common import base_layer_cost
+from targets.cost_common import base_layer_cost, refuse_device
 
 
 def stored_weight_bits(op_type: str, w_bits: int, a_bits: int) -> int:
@@ -51,4 +51,5 @@ class OnnxCostModel(CostModel):
 
 
 def cost_model(device: str | None = None) -> OnnxCostModel:
+    refuse_device("onnx", device, "the runtime's hardware is unknown")
     return OnnxCostModel()

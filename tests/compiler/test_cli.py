@@ -519,6 +519,27 @@ def test_pin_without_budget_sets_that_layers_bits_on_top_of_bits(workspace, caps
         assert not (workspace / "bad").exists()
 
 
+@pytest.mark.parametrize(("command", "option", "message"), [
+    ("compile", ["--device", "cortex-m4"], "target onnx has no device presets"),
+    ("allocate", ["--target", "cpu", "--device", "host", "--budget", "size=0.7"], "target cpu has no device presets"),
+    ("compile", ["--target-triple", "aarch64-linux-gnu"], "--target-triple applies to --target cpu"),
+    ("compile", ["--target", "mcu", "--target-triple", "aarch64-linux-gnu"], "target mcu does not cross-compile"),
+])
+def test_target_options_a_target_would_ignore_are_refused(workspace, capsys, monkeypatch, command, option, message):
+    """--device for a target without presets and --target-triple for one that does not cross-compile
+    were accepted and silently ignored."""
+    import compiler.pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started with an option that would be ignored")
+
+    monkeypatch.setattr(compiler.pipeline, "load_model", no_work)
+    code, _, stderr = run_cli(capsys, command, workspace / "tiny.onnx", "--calib", workspace / "calib", *option,
+                              "-o", workspace / "out", "-q")
+    assert code == 2 and message in stderr and stderr.count("\n") == 1
+    assert not (workspace / "out").exists()
+
+
 @pytest.mark.parametrize("option", [["--solver", "greedy"], ["--rerank", "4"], ["--sensitivity", "proxy"],
                                     ["--refine", "2"], ["--sensitivity-samples", "16"], ["--rerank-samples", "8"],
                                     ["--latency-rounds", "0"]])

@@ -92,6 +92,9 @@ def test_unknown_devices_are_user_errors():
     for module in (mcu_cost, gpu_cost, fpga_cost):
         with pytest.raises(EdgeqError, match="unknown"):
             module.cost_model("no-such-device")
+    for module in (cpu_cost, onnx_cost):  # no presets: a device would be silently ignored
+        with pytest.raises(EdgeqError, match="no device presets"):
+            module.cost_model("cortex-m4")
 
 
 def test_gpu_roofline():
