@@ -16,6 +16,12 @@ Result keys (the metric names of :mod:`passes.allocate`):
 ``lut``/``dsp``/``bram``  FPGA resources (counts; K/M suffix allowed)
 ==============  ===============================================================
 
+Any key also takes a percentage, e.g. ``latency=80%``, ``bitops=50%``,
+``sram=60%``: a fraction of what the all-8-bit plan costs on the target
+(``size=50%`` is ``size=0.5``). It parses to ``<metric>_fraction`` (e.g.
+``latency_s_fraction``), which :func:`compiler.mixed.absolute_budget` turns into
+an absolute limit once the model is priced.
+
 Byte sizes use binary prefixes, as MCU datasheets do: ``KB`` = ``KiB`` = 1024 bytes,
 ``MB`` = ``MiB`` = 1024**2; a bare number is bytes.
 """
@@ -48,6 +54,10 @@ _KEYS: dict[str, tuple[str, dict[str, float], bool]] = {
 _SIZE_KEYS = {"weight_bytes", "size_fraction"}
 # Every metric name a parsed budget may contain (passes.allocate knows them all).
 BUDGET_METRICS = tuple(sorted({key for key, _, _ in _KEYS.values()} | _SIZE_KEYS))
+
+# suffix of a relative limit's key: a fraction of the all-8-bit plan's total of the metric
+FRACTION = "_fraction"
+_PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
 
 _VALUE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Zµ]*)\s*$")
 
@@ -84,7 +94,14 @@ def parse_budget(text: str | None) -> dict[str, float]:
             raise EdgeqError(f"budget item '{item}' is not key=value (e.g. flash=512KB)")
         key, value = (part.strip() for part in item.split("=", 1))
         key = key.lower()
-        if key == "size":
+        percent = _PERCENT.match(value)
+        if percent and (key == "size" or key in _KEYS):
+            fraction = float(percent.group(1)) / 100
+            if not 0 < fraction <= 4:
+                raise EdgeqError(f"budget '{key}={value}': a percentage of the all-8-bit plan, above 0% and at most 400%")
+            result_key = "size_fraction" if key == "size" else _KEYS[key][0] + FRACTION
+            parsed = fraction
+        elif key == "size":
             result_key, parsed = _parse_size(value)
         elif key in _KEYS:
             result_key, units, integer = _KEYS[key]
@@ -96,10 +113,18 @@ def parse_budget(text: str | None) -> dict[str, float]:
         else:
             known = ", ".join(sorted([*_KEYS, "size"]))
             raise EdgeqError(f"unknown budget key '{key}' (known: {known})")
-        if result_key in budget or (key == "size" and budget.keys() & _SIZE_KEYS):
+        if base_metric(result_key) in {base_metric(given) for given in budget}:
             raise EdgeqError(f"budget key '{key}' given twice")
         budget[result_key] = parsed
     return budget
+
+
+def base_metric(key: str) -> str:
+    """The allocator metric a parsed budget key limits: ``latency_s_fraction`` -> ``latency_s``,
+    ``size_fraction`` -> ``weight_bytes``."""
+    if key == "size_fraction":
+        return "weight_bytes"
+    return key.removesuffix(FRACTION)
 
 
 def _parse_size(value: str) -> tuple[str, float]:

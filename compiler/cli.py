@@ -60,7 +60,8 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
                         help="default weight/activation bits, e.g. w8a8, w4a8, w8a16, w2a8 (target onnx)")
     parser.add_argument("--activation-type", default="uint8", choices=["uint8", "int8"],
                         help="8-bit activation type (uint8 is ~3x faster in onnxruntime on x86)")
-    parser.add_argument("--budget", help="bit allocation budget, e.g. size=0.5, flash=512KB,sram=128KB, latency=1.5ms")
+    parser.add_argument("--budget", help="bit allocation budget, e.g. size=0.5, flash=512KB,sram=128KB, latency=1.5ms; "
+                                           "a percentage is of the all-8-bit plan (latency=80%%, bitops=50%%)")
     parser.add_argument("--pin", action="append", metavar="LAYER=w8a8",
                         help="fix a layer's bits in the bit allocation (repeatable; LAYER=w8 pins weights only)")
     parser.add_argument("--recipe", help="transform recipe name or TOML file (default: by model family)")

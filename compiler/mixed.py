@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from compiler.budget import format_metric, parse_budget
+from compiler.budget import FRACTION, base_metric, format_metric, parse_budget
 from compiler.console import note, warn
 from compiler.errors import EdgeqError
 from compiler.export import export_plan
@@ -40,6 +40,8 @@ from passes.allocate import (
     apply_allocation,
     choice_label,
     drop_dominated_choices,
+    eight_bit_choices,
+    evaluate,
     frontier,
     greedy,
     layer_metric,
@@ -309,8 +311,29 @@ def _compiled_by(model: onnx.ModelProto, recipe: Recipe, data: dict[str, np.ndar
 
 
 def resolve_metric_names(budget: dict[str, float]) -> list[str]:
-    """The allocator's metric names of a parsed budget (``size_fraction`` is a weight-bytes limit)."""
-    return ["weight_bytes" if metric == "size_fraction" else metric for metric in budget]
+    """The allocator's metric names of a parsed budget (``size_fraction`` is a weight-bytes limit,
+    ``latency_s_fraction`` a latency one)."""
+    return [base_metric(metric) for metric in budget]
+
+
+def absolute_budget(mixed: MixedPrecision, budget: dict[str, float]) -> dict[str, float]:
+    """``budget`` with each relative limit (``latency=80%`` parses to ``latency_s_fraction``) made
+    absolute: that fraction of the all-8-bit plan's total on this target's cost model. Recorded in
+    ``mixed.record["relative_budget"]``. ``size_fraction`` stays: the allocator takes it as it is."""
+    relative = {key: value for key, value in budget.items() if key.endswith(FRACTION) and key != "size_fraction"}
+    if not relative:
+        return budget
+    reference = evaluate(mixed.problem, eight_bit_choices(mixed.problem))
+    absolute = {key: value for key, value in budget.items() if key not in relative}
+    mixed.record["relative_budget"] = {}
+    for key, fraction in relative.items():
+        metric = base_metric(key)
+        if reference.get(metric) is None:
+            raise EdgeqError(f"the target's cost model has no '{metric}' estimate, so it cannot be budgeted")
+        absolute[metric] = fraction * reference[metric]
+        mixed.record["relative_budget"][metric] = {"fraction": fraction, "all_8bit": reference[metric],
+                                                   "limit": absolute[metric]}
+    return absolute
 
 
 # A mid-sized 3x3 convolution: what "does this metric change with the activation bits" is asked of.
@@ -365,7 +388,14 @@ def _greedy_plan(problem: AllocationProblem, budget: dict[str, float]) -> list[A
 def solve_into_plan(mixed: MixedPrecision, plan: QuantPlan, budget: dict[str, float],
                     options: AllocatorOptions) -> Allocation:
     """:func:`solve`, then the chosen bits and how they were chosen written into ``plan``."""
-    allocation = solve(mixed, budget, options)
+    try:
+        allocation = solve(mixed, budget, options)
+    except EdgeqError as error:  # an infeasible budget the user gave in percent: say what the percent was of
+        relative = mixed.record.get("relative_budget")
+        if not relative:
+            raise
+        raise EdgeqError(f"{error} ({'; '.join(_relative_text(metric, entry) for metric, entry in relative.items())})"
+                         ) from None
     apply_allocation(plan, mixed.problem, allocation)
     plan.totals["allocation"]["allocator"] = mixed.record
     for message in device_overruns(mixed.device, mixed.device_limits, budget, allocation.totals):
@@ -530,6 +560,7 @@ def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     mixed = build_problem(model, plan, calib, target, device, integer_only=integer_only,
                           pins=pins, options=options, metrics=resolve_metric_names(budget), recipe=recipe)
     problem = mixed.problem
+    budget = absolute_budget(mixed, budget)
     mixed.budget = budget
     if "latency_s" in budget:  # the floor of re-planning and of the hint, and the plan re-planning starts from
         others = resolve_budget(problem, {metric: value for metric, value in budget.items() if metric != "latency_s"})
@@ -570,6 +601,12 @@ def frontier_plot(problem: AllocationProblem, metric: str, points: list[tuple[fl
     return pareto_svg(points, metric, chosen=chosen, title=f"Pareto frontier: {metric}", budget=limit)
 
 
+def _relative_text(metric: str, relative: dict) -> str:
+    """``latency_s 1.2ms is 80% of the all-8-bit plan's 1.5ms``: a budget given in percent."""
+    return (f"{metric} {format_metric(metric, relative['limit'])} is {relative['fraction'] * 100:.4g}% of the "
+            f"all-8-bit plan's {format_metric(metric, relative['all_8bit'])}")
+
+
 def allocation_summary(problem: AllocationProblem, allocation: Allocation, record: dict | None = None) -> str:
     """Markdown explaining the ILP's answer: how it was chosen, budget vs totals, each layer's choice."""
     lines = [f"Solved by {allocation.method} ({allocation.status}) in {allocation.solve_time_s * 1e3:.1f} ms; "
@@ -590,6 +627,9 @@ def allocation_summary(problem: AllocationProblem, allocation: Allocation, recor
             how += (f" Not measured: {skipped['choices']} choices of {skipped['layers']} layers, for which "
                     f"{skipped['reason']}.")
         lines += [how, ""]
+        if record.get("relative_budget"):
+            lines += ["Budget given in percent: " + "; ".join(
+                _relative_text(metric, relative) for metric, relative in record["relative_budget"].items()) + ".", ""]
         if problem.online_ops:
             lines += [f"Float ops inserted by transforms and run online ({', '.join(problem.online_ops)}) are "
                       "charged as fixed costs: " + ", ".join(
@@ -672,7 +712,7 @@ def allocate_model(options: CompileOptions) -> QuantPlan:
     if not options.budget:
         raise EdgeqError("allocate_model needs a budget, e.g. CompileOptions(budget='size=0.5')")
     plan, mixed = allocation_problem(options)
-    solve_into_plan(mixed, plan, parse_budget(options.budget), mixed.options)
+    solve_into_plan(mixed, plan, absolute_budget(mixed, parse_budget(options.budget)), mixed.options)
     plan.update_totals()
     return plan
 
@@ -695,6 +735,7 @@ def allocate_command(args: argparse.Namespace) -> int:
         metrics.append(pareto_metric)
     plan, mixed = allocation_problem(options_from_args(args, allocator=options), metrics)
     problem = mixed.problem
+    budget = absolute_budget(mixed, budget)
     out = Path(args.output)
     messages = []  # printed only once everything is in place: a failed run reports nothing as written
     with atomic_dir(out, replaces_outputs=True) as tmp:  # the folder holds this run's outputs only
@@ -727,7 +768,7 @@ def allocate_command(args: argparse.Namespace) -> int:
 def _pareto_metric(budget: dict[str, float], target: str) -> str:
     """The metric the frontier is drawn over: the budget's first metric, else a target default."""
     for metric in budget:
-        return "weight_bytes" if metric == "size_fraction" else metric
+        return base_metric(metric)
     # FPGA: block RAM holds the weights, so it is what weight bits trade against
     # (with 8-bit activations only, the LUT/DSP counts barely move).
     return {"mcu": "flash_bytes", "cpu": "latency_s", "gpu": "latency_s", "fpga": "bram"}.get(target, "weight_bytes")

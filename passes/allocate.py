@@ -496,6 +496,15 @@ def _allowed_choices(problem: AllocationProblem, layer: LayerOptions) -> list[Ch
     return allowed
 
 
+def eight_bit_choices(problem: AllocationProblem) -> dict[str, Choice]:
+    """The all-8-bit plan: each layer at w8a8 (a8 if weightless), a pinned layer as pinned. What a
+    relative budget (``bitops=50%``) is a fraction of; it need not meet any budget."""
+    def closeness(choice: Choice) -> tuple[bool, bool, int]:
+        return choice[1] == 8, choice[0] in (8, None), choice[0] or 0
+
+    return {layer.name: max(_allowed_choices(problem, layer), key=closeness) for layer in problem.layers}
+
+
 def solver_names() -> list[str]:
     available = pulp.listSolvers(onlyAvailable=True)
     names = []

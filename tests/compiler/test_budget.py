@@ -21,6 +21,12 @@ def test_parses_every_metric_with_units():
     assert parse_budget("") == {} and parse_budget(None) == {}
 
 
+def test_percentages_are_fractions_of_the_all_8_bit_plan():
+    assert parse_budget("latency=80%,bitops=50 %") == {"latency_s_fraction": 0.8, "bitops_fraction": 0.5}
+    assert parse_budget("size=50%") == parse_budget("size=0.5") == {"size_fraction": 0.5}
+    assert parse_budget("flash=75%,sram=100%") == {"flash_bytes_fraction": 0.75, "sram_bytes_fraction": 1.0}
+
+
 @pytest.mark.parametrize("text", [
     "flash", "flash=", "flash=lots", "flash=12parsecs", "speed=3", "size=0", "size=-1", "size=7",
     "latency=-2ms", "flash=1KB,flash=2KB", "flash=1KB,,sram=2KB", "latency=1e400",
@@ -31,7 +37,12 @@ def test_bad_budgets_are_user_errors(text):
 
 
 @pytest.mark.parametrize(("text", "says"), [
-    ("size=0.5,size=20KB", "'size' given twice"),  # a fraction and bytes are one weight-size limit
+    ("size=0.5,size=20KB", "'size' given twice"),
+    ("size=0.5,size=50%", "'size' given twice"),
+    ("latency=1ms,latency=80%", "'latency' given twice"),  # one limit per metric, relative or not
+    ("latency=0%", "above 0%"),
+    ("bitops=500%", "at most 400%"),
+    ("speed=50%", "unknown budget key 'speed'"),  # a fraction and bytes are one weight-size limit
     ("size=20KB,size=0.5", "'size' given twice"),
     ("flash=0.5B", "less than one byte"),  # was parsed as 0 bytes, then reported "infeasible"
     ("size=0.2B", "less than one byte"),

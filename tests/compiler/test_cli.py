@@ -660,6 +660,28 @@ def test_allocate_plans_with_the_options_compile_plans_with(workspace, capsys):
     assert tables["allocate"] != tables["default"]  # min-max ranges measure differently from MSE clipping
 
 
+def test_a_budget_in_percent_is_that_share_of_the_all_8_bit_plan(workspace, capsys):
+    """bitops=50%: half the bit-operations of every layer at w8a8 (MACs x 8 x 8), the same plan as the
+    absolute budget it stands for; an infeasible percentage says what it was a percentage of."""
+    data = [workspace / "tiny.onnx", "--calib", workspace / "calib", "-q"]
+    code, stdout, _ = run_cli(capsys, "allocate", *data, "--budget", "bitops=50%", "-o", workspace / "rel")
+    assert code == 0 and "is 50% of the all-8-bit plan's" in stdout
+    allocation = json.loads((workspace / "rel" / "plan.json").read_text())["totals"]["allocation"]
+    relative = allocation["allocator"]["relative_budget"]["bitops"]
+    assert relative["all_8bit"] == allocation["totals"]["macs"] * 8 * 8
+    assert allocation["budget"]["bitops"] == pytest.approx(0.5 * relative["all_8bit"])
+    assert allocation["totals"]["bitops"] <= allocation["budget"]["bitops"]
+    code, _, _ = run_cli(capsys, "allocate", *data, "--budget", f"bitops={allocation['budget']['bitops']:.17g}",
+                         "-o", workspace / "abs")
+    absolute = json.loads((workspace / "abs" / "plan.json").read_text())["layers"]
+    relative_plan = json.loads((workspace / "rel" / "plan.json").read_text())["layers"]
+    assert code == 0 and [(layer["w_bits"], layer["a_bits"]) for layer in absolute] == [
+        (layer["w_bits"], layer["a_bits"]) for layer in relative_plan]
+    code, _, stderr = run_cli(capsys, "allocate", *data, "--budget", "bitops=1%", "-o", workspace / "none")
+    assert code == 2 and "smallest achievable" in stderr and "is 1% of the all-8-bit plan's" in stderr
+    assert not (workspace / "none").exists()
+
+
 def test_every_option_of_every_command_says_what_it_does():
     """`edgeq COMMAND --help` is the manual: no option may appear there without a line of help."""
     import argparse
