@@ -246,6 +246,20 @@ def _qglobal_average_pool(node, args):
     return _requant_out(node, centred.sum(axis=tuple(range(2, centred.ndim)), keepdims=True))
 
 
+@_op("QSoftmax")
+def _qsoftmax(node, args):
+    x = args[0].astype(np.int64)
+    table = np.asarray(attribute(node, "exp_table"), dtype=np.int64)
+    distance = np.minimum(x.max(axis=-1, keepdims=True) - x, len(table) - 1)
+    exp = table[distance]
+    total = exp.sum(axis=-1, keepdims=True)
+    (multiplier,), (shift,) = attribute(node, "multiplier"), attribute(node, "shift")
+    denominator = total << (shift + 1)  # 2 * total * 2**shift: round half up in the division below
+    probability = (2 * exp * multiplier + (denominator >> 1)) // denominator
+    return saturate(probability + attribute(node, "y_zero_point", 0), attribute(node, "y_min"),
+                    attribute(node, "y_max"), attribute(node, "y_dtype"))
+
+
 # -- standard data movement ops on integer tensors -------------------------------------
 @_op("MaxPool")
 def _max_pool(node, args):

@@ -68,6 +68,14 @@ activations are stored as int8/uint8 with ``y_min/y_max`` = the 4-bit range).
                                 plus ``x_zero_point multiplier shift`` + y_*.
                                 QGlobalAveragePool: the window is all of H x W
                                 (output [N, C, 1, 1]).
+``QSoftmax(x) -> y``            softmax over the last axis: ``d = max(x) - x`` along it,
+                                ``e = exp_table[min(d, len(exp_table) - 1)]`` where
+                                ``exp_table[d] = round(exp(-d * x_scale) * 2**16)`` (cut
+                                after its last nonzero entry, plus one 0),
+                                ``total = sum(e)`` along the axis (int64),
+                                ``y = clip(floor((2 * e * M + total * 2**s) / (2 * total * 2**s))
+                                + y_zero_point)`` with ``M * 2**-s ~= 1 / y_scale`` (round
+                                half up). attrs ``exp_table multiplier shift`` + y_*.
 
 Standard ONNX ops allowed on integer tensors (pure data movement or exact):
 ``MaxPool``, ``Reshape``, ``Flatten``, ``Transpose``, ``Squeeze``,

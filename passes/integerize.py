@@ -8,7 +8,8 @@ Requires
     DequantizeLinear, symmetric, per tensor or per output channel; biases are
     int32 initializers feeding DequantizeLinear (or plain float initializers);
     every compute op (Conv, Gemm, MatMul, Add, Mul, AveragePool,
-    GlobalAveragePool, Concat) has its output quantized by a QuantizeLinear,
+    GlobalAveragePool, Concat, Softmax over the last axis) has its output
+    quantized by a QuantizeLinear,
     possibly through Relu/Clip nodes. Static shapes where GlobalAveragePool is
     used. Only 2-D convolutions with explicit padding (``auto_pad`` NOTSET or
     VALID).
@@ -28,14 +29,16 @@ Float function
     Not preserved exactly: the QDQ model's float rescaling becomes dyadic
     integer requantization (round half up instead of half even, 31-bit
     multipliers). Outputs differ by at most about 1 LSB on a small fraction of
-    values (measured by ``tests/compiler/test_interpreter.py``).
+    values (measured by ``tests/compiler/test_interpreter.py``); Softmax's exp
+    is a Q16 table, its probabilities within 1 LSB of onnxruntime's
+    (``tests/passes/test_integerize.py``).
 
 Float regions
     Any op that would have to run in float between the input Quantize and the
     output Dequantize is an error naming the node -- including a float tail
-    after the last DequantizeLinear (e.g. Softmax): integer-only targets cannot
-    run it, and silently dropping it would change the outputs. Quantize the
-    tail or remove it (Softmax does not change the argmax) before integerizing.
+    after the last DequantizeLinear (e.g. an unquantized Softmax): integer-only
+    targets cannot run it, and silently dropping it would change the outputs.
+    Quantize the tail or remove it before integerizing.
 """
 
 from __future__ import annotations
@@ -156,6 +159,18 @@ def _float_error(node: onnx.NodeProto, why: str) -> EdgeqError:
     )
 
 
+SOFTMAX_EXP_BITS = 16  # QSoftmax's exp table holds exp(-d * scale) in Q16
+
+
+def softmax_exp_table(scale: float, max_distance: int) -> list[int]:
+    """``round(exp(-d * scale) * 2**16)`` for d = 0 .. ``max_distance``, cut after the last nonzero
+    entry (plus one 0, which every larger distance reads)."""
+    distances = np.arange(max_distance + 1, dtype=np.float64)
+    table = np.rint(np.exp(-distances * scale) * 2.0**SOFTMAX_EXP_BITS).astype(np.int64)
+    nonzero = int(np.count_nonzero(table))  # exp decreases: the nonzero entries come first
+    return [int(v) for v in table[:min(nonzero + 1, len(table))]]
+
+
 class _Integerizer:
     def __init__(self, qdq_model: onnx.ModelProto) -> None:
         model = onnx.ModelProto()
@@ -208,6 +223,8 @@ class _Integerizer:
             self._average_pool(node)
         elif op == "Concat":
             self._concat(node)
+        elif op == "Softmax":
+            self._softmax(node)
         elif op in DATA_MOVEMENT_OPS:
             self._data_movement(node)
         elif op in CLAMP_OPS:
@@ -577,6 +594,24 @@ class _Integerizer:
         out, params, clamp = self._output_quant(node)
         self._emit(op, [x], out, params, clamp, name=self.new_name(node.name or out),
                    x_zero_point=px.zero_point, **self._requant_attrs(real), **attrs)
+
+    def _softmax(self, node: onnx.NodeProto) -> None:
+        """``QSoftmax`` over the last axis: exp of each value's distance below the row's maximum from
+        a table made for the input scale, normalised in integers (compiler.intgraph)."""
+        x = self._int_input(node, 0)
+        px = self.params[x]
+        shape = self._shape_of(node.input[0])
+        axis = int(attribute(node, "axis", -1))
+        if not shape or axis % len(shape) != len(shape) - 1 or not isinstance(shape[-1], int):
+            raise _float_error(node, f"Softmax over axis {axis} of shape {shape}: only the last axis, "
+                                     "of static size, has an integer lowering")
+        y_scale = self._peek_out_scale(node)
+        requant = self._requant_attrs(1.0 / y_scale)
+        if shape[-1] * 2 ** (1 + SOFTMAX_EXP_BITS + requant["shift"][0]) >= 2**63:
+            raise EdgeqError(f"{_describe(node)}: {shape[-1]} values per row overflow the integer normalisation")
+        out, params, clamp = self._output_quant(node)
+        self._emit("QSoftmax", [x], out, params, clamp, name=self.new_name(node.name or out),
+                   exp_table=softmax_exp_table(px.scale, px.qmax - px.qmin), **requant)
 
     def _shape_of(self, name: str) -> list | None:
         """Inferred shape of ``name``, looking through Q/DQ (they keep the shape)."""

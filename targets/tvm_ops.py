@@ -336,6 +336,35 @@ class _Builder:
             x[n, c, rh, rw].astype(acc_dtype) - tirx.const(zero, acc_dtype), axis=[rh, rw]), name="acc")
         return te.compute(self.out_shape, lambda *i: self.requant(acc[i].astype("int64")), name="y")
 
+    def op_QSoftmax(self) -> te.Tensor:
+        node = self.node
+        x = self.tensor(node.input[0])
+        values = np.asarray(attribute(node, "exp_table"), dtype=np.int32)
+        name = f"{node.name or node.output[0]}_exp_table"
+        self.constants[name] = values
+        table = te.placeholder(values.shape, "int32", name=_ident(name))
+        self.params.append(table)
+        self.args.append(name)
+        out = self.out_shape
+        rows, width = out[:-1], out[-1]
+        (multiplier,), (shift,) = attribute(node, "multiplier"), attribute(node, "shift")
+        k = te.reduce_axis((0, width), name="k")
+        peak = te.compute(rows, lambda *r: te.max(x[(*r, k)].astype("int32"), axis=k), name="peak")
+
+        def exp(*i):  # read from the table twice rather than kept: no row-sized int64 buffer on an MCU's stack
+            distance = tirx.min(peak[i[:-1]] - x[i].astype("int32"), len(values) - 1)
+            return table[distance].astype("int64")
+
+        j = te.reduce_axis((0, width), name="j")
+        total = te.compute(rows, lambda *r: te.sum(exp(*r, j), axis=j), name="total")
+
+        def probability(*i):
+            denominator = total[i[:-1]] * _i64(2 ** (shift + 1))  # round half up in the division
+            numerator = exp(*i) * _i64(2 * multiplier) + tirx.floordiv(denominator, _i64(2))
+            return clamp_cast(tirx.floordiv(numerator, denominator), node)
+
+        return te.compute(out, probability, name="y")
+
     def op_MaxPool(self) -> te.Tensor:
         x = self.tensor(self.node.input[0])
         if attribute(self.node, "ceil_mode", 0):

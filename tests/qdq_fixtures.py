@@ -196,6 +196,16 @@ class QDQBuilder:
         return _model(nodes, self.inputs, [_value(out_name, shape)], self.inits, self.opset)
 
 
+def softmax_model(input_dtype=np.int8, classes: int = 10) -> onnx.ModelProto:
+    """x -> MatMul (int8 weights) -> Softmax over the last axis, its probabilities quantized to uint8:
+    a classifier's head as integer-only targets compile it. ``input_dtype`` np.int16: 16-bit logits."""
+    b = QDQBuilder(seed=5, opset=21 if input_dtype == np.int16 else OPSET)  # int16 QuantizeLinear: opset 21
+    x = b.input("x", [1, 3, 16], scale=0.05, zero_point=0, dtype=np.int8)
+    logits = b.qdq(b.node("MatMul", [x, b.weight([16, classes], axis=1)]), 0.06 if input_dtype == np.int8 else 0.0003,
+                   0, input_dtype)
+    return b.model(b.qdq(b.node("Softmax", [logits], axis=-1), 1 / 256, 0, np.uint8))
+
+
 MOBILENET_V2_BLOCKS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                        (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 

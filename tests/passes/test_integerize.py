@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from compiler.errors import EdgeqError
@@ -15,6 +16,7 @@ from tests.qdq_fixtures import (
     matmul_model,
     quantize_qdq,
     random_inputs,
+    softmax_model,
 )
 
 EDGE_OPS = {"Quantize", "Dequantize"}
@@ -156,6 +158,34 @@ def test_float_tail_after_the_last_dequantize_is_an_error():
     x = b.input("x", [1, 4])
     soft = b.node("Softmax", [x], axis=-1)
     with pytest.raises(EdgeqError, match="Softmax"):
+        integerize(b.model(soft))
+
+
+@pytest.mark.parametrize("input_dtype", [np.int8, np.int16], ids=["8-bit", "16-bit"])
+def test_softmax_becomes_an_integer_softmax_within_one_lsb_of_onnxruntime(input_dtype):
+    """A quantized Softmax (a classifier's head on an integer-only target) becomes QSoftmax: an exp
+    table for the input scale, normalised in integers; probabilities within 1 LSB of onnxruntime's
+    QDQ model and rows summing to 1 within the rounding."""
+    qdq = softmax_model(input_dtype)
+    int_model = integerize(qdq)
+    (softmax,) = [node for node in int_model.graph.node if node.op_type == "QSoftmax"]
+    table = list(attribute(softmax, "exp_table"))
+    assert table[0] == 2**16 and table[-1] == 0 and table == sorted(table, reverse=True)
+    assert len(table) < np.iinfo(input_dtype).max - np.iinfo(input_dtype).min  # cut where exp rounds to 0
+    session = ort.InferenceSession(qdq.SerializeToString())
+    for seed in range(8):
+        sample = {"x": np.random.default_rng(seed).normal(0, 3, (1, 3, 16)).astype(np.float32)}
+        assert_integer_only(int_model, sample)
+        got = run_integer_graph(int_model, sample)["y"]
+        assert np.max(np.abs(got - session.run(None, sample)[0])) <= 1 / 256 + 1e-7
+        assert np.allclose(got.sum(axis=-1), 1.0, atol=10 / 256)
+
+
+def test_softmax_over_another_axis_is_an_error_naming_it():
+    b = QDQBuilder()
+    x = b.input("x", [1, 4, 3])
+    soft = b.qdq(b.node("Softmax", [x], axis=1), 1 / 256, 0)
+    with pytest.raises(EdgeqError, match="Softmax node 'softmax.*only the last axis"):
         integerize(b.model(soft))
 
 

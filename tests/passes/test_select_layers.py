@@ -60,4 +60,5 @@ def test_attention_mask_and_softmax_stay_float_with_reasons():
 def test_integer_only_quantizes_attention_matmul():
     plan = select_layers(_attention_block(), integer_only=True)
     assert "qk" in plan.layers
+    assert "softmax" in plan.layers  # integer-only code has a QSoftmax; elsewhere it stays float (above)
     assert "mask_add" not in plan.layers

@@ -23,6 +23,7 @@ from tests.qdq_fixtures import (
     mobilenet_v2_like_model,
     quantize_qdq,
     random_inputs,
+    softmax_model,
 )
 
 
@@ -57,11 +58,16 @@ def ops_model() -> onnx.ModelProto:
     return b.model(mm)
 
 
-@pytest.mark.parametrize("builder", [conv_block_model, matmul_model, ops_model],
-                         ids=["conv_block", "matmul", "ops"])
+def softmax_16_bit_model() -> onnx.ModelProto:
+    return softmax_model(np.int16)
+
+
+@pytest.mark.parametrize("builder", [conv_block_model, matmul_model, ops_model, softmax_model, softmax_16_bit_model],
+                         ids=["conv_block", "matmul", "ops", "softmax", "softmax_16_bit"])
 def test_every_op_is_bit_exact_on_random_inputs(builder, tmp_path):
     model = builder()
-    qdq = model if builder is ops_model else quantize_qdq(model, random_inputs(model, 16))
+    hand_written = builder in (ops_model, softmax_model, softmax_16_bit_model)  # already QDQ
+    qdq = model if hand_written else quantize_qdq(model, random_inputs(model, 16))
     int_model = integerize(qdq)
     inputs = batch(random_inputs(model, 3, seed=21))
     inputs = {k: v * 2.5 for k, v in inputs.items()}  # saturate some values too

@@ -91,6 +91,17 @@ class _Builder:
         self.nodes.append(helper.make_node(op, [x], [name], name=name, domain=domain, **attrs))
         return name
 
+    def softmax(self, x: str, x_scale: float) -> str:
+        from passes.integerize import softmax_exp_table
+
+        name = self._name("softmax")
+        multiplier, shift = dyadic(256.0)
+        self.nodes.append(helper.make_node(
+            "QSoftmax", [x], [name], name=name, domain="edgeq", exp_table=softmax_exp_table(x_scale, 255),
+            multiplier=[int(multiplier)], shift=[int(shift)], y_zero_point=-128, y_min=-128, y_max=127,
+            y_dtype="int8"))
+        return name
+
     def requantize(self, x: str) -> str:
         name = self._name("rq")
         self.nodes.append(helper.make_node("Requantize", [x], [name], name=name, domain="edgeq", x_zero_point=3,
@@ -156,7 +167,17 @@ def _int4_weights():
     return b.model(b.gemm(t, 5, 3, w_bits=4))
 
 
-@pytest.mark.parametrize("make", [_conv_chain, _residual, _concat_reshape, _wide_depthwise, _int4_weights],
+def _softmax_head():
+    """A classifier head: global pool, gemm, integer softmax (an exp table, an int64 division on the M4)."""
+    b = _Builder([1, 4, 6, 6], seed=5)
+    t = b.conv("x_q", 4, 8, 3, pad=1, x_zp=-5, relu=True)
+    t = b.pool("QGlobalAveragePool", t, window=6 * 6)
+    t = b.simple("Flatten", [t], axis=1)
+    return b.model(b.softmax(b.gemm(t, 8, 10), x_scale=0.08))
+
+
+@pytest.mark.parametrize("make", [_conv_chain, _residual, _concat_reshape, _wide_depthwise, _int4_weights,
+                                  _softmax_head],
                          ids=lambda f: f.__name__.strip("_"))
 def test_bit_exact_in_qemu(make, tmp_path) -> None:
     pytest.importorskip("targets.tvm_ops", reason="targets.tvm_ops (the integer ops' TE definitions) not there yet")
