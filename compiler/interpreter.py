@@ -260,6 +260,12 @@ def _qsoftmax(node, args):
                     attribute(node, "y_max"), attribute(node, "y_dtype"))
 
 
+@_op("QLookup")
+def _qlookup(node, args):
+    table = np.asarray(attribute(node, "table"), dtype=np.int64)
+    return table[args[0].astype(np.int64) - attribute(node, "x_min")].astype(attribute(node, "y_dtype"))
+
+
 # -- standard data movement ops on integer tensors -------------------------------------
 @_op("MaxPool")
 def _max_pool(node, args):

@@ -76,6 +76,12 @@ activations are stored as int8/uint8 with ``y_min/y_max`` = the 4-bit range).
                                 ``y = clip(floor((2 * e * M + total * 2**s) / (2 * total * 2**s))
                                 + y_zero_point)`` with ``M * 2**-s ~= 1 / y_scale`` (round
                                 half up). attrs ``exp_table multiplier shift`` + y_*.
+``QLookup(x) -> y``             any elementwise function of one input (:data:`TABLE_OPS`):
+                                ``y = table[x - x_min]``; ``table`` (one entry per input
+                                level, ``x_min`` .. x's largest level) is the ONNX op applied to
+                                each dequantized level in float32 (ONNX's reference implementation), quantized to y's
+                                parameters and clamp (exactly what the QDQ model computes).
+                                attrs ``table x_min`` + y_*.
 
 Standard ONNX ops allowed on integer tensors (pure data movement or exact):
 ``MaxPool``, ``Reshape``, ``Flatten``, ``Transpose``, ``Squeeze``,
@@ -99,4 +105,10 @@ INT_DOMAIN_VERSION = 1
 DATA_MOVEMENT_OPS = frozenset(
     {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat",
      "Pad", "Slice", "Gather", "Identity"}
+)
+
+# Elementwise functions of one activation that the integer graph runs as QLookup tables.
+TABLE_OPS = frozenset(
+    {"Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu", "Softplus",
+     "Softsign", "Mish", "Exp"}
 )

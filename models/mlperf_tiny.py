@@ -191,8 +191,8 @@ def build(name: str, cache_dir: Path | None = None, *, softmax: bool = True) -> 
     """The float ONNX model (NCHW input), converted from the Keras .h5 once and cached.
 
     ``softmax=False`` gives the classifiers without their final Softmax (output =
-    logits), for integer-only targets that have no Softmax kernel; the argmax is
-    the same, and probabilities are ``softmax(logits)`` on the host.
+    logits; the argmax is the same): what the MCU cost fit validates on, since it
+    prices no softmax (the integer targets do compile it, as QSoftmax).
     """
     _model(name)
     suffix = "" if softmax else ".logits"

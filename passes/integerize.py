@@ -8,9 +8,9 @@ Requires
     DequantizeLinear, symmetric, per tensor or per output channel; biases are
     int32 initializers feeding DequantizeLinear (or plain float initializers);
     every compute op (Conv, Gemm, MatMul, Add, Mul, AveragePool,
-    GlobalAveragePool, Concat, Softmax over the last axis) has its output
-    quantized by a QuantizeLinear,
-    possibly through Relu/Clip nodes. Static shapes where GlobalAveragePool is
+    GlobalAveragePool, Concat, Softmax over the last axis, and the elementwise
+    functions of compiler.intgraph.TABLE_OPS) has its output quantized by a
+    QuantizeLinear, possibly through Relu/Clip nodes. Static shapes where GlobalAveragePool is
     used. Only 2-D convolutions with explicit padding (``auto_pad`` NOTSET or
     VALID).
 
@@ -63,10 +63,11 @@ from compiler.graph import (
     topological_sort,
     value_shapes,
 )
-from compiler.intgraph import DATA_MOVEMENT_OPS, INT_DOMAIN, INT_DOMAIN_VERSION
+from compiler.intgraph import DATA_MOVEMENT_OPS, INT_DOMAIN, INT_DOMAIN_VERSION, TABLE_OPS
 from compiler.requant import (
     IDENTITY_MULTIPLIER,
     IDENTITY_SHIFT,
+    dequantize_linear,
     dtype_range,
     dyadic,
     quantize_linear,
@@ -171,6 +172,18 @@ def softmax_exp_table(scale: float, max_distance: int) -> list[int]:
     return [int(v) for v in table[:min(nonzero + 1, len(table))]]
 
 
+def evaluate_unary(node: onnx.NodeProto, values: np.ndarray, opset: int) -> np.ndarray:
+    """ONNX's reference implementation of one-input ``node`` (its attributes kept) on float32 ``values``."""
+    from onnx.reference import ReferenceEvaluator
+
+    single = helper.make_node(node.op_type, ["x"], ["y"], domain=node.domain)
+    single.attribute.extend(node.attribute)
+    graph = helper.make_graph([single], "unary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return np.asarray(ReferenceEvaluator(model).run(None, {"x": values.astype(np.float32)})[0], dtype=np.float32)
+
+
 class _Integerizer:
     def __init__(self, qdq_model: onnx.ModelProto) -> None:
         model = onnx.ModelProto()
@@ -225,6 +238,8 @@ class _Integerizer:
             self._concat(node)
         elif op == "Softmax":
             self._softmax(node)
+        elif op in TABLE_OPS:
+            self._lookup(node)
         elif op in DATA_MOVEMENT_OPS:
             self._data_movement(node)
         elif op in CLAMP_OPS:
@@ -612,6 +627,17 @@ class _Integerizer:
         out, params, clamp = self._output_quant(node)
         self._emit("QSoftmax", [x], out, params, clamp, name=self.new_name(node.name or out),
                    exp_table=softmax_exp_table(px.scale, px.qmax - px.qmin), **requant)
+
+    def _lookup(self, node: onnx.NodeProto) -> None:
+        """``QLookup``: the op evaluated on every input level, as the QDQ model would compute it."""
+        x = self._int_input(node, 0)
+        px = self.params[x]
+        out, params, clamp = self._output_quant(node)
+        levels = np.arange(px.qmin, px.qmax + 1)
+        values = evaluate_unary(node, dequantize_linear(levels, px.scale, px.zero_point), opset_version(self.model))
+        table = quantize_linear(values, params.scale, params.zero_point, clamp[0], clamp[1], np.int64)
+        self._emit("QLookup", [x], out, params, clamp, name=self.new_name(node.name or out),
+                   table=[int(v) for v in table], x_min=int(px.qmin))
 
     def _shape_of(self, name: str) -> list | None:
         """Inferred shape of ``name``, looking through Q/DQ (they keep the shape)."""

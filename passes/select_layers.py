@@ -13,8 +13,9 @@ What is quantized:
   * Conv, ConvTranspose, Gemm, and MatMul with a constant weight: weights per
     channel (symmetric), inputs per tensor;
   * Add / Mul of two activations on a residual path, Concat, average pooling;
-  * MatMul of two activations (attention) and Softmax only for integer-only
-    targets (they cannot run float; elsewhere float keeps them exact).
+  * MatMul of two activations (attention), Softmax and elementwise functions
+    such as Sigmoid, HardSwish, Tanh (compiler.intgraph.TABLE_OPS) only for
+    integer-only targets (they cannot run float; elsewhere float keeps them exact).
 What stays float, by default: online rotations inserted by a transform
 (they exist to spread outliers before the next layer's quantizer), Softmax, LayerNormalization, GELU/Erf, the
 attention-mask addition (a path from an integer model input such as
@@ -39,6 +40,7 @@ from compiler.graph import (
     producers,
     tensor_elem_types,
 )
+from compiler.intgraph import TABLE_OPS
 from compiler.linear_layers import online_ops
 from compiler.plan import LayerPlan, QuantPlan
 
@@ -146,8 +148,8 @@ def _float_reason(model, node, mask_tensors: set[str], integer_only: bool) -> st
         return None
     if op in POOL_OPS:
         return None
-    if op == "Softmax":  # integer-only code needs it quantized; elsewhere float keeps the probabilities exact
-        return None if integer_only else "Softmax stays float (quantized only for integer-only targets)"
+    if op == "Softmax" or op in TABLE_OPS:  # integer-only code needs them quantized; elsewhere float is exact
+        return None if integer_only else f"{op} stays float (quantized only for integer-only targets)"
     return "no quantized form in edgeq"
 
 

@@ -365,6 +365,19 @@ class _Builder:
 
         return te.compute(out, probability, name="y")
 
+    def op_QLookup(self) -> te.Tensor:
+        node = self.node
+        x = self.tensor(node.input[0])
+        dtype = _str(attribute(node, "y_dtype"))
+        values = np.asarray(attribute(node, "table"), dtype=dtype)  # flash: one output-sized entry per level
+        name = f"{node.name or node.output[0]}_table"
+        self.constants[name] = values
+        table = te.placeholder(values.shape, dtype, name=_ident(name))
+        self.params.append(table)
+        self.args.append(name)
+        x_min = int(attribute(node, "x_min"))
+        return te.compute(self.out_shape, lambda *i: table[x[i].astype("int32") - x_min], name="y")
+
     def op_MaxPool(self) -> te.Tensor:
         x = self.tensor(self.node.input[0])
         if attribute(self.node, "ceil_mode", 0):

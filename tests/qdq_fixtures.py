@@ -63,6 +63,39 @@ def conv_block_model(seed: int = 0) -> onnx.ModelProto:
     return _model(nodes, [_value("x", [1, 3, 16, 16])], [_value("y", [1, 5])], inits)
 
 
+def mobilenet_v3_block_model(seed: int = 0) -> onnx.ModelProto:
+    """MobileNetV3's ingredients, float: Conv -> HardSwish -> depthwise Conv -> squeeze-excite
+    (GlobalAveragePool -> Conv -> Relu -> Conv -> HardSigmoid -> Mul) -> Conv -> Sigmoid ->
+    GlobalAveragePool -> Flatten -> Gemm -> Softmax."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        _weight(rng, "w1", (8, 3, 3, 3)), _weight(rng, "b1", (8,), 0.1),
+        _weight(rng, "w2", (8, 1, 3, 3)), _weight(rng, "b2", (8,), 0.1),
+        _weight(rng, "ws1", (4, 8, 1, 1)), _weight(rng, "bs1", (4,), 0.1),
+        _weight(rng, "ws2", (8, 4, 1, 1)), _weight(rng, "bs2", (8,), 0.1),
+        _weight(rng, "w3", (8, 8, 1, 1)), _weight(rng, "b3", (8,), 0.1),
+        _weight(rng, "wf", (5, 8), 1.0), _weight(rng, "bf", (5,), 0.1),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c1"], ["h1"]),
+        helper.make_node("Conv", ["h1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("GlobalAveragePool", ["c2"], ["squeeze"]),
+        helper.make_node("Conv", ["squeeze", "ws1", "bs1"], ["s1"]),
+        helper.make_node("Relu", ["s1"], ["s1r"]),
+        helper.make_node("Conv", ["s1r", "ws2", "bs2"], ["s2"]),
+        helper.make_node("HardSigmoid", ["s2"], ["gate"], alpha=1 / 6),
+        helper.make_node("Mul", ["c2", "gate"], ["excited"]),
+        helper.make_node("Conv", ["excited", "w3", "b3"], ["c3"]),
+        helper.make_node("Sigmoid", ["c3"], ["s3"]),
+        helper.make_node("GlobalAveragePool", ["s3"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["y"], axis=-1),
+    ]
+    return _model(nodes, [_value("x", [1, 3, 16, 16])], [_value("y", [1, 5])], inits)
+
+
 def matmul_model(seed: int = 0) -> onnx.ModelProto:
     """Transpose -> Reshape -> MatMul (constant weight) + Add bias -> Relu -> Pad ->
     Unsqueeze/Squeeze, and a MatMul of two activations (batch-independent shapes)."""

@@ -2,10 +2,10 @@
 
 For each model of models/mlperf_tiny.py:
 
-1. float ONNX (its final Softmax removed: integer targets end at the logits; the
-   softmax is applied in float on the host for the fidelity numbers) -> edgeq
-   compile --target mcu (w8a8, int8 activations, calibrated on the model's sample
-   inputs) -> out/mcu C project -> firmware.elf.
+1. float ONNX, final Softmax included (an integer QSoftmax in the firmware, as
+   TFLite Micro runs its int8 softmax) -> edgeq compile --target mcu (w8a8, int8
+   activations, calibrated on the model's sample inputs) -> out/mcu C project ->
+   firmware.elf.
 2. Flash (arm-none-eabi-size text+data) and SRAM (planned arena; stack estimate)
    from out/mcu/memory.json, against the shipped .tflite's size and TFLite
    Micro's arena (tools/tflm_reference.py: TFLM's RecordingMicroAllocator, int8-io
@@ -34,7 +34,6 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 for path in (REPO_ROOT, REPO_ROOT / "tools"):
@@ -50,42 +49,14 @@ from targets.mcu import PROJECT_DIR, TARGET, input_bytes, qemu  # noqa: E402
 FLASH_SLACK_BYTES = 32 * 1024  # the issue's target: flash <= .tflite size + 32 KB
 
 
-def without_softmax(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """The model with a final Softmax removed (its input becomes the graph output)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    output = model.graph.output[0].name
-    last = [n for n in model.graph.node if output in n.output]
-    if not last or last[0].op_type != "Softmax":
-        return model, False
-    softmax = last[0]
-    logits = softmax.input[0]
-    model.graph.node.remove(softmax)
-    for node in model.graph.node:
-        for index, name in enumerate(node.output):
-            if name == logits:
-                node.output[index] = output
-        for index, name in enumerate(node.input):
-            if name == logits:
-                node.input[index] = output
-    return model, True
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
-def compile_mlperf(name: str, work: Path) -> tuple[Path, dict[str, np.ndarray], bool]:
-    """edgeq compile --target mcu of one MLPerf Tiny model (final Softmax removed), calibrated on
+def compile_mlperf(name: str, work: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """edgeq compile --target mcu of one MLPerf Tiny model as it is (Softmax included), calibrated on
     the first half of its sample inputs (the second half is held out for fidelity);
-    returns (out_dir, all sample inputs, whether a Softmax was removed)."""
+    returns (out_dir, all sample inputs)."""
     from compiler.pipeline import CompileOptions, compile_model
 
     work.mkdir(parents=True, exist_ok=True)
-    float_model, had_softmax = without_softmax(onnx.load(str(mlperf_tiny.build(name))))
-    model_path = work / f"{name}.logits.onnx"
-    onnx.save(float_model, str(model_path))
+    model_path = mlperf_tiny.build(name)
     inputs = mlperf_tiny.sample_inputs(name)
     calib_path = work / f"{name}.calib.npz"
     np.savez(calib_path, **{k: v[: len(v) // 2] for k, v in inputs.items()})
@@ -93,12 +64,12 @@ def compile_mlperf(name: str, work: Path) -> tuple[Path, dict[str, np.ndarray], 
     compile_model(CompileOptions(model=str(model_path), calib=str(calib_path), target="mcu",
                                  device="cortex-m4", bits="w8a8", activation_type="int8",
                                  out_dir=str(out_dir), progress=False))
-    return out_dir, inputs, had_softmax
+    return out_dir, inputs
 
 
 def bench_model(name: str, work: Path, count_insns: bool = True) -> dict:
     start = time.perf_counter()
-    out_dir, inputs, had_softmax = compile_mlperf(name, work)
+    out_dir, inputs = compile_mlperf(name, work)
     compile_s = time.perf_counter() - start
     project = out_dir / PROJECT_DIR
     memory = json.loads((project / "memory.json").read_text())
@@ -117,8 +88,6 @@ def bench_model(name: str, work: Path, count_insns: bool = True) -> dict:
     held_out = {k: v[len(v) // 2:] for k, v in inputs.items()}
     result["fidelity_samples"] = len(held_out["input"])
     edgeq_out = TARGET.run(out_dir, held_out, on="qemu")["output"]
-    if had_softmax:
-        edgeq_out = softmax(edgeq_out.reshape(len(edgeq_out), -1))
     reference = tflm_reference.float_run(name, held_out)["output"]
     tflm_out = tflm_reference.tflm_run(name, held_out)["output"]
     result["fidelity_edgeq"] = tflm_reference.fidelity(name, reference, edgeq_out, held_out["input"])

@@ -151,3 +151,30 @@ def test_compile_takes_an_in_memory_model_and_leaves_it_as_it_was(tmp_path):
     assert model.SerializeToString() == before
     with pytest.raises(EdgeqError, match="must be an .onnx path or an onnx.ModelProto, not int"):
         CompileOptions(model=42)
+
+
+@pytest.mark.parametrize("target", ["mcu", "cpu"])
+def test_mobilenet_v3_ingredients_compile_to_integer_code(target, tmp_path):
+    """HardSwish, a squeeze-excite gate (HardSigmoid x activations), Sigmoid and a final Softmax:
+    integer-only code (QLookup tables, QSoftmax) bit-exact with the reference interpreter, and as
+    faithful as the QDQ model; the onnx target keeps those ops float."""
+    import numpy as np
+    import onnx
+
+    from tests.qdq_fixtures import mobilenet_v3_block_model
+
+    model = mobilenet_v3_block_model()
+    calib = {"x": np.random.default_rng(0).normal(0, 1, (32, 3, 16, 16)).astype(np.float32)}
+    result = compile_model(CompileOptions(model=model, calib_data=calib, target=target, out_dir=str(tmp_path / "out"),
+                                          progress=False))
+    assert json.loads((tmp_path / "out" / "verify.json").read_text())["bit_exact"]
+    int_model = onnx.load(str(next((tmp_path / "out").rglob("model.int.onnx"))))
+    lookups = [node for node in int_model.graph.node if node.op_type == "QLookup"]
+    assert len(lookups) == 3 and any(node.op_type == "QSoftmax" for node in int_model.graph.node)
+    fidelity = result.plan.fidelity["outputs"]["y"]
+    assert fidelity["top1_agreement"] == 1.0 and fidelity["cosine"] > 0.999
+    onnx_plan = compile_model(CompileOptions(model=model, calib_data=calib, out_dir=str(tmp_path / "onnx"),
+                                             progress=False)).plan
+    kept_float = {entry["op_type"] for entry in onnx_plan.float_nodes}
+    assert {"HardSwish", "HardSigmoid", "Sigmoid", "Softmax"} <= kept_float
+

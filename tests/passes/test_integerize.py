@@ -148,9 +148,9 @@ def test_concat_with_shared_scales_stays_plain_and_standalone_relu_clamps():
 def test_float_op_in_the_middle_is_an_error_naming_it():
     b = QDQBuilder()
     x = b.input("x", [1, 4])
-    sig = b.node("Sigmoid", [x])
-    with pytest.raises(EdgeqError, match="Sigmoid node 'sigmoid"):
-        integerize(b.model(b.qdq(sig, 0.01, 0)))
+    erf = b.node("Erf", [x])  # GELU's part: no integer lowering (Sigmoid had been the example before QLookup)
+    with pytest.raises(EdgeqError, match="Erf node 'erf"):
+        integerize(b.model(b.qdq(erf, 0.01, 0)))
 
 
 def test_float_tail_after_the_last_dequantize_is_an_error():
@@ -179,6 +179,25 @@ def test_softmax_becomes_an_integer_softmax_within_one_lsb_of_onnxruntime(input_
         got = run_integer_graph(int_model, sample)["y"]
         assert np.max(np.abs(got - session.run(None, sample)[0])) <= 1 / 256 + 1e-7
         assert np.allclose(got.sum(axis=-1), 1.0, atol=10 / 256)
+
+
+@pytest.mark.parametrize(("op", "attrs"), [("Sigmoid", {}), ("Tanh", {}), ("HardSigmoid", {"alpha": 0.25}),
+                                           ("HardSwish", {}), ("LeakyRelu", {"alpha": 0.2}), ("Elu", {}),
+                                           ("Softplus", {}), ("Exp", {})])
+def test_elementwise_functions_become_lookup_tables_equal_to_onnxruntime(op, attrs):
+    """Each level of the input, dequantized, through the op (attributes kept), quantized: the table
+    holds what the QDQ model computes, so onnxruntime and the integer graph agree exactly."""
+    b = QDQBuilder()
+    x = b.input("x", [1, 4, 8], scale=0.05, zero_point=0, dtype=np.int8)
+    y = b.qdq(b.node(op, [x], **attrs), 0.02 if op != "Exp" else 0.5, 3, np.uint8)
+    qdq = b.model(y)
+    int_model = integerize(qdq)
+    (lookup,) = [node for node in int_model.graph.node if node.op_type == "QLookup"]
+    assert len(attribute(lookup, "table")) == 256 and attribute(lookup, "x_min") == -128
+    sample = {"x": np.linspace(-7, 7, 32, dtype=np.float32).reshape(1, 4, 8)}
+    assert_integer_only(int_model, sample)
+    expected = ort.InferenceSession(qdq.SerializeToString()).run(None, sample)[0]
+    np.testing.assert_array_equal(run_integer_graph(int_model, sample)["y"], expected)
 
 
 def test_softmax_over_another_axis_is_an_error_naming_it():

@@ -62,3 +62,16 @@ def test_integer_only_quantizes_attention_matmul():
     assert "qk" in plan.layers
     assert "softmax" in plan.layers  # integer-only code has a QSoftmax; elsewhere it stays float (above)
     assert "mask_add" not in plan.layers
+
+
+def test_elementwise_functions_are_layers_only_for_integer_only_targets():
+    from passes.canonicalize import canonicalize
+    from tests.qdq_fixtures import mobilenet_v3_block_model
+
+    model = canonicalize(mobilenet_v3_block_model())  # names every node
+    integer = select_layers(model, integer_only=True)
+    kept = select_layers(model)
+    for op in ("HardSwish", "HardSigmoid", "Sigmoid", "Softmax"):
+        assert op in {integer.layers[name].op_type for name in integer.layers}, op
+        assert op in {entry["op_type"] for entry in kept.float_nodes}, op
+

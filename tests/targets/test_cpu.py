@@ -62,11 +62,20 @@ def softmax_16_bit_model() -> onnx.ModelProto:
     return softmax_model(np.int16)
 
 
-@pytest.mark.parametrize("builder", [conv_block_model, matmul_model, ops_model, softmax_model, softmax_16_bit_model],
-                         ids=["conv_block", "matmul", "ops", "softmax", "softmax_16_bit"])
+def lookup_model() -> onnx.ModelProto:
+    """HardSwish on int8, then Sigmoid into uint8: two QLookup tables."""
+    b = QDQBuilder(seed=6)
+    x = b.input("x", [1, 6, 5], scale=0.04, zero_point=-3, dtype=np.int8)
+    swished = b.qdq(b.node("HardSwish", [x]), 0.03, -20, np.int8)
+    return b.model(b.qdq(b.node("Sigmoid", [swished]), 1 / 256, 0, np.uint8))
+
+
+@pytest.mark.parametrize("builder", [conv_block_model, matmul_model, ops_model, softmax_model, softmax_16_bit_model,
+                                     lookup_model],
+                         ids=["conv_block", "matmul", "ops", "softmax", "softmax_16_bit", "lookup"])
 def test_every_op_is_bit_exact_on_random_inputs(builder, tmp_path):
     model = builder()
-    hand_written = builder in (ops_model, softmax_model, softmax_16_bit_model)  # already QDQ
+    hand_written = builder in (ops_model, softmax_model, softmax_16_bit_model, lookup_model)  # already QDQ
     qdq = model if hand_written else quantize_qdq(model, random_inputs(model, 16))
     int_model = integerize(qdq)
     inputs = batch(random_inputs(model, 3, seed=21))
