@@ -18,6 +18,7 @@ import onnx
 
 from compiler.errors import EdgeqError
 from compiler.graph import attribute, graph_input_names, initializer_array, value_shapes
+from compiler.intgraph import TABLE_OPS
 from targets.base import LayerShape
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ QUANTIZABLE_OPS = {
     "GlobalAveragePool": "pool",
     "MaxPool": "pool",
     "Concat": "other",
+    "Softmax": "softmax",  # integer-only targets: QSoftmax
+    **{op: "lookup" for op in TABLE_OPS},  # integer-only targets: a QLookup table per op
 }
 
 

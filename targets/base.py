@@ -27,7 +27,8 @@ class LayerShape:
 
     node: str
     op_type: str  # Conv, ConvTranspose, Gemm, MatMul, Add, ...
-    kind: str  # "conv", "pointwise" (1x1, one group), "depthwise", "gemm", "matmul", "eltwise", "pool", "other"
+    kind: str  # "conv", "pointwise" (1x1, one group), "depthwise", "gemm", "matmul", "eltwise", "pool",
+    # "softmax", "lookup" (an elementwise function as a table), "other"
     macs: int  # multiply-accumulates per sample
     weight_params: int  # weight elements (0 for weightless layers)
     input_elems: int  # activation elements read per sample

@@ -6,15 +6,20 @@ instead, which executes 3.5-8 instructions per MAC at w8a8 (-O3 -funroll-loops):
 allocator was pricing code it does not emit, 3.3-4.1x under.
 
 This tool compiles small float models (one conv, pointwise conv, depthwise conv or Gemm;
-two-layer chains; a conv followed by a residual Add, a max pool or a global average pool)
+two-layer chains; a conv followed by a residual Add, a max pool, a global average pool, a
+HardSwish table or a Softmax)
 at w8a8 and w4a8 with ``--target mcu``, checks each build bit-exact in qemu, and counts the
 guest instructions one ``model_run`` executes (qemu ``-icount``: targets.mcu.qemu). It then
 fits, by non-negative least squares of the relative error,
 
     instructions = sum over layers of  per_mac[kind][bits] * MACs
-                                      + per_output_elem * output elements
+                                      + per_output_elem * output elements (weighted layers)
                                       + per_layer
                    + per_call
+
+(a weightless kind -- Add, pooling, a lookup table, Softmax -- is priced per MAC alone: its
+MACs are its output elements, or the pooling windows' inputs, and an elementwise table costs
+a tenth of a convolution's requantizing epilogue per output)
 
 and writes targets/mcu/cost_table.json, which targets/mcu/cost.py reads. ``--validate``
 then compares the fitted model (and the CMSIS-NN-class estimate before it) with whole
@@ -64,16 +69,20 @@ CHAINS = [("pointwise", 32, 32, 8, 1), ("depthwise", 32, 32, 8, 3)]
 # a pointwise conv followed by a weightless layer the MCU runs: ("after", op, channels, map size)
 WEIGHTLESS = [("after", "Add", 32, 16), ("after", "Add", 64, 8), ("after", "MaxPool", 32, 16),
               ("after", "MaxPool", 64, 8), ("after", "GlobalAveragePool", 32, 16),
-              ("after", "GlobalAveragePool", 64, 8)]
+              ("after", "GlobalAveragePool", 64, 8), ("after", "HardSwish", 32, 16), ("after", "HardSwish", 64, 8),
+              ("after", "Softmax", 32, 16), ("after", "Softmax", 64, 8)]
 
 
 def weightless_model(op: str, channels: int, size: int, seed: int = 0) -> onnx.ModelProto:
-    """x -> pointwise conv + Relu -> ``op`` (Add with x itself, a 2x2 MaxPool, a global average pool)."""
+    """x -> pointwise conv + Relu -> ``op`` (Add with x itself, a 2x2 MaxPool, a global average pool,
+    a HardSwish table, a Softmax over the last axis)."""
     rng = np.random.default_rng(seed)
     nodes, inits = conv_relu(rng, "x", "", "r", channels, channels, 1)
-    out_size = {"Add": size, "MaxPool": size // 2, "GlobalAveragePool": 1}[op]
+    out_size = {"MaxPool": size // 2, "GlobalAveragePool": 1}.get(op, size)
     if op == "Add":
         nodes.append(helper.make_node("Add", ["r", "x"], ["y"], name="after"))
+    elif op in ("HardSwish", "Softmax"):
+        nodes.append(helper.make_node(op, ["r"], ["y"], name="after"))
     elif op == "MaxPool":
         nodes.append(helper.make_node("MaxPool", ["r"], ["y"], name="after", kernel_shape=[2, 2], strides=[2, 2]))
     else:
@@ -127,7 +136,9 @@ def fit(measurements: list[dict]) -> dict:
     for row, m in enumerate(measurements):
         for layer in m["layers"]:
             matrix[row, index[_mac_key(layer)]] += layer["macs"]
-            matrix[row, index[("output_elem",)]] += layer["output_elems"]
+            if layer["w_bits"]:  # a weighted layer's epilogue; a weightless kind's own price covers its outputs
+                # (targets/mcu/cost.py prices them the same way)
+                matrix[row, index[("output_elem",)]] += layer["output_elems"]
             matrix[row, index[("layer",)]] += 1
         matrix[row, index[("call",)]] = 1
     target = np.array([m["instructions"] for m in measurements], dtype=np.float64)

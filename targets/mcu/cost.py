@@ -134,9 +134,11 @@ class McuCostModel(CostModel):
     def instructions(self, layer: LayerShape, w_bits: int | None, a_bits: int) -> float:
         """Instructions edgeq's Cortex-M4 code executes for ``layer`` (cost_table.json's fit)."""
         w_bits = w_bits if layer.weight_params else None
-        return (layer.macs * self._per_mac(layer.kind, w_bits, a_bits)
-                + layer.output_elems * self.table["instructions_per_output_elem"]
-                + self.table["instructions_per_layer"])
+        # a weightless kind the fit priced is priced per MAC alone; a weighted one adds its
+        # requantizing epilogue per output, as does a kind the fit has no price for (e.g. Concat)
+        priced_alone = not w_bits and KIND_AS.get(layer.kind, layer.kind) in self.table["instructions_per_mac"]
+        epilogue = 0.0 if priced_alone else layer.output_elems * self.table["instructions_per_output_elem"]
+        return layer.macs * self._per_mac(layer.kind, w_bits, a_bits) + epilogue + self.table["instructions_per_layer"]
 
     def cycles(self, layer: LayerShape, w_bits: int | None, a_bits: int) -> float:
         return self.instructions(layer, w_bits, a_bits) / self.preset.speed_vs_m4
