@@ -166,16 +166,21 @@ class _Builder:
             raise EdgeqError(f"{self.node.op_type} '{self.node.name}': input '{name}' must be a constant")
         return value
 
+    def constant(self, key: str, values: np.ndarray) -> te.Tensor:
+        """A parameter holding ``values`` (not a graph tensor): named ``<node>_<key>`` in ``constants``."""
+        name = f"{self.node.name or self.node.output[0]}_{key}"
+        self.constants[name] = values
+        placeholder = te.placeholder(values.shape, values.dtype.name, name=_ident(name))
+        self.params.append(placeholder)
+        self.args.append(name)
+        return placeholder
+
     def per_channel(self, key: str) -> Callable[[tirx.PrimExpr], tirx.PrimExpr | int] | int:
         """Requantization constant ``key``: an int (per tensor) or a channel -> load function."""
         values = np.asarray(attribute(self.node, key), dtype=np.int64).reshape(-1)
         if values.size == 1:
             return int(values[0])
-        name = f"{self.node.name or self.node.output[0]}_{key}"
-        self.constants[name] = values
-        placeholder = te.placeholder(values.shape, "int64", name=_ident(name))
-        self.params.append(placeholder)
-        self.args.append(name)
+        placeholder = self.constant(key, values)
         return lambda channel: placeholder[channel]
 
     def requant(self, acc: tirx.PrimExpr, channel: tirx.PrimExpr | None = None) -> tirx.PrimExpr:
@@ -340,11 +345,7 @@ class _Builder:
         node = self.node
         x = self.tensor(node.input[0])
         values = np.asarray(attribute(node, "exp_table"), dtype=np.int32)
-        name = f"{node.name or node.output[0]}_exp_table"
-        self.constants[name] = values
-        table = te.placeholder(values.shape, "int32", name=_ident(name))
-        self.params.append(table)
-        self.args.append(name)
+        table = self.constant("exp_table", values)
         out = self.out_shape
         rows, width = out[:-1], out[-1]
         (multiplier,), (shift,) = attribute(node, "multiplier"), attribute(node, "shift")
@@ -369,12 +370,7 @@ class _Builder:
         node = self.node
         x = self.tensor(node.input[0])
         dtype = _str(attribute(node, "y_dtype"))
-        values = np.asarray(attribute(node, "table"), dtype=dtype)  # flash: one output-sized entry per level
-        name = f"{node.name or node.output[0]}_table"
-        self.constants[name] = values
-        table = te.placeholder(values.shape, dtype, name=_ident(name))
-        self.params.append(table)
-        self.args.append(name)
+        table = self.constant("table", np.asarray(attribute(node, "table"), dtype=dtype))  # one entry per level
         x_min = int(attribute(node, "x_min"))
         return te.compute(self.out_shape, lambda *i: table[x[i].astype("int32") - x_min], name="y")
 
@@ -450,11 +446,7 @@ class _Builder:
         values = self.const(node.input[1]).astype(np.int64)
         axis = attribute(node, "axis", 0) % len(x.shape)
         values = np.where(values < 0, values + int(x.shape[axis]), values)
-        name = f"{node.name or node.output[0]}_indices"
-        self.constants[name] = values
-        indices = te.placeholder(values.shape, "int64", name=_ident(name))
-        self.params.append(indices)
-        self.args.append(name)
+        indices = self.constant("indices", values)
         rank = values.ndim
 
         def gather(*i):
