@@ -293,3 +293,43 @@ def test_concat_input_read_elsewhere_keeps_its_own_quantizer():
     assert plan.tensors["r"].scale[0] < plan.tensors["cat"].scale[0] / 20  # its own range
     reference, quantized = (session(m).run(None, calib)[0] for m in (model, qdq))
     assert compare_outputs(reference, quantized)["sqnr_db"] > 30
+
+
+def test_concat_keeps_a_relu_its_signed_neighbour_would_undo():
+    """Relu -> (nearest Resize) -> Concat with a signed conv output: sharing the Concat's range (with
+    negatives) had dropped the Relu folded into the quantizer (0 dB on the Relu map, 6 dB on the output).
+    The Relu map keeps a quantizer from 0 and is requantized into the Concat; two Relu maps still share."""
+    rng = np.random.default_rng(0)
+
+    def build(second: str) -> onnx.ModelProto:
+        nodes = [
+            helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+            helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+            helper.make_node("Resize", ["r1", "", "scales"], ["up"], name="upsample", mode="nearest"),
+            helper.make_node("Conv", ["x", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+            *([helper.make_node("Relu", ["c2"], ["r2"], name="relu2")] if second == "r2" else []),
+            helper.make_node("Concat", ["up", second], ["cat"], name="concat", axis=1),
+            helper.make_node("Conv", ["cat", "w3"], ["y"], name="conv3"),
+        ]
+        inits = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32) / 3, name)
+                 for name, shape in (("w1", (4, 3, 3, 3)), ("w2", (4, 3, 3, 3)), ("w3", (2, 8, 1, 1)))]
+        inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+        graph = helper.make_graph(nodes, "relu_concat",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8])], inits)
+        return canonicalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+    calib = {"x": rng.normal(size=(16, 3, 8, 8)).astype(np.float32)}
+    for second in ("c2", "r2"):
+        model = build(second)
+        plan = select_layers(model)
+        ranges = collect_ranges(model, calib, tensors_to_calibrate(model, plan), progress=False)
+        qdq = quantize_model(model, plan, ranges)
+        if second == "c2":  # signed neighbour: the Relu map's quantizer starts at 0
+            assert plan.tensors["up"].scale != plan.tensors["cat"].scale
+            assert ranges["up"][0] == 0.0
+        else:  # both clamped alike: one quantizer, no requantization
+            assert plan.tensors["up"].scale == plan.tensors["r2"].scale == plan.tensors["cat"].scale
+        reference, quantized = (session(m).run(None, calib)[0] for m in (model, qdq))
+        assert compare_outputs(reference, quantized)["sqnr_db"] > 30
+
