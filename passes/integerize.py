@@ -22,8 +22,10 @@ Guarantees
     their names. Zero points are folded into the int32 biases, Relu/Clip become
     the ``y_min``/``y_max`` clamp of the op before them (or a clamping
     ``Requantize``), data movement on a float graph input is moved after its
-    Quantize (they commute). The quantization of every integer tensor is
-    recorded as JSON in the model's metadata (key ``edgeq.tensor_quant``).
+    Quantize (they commute), a nearest-neighbour Resize becomes one Gather per
+    resized axis (the indices onnxruntime's Resize reads). The quantization of
+    every integer tensor is recorded as JSON in the model's metadata (key
+    ``edgeq.tensor_quant``).
 
 Float function
     Not preserved exactly: the QDQ model's float rescaling becomes dyadic
@@ -184,6 +186,27 @@ def evaluate_unary(node: onnx.NodeProto, values: np.ndarray, opset: int) -> np.n
     return np.asarray(ReferenceEvaluator(model).run(None, {"x": values.astype(np.float32)})[0], dtype=np.float32)
 
 
+def nearest_source_indices(node: onnx.NodeProto, size: int, out_size: int, scale: float | None) -> np.ndarray:
+    """The input index each output position of a nearest Resize reads along one axis (``node``'s
+    coordinate_transformation_mode and nearest_mode; ``scale`` when the node gives scales, else sizes):
+    onnxruntime's Resize run on the positions themselves, so the integer graph moves what the QDQ model
+    does (ONNX's reference Resize differs from it for align_corners with a fractional scale)."""
+    import onnxruntime as ort
+
+    inputs = ["x", "", "scales"] if scale is not None else ["x", "", "", "sizes"]
+    single = helper.make_node("Resize", inputs, ["y"])
+    single.attribute.extend(item for item in node.attribute if item.name in ("coordinate_transformation_mode",
+                                                                             "nearest_mode", "mode"))
+    value = (numpy_helper.from_array(np.array([scale], np.float32), "scales") if scale is not None
+             else numpy_helper.from_array(np.array([out_size], np.int64), "sizes"))
+    graph = helper.make_graph([single], "axis", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[value])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9  # what onnxruntime 1.31 loads
+    positions = np.arange(size, dtype=np.float32)
+    return np.asarray(ort.InferenceSession(model.SerializeToString()).run(None, {"x": positions})[0]).astype(np.int64)
+
+
 class _Integerizer:
     def __init__(self, qdq_model: onnx.ModelProto) -> None:
         model = onnx.ModelProto()
@@ -240,6 +263,8 @@ class _Integerizer:
             self._softmax(node)
         elif op in TABLE_OPS:
             self._lookup(node)
+        elif op == "Resize":
+            self._resize(node)
         elif op in DATA_MOVEMENT_OPS:
             self._data_movement(node)
         elif op in CLAMP_OPS:
@@ -682,6 +707,36 @@ class _Integerizer:
         params = self.params[src]
         out = self._moved_name(node, params)
         self._emit_moved(node, src, out, params)
+
+    def _resize(self, node: onnx.NodeProto) -> None:
+        """A nearest-neighbour Resize is a Gather along each resized axis, with the source indices ONNX's
+        reference Resize picks (every coordinate_transformation_mode and nearest_mode: exact)."""
+        mode = attribute(node, "mode", "nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        transform = attribute(node, "coordinate_transformation_mode", "half_pixel")
+        if mode != "nearest" or transform in ("tf_crop_and_resize", b"tf_crop_and_resize"):
+            raise _float_error(node, f"Resize mode {mode} ({transform!r}): only nearest-neighbour Resize, "
+                                     "an exact data movement, has an integer lowering")
+        in_shape, out_shape = self._shape_of(node.input[0]), self._shape_of(node.output[0])
+        if not in_shape or not out_shape or not all(isinstance(d, int) for d in [*in_shape, *out_shape]):
+            raise _float_error(node, f"Resize from {in_shape} to {out_shape}: needs static shapes")
+        scales = (initializer_array(self.model, node.input[2])
+                  if len(node.input) > 2 and node.input[2] else None)
+        src = self._int_input(node, 0)
+        params = self.params[src]
+        resized = [axis for axis, (a, b) in enumerate(zip(in_shape, out_shape, strict=True)) if a != b]
+        out = self._moved_name(node, params)
+        if not resized:  # same size: the identity
+            self.nodes.append(helper.make_node("Identity", [src], [out], name=self.new_name(node.name or out)))
+        for position, axis in enumerate(resized):
+            scale = float(scales[axis]) if scales is not None and scales.size else None
+            indices = nearest_source_indices(node, in_shape[axis], out_shape[axis], scale)
+            target = out if position == len(resized) - 1 else self.new_name(f"{out}_axis{axis}")
+            self.nodes.append(helper.make_node(
+                "Gather", [src, self._add_init(f"{out}_axis{axis}_indices", indices)], [target],
+                name=self.new_name(f"{node.name or out}_axis{axis}"), axis=axis))
+            src = target
+        self._record(out, params)
 
     def _moved_name(self, node: onnx.NodeProto, params: QParams) -> str:
         """Name the data movement result after the Q that only requantizes it to the same params."""

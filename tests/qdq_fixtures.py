@@ -96,6 +96,27 @@ def mobilenet_v3_block_model(seed: int = 0) -> onnx.ModelProto:
     return _model(nodes, [_value("x", [1, 3, 16, 16])], [_value("y", [1, 5])], inits)
 
 
+def upsampling_model(seed: int = 0, mode: str = "nearest") -> onnx.ModelProto:
+    """A U-Net step, float: Conv stride 2 -> Relu -> Resize x2 (``mode``) -> Concat with a full-resolution
+    Conv branch -> 1x1 Conv."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        _weight(rng, "w1", (8, 3, 3, 3)), _weight(rng, "b1", (8,), 0.1),
+        _weight(rng, "w2", (8, 3, 3, 3)), _weight(rng, "b2", (8,), 0.1),
+        _weight(rng, "w3", (4, 16, 1, 1)), _weight(rng, "b3", (4,), 0.1),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Resize", ["r1", "", "scales"], ["up"], mode=mode),
+        helper.make_node("Conv", ["x", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["up", "c2"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "w3", "b3"], ["y"]),
+    ]
+    return _model(nodes, [_value("x", [1, 3, 8, 8])], [_value("y", [1, 4, 8, 8])], inits)
+
+
 def matmul_model(seed: int = 0) -> onnx.ModelProto:
     """Transpose -> Reshape -> MatMul (constant weight) + Add bias -> Relu -> Pad ->
     Unsqueeze/Squeeze, and a MatMul of two activations (batch-independent shapes)."""

@@ -178,3 +178,19 @@ def test_mobilenet_v3_ingredients_compile_to_integer_code(target, tmp_path):
     kept_float = {entry["op_type"] for entry in onnx_plan.float_nodes}
     assert {"HardSwish", "HardSigmoid", "Sigmoid", "Softmax"} <= kept_float
 
+
+@pytest.mark.parametrize("target", ["mcu", "cpu"])
+def test_a_u_net_step_compiles_to_integer_code(target, tmp_path):
+    """Nearest upsampling (Gathers) and a skip Concat of a Relu map with a signed conv output: bit-exact
+    with the reference interpreter and as faithful as the QDQ model (the Relu map had lost its Relu to the
+    Concat's shared range: 6 dB; see tests/passes/test_insert_qdq.py)."""
+    import numpy as np
+
+    from tests.qdq_fixtures import upsampling_model
+
+    calib = {"x": np.random.default_rng(0).normal(0, 1, (16, 3, 8, 8)).astype(np.float32)}
+    result = compile_model(CompileOptions(model=upsampling_model(), calib_data=calib, target=target,
+                                          out_dir=str(tmp_path / "out"), progress=False))
+    assert json.loads((tmp_path / "out" / "verify.json").read_text())["bit_exact"]
+    assert result.plan.fidelity["outputs"]["y"]["sqnr_db"] > 30
+

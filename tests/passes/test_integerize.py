@@ -200,6 +200,38 @@ def test_elementwise_functions_become_lookup_tables_equal_to_onnxruntime(op, att
     np.testing.assert_array_equal(run_integer_graph(int_model, sample)["y"], expected)
 
 
+@pytest.mark.parametrize("attrs", [{}, {"coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+                                   {"coordinate_transformation_mode": "align_corners"},
+                                   {"coordinate_transformation_mode": "pytorch_half_pixel", "nearest_mode": "ceil"}],
+                         ids=["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel"])
+@pytest.mark.parametrize("by", ["scales", "sizes"])
+def test_nearest_resize_becomes_gathers_equal_to_onnxruntime(attrs, by):
+    """A nearest Resize moves values: one Gather per resized axis, with the source indices onnxruntime's
+    Resize reads (fractional scales and align_corners included, where ONNX's reference Resize differs)."""
+    b = QDQBuilder(opset=19)
+    x = b.input("x", [1, 2, 3, 5], scale=0.05, zero_point=0, dtype=np.int8)
+    if by == "scales":
+        resized = b.node("Resize", [x, "", b.const(np.array([1, 1, 2, 1.5], np.float32))], mode="nearest", **attrs)
+    else:
+        resized = b.node("Resize", [x, "", "", b.const(np.array([1, 2, 7, 4], np.int64))], mode="nearest", **attrs)
+    qdq = b.model(b.qdq(resized, 0.05, 0, np.int8))
+    int_model = integerize(qdq)
+    assert [node.op_type for node in int_model.graph.node if node.domain != INT_DOMAIN] == ["Gather", "Gather",
+                                                                                            "Identity"]
+    sample = {"x": np.random.default_rng(0).normal(0, 2, (1, 2, 3, 5)).astype(np.float32)}
+    assert_integer_only(int_model, sample)
+    expected = ort.InferenceSession(qdq.SerializeToString()).run(None, sample)[0]
+    np.testing.assert_array_equal(run_integer_graph(int_model, sample)["y"], expected)
+
+
+def test_linear_resize_is_an_error_naming_it():
+    b = QDQBuilder(opset=19)
+    x = b.input("x", [1, 2, 3, 5])
+    resized = b.node("Resize", [x, "", b.const(np.array([1, 1, 2, 2], np.float32))], mode="linear")
+    with pytest.raises(EdgeqError, match="Resize node 'resize.*only nearest-neighbour Resize"):
+        integerize(b.model(b.qdq(resized, 0.05)))
+
+
 def test_softmax_over_another_axis_is_an_error_naming_it():
     b = QDQBuilder()
     x = b.input("x", [1, 4, 3])
