@@ -1120,7 +1120,9 @@ def problem_from_model(
     quantized readers of each shared activation quantizer
     (:func:`passes.insert_qdq.activation_groups`), so a tensor is never stored
     at two widths; the execution order is the model's node order with a Relu /
-    Clip that the QDQ export folds into its layer taken as part of that layer.
+    Clip that the QDQ export folds into its layer taken as part of that layer;
+    for integer-only targets an Add/Mul the MCU writes in place shares its
+    input's buffer (:func:`merge_in_place`).
     """
     from compiler.layers import layer_shapes
 
@@ -1134,8 +1136,46 @@ def problem_from_model(
     online = online_op_shapes(model)
     fixed = dict(cost_model.fixed_costs([shapes[name] for name in plan.layers], online))
     steps, buffers, tie_groups = execution_buffers(model, plan, integer_only=integer_only)
+    if integer_only:
+        buffers = merge_in_place(plan, layers, steps, buffers)
     return AllocationProblem(layers, tie_groups, dict(pins or {}), steps, buffers, fixed, name=plan.model,
                              online_ops=[shape.node for shape in online])
+
+
+IN_PLACE_OPS = ("Add", "Mul")  # the MCU writes their integer forms (QAdd, QMul) over an input they read last
+
+
+def merge_in_place(plan, layers: list[LayerOptions], steps: list[str],
+                   buffers: list[ActivationBuffer]) -> list[ActivationBuffer]:
+    """``buffers`` with each in-place elementwise output stored in its input's buffer, as the MCU arena
+    planner does (targets/mcu/memory.py): an Add/Mul whose input has the output's size and no reader
+    after it. Only where both tensors' widths are fixed (one a_bits option among their readers), so the
+    two take the same bytes whatever the plan; elsewhere they stay apart (a conservative peak)."""
+    options = {layer.name: layer.a_bits_options() for layer in layers}
+
+    def fixed_width(buffer: ActivationBuffer) -> int | None:
+        widths = set().union(*(options[reader] for reader in buffer.readers)) if buffer.readers else set()
+        return widths.pop() if len(widths) == 1 else None
+
+    by_name = {buffer.name: buffer for buffer in buffers}
+    merged: set[str] = set()
+    for name, layer in plan.layers.items():
+        output = by_name.get(layer.outputs[0])
+        if layer.op_type not in IN_PLACE_OPS or output is None or name not in steps:
+            continue
+        step = steps.index(name)
+        for source in layer.inputs:
+            buffer = by_name.get(source)
+            if (buffer is None or source in merged or layer.inputs.count(source) > 1 or buffer.elems != output.elems
+                    or buffer.last_step != step or output.first_step != step
+                    or fixed_width(buffer) is None or fixed_width(buffer) != fixed_width(output)):
+                continue
+            buffer.last_step = output.last_step
+            buffer.readers = list(dict.fromkeys([*buffer.readers, *output.readers]))
+            by_name[output.name] = buffer
+            merged.add(output.name)
+            break
+    return [buffer for buffer in buffers if buffer.name not in merged]
 
 
 def online_op_shapes(model) -> list:
