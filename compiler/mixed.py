@@ -689,11 +689,11 @@ def allocation_problem(options: CompileOptions, metrics: list[str] | None = None
 
     normalize_options(options)
     target = get_target(options.target)
-    check_default_bits(options, target)  # a bad --bits fails before any work
+    bits = check_default_bits(options, target)  # a bad --bits fails before any work
     # Model, data, transforms and plan exactly as `edgeq compile` makes them (the bundled model with
     # its data by default).
     model_path, float_model, calib, _ = load_model_and_data(options)
-    recipe, model, plan = plan_before_allocation(options, target, model_path, float_model, calib)
+    recipe, model, plan = plan_before_allocation(options, target, bits, model_path, float_model, calib)
     integer_only = target.needs_integer_graph
     if metrics is None:
         metrics = resolve_metric_names(parse_budget(options.budget) if options.budget else {})

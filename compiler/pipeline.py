@@ -237,10 +237,10 @@ def compile_model(options: CompileOptions) -> CompileResult:
         crossing = " or ".join(name for name in target_names() if get_target(name).cross_compiles)
         raise EdgeqError(f"--target-triple applies to --target {crossing}; target {options.target} does not "
                          "cross-compile (drop --target-triple)")
-    check_default_bits(options, target)
+    bits = check_default_bits(options, target)
     integer_only = target.needs_integer_graph
     model_path, float_model, calib, evaluation = load_model_and_data(options, stage)
-    recipe, model, plan = plan_before_allocation(options, target, model_path, float_model, calib, stage)
+    recipe, model, plan = plan_before_allocation(options, target, bits, model_path, float_model, calib, stage)
     if options.pins and not options.budget:  # with a budget the allocator keeps them
         apply_pins(plan, options.pins, target.cost_model(options.device).bit_pairs)
     if options.budget:
@@ -305,8 +305,8 @@ def check_default_bits(options: CompileOptions, target: Any) -> tuple[int, int]:
     return w_bits, a_bits
 
 
-def plan_before_allocation(options: CompileOptions, target: Any, model_path: Path, float_model: onnx.ModelProto,
-                           calib: dict[str, np.ndarray], stage: Stage = run_stage
+def plan_before_allocation(options: CompileOptions, target: Any, bits: tuple[int, int], model_path: Path,
+                           float_model: onnx.ModelProto, calib: dict[str, np.ndarray], stage: Stage = run_stage
                            ) -> tuple[Recipe, onnx.ModelProto, QuantPlan]:
     """(recipe, transformed model, plan) as ``options`` make them before any bit allocation.
 
@@ -315,7 +315,7 @@ def plan_before_allocation(options: CompileOptions, target: Any, model_path: Pat
     same transforms, default bits (``--bits``), activation type and
     calibration method.
     """
-    w_bits, a_bits = check_default_bits(options, target)
+    w_bits, a_bits = bits  # check_default_bits's, taken before any work
     integer_only = target.needs_integer_graph
     recipe = resolve_recipe(options.recipe, float_model)
     weight_block, weight_block_source = choose_weight_block(options.weight_block, recipe, options.target, integer_only)

@@ -156,6 +156,11 @@ def _describe(node: onnx.NodeProto) -> str:
     return f"{node.op_type} node '{node.name or node.output[0]}'"
 
 
+def _text(value: str | bytes) -> str:
+    """A string attribute as str (onnx.helper gives bytes)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _float_error(node: onnx.NodeProto, why: str) -> EdgeqError:
     return EdgeqError(
         f"{_describe(node)} would stay in float ({why}); integer-only targets cannot run float ops"
@@ -507,8 +512,7 @@ class _Integerizer:
             raise EdgeqError(f"{_describe(node)}: only 2-D convolutions are supported")
         channels = weight_dims.values.shape[0]
         weight, w_scale, w_bits = self._weight(node, 1, 0, channels)
-        auto_pad = attribute(node, "auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        auto_pad = _text(attribute(node, "auto_pad", b"NOTSET"))
         if auto_pad not in ("NOTSET", "VALID"):
             raise EdgeqError(f"{_describe(node)}: auto_pad={auto_pad} is not supported (use explicit pads)")
         x_scale = self.params[x].scale
@@ -709,13 +713,13 @@ class _Integerizer:
         self._emit_moved(node, src, out, params)
 
     def _resize(self, node: onnx.NodeProto) -> None:
-        """A nearest-neighbour Resize is a Gather along each resized axis, with the source indices ONNX's
-        reference Resize picks (every coordinate_transformation_mode and nearest_mode: exact)."""
-        mode = attribute(node, "mode", "nearest")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        transform = attribute(node, "coordinate_transformation_mode", "half_pixel")
-        if mode != "nearest" or transform in ("tf_crop_and_resize", b"tf_crop_and_resize"):
-            raise _float_error(node, f"Resize mode {mode} ({transform!r}): only nearest-neighbour Resize, "
+        """A nearest-neighbour Resize is a Gather along each resized axis, with the source indices
+        onnxruntime's Resize reads (:func:`nearest_source_indices`: every coordinate_transformation_mode
+        and nearest_mode, exact)."""
+        mode, transform = (_text(attribute(node, key, default)) for key, default in (
+            ("mode", "nearest"), ("coordinate_transformation_mode", "half_pixel")))
+        if mode != "nearest" or transform == "tf_crop_and_resize":
+            raise _float_error(node, f"Resize mode {mode} ({transform}): only nearest-neighbour Resize, "
                                      "an exact data movement, has an integer lowering")
         in_shape, out_shape = self._shape_of(node.input[0]), self._shape_of(node.output[0])
         if not in_shape or not out_shape or not all(isinstance(d, int) for d in [*in_shape, *out_shape]):
