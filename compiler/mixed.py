@@ -15,7 +15,8 @@ import argparse
 import copy
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -388,14 +389,8 @@ def _greedy_plan(problem: AllocationProblem, budget: dict[str, float]) -> list[A
 def solve_into_plan(mixed: MixedPrecision, plan: QuantPlan, budget: dict[str, float],
                     options: AllocatorOptions) -> Allocation:
     """:func:`solve`, then the chosen bits and how they were chosen written into ``plan``."""
-    try:
+    with percent_explained(mixed):
         allocation = solve(mixed, budget, options)
-    except EdgeqError as error:  # an infeasible budget the user gave in percent: say what the percent was of
-        relative = mixed.record.get("relative_budget")
-        if not relative:
-            raise
-        raise EdgeqError(f"{error} ({'; '.join(_relative_text(metric, entry) for metric, entry in relative.items())})"
-                         ) from None
     apply_allocation(plan, mixed.problem, allocation)
     plan.totals["allocation"]["allocator"] = mixed.record
     for message in device_overruns(mixed.device, mixed.device_limits, budget, allocation.totals):
@@ -562,12 +557,14 @@ def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     problem = mixed.problem
     budget = absolute_budget(mixed, budget)
     mixed.budget = budget
-    if "latency_s" in budget:  # the floor of re-planning and of the hint, and the plan re-planning starts from
-        others = resolve_budget(problem, {metric: value for metric, value in budget.items() if metric != "latency_s"})
-        mixed.fastest_latency_s = minimum(problem, "latency_s", limits=others)
-        mixed.base_plan = copy.deepcopy(plan)
-    mixed.pareto_metric = _pareto_metric(budget, target.name)
-    mixed.pareto_points = pareto(problem, mixed.pareto_metric, PARETO_POINTS, limits=budget)  # within the others
+    with percent_explained(mixed):
+        if "latency_s" in budget:  # the floor of re-planning and of the hint, and the plan re-planning starts from
+            others = resolve_budget(problem, {metric: value for metric, value in budget.items()
+                                              if metric != "latency_s"})
+            mixed.fastest_latency_s = minimum(problem, "latency_s", limits=others)
+            mixed.base_plan = copy.deepcopy(plan)
+        mixed.pareto_metric = _pareto_metric(budget, target.name)
+        mixed.pareto_points = pareto(problem, mixed.pareto_metric, PARETO_POINTS, limits=budget)  # within the others
     plan_bits(mixed, plan)
     return mixed
 
@@ -599,6 +596,19 @@ def frontier_plot(problem: AllocationProblem, metric: str, points: list[tuple[fl
     """The Pareto SVG along ``metric`` with the chosen plan and the user's limit on that metric."""
     limit = resolve_budget(problem, budget).get(metric)
     return pareto_svg(points, metric, chosen=chosen, title=f"Pareto frontier: {metric}", budget=limit)
+
+
+@contextmanager
+def percent_explained(mixed: MixedPrecision) -> Iterator[None]:
+    """An infeasible budget the user gave in percent: its error also says what the percent was of."""
+    try:
+        yield
+    except EdgeqError as error:
+        relative = mixed.record.get("relative_budget")
+        if not relative:
+            raise
+        raise EdgeqError(f"{error} ({'; '.join(_relative_text(metric, entry) for metric, entry in relative.items())})"
+                         ) from None
 
 
 def _relative_text(metric: str, relative: dict) -> str:

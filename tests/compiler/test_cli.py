@@ -679,6 +679,10 @@ def test_a_budget_in_percent_is_that_share_of_the_all_8_bit_plan(workspace, caps
         (layer["w_bits"], layer["a_bits"]) for layer in relative_plan]
     code, _, stderr = run_cli(capsys, "allocate", *data, "--budget", "bitops=1%", "-o", workspace / "none")
     assert code == 2 and "smallest achievable" in stderr and "is 1% of the all-8-bit plan's" in stderr
+    # compile meets an infeasible second budget first, in the frontier sweep along the first: explained there too
+    code, _, stderr = run_cli(capsys, "compile", *data, "--target", "mcu", "--budget", "flash=100%,sram=1%",
+                              "-o", workspace / "none")
+    assert code == 2 and "smallest achievable sram_bytes" in stderr and "is 1% of the all-8-bit plan's" in stderr
     assert not (workspace / "none").exists()
 
 
