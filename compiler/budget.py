@@ -127,6 +127,12 @@ def base_metric(key: str) -> str:
     return key.removesuffix(FRACTION)
 
 
+def metric_names(budget: dict[str, float]) -> list[str]:
+    """The allocator metrics a parsed budget limits (``size_fraction`` is a weight-bytes limit,
+    ``latency_s_fraction`` a latency one)."""
+    return [base_metric(key) for key in budget]
+
+
 def _parse_size(value: str) -> tuple[str, float]:
     """``size=0.5`` is a fraction of the int8 weight bytes; ``size=300KB`` is absolute."""
     match = _VALUE.match(value)

@@ -73,6 +73,19 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+def clamp_bounds(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[float | None, float | None]:
+    """The (low, high) a Relu or Clip clamps to (+-inf where open; Clip's bounds from attributes before
+    opset 11, inputs after); None for a bound given by a tensor that is not a constant."""
+    if node.op_type == "Relu":
+        return 0.0, np.inf
+    bounds: list[float | None] = [attribute(node, "min", -np.inf), attribute(node, "max", np.inf)]
+    for index in (1, 2):
+        if len(node.input) > index and node.input[index]:
+            value = initializer_array(model, node.input[index])
+            bounds[index - 1] = None if value is None else float(value)
+    return bounds[0], bounds[1]
+
+
 def set_attribute(node: onnx.NodeProto, name: str, value) -> None:
     for index, attr in enumerate(node.attribute):
         if attr.name == name:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from compiler.budget import FRACTION, base_metric, format_metric, parse_budget
+from compiler.budget import FRACTION, base_metric, format_metric, metric_names, parse_budget
 from compiler.console import note, warn
 from compiler.errors import EdgeqError
 from compiler.export import export_plan
@@ -311,12 +311,6 @@ def _compiled_by(model: onnx.ModelProto, recipe: Recipe, data: dict[str, np.ndar
     return export
 
 
-def resolve_metric_names(budget: dict[str, float]) -> list[str]:
-    """The allocator's metric names of a parsed budget (``size_fraction`` is a weight-bytes limit,
-    ``latency_s_fraction`` a latency one)."""
-    return [base_metric(metric) for metric in budget]
-
-
 def absolute_budget(mixed: MixedPrecision, budget: dict[str, float]) -> dict[str, float]:
     """``budget`` with each relative limit (``latency=80%`` parses to ``latency_s_fraction``) made
     absolute: that fraction of the all-8-bit plan's total on this target's cost model. Recorded in
@@ -553,7 +547,7 @@ def allocate_bits(model: onnx.ModelProto, plan: QuantPlan, calib: dict[str, np.n
     """Solve the ILP for ``budget_text`` and write the chosen bits into ``plan``."""
     budget = parse_budget(budget_text)
     mixed = build_problem(model, plan, calib, target, device, integer_only=integer_only,
-                          pins=pins, options=options, metrics=resolve_metric_names(budget), recipe=recipe)
+                          pins=pins, options=options, metrics=metric_names(budget), recipe=recipe)
     problem = mixed.problem
     budget = absolute_budget(mixed, budget)
     mixed.budget = budget
@@ -607,14 +601,13 @@ def percent_explained(mixed: MixedPrecision) -> Iterator[None]:
         relative = mixed.record.get("relative_budget")
         if not relative:
             raise
-        raise EdgeqError(f"{error} ({'; '.join(_relative_text(metric, entry) for metric, entry in relative.items())})"
-                         ) from None
+        raise EdgeqError(f"{error} ({_relative_text(relative)})") from None
 
 
-def _relative_text(metric: str, relative: dict) -> str:
-    """``latency_s 1.2ms is 80% of the all-8-bit plan's 1.5ms``: a budget given in percent."""
-    return (f"{metric} {format_metric(metric, relative['limit'])} is {relative['fraction'] * 100:.4g}% of the "
-            f"all-8-bit plan's {format_metric(metric, relative['all_8bit'])}")
+def _relative_text(relative: dict[str, dict]) -> str:
+    """``latency_s 1.2ms is 80% of the all-8-bit plan's 1.5ms; ...``: the budgets given in percent."""
+    return "; ".join(f"{metric} {format_metric(metric, entry['limit'])} is {entry['fraction'] * 100:.4g}% of the "
+                     f"all-8-bit plan's {format_metric(metric, entry['all_8bit'])}" for metric, entry in relative.items())
 
 
 def allocation_summary(problem: AllocationProblem, allocation: Allocation, record: dict | None = None) -> str:
@@ -638,8 +631,7 @@ def allocation_summary(problem: AllocationProblem, allocation: Allocation, recor
                     f"{skipped['reason']}.")
         lines += [how, ""]
         if record.get("relative_budget"):
-            lines += ["Budget given in percent: " + "; ".join(
-                _relative_text(metric, relative) for metric, relative in record["relative_budget"].items()) + ".", ""]
+            lines += [f"Budget given in percent: {_relative_text(record['relative_budget'])}.", ""]
         if problem.online_ops:
             lines += [f"Float ops inserted by transforms and run online ({', '.join(problem.online_ops)}) are "
                       "charged as fixed costs: " + ", ".join(
@@ -706,7 +698,7 @@ def allocation_problem(options: CompileOptions, metrics: list[str] | None = None
     recipe, model, plan = plan_before_allocation(options, target, bits, model_path, float_model, calib)
     integer_only = target.needs_integer_graph
     if metrics is None:
-        metrics = resolve_metric_names(parse_budget(options.budget) if options.budget else {})
+        metrics = metric_names(parse_budget(options.budget) if options.budget else {})
     mixed = build_problem(model, plan, calib, target, options.device, integer_only=integer_only,
                           pins=options.pins, options=options.allocator, metrics=metrics, recipe=recipe)
     return plan, mixed
@@ -739,7 +731,7 @@ def allocate_command(args: argparse.Namespace) -> int:
     if not args.budget:  # --pareto alone sweeps the table: nothing is solved, re-ranked or refined
         check_no_allocator_options(options, "--budget", ("solver", "rerank", "rerank_samples", "refine"))
     budget = parse_budget(args.budget) if args.budget else {}
-    metrics = resolve_metric_names(budget)
+    metrics = metric_names(budget)
     pareto_metric = _pareto_metric(budget, args.target)
     if args.pareto and pareto_metric not in metrics:  # each metric named once (in the record and report)
         metrics.append(pareto_metric)

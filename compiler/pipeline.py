@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from compiler.atomic import atomic_dir, check_output_dir, empty_dir
-from compiler.budget import base_metric, parse_budget
+from compiler.budget import metric_names, parse_budget
 from compiler.console import warn
 from compiler.errors import EdgeqError
 from compiler.export import Stage, export_plan, run_stage
@@ -227,7 +227,7 @@ def compile_model(options: CompileOptions) -> CompileResult:
     check_output_dir(options.out_dir)  # a bad -o fails before any work
     if not options.budget:
         check_no_allocator_options(options.allocator, "--budget")
-    elif "latency_s" not in [base_metric(key) for key in parse_budget(options.budget)]:
+    elif "latency_s" not in metric_names(parse_budget(options.budget)):
         check_no_allocator_options(options.allocator, "--budget latency=...", fields=("latency_rounds",))
     target = get_target(options.target)
     target.check_can_lower()  # a target without a lowering fails before any work

@@ -47,6 +47,7 @@ from compiler.graph import (
     DisjointSets,
     NameAllocator,
     attribute,
+    clamp_bounds,
     consumers,
     graph_output_names,
     initializer_array,
@@ -155,12 +156,9 @@ def fused_activation(model: onnx.ModelProto, layer: LayerPlan) -> onnx.NodeProto
     node = readers[0]
     if node.op_type not in FUSIBLE_ACTIVATIONS:
         return None
-    if node.op_type == "Clip":
-        low = initializer_array(model, node.input[1]) if len(node.input) > 1 and node.input[1] else None
-        if low is None or float(low) != 0.0:
-            return None
-        if len(node.input) > 2 and node.input[2] and initializer_array(model, node.input[2]) is None:
-            return None
+    low, high = clamp_bounds(model, node)
+    if low != 0.0 or high is None:  # a Clip from 0 to a constant (or open) top
+        return None
     return node
 
 
@@ -194,19 +192,14 @@ def _concat_inputs_to_share(model: onnx.ModelProto, layer: LayerPlan) -> list[st
 
 
 def _folded_clamp(model: onnx.ModelProto, name: str) -> tuple | None:
-    """The Relu/Clip whose output ``name`` is (through data movement), as (op, bounds); None if none."""
+    """The bounds of the Relu/Clip whose output ``name`` is (through data movement); None if none."""
     made_by = producers(model)
     node = made_by.get(name)
     while node is not None and node.op_type in PASS_THROUGH_OPS and node.input:
         node = made_by.get(node.input[0])
     if node is None or node.op_type not in FUSIBLE_ACTIVATIONS:
         return None
-    bounds = [attribute(node, "min", None), attribute(node, "max", None)]
-    for index in (1, 2):
-        if len(node.input) > index and node.input[index]:
-            value = initializer_array(model, node.input[index])
-            bounds[index - 1] = None if value is None else float(value)
-    return node.op_type, *bounds
+    return clamp_bounds(model, node)
 
 
 def activation_groups(model: onnx.ModelProto, plan: QuantPlan, *, integer_only: bool = False) -> list[ActivationGroup]:

@@ -57,6 +57,7 @@ from compiler.errors import EdgeqError
 from compiler.graph import (
     NameAllocator,
     attribute,
+    clamp_bounds,
     consumers,
     graph_input_names,
     initializer_array,
@@ -418,13 +419,10 @@ class _Integerizer:
         return user.output[0], params, self._clamp_ints(params, low, high)
 
     def _clamp_bounds(self, node: onnx.NodeProto) -> tuple[float, float]:
-        if node.op_type == "Relu":
-            return 0.0, np.inf
-        low, high = attribute(node, "min", -np.inf), attribute(node, "max", np.inf)
-        if len(node.input) > 1 and node.input[1]:
-            low = float(self._const(node.input[1], node))
-        if len(node.input) > 2 and node.input[2]:
-            high = float(self._const(node.input[2], node))
+        low, high = clamp_bounds(self.model, node)
+        for index, bound in ((1, low), (2, high)):
+            if bound is None:
+                self._const(node.input[index], node)  # raises, naming the bound that is not a constant
         return low, high
 
     @staticmethod
