@@ -33,6 +33,7 @@ The entry points
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -454,6 +455,42 @@ class _Builder:
             return x[(*i[:axis], position, *i[axis + rank:])]
 
         return te.compute(self.out_shape, gather, name="y")
+
+
+def fold_into_output(sch, log: logging.Logger,
+                     on_attach: Callable[[object, int], None] | None = None) -> tuple[object, int]:
+    """Fold every intermediate block of a TE PrimFunc's schedule ``sch`` into its output block.
+
+    A block that can be inlined is (padding, casts); one that cannot (a reduction)
+    is computed under the output's loop over the block's own last dimension: an
+    accumulator shaped like the output under the innermost spatial loop (one
+    scalar per output element), a per-row one -- Softmax's row maximum and sum --
+    under the row loop, so it runs once per row and not once per element (under
+    the innermost loop a 1000-class Softmax re-reduced its row 1000 times).
+    ``on_attach(block, depth)`` is called after each such move. Returns the output
+    block and how many of its leading loops still hold nothing else (the ones a
+    schedule may fuse).
+    """
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    output = blocks[-1]
+    spatial = sum(1 for iter_var in sch.get(output).iter_vars if int(iter_var.iter_type) == 0)
+    free = spatial
+    for block in reversed(blocks[:-1]):
+        try:
+            sch.compute_inline(block)
+            continue
+        except Exception as inline_error:  # noqa: BLE001 -- TVM raises its own error types
+            reason = str(inline_error).splitlines()[0] if str(inline_error) else type(inline_error).__name__
+            log.debug("block %s is not inlinable (%s); computing it under the output's loops",
+                      sch.get(block).name_hint, reason)
+        depth = min(len(sch.get(block).writes[0].region), spatial) - 1
+        if depth < 0:  # a scalar: left before the output's loops, computed once
+            continue
+        sch.compute_at(block, sch.get_loops(output)[depth])
+        free = min(free, depth + 1)
+        if on_attach is not None:
+            on_attach(block, depth)
+    return output, free
 
 
 def _ident(name: str) -> str:

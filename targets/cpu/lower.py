@@ -51,7 +51,14 @@ from compiler.atomic import atomic_write_text
 from compiler.errors import EdgeqError
 from compiler.graph import attribute, graph_input_names, initializer_array
 from compiler.interpreter import output_sources
-from targets.tvm_ops import EDGE_OPS, NodeKernel, Types, node_kernels, tensor_types
+from targets.tvm_ops import (
+    EDGE_OPS,
+    NodeKernel,
+    Types,
+    fold_into_output,
+    node_kernels,
+    tensor_types,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,24 +129,19 @@ def _edge_quant(node: onnx.NodeProto, recorded: dict | None) -> dict[str, Any]:
 def parallelize(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Cheap, always-correct schedule for a generic kernel.
 
-    Producers (padding, casts) are inlined or computed under the output's
-    innermost loop -- one scalar accumulator per output element instead of a
-    whole accumulator tensor -- and the output's outer loops (fused up to the
-    first loop with real work) run in parallel.
+    Producers (padding, casts) are inlined, reductions computed under the
+    output's loops (:func:`targets.tvm_ops.fold_into_output`: one scalar
+    accumulator per output element, or per row, instead of a whole accumulator
+    tensor), and the output's outer loops (fused up to the first loop with real
+    work) run in parallel.
     """
     sch = s_tir.Schedule(func)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    if not blocks:
+    if not sch.get_child_blocks(sch.get_sblock("root")):
         return func
-    output = blocks[-1]
-    for block in reversed(blocks[:-1]):
-        try:
-            sch.compute_inline(block)
-        except Exception:  # noqa: BLE001 -- TVM raises its own error types; a reduction stays a block
-            sch.compute_at(block, sch.get_loops(output)[-1])
-    # TE puts reduction loops innermost: only the leading data-parallel loops may run in parallel
-    spatial = sum(1 for iter_var in sch.get(output).iter_vars if iter_var.iter_type == 0)
-    loops = sch.get_loops(output)[:spatial]
+    # TE puts reduction loops innermost, and a per-row reduction sits under its row loop:
+    # only the leading loops that hold nothing else may be fused and run in parallel
+    output, free = fold_into_output(sch, log)
+    loops = sch.get_loops(output)[:free]
     outer = []
     for loop in loops:
         outer.append(loop)

@@ -196,26 +196,23 @@ def _pixel_window_schedule(func, per_channel: bool = False, pairs: bool = False)
 
 
 def _scalar_schedule(func, pairs: bool = False):
-    """Fold every intermediate block into the output block's innermost loop: one
-    scalar accumulator per output element, padding read through a condition."""
+    """Fold every intermediate block into the output block's loops
+    (:func:`targets.tvm_ops.fold_into_output`): one scalar accumulator per output
+    element (or per row, for a row's reduction), padding read through a condition."""
     import tvm
 
+    from targets.tvm_ops import fold_into_output
+
     sch = tvm.s_tir.Schedule(func)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    if len(blocks) < 2:
+    if len(sch.get_child_blocks(sch.get_sblock("root"))) < 2:
         return func
-    output = blocks[-1]
-    for block in reversed(blocks[:-1]):
-        try:
-            sch.compute_inline(block)
-            continue
-        except Exception as inline_error:  # noqa: BLE001 -- TVM raises its own error types
-            reason = str(inline_error).splitlines()[0] if str(inline_error) else type(inline_error).__name__
-            log.debug("block %s is not inlinable (%s); computing it under the output loop", sch.get(block).name_hint, reason)
-        sch.compute_at(block, sch.get_loops(output)[-1])
+
+    def pair_reduction(block, depth: int) -> None:
         if pairs and _is_reduction(sch, block):
-            reduce_loops = sch.get_loops(block)[len(sch.get_loops(output)):]
+            reduce_loops = sch.get_loops(block)[depth + 1:]
             _pair_steps(sch, sch.fuse(*reduce_loops) if len(reduce_loops) > 1 else reduce_loops[0])
+
+    fold_into_output(sch, log, on_attach=pair_reduction)
     return sch.mod["main"]
 
 

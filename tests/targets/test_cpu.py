@@ -304,3 +304,25 @@ def test_thread_count_defaults_to_every_usable_cpu(monkeypatch):
     assert configure_threads(3) == 3 and os.environ["TVM_NUM_THREADS"] == "3"
     with pytest.raises(EdgeqError, match="threads"):
         configure_threads(0)
+
+
+@pytest.mark.parametrize("target", ["cpu", "mcu"])
+def test_softmax_reduces_each_row_once(target):
+    """The row's maximum and sum are computed under the row loop, not under the output's
+    innermost loop: there they were recomputed for every element (1000 classes: 320 us on
+    the CPU instead of 3 us)."""
+    from targets.cpu.lower import parallelize
+    from targets.mcu.codegen import schedule_for_mcu
+
+    int_model = integerize(softmax_model())  # probabilities of shape [1, 3, 10]: rows [1, 3]
+    types = tensor_types(int_model)
+    node = next(node for node in int_model.graph.node if node.op_type == "QSoftmax")
+    func, _, _ = node_primfunc(int_model, node, types)
+    scheduled = (parallelize if target == "cpu" else schedule_for_mcu)(func)
+    sch = tvm.s_tir.Schedule(scheduled)
+    element_loop = sch.get(sch.get_loops(sch.get_sblock("y"))[-1])
+    assert element_loop.extent == 10
+    for name in ("peak", "total"):
+        *outer, reduction = (sch.get(loop) for loop in sch.get_loops(sch.get_sblock(name)))
+        assert reduction.extent == 10
+        assert not any(loop.same_as(element_loop) for loop in outer), f"{name} is computed per element"
