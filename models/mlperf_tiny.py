@@ -191,8 +191,7 @@ def build(name: str, cache_dir: Path | None = None, *, softmax: bool = True) -> 
     """The float ONNX model (NCHW input), converted from the Keras .h5 once and cached.
 
     ``softmax=False`` gives the classifiers without their final Softmax (output =
-    logits; the argmax is the same): what the MCU cost fit validates on, since it
-    prices no softmax (the integer targets do compile it, as QSoftmax).
+    logits; the argmax is the same), for comparisons of the logits themselves.
     """
     _model(name)
     suffix = "" if softmax else ".logits"

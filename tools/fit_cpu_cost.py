@@ -22,6 +22,11 @@ of the fit) at each activation width the CPU lowering handles:
   with these the per-layer terms take that in (the tables fitted without them
   under-predicted the stacks by 7-11% at 8-bit and up to 21% at 16-bit
   activations, whole models by 8-19%);
+* ``WEIGHTLESS``: a pointwise conv followed by a residual Add, a max pool, a global
+  average pool, a HardSwish table or a Softmax -- each weightless kind priced per
+  MAC alone (its MACs are its output elements or its pooling windows' inputs;
+  without them those layers took conv's terms, 4-8x under for a wide Softmax or
+  a big global average pool);
 * ``CONTEXT_MODELS``: whole zoo models (MobileNetV2), compiled at each width
   -- with the terms fitted on the builds above they still ran 7-17% slower
   than predicted, more at 16-bit activations, so the table also gets a
@@ -128,6 +133,14 @@ CHAIN_LENGTHS = (1, 4, 8)
 STACKS = [("stack", 24, 56, 2), ("stack", 32, 28, 3), ("stack", 64, 14, 4), ("stack", 160, 7, 3)]
 # Whole zoo models, compiled at each width: what the fitted terms still miss inside a model.
 CONTEXT_MODELS = ("mobilenetv2",)
+# A pointwise conv followed by a weightless layer: ("after", op, channels, map size). Each kind
+# (targets.base.LayerShape: "eltwise", "pool", "lookup", "softmax") is priced per MAC alone -- its
+# MACs are its output elements, or its pooling windows' inputs. Before these, every weightless
+# layer took conv's terms: in place in a MobileNetV3-style model a 1000-class Softmax ran 3.3 us
+# against 0.4 us predicted, a global average pool over 64 x 56 x 56 39 us against 7.8 us.
+WEIGHTLESS = [("after", op, channels, size) for op in ("Add", "MaxPool", "GlobalAveragePool", "HardSwish", "Softmax")
+              for channels, size in ((16, 112), (64, 28))]
+WEIGHTLESS_KINDS = ("eltwise", "pool", "lookup", "softmax")
 BURST = 10
 
 
@@ -180,6 +193,23 @@ def layer_model(kind: str, cin: int, cout: int, size: int, kernel: int, stride: 
     return float_model(nodes, inits, ["N", cin, size, size], ["N", cout, out_size, out_size])
 
 
+def weightless_model(op: str, channels: int, size: int, seed: int = 0) -> onnx.ModelProto:
+    """x -> pointwise conv + Relu -> ``op`` (Add with x itself, a 2x2 MaxPool, a global average pool,
+    a HardSwish table, a Softmax over the last axis)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = conv_relu(rng, "x", "", "r", channels, channels, 1)
+    out_size = {"MaxPool": size // 2, "GlobalAveragePool": 1}.get(op, size)
+    if op == "Add":
+        nodes.append(helper.make_node("Add", ["r", "x"], ["y"], name="after"))
+    elif op in ("HardSwish", "Softmax"):
+        nodes.append(helper.make_node(op, ["r"], ["y"], name="after"))
+    elif op == "MaxPool":
+        nodes.append(helper.make_node("MaxPool", ["r"], ["y"], name="after", kernel_shape=[2, 2], strides=[2, 2]))
+    else:
+        nodes.append(helper.make_node("GlobalAveragePool", ["r"], ["y"], name="after"))
+    return float_model(nodes, inits, ["N", channels, size, size], ["N", channels, out_size, out_size])
+
+
 def stack_model(kind: str, channels: int, size: int, blocks: int, seed: int = 0) -> onnx.ModelProto:
     """``blocks`` blocks of 1x1 expand (x6), 3x3 depthwise, 1x1 project, each conv + Relu; nodes
     ``layer0`` ... in order (``kind`` is "stack", for the point's tuple)."""
@@ -214,13 +244,19 @@ def _input(model: onnx.ModelProto) -> tuple[str, list[int]]:
 
 def build(point, bits: str, layers: int, work: Path) -> dict:
     """Compile (and verify) one model; its shapes and where the artifact is."""
-    model = stack_model(*point) if point[0] == "stack" else layer_model(*point, layers=layers)
+    if point[0] == "stack":
+        model = stack_model(*point)
+    elif point[0] == "after":
+        model = weightless_model(*point[1:])
+    else:
+        model = layer_model(*point, layers=layers)
     stem = f"{'_'.join(map(str, point))}_x{layers}"
     path = work / f"{stem}.onnx"
     onnx.save(model, str(path))
     out = work / f"out_{stem}_{bits}"
     build_s, bit_exact = _compile(path, bits, out)
-    shapes = list(layer_shapes(model, [n.name for n in model.graph.node if n.name.startswith("layer")]).values())
+    priced = [n.name for n in model.graph.node if n.name.startswith("layer") or n.name == "after"]
+    shapes = list(layer_shapes(model, priced).values())
     w_bits, a_bits = (int(part) for part in bits[1:].split("a"))
     input_name, x_shape = _input(model)
     return {"kind": shapes[0].kind, "point": list(point), "layers": len(shapes), "bits": [w_bits, a_bits],
@@ -363,6 +399,8 @@ def _per_key_quantities(m: dict) -> dict[tuple[str, str], list[float]]:
                                     ] * m["layers"]
     sums: dict[tuple[str, str], list[float]] = {}
     for kind, macs, output_elems, channels in layers:
+        if kind in WEIGHTLESS_KINDS:  # priced per MAC alone (WEIGHTLESS)
+            output_elems = channels = 0
         total = sums.setdefault((kind, pair), [0.0, 0.0, 0.0])
         for index, value in enumerate((macs, output_elems, channels)):
             total[index] += value
@@ -507,6 +545,8 @@ def main() -> None:
                         help="timed runs per build (whole path and core each)")
     parser.add_argument("--no-chains", action="store_true", help="single layers only (no per-call term)")
     parser.add_argument("--no-stacks", action="store_true", help="no block stacks (layers priced as built alone)")
+    parser.add_argument("--no-weightless", action="store_true",
+                        help="no weightless layers (Add, pooling, tables, Softmax take conv's terms)")
     parser.add_argument("--context-models", default=",".join(CONTEXT_MODELS), metavar="NAMES",
                         help="zoo models built whole for the context factor (comma-separated; '' for none)")
     parser.add_argument("--context-rounds", type=int, default=5, help="timings of each whole model")
@@ -522,6 +562,8 @@ def main() -> None:
             points += [(point, n, True) for point in CHAINS for n in CHAIN_LENGTHS]
         if not args.no_stacks and args.only is None:
             points += [(point, 1, False) for point in STACKS]
+        if not args.no_weightless and args.only is None:
+            points += [(point, 1, False) for point in WEIGHTLESS]
         if args.only is None:
             points += [(name, 0, False) for name in args.context_models.split(",") if name]
         builds = []
@@ -556,10 +598,12 @@ def main() -> None:
         chains = sum(1 for m in builds if m["chain"])
         wholes = sum(1 for m in builds if m.get("context_model"))
         stacks = sum(1 for m in builds if m.get("point", [""])[0] == "stack")
+        weightless = sum(1 for m in builds if m.get("point", [""])[0] == "after")
         table.update({
             "source": f"measured by tools/fit_cpu_cost.py on {platform.processor() or platform.machine()} "
-                      f"({time.strftime('%Y-%m-%d')}), {len(builds) - chains - stacks - wholes} single-layer, "
-                      f"{chains} chain, {stacks} block-stack and {wholes} whole-model builds, {args.runs} runs "
+                      f"({time.strftime('%Y-%m-%d')}), {len(builds) - chains - stacks - wholes - weightless} single-layer, "
+                      f"{chains} chain, {stacks} block-stack, {weightless} conv + weightless-layer and {wholes} "
+                      f"whole-model builds, {args.runs} runs "
                       "each, NNLS fit",
             "info": {"measurements": builds, "host": platform.platform(),
                      "threads": int(os.environ["TVM_NUM_THREADS"]), "load_average": load},

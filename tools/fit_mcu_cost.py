@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -52,7 +51,7 @@ from compiler.pipeline import CompileOptions, compile_model  # noqa: E402
 from targets.base import LayerShape  # noqa: E402
 from targets.mcu import PROJECT_DIR, input_bytes, qemu  # noqa: E402
 from targets.mcu.cost import TABLE, cost_model  # noqa: E402
-from tools.fit_cpu_cost import conv_relu, float_model, layer_model, relative_nnls  # noqa: E402
+from tools.fit_cpu_cost import layer_model, relative_nnls, weightless_model  # noqa: E402
 
 BITS = ("w8a8", "w4a8")
 # (kind, cin, cout, map size, kernel): the kinds of targets/base.LayerShape the MCU lowering runs
@@ -71,23 +70,6 @@ WEIGHTLESS = [("after", "Add", 32, 16), ("after", "Add", 64, 8), ("after", "MaxP
               ("after", "MaxPool", 64, 8), ("after", "GlobalAveragePool", 32, 16),
               ("after", "GlobalAveragePool", 64, 8), ("after", "HardSwish", 32, 16), ("after", "HardSwish", 64, 8),
               ("after", "Softmax", 32, 16), ("after", "Softmax", 64, 8)]
-
-
-def weightless_model(op: str, channels: int, size: int, seed: int = 0) -> onnx.ModelProto:
-    """x -> pointwise conv + Relu -> ``op`` (Add with x itself, a 2x2 MaxPool, a global average pool,
-    a HardSwish table, a Softmax over the last axis)."""
-    rng = np.random.default_rng(seed)
-    nodes, inits = conv_relu(rng, "x", "", "r", channels, channels, 1)
-    out_size = {"MaxPool": size // 2, "GlobalAveragePool": 1}.get(op, size)
-    if op == "Add":
-        nodes.append(helper.make_node("Add", ["r", "x"], ["y"], name="after"))
-    elif op in ("HardSwish", "Softmax"):
-        nodes.append(helper.make_node(op, ["r"], ["y"], name="after"))
-    elif op == "MaxPool":
-        nodes.append(helper.make_node("MaxPool", ["r"], ["y"], name="after", kernel_shape=[2, 2], strides=[2, 2]))
-    else:
-        nodes.append(helper.make_node("GlobalAveragePool", ["r"], ["y"], name="after"))
-    return float_model(nodes, inits, ["N", channels, size, size], ["N", channels, out_size, out_size])
 
 
 def measure(model: onnx.ModelProto, bits: str, work: Path, stem: str,
@@ -200,7 +182,7 @@ def validation_builds(work: Path) -> list[dict]:
     entries = [measure(onnx.load(str(bundled.model_path())), bits, work, "fashion_cnn",
                        {name: value[:64] for name, value in calib.items()}) for bits in BITS]
     for name in mlperf_tiny.MODELS:
-        model = onnx.load(str(mlperf_tiny.build(name, softmax=False)))  # the fit prices no softmax: the logits
+        model = onnx.load(str(mlperf_tiny.build(name)))  # as shipped: the classifiers end in their Softmax
         entries.append(measure(model, "w8a8", work, name, mlperf_tiny.sample_inputs(name)))
     return entries
 
