@@ -98,6 +98,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")  # before TVM's pool starts: see t
 
 from compiler.layers import layer_shapes  # noqa: E402
 from targets.cost_common import traffic_bytes  # noqa: E402
+from targets.cpu.cost import cost_kind  # noqa: E402
 
 TABLE = Path(__file__).resolve().parent.parent / "targets/cpu/cost_table.json"
 
@@ -133,14 +134,18 @@ CHAIN_LENGTHS = (1, 4, 8)
 STACKS = [("stack", 24, 56, 2), ("stack", 32, 28, 3), ("stack", 64, 14, 4), ("stack", 160, 7, 3)]
 # Whole zoo models, compiled at each width: what the fitted terms still miss inside a model.
 CONTEXT_MODELS = ("mobilenetv2",)
-# A pointwise conv followed by a weightless layer: ("after", op, channels, map size). Each kind
-# (targets.base.LayerShape: "eltwise", "pool", "lookup", "softmax") is priced per MAC alone -- its
-# MACs are its output elements, or its pooling windows' inputs. Before these, every weightless
-# layer took conv's terms: in place in a MobileNetV3-style model a 1000-class Softmax ran 3.3 us
-# against 0.4 us predicted, a global average pool over 64 x 56 x 56 39 us against 7.8 us.
-WEIGHTLESS = [("after", op, channels, size) for op in ("Add", "MaxPool", "GlobalAveragePool", "HardSwish", "Softmax")
-              for channels, size in ((16, 112), (64, 28))]
-WEIGHTLESS_KINDS = ("eltwise", "pool", "lookup", "softmax")
+# A pointwise conv followed by a weightless layer: ("after", op, channels, map size), beside the
+# same conv alone (WEIGHTLESS_BASE), so that the layer's time is what the two differ by. Each kind
+# (targets.cpu.cost.cost_kind: "eltwise", "maxpool", "pool", "lookup", "softmax") is priced per MAC
+# alone -- its MACs are its output elements, or its pooling windows' inputs. Before these, every
+# weightless layer took conv's terms: in place in a MobileNetV3-style model a 1000-class Softmax
+# ran 3.3 us against 0.4 us predicted, a global average pool over 64 x 56 x 56 39 us against
+# 7.8 us. Global average pools as networks have them: many channels, small maps.
+WEIGHTLESS = [("after", op, channels, size) for op in ("Add", "MaxPool", "HardSwish", "Softmax")
+              for channels, size in ((16, 112), (64, 28))] + [
+    ("after", "GlobalAveragePool", channels, size) for channels, size in ((64, 28), (320, 7))]
+WEIGHTLESS_BASE = [("conv", channels, channels, size, 1) for channels, size in ((16, 112), (64, 28), (320, 7))]
+WEIGHTLESS_KINDS = ("eltwise", "pool", "maxpool", "lookup", "softmax")  # targets.cpu.cost.cost_kind
 BURST = 10
 
 
@@ -262,7 +267,7 @@ def build(point, bits: str, layers: int, work: Path) -> dict:
     return {"kind": shapes[0].kind, "point": list(point), "layers": len(shapes), "bits": [w_bits, a_bits],
             "macs": sum(s.macs for s in shapes), "bytes": sum(traffic_bytes(s, w_bits, a_bits) for s in shapes),
             "input_elems": shapes[0].input_elems, "output_elems": shapes[-1].output_elems,
-            "per_layer": [[s.kind, s.macs, s.output_elems, s.output_channels] for s in shapes],
+            "per_layer": [[cost_kind(s), s.macs, s.output_elems, s.output_channels] for s in shapes],
             "bit_exact": bit_exact, "build_s": build_s, "out": str(out), "x_shape": x_shape,
             "input_name": input_name}
 
@@ -563,7 +568,7 @@ def main() -> None:
         if not args.no_stacks and args.only is None:
             points += [(point, 1, False) for point in STACKS]
         if not args.no_weightless and args.only is None:
-            points += [(point, 1, False) for point in WEIGHTLESS]
+            points += [(point, 1, False) for point in WEIGHTLESS_BASE + WEIGHTLESS]
         if args.only is None:
             points += [(name, 0, False) for name in args.context_models.split(",") if name]
         builds = []

@@ -155,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-mobilenet", action="store_true")
     parser.add_argument("--mobilenet-budget", action="append", metavar="BUDGET",
-                        help="a MobileNetV2 case under this budget (repeatable; default: latency=1.5ms, the "
-                             "issue's example)")
+                        help="a MobileNetV2 case under this budget (repeatable; default: latency=110%%, 10%% "
+                             "over the all-8-bit plan as predicted -- the issue's example, latency=1.5ms, was that "
+                             "on the host of the first fits; an absolute budget follows the host's speed)")
     parser.add_argument("--zoo", action="append", default=[], metavar="NAME[:BUDGET]",
                         help="also a zoo model, at w8a8 or under BUDGET (repeatable; e.g. efficientnet_lite0, "
                              "whose layers the fit's grid only resembles)")
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     budgets = args.budget or ["latency=1ms", "latency=0.2ms"]
-    mobilenet_budgets = args.mobilenet_budget or ["latency=1.5ms"]
+    mobilenet_budgets = args.mobilenet_budget or ["latency=110%"]
     for index, case in enumerate(cases(not args.no_mobilenet, budgets, mobilenet_budgets, args.zoo)):
         out = work / f"case{index}"
         started = time.perf_counter()

@@ -136,11 +136,12 @@ class CpuCostModel(CostModel):
         w = w_bits if layer.weight_params else None
         # the library holds sub-byte weights as int8 (passes/integerize): they move 8-bit bytes
         stored_w = max(w, 8) if w else None
+        kind = cost_kind(layer)
         cost.latency_s = (
             coefficients.overhead_s
-            + self.seconds_per_mac(layer.kind, w, a_bits) * layer.macs
-            + _per_kind(coefficients.seconds_per_layer_output_elem, layer.kind, w, a_bits) * layer.output_elems
-            + _per_kind(coefficients.seconds_per_channel, layer.kind, w, a_bits) * layer.output_channels
+            + self.seconds_per_mac(kind, w, a_bits) * layer.macs
+            + _per_kind(coefficients.seconds_per_layer_output_elem, kind, w, a_bits) * layer.output_elems
+            + _per_kind(coefficients.seconds_per_channel, kind, w, a_bits) * layer.output_channels
             + coefficients.seconds_per_byte * traffic_bytes(layer, stored_w, a_bits)
         ) * self.context_factor(layer, a_bits)
         return cost
@@ -176,7 +177,14 @@ def context_group(layer: LayerShape) -> str:
     EfficientNet-Lite0 the former ran 1.1-1.6x their terms, the latter 0.9-1.2x (benchmarks/cpu.md)."""
     if layer.kind == "pointwise" and layer.weight_params > layer.output_channels ** 2:  # in channels > out
         return "projection"
-    return layer.kind
+    return cost_kind(layer)
+
+
+def cost_kind(layer: LayerShape) -> str:
+    """The table's name for a layer's kind: ``LayerShape.kind``, with max pools apart from the
+    other pools -- on x86 they run a hand-written kernel (targets/cpu/schedules), average pools
+    the generic TE reduction, several times slower per input element."""
+    return "maxpool" if layer.op_type == "MaxPool" else layer.kind
 
 
 def _per_kind(table: dict[str, dict[str, float]], kind: str, w_bits: int | None, a_bits: int) -> float:
