@@ -1254,3 +1254,46 @@ def quantize_kernel(
         _emit_elementwise(y, [x], size, chunk, quantize)
 
     return quantize_edge
+
+
+VPERMI2B = "llvm.x86.avx512.vpermi2var.qi.512"  # AVX-512 VBMI: 64 bytes from two 64-byte tables
+
+
+def lookup_kernel(shape: tuple[int, ...], x_dtype: str, y_dtype: str, chunk: int = 16384) -> tvm.tirx.PrimFunc:
+    """QLookup of an 8-bit input to an 8-bit output (compiler.intgraph): ``y = table[x - x_min]``
+    64 elements at a time with AVX-512 VBMI -- each half of the 256-byte table
+    (:func:`targets.cpu.schedules.byte_table`)
+    is one ``vpermi2b`` over the input bytes' low 7 bits, and the top bit picks between the two.
+    (The generic compute read the table one element at a time: 0.16-0.28 ns per element.)
+    Parameters: ``x shape x_dtype``, ``table (256,) uint8``, ``y shape y_dtype``."""
+    size = math.prod(shape)
+    vectors, tail = divmod(size, 64)
+    per_chunk = max(chunk // 64, 1)
+    chunks = max(math.ceil(vectors / per_chunk), 1)
+    loop = IB.parallel if chunks > 1 and size >= MIN_PARALLEL_BYTES else IB.serial
+
+    def bytes_of(buffer, start, lanes: int) -> tirx.PrimExpr:
+        return tirx.reinterpret(f"int8x{lanes}" if lanes > 1 else "int8", tirx.BufferLoad(
+            buffer, [tirx.Ramp(start, 1, lanes) if lanes > 1 else start]))
+
+    @T.prim_func
+    def lookup(xs: T.Buffer(shape, x_dtype), tables: T.Buffer((256,), "uint8"), ys: T.Buffer(shape, y_dtype)):
+        T.func_attr({"tirx.noalias": True})
+        x = T.decl_buffer((size,), x_dtype, data=xs.data)
+        table = T.decl_buffer((256,), "uint8", data=tables.data)
+        y = T.decl_buffer((size,), y_dtype, data=ys.data)
+        quarters = [bytes_of(table, 64 * q, 64) for q in range(4)]
+        with loop(0, chunks) as t:
+            with IB.serial(0, tirx.max(tirx.min(per_chunk, vectors - t * per_chunk), 0)) as i:
+                start = (t * per_chunk + i) * 64
+                index = bytes_of(x, start, 64)
+                low = tirx.call_llvm_pure_intrin("int8x64", VPERMI2B, quarters[0], index, quarters[1])
+                high = tirx.call_llvm_pure_intrin("int8x64", VPERMI2B, quarters[2], index, quarters[3])
+                picked = tirx.Select(index < tirx.Broadcast(tirx.const(0, "int8"), 64), high, low)
+                IB.buffer_store(y, tirx.reinterpret(f"{y_dtype}x64", picked), [tirx.Ramp(start, 1, 64)])
+        for k in range(tail):
+            element = vectors * 64 + k
+            raw = tirx.Cast("int32", tirx.reinterpret("uint8", tirx.BufferLoad(x, [element])))
+            IB.buffer_store(y, tirx.reinterpret(y_dtype, tirx.BufferLoad(table, [raw])), [element])
+
+    return lookup

@@ -155,7 +155,7 @@ def parallelize(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 # OpPatternKind::kOpaque of Relax: FuseOps leaves a function with this op_pattern alone.
 OPAQUE_PATTERN = 8
-SCHEDULED_OPS = ("QConv", "QGemm", "MaxPool", "QAdd")
+SCHEDULED_OPS = ("QConv", "QGemm", "MaxPool", "QAdd", "QLookup")
 
 
 def as_opaque_callee(func: tirx.PrimFunc) -> tirx.PrimFunc:

@@ -20,6 +20,8 @@ has it, and the target must be built with an ``mcpu`` that has it.
 Also, without VNNI: :func:`quantize_edge` for the float input edge
 (``Quantize``), ONNX ``MaxPool`` on 8-bit tensors (the generic TE max pool
 took 3 ms of ResNet-18's 9 ms) and ``QAdd`` of two same-shape activations.
+With AVX-512 VBMI: ``QLookup`` of 8-bit to 8-bit activations (a 256-byte table
+as four ``vpermi2b`` sources, 64 elements per step).
 
 Covered: QConv 2-D with ``group == 1`` (any kernel, stride, dilation, padding)
 or depthwise (``group == C == O``; variant ``conv_depthwise_vnni`` where the target
@@ -358,6 +360,32 @@ def _qadd_kernel(node: onnx.NodeProto, input_shapes: list[tuple[int, ...]], inpu
     return ScheduledKernel(func=func, constants=[], out_shape=shape, out_dtype=y_dtype, variant="qadd", inputs=2)
 
 
+def _lookup_kernel(node: onnx.NodeProto, shape: tuple[int, ...], x_dtype: str, attrs: dict,
+                   target: tvm.target.Target | dict | None) -> ScheduledKernel | None:
+    """QLookup of 8-bit to 8-bit activations where the target has AVX-512 VBMI; a 16-bit input's
+    65,536-entry table stays with the generic compute."""
+    x_dtype, y_dtype = np.dtype(x_dtype).name, _dtype_name(attrs.get("y_dtype", "uint8"))
+    if x_dtype not in X_DTYPES or y_dtype not in X_DTYPES:
+        log.debug("%s: %s -> %s is not an 8-bit table", node.name, x_dtype, y_dtype)
+        return None
+    if not target_has_vbmi(target):
+        log.debug("%s: no AVX-512 VBMI for the table kernel", node.name)
+        return None
+    table = byte_table(attrs["table"], x_dtype, int(attrs["x_min"]))
+    return ScheduledKernel(func=kernels.lookup_kernel(shape, x_dtype, y_dtype), constants=[table],
+                           out_shape=shape, out_dtype=y_dtype, variant="lookup_vbmi")
+
+def byte_table(table: list[int] | np.ndarray, x_dtype: str, x_min: int) -> np.ndarray:
+    """QLookup's ``table`` (entry ``i`` for input level ``x_min + i``) as 256 bytes indexed by the
+    input's raw byte (int8 -1 is byte 255); levels the input never takes read 0."""
+    values = np.asarray(table, dtype=np.int64)
+    levels = np.arange(x_min, x_min + len(values))
+    raw = levels.astype(x_dtype).view(np.uint8)
+    out = np.zeros(256, np.uint8)
+    out[raw] = values.astype(np.int64) & 0xFF  # the output byte, whatever its signedness
+    return out
+
+
 def target_has_vbmi(target: tvm.target.Target | dict | None) -> bool:
     """Whether code for ``target`` may use ``vpermb`` (AVX-512 VBMI; ``None``: this machine)."""
     if target is None:
@@ -404,6 +432,8 @@ def schedule_for(
         return _maxpool_kernel(node, tuple(input_shapes[0]), (input_dtypes or ["uint8"])[0], attrs)
     if node.op_type == "QAdd":
         return _qadd_kernel(node, input_shapes, input_dtypes or ["uint8", "uint8"], attrs, initializers)
+    if node.op_type == "QLookup":
+        return _lookup_kernel(node, tuple(input_shapes[0]), (input_dtypes or ["uint8"])[0], attrs, target)
     if not target_has_vnni(target):
         return None
     if node.op_type not in ("QConv", "QGemm"):

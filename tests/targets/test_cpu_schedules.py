@@ -425,3 +425,36 @@ def test_cross_targets_get_only_portable_kernels():
                                         [dtype] * len(portable.input), target=aarch64)
         assert kernel is not None
         tvm.tirx.build(kernel.func, target=aarch64)  # object code only: it cannot run here
+
+
+@pytest.mark.skipif(not schedules.target_has_vbmi(None), reason="needs AVX-512 VBMI")
+@pytest.mark.parametrize("x_dtype, y_dtype", [("uint8", "uint8"), ("int8", "int8"), ("int8", "uint8"),
+                                              ("uint8", "int8")])
+@pytest.mark.parametrize("shape, levels", [
+    ((1, 6, 5), 256),  # 30 values: the scalar tail alone
+    ((1, 16, 57, 57), 256),  # 812 vectors of 64 and a 16-value tail
+    ((2, 64, 28, 28), 256),  # several parallel chunks
+    ((1, 16, 57, 57), 150),  # a clamped input: its table covers 150 levels from x_min up
+])
+def test_lookup_kernel_bit_exact(shape, levels, x_dtype, y_dtype):
+    rng = np.random.default_rng(zlib.crc32(f"{shape}{levels}{x_dtype}{y_dtype}".encode()))
+    x_min = int(np.iinfo(x_dtype).min) + (0 if levels == 256 else 40)
+    x = rng.integers(x_min, x_min + levels, shape).astype(x_dtype)
+    table = rng.integers(np.iinfo(y_dtype).min, np.iinfo(y_dtype).max + 1, levels)
+    node = onnx.helper.make_node("QLookup", ["x"], ["y"], domain="edgeq", table=[int(v) for v in table], x_min=x_min,
+                                 y_zero_point=0, y_min=int(np.iinfo(y_dtype).min), y_max=int(np.iinfo(y_dtype).max),
+                                 y_dtype=y_dtype)
+    kernel = schedules.schedule_for(node, [shape], None, {}, [x_dtype])
+    assert kernel is not None and kernel.variant == "lookup_vbmi"
+    got = schedules.run_kernel(schedules.build_kernel(kernel), kernel, x)
+    np.testing.assert_array_equal(got, table[x.astype(np.int64) - x_min].astype(y_dtype))
+
+
+def test_lookup_without_vbmi_or_on_16_bits_stays_generic():
+    node = onnx.helper.make_node("QLookup", ["x"], ["y"], domain="edgeq", table=list(range(256)), x_min=0,
+                                 y_zero_point=0, y_min=0, y_max=255, y_dtype="uint8")
+    cascadelake = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})  # VNNI, no VBMI
+    assert schedules.schedule_for(node, [(1, 8, 4, 4)], None, {}, ["uint8"], target=cascadelake) is None
+    wide = onnx.helper.make_node("QLookup", ["x"], ["y"], domain="edgeq", table=[0] * 65536, x_min=-32768,
+                                 y_zero_point=0, y_min=0, y_max=255, y_dtype="uint8")
+    assert schedules.schedule_for(wide, [(1, 8, 4, 4)], None, {}, ["int16"]) is None
