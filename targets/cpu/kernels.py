@@ -1261,10 +1261,10 @@ VPERMI2B = "llvm.x86.avx512.vpermi2var.qi.512"  # AVX-512 VBMI: 64 bytes from tw
 
 def lookup_kernel(shape: tuple[int, ...], x_dtype: str, y_dtype: str, chunk: int = 16384) -> tvm.tirx.PrimFunc:
     """QLookup of an 8-bit input to an 8-bit output (compiler.intgraph): ``y = table[x - x_min]``
-    64 elements at a time with AVX-512 VBMI -- each half of the 256-byte table
-    (:func:`targets.cpu.schedules.byte_table`)
-    is one ``vpermi2b`` over the input bytes' low 7 bits, and the top bit picks between the two.
-    (The generic compute read the table one element at a time: 0.16-0.28 ns per element.)
+    64 elements at a time with AVX-512 VBMI. Each half of the 256-byte table (indexed by the
+    input's raw byte: :func:`targets.cpu.schedules.byte_table`) is one ``vpermi2b`` over the
+    input bytes' low 7 bits, and their top bit picks between the two halves. (The generic
+    compute read the table one element at a time: 0.16-0.28 ns per element.)
     Parameters: ``x shape x_dtype``, ``table (256,) uint8``, ``y shape y_dtype``."""
     size = math.prod(shape)
     vectors, tail = divmod(size, 64)

@@ -375,6 +375,7 @@ def _lookup_kernel(node: onnx.NodeProto, shape: tuple[int, ...], x_dtype: str, a
     return ScheduledKernel(func=kernels.lookup_kernel(shape, x_dtype, y_dtype), constants=[table],
                            out_shape=shape, out_dtype=y_dtype, variant="lookup_vbmi")
 
+
 def byte_table(table: list[int] | np.ndarray, x_dtype: str, x_min: int) -> np.ndarray:
     """QLookup's ``table`` (entry ``i`` for input level ``x_min + i``) as 256 bytes indexed by the
     input's raw byte (int8 -1 is byte 255); levels the input never takes read 0."""
@@ -382,7 +383,7 @@ def byte_table(table: list[int] | np.ndarray, x_dtype: str, x_min: int) -> np.nd
     levels = np.arange(x_min, x_min + len(values))
     raw = levels.astype(x_dtype).view(np.uint8)
     out = np.zeros(256, np.uint8)
-    out[raw] = values.astype(np.int64) & 0xFF  # the output byte, whatever its signedness
+    out[raw] = values & 0xFF  # the output byte, whatever its signedness
     return out
 
 
