@@ -50,6 +50,8 @@ Types = dict[str, tuple[tuple[int, ...], str]]
 EDGE_OPS = frozenset({"Quantize", "Dequantize"})
 INT32_LIMIT = 2**31
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class NodeKernel:
@@ -457,8 +459,7 @@ class _Builder:
         return te.compute(self.out_shape, gather, name="y")
 
 
-def fold_into_output(sch, log: logging.Logger,
-                     on_attach: Callable[[object, int], None] | None = None) -> tuple[object, int]:
+def fold_into_output(sch, on_attach: Callable[[object, int], None] | None = None) -> tuple[object, int]:
     """Fold every intermediate block of a TE PrimFunc's schedule ``sch`` into its output block.
 
     A block that can be inlined is (padding, casts); one that cannot (a reduction)

@@ -19,7 +19,7 @@ fits, by non-negative least squares of the relative error,
 
 (a weightless kind -- Add, pooling, a lookup table, Softmax -- is priced per MAC alone: its
 MACs are its output elements, or the pooling windows' inputs, and an elementwise table costs
-a tenth of a convolution's requantizing epilogue per output)
+under a tenth of a convolution's requantizing epilogue per output)
 
 and writes targets/mcu/cost_table.json, which targets/mcu/cost.py reads. ``--validate``
 then compares the fitted model (and the CMSIS-NN-class estimate before it) with whole

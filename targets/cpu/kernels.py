@@ -1178,21 +1178,21 @@ def _splat(value, dtype: str, lanes: int) -> tirx.PrimExpr:
     return constant if lanes == 1 else tirx.Broadcast(constant, lanes)
 
 
-def _emit_elementwise(y, inputs: list, size: int, chunk: int, value_of) -> None:
+def _emit_elementwise(y, inputs: list, size: int, chunk: int, value_of, lanes: int = LANES) -> None:
     """Emit ``y[i] = value_of(inputs[0][i], ...)`` over ``size`` flat elements: explicit
-    16-lane ramps, parallel over chunks of about ``chunk`` elements, a scalar tail. (A loop
+    ``lanes``-wide ramps, parallel over chunks of about ``chunk`` elements, a scalar tail. (A loop
     that LLVM had to vectorize itself came out as gathers and byte-by-byte scatters, 4x
     slower than numpy.)"""
-    vectors, tail = divmod(size, LANES)
-    per_chunk = max(chunk // LANES, 1)  # vectors per parallel iteration
+    vectors, tail = divmod(size, lanes)
+    per_chunk = max(chunk // lanes, 1)  # vectors per parallel iteration
     chunks = math.ceil(vectors / per_chunk)
     loop = IB.parallel if chunks > 1 and size >= MIN_PARALLEL_BYTES else IB.serial
     with loop(0, chunks) as t:
         with IB.serial(0, tirx.min(per_chunk, vectors - t * per_chunk)) as i:
-            lanes = tirx.Ramp((t * per_chunk + i) * LANES, 1, LANES)
-            IB.buffer_store(y, value_of(*(tirx.BufferLoad(x, [lanes]) for x in inputs)), [lanes])
+            ramp = tirx.Ramp((t * per_chunk + i) * lanes, 1, lanes)
+            IB.buffer_store(y, value_of(*(tirx.BufferLoad(x, [ramp]) for x in inputs)), [ramp])
     for i in range(tail):
-        index = vectors * LANES + i
+        index = vectors * lanes + i
         IB.buffer_store(y, value_of(*(tirx.BufferLoad(x, [index]) for x in inputs)), [index])
 
 
@@ -1259,6 +1259,24 @@ def quantize_kernel(
 VPERMI2B = "llvm.x86.avx512.vpermi2var.qi.512"  # AVX-512 VBMI: 64 bytes from two 64-byte tables
 
 
+def _table_lookup(table, y_dtype: str):
+    """``value_of`` for :func:`_emit_elementwise`: the bytes of ``table`` (256 uint8, by raw input
+    byte) at each input byte -- two ``vpermi2b`` and a select on 64 lanes, one read on a scalar."""
+    quarters = [tirx.reinterpret("int8x64", tirx.BufferLoad(table, [tirx.Ramp(64 * q, 1, 64)])) for q in range(4)]
+
+    def look_up(value):
+        if _lanes(value) == 1:  # the scalar tail
+            raw = tirx.Cast("int32", tirx.reinterpret("uint8", value))
+            return tirx.reinterpret(y_dtype, tirx.BufferLoad(table, [raw]))
+        index = tirx.reinterpret("int8x64", value)
+        low = tirx.call_llvm_pure_intrin("int8x64", VPERMI2B, quarters[0], index, quarters[1])
+        high = tirx.call_llvm_pure_intrin("int8x64", VPERMI2B, quarters[2], index, quarters[3])
+        picked = tirx.Select(index < tirx.Broadcast(tirx.const(0, "int8"), 64), high, low)
+        return tirx.reinterpret(f"{y_dtype}x64", picked)
+
+    return look_up
+
+
 def lookup_kernel(shape: tuple[int, ...], x_dtype: str, y_dtype: str, chunk: int = 16384) -> tvm.tirx.PrimFunc:
     """QLookup of an 8-bit input to an 8-bit output (compiler.intgraph): ``y = table[x - x_min]``
     64 elements at a time with AVX-512 VBMI. Each half of the 256-byte table (indexed by the
@@ -1267,14 +1285,6 @@ def lookup_kernel(shape: tuple[int, ...], x_dtype: str, y_dtype: str, chunk: int
     compute read the table one element at a time: 0.16-0.28 ns per element.)
     Parameters: ``x shape x_dtype``, ``table (256,) uint8``, ``y shape y_dtype``."""
     size = math.prod(shape)
-    vectors, tail = divmod(size, 64)
-    per_chunk = max(chunk // 64, 1)
-    chunks = max(math.ceil(vectors / per_chunk), 1)
-    loop = IB.parallel if chunks > 1 and size >= MIN_PARALLEL_BYTES else IB.serial
-
-    def bytes_of(buffer, start, lanes: int) -> tirx.PrimExpr:
-        return tirx.reinterpret(f"int8x{lanes}" if lanes > 1 else "int8", tirx.BufferLoad(
-            buffer, [tirx.Ramp(start, 1, lanes) if lanes > 1 else start]))
 
     @T.prim_func
     def lookup(xs: T.Buffer(shape, x_dtype), tables: T.Buffer((256,), "uint8"), ys: T.Buffer(shape, y_dtype)):
@@ -1282,18 +1292,6 @@ def lookup_kernel(shape: tuple[int, ...], x_dtype: str, y_dtype: str, chunk: int
         x = T.decl_buffer((size,), x_dtype, data=xs.data)
         table = T.decl_buffer((256,), "uint8", data=tables.data)
         y = T.decl_buffer((size,), y_dtype, data=ys.data)
-        quarters = [bytes_of(table, 64 * q, 64) for q in range(4)]
-        with loop(0, chunks) as t:
-            with IB.serial(0, tirx.max(tirx.min(per_chunk, vectors - t * per_chunk), 0)) as i:
-                start = (t * per_chunk + i) * 64
-                index = bytes_of(x, start, 64)
-                low = tirx.call_llvm_pure_intrin("int8x64", VPERMI2B, quarters[0], index, quarters[1])
-                high = tirx.call_llvm_pure_intrin("int8x64", VPERMI2B, quarters[2], index, quarters[3])
-                picked = tirx.Select(index < tirx.Broadcast(tirx.const(0, "int8"), 64), high, low)
-                IB.buffer_store(y, tirx.reinterpret(f"{y_dtype}x64", picked), [tirx.Ramp(start, 1, 64)])
-        for k in range(tail):
-            element = vectors * 64 + k
-            raw = tirx.Cast("int32", tirx.reinterpret("uint8", tirx.BufferLoad(x, [element])))
-            IB.buffer_store(y, tirx.reinterpret(y_dtype, tirx.BufferLoad(table, [raw])), [element])
+        _emit_elementwise(y, [x], size, chunk, _table_lookup(table, y_dtype), lanes=64)
 
     return lookup

@@ -140,7 +140,7 @@ def parallelize(func: tirx.PrimFunc) -> tirx.PrimFunc:
         return func
     # TE puts reduction loops innermost, and a per-row reduction sits under its row loop:
     # only the leading loops that hold nothing else may be fused and run in parallel
-    output, free = fold_into_output(sch, log)
+    output, free = fold_into_output(sch)
     loops = sch.get_loops(output)[:free]
     outer = []
     for loop in loops:

@@ -212,7 +212,7 @@ def _scalar_schedule(func, pairs: bool = False):
             reduce_loops = sch.get_loops(block)[depth + 1:]
             _pair_steps(sch, sch.fuse(*reduce_loops) if len(reduce_loops) > 1 else reduce_loops[0])
 
-    fold_into_output(sch, log, on_attach=pair_reduction)
+    fold_into_output(sch, on_attach=pair_reduction)
     return sch.mod["main"]
 
 
